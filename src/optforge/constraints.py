@@ -1,0 +1,105 @@
+"""Hyperparameter constraints: small checks an optimizer declares, run by the base class.
+
+Each constraint is called as ``check(name, value)`` and raises ``ValueError`` naming the
+hyperparameter and the offending value. Nothing is clamped.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+Constraint = Callable[[str, Any], None]
+
+__all__ = [
+    "Constraint",
+    "boolean",
+    "integer_at_least",
+    "non_negative",
+    "one_of",
+    "positive",
+    "real",
+    "unit_interval",
+    "beta_tuple",
+]
+
+
+def _fail(name: str, value: Any, expected: str) -> None:
+    raise ValueError(f"invalid {name}={value!r}: expected {expected}")
+
+
+def _as_real(name: str, value: Any, expected: str) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        return float(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        _fail(name, value, expected)
+    return float(value)
+
+
+def real(name: str, value: Any) -> None:
+    """A finite real number."""
+    if not math.isfinite(_as_real(name, value, "a finite real number")):
+        _fail(name, value, "a finite real number")
+
+
+def non_negative(name: str, value: Any) -> None:
+    """A finite real number >= 0."""
+    x = _as_real(name, value, "a real number >= 0")
+    if not (0.0 <= x < math.inf):
+        _fail(name, value, "a finite real number >= 0")
+
+
+def positive(name: str, value: Any) -> None:
+    """A finite real number > 0."""
+    x = _as_real(name, value, "a real number > 0")
+    if not (0.0 < x < math.inf):
+        _fail(name, value, "a finite real number > 0")
+
+
+def unit_interval(name: str, value: Any) -> None:
+    """A real number in [0, 1)."""
+    x = _as_real(name, value, "a real number in [0, 1)")
+    if not (0.0 <= x < 1.0):
+        _fail(name, value, "a real number in [0, 1)")
+
+
+def beta_tuple(n: int = 2) -> Constraint:
+    """A tuple of ``n`` numbers, each in [0, 1)."""
+
+    def check(name: str, value: Any) -> None:
+        if not isinstance(value, (tuple, list)) or len(value) != n:
+            _fail(name, value, f"a tuple of {n} numbers in [0, 1)")
+        for i, b in enumerate(value):
+            unit_interval(f"{name}[{i}]", b)
+
+    return check
+
+
+def boolean(name: str, value: Any) -> None:
+    """True or False."""
+    if not isinstance(value, bool):
+        _fail(name, value, "True or False")
+
+
+def integer_at_least(low: int) -> Constraint:
+    """An int >= ``low``."""
+
+    def check(name: str, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            _fail(name, value, f"an integer >= {low}")
+
+    return check
+
+
+def one_of(*choices: Any) -> Constraint:
+    """One of the given values."""
+
+    def check(name: str, value: Any) -> None:
+        if value not in choices:
+            _fail(name, value, "one of " + ", ".join(repr(c) for c in choices))
+
+    return check

@@ -1,0 +1,72 @@
+"""Compass (alias LodeW): Adam-like, with an amplified first moment and gradient centralization."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch import Tensor
+
+from ..base import Optimizer, ParamsT
+from ..constraints import beta_tuple, non_negative, real
+from ..tensorlist import TensorList
+
+
+def centralize(g: TensorList, c: float) -> TensorList:
+    """g - c * mean(g over all dims but the first), for tensors with more than one dim."""
+    return TensorList(_centralize(x, c) if x.dim() > 1 else x for x in g)
+
+
+def _centralize(x: Tensor, c: float) -> Tensor:
+    return x - x.mean(dim=tuple(range(1, x.dim())), keepdim=True).mul_(c)
+
+
+class Compass(Optimizer):
+    r"""Compass (lodestone-rock; the seeds call it ``LodeW``): the seed's algorithm exactly,
+    without its mutation of ``p.grad``.
+
+    .. math::
+        g_t &\leftarrow g_t - c\cdot \operatorname{mean}_{\text{dims}>0}(g_t)
+              \quad (\text{centralization } c\text{, tensors with dim} > 1) \\
+        m_t &= \beta_1 m_{t-1} + (1 - \beta_1) g_t \\
+        g'_t &= g_t + a\, m_t \quad (a = \text{amp\_fac}) \\
+        v_t &= \beta_2 v_{t-1} + (1 - \beta_2) {g'_t}^2 \\
+        \eta_t &= \mathrm{lr} / (1 - \beta_1^t) \\
+        \theta_t &= \theta_{t-1}(1 - \eta_t \lambda) - \eta_t\,
+            \frac{g'_t}{\sqrt{v_t} / \sqrt{1 - \beta_2^t} + \epsilon}
+
+    Weight decay is decoupled and scaled by the bias-corrected step size :math:`\eta_t`.
+    Complex parameters are refused (centralization is defined over real entries).
+    State: ``step``, ``ema`` (m), ``ema_squared`` (v) — the seed's names.
+    """
+
+    constraints = dict(betas=beta_tuple(2), amp_fac=non_negative, eps=non_negative,
+                       centralization=real)
+    state_names = ("ema", "ema_squared")
+    supports_complex = False
+
+    def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.99, 0.999),
+                 amp_fac: float = 2.0, eps: float = 1e-8, weight_decay: float = 0.0,
+                 centralization: float = 0.0, *, weight_decay_mode: str = "decoupled",
+                 maximize: bool = False) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, amp_fac=amp_fac, eps=eps,
+                                      weight_decay=weight_decay, centralization=centralization,
+                                      weight_decay_mode=weight_decay_mode, maximize=maximize))
+
+    def decay_lr(self, group: dict[str, Any], t: list[float]) -> list[float]:
+        b1 = group["betas"][0]
+        return [group["lr"] / (1 - b1**k) for k in t]               # eta_t
+
+    def update(self, group: dict[str, Any], p, g, s, t):
+        (b1, b2), eps, lr = group["betas"], group["eps"], group["lr"]
+        if group["centralization"] != 0:
+            g = centralize(g, group["centralization"])
+        m, v = s["ema"], s["ema_squared"]
+        m.lerp_(g, 1 - b1)                                          # m_t
+        g = g.add(m, alpha=group["amp_fac"])                        # g'_t = g + a m_t
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)                     # v_t
+        denom = v.sqrt().div_([math.sqrt(1 - b2**k) for k in t]).add_(eps)
+        p.addcdiv_(g, denom, [-lr / (1 - b1**k) for k in t])       # theta -= eta_t g' / denom
+
+
+LodeW = Compass

@@ -1,0 +1,82 @@
+"""SGD (torch.optim semantics) and the seed's MomentumSGD."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..base import Optimizer, ParamsT
+from ..constraints import boolean, non_negative, unit_interval
+
+
+class SGD(Optimizer):
+    r"""Stochastic gradient descent with momentum, dampening and Nesterov, as
+    ``torch.optim.SGD`` computes it (Sutskever et al., 2013 for the momentum form):
+
+    .. math::
+        b_1 &= g_1, \qquad b_t = \mu\, b_{t-1} + (1 - \tau)\, g_t \\
+        d_t &= g_t + \mu\, b_t \ \text{(nesterov)} \quad\text{else}\quad d_t = b_t \\
+        \theta_t &= \theta_{t-1} - \mathrm{lr}\cdot d_t
+
+    (with :math:`\mu = 0`, :math:`d_t = g_t`). State: ``step``, ``momentum_buffer`` (b, only
+    when momentum > 0). Weight decay is coupled L2 by default.
+    """
+
+    constraints = dict(momentum=non_negative, dampening=non_negative, nesterov=boolean)
+
+    def __init__(self, params: ParamsT, lr: float = 1e-3, momentum: float = 0.0,
+                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
+                 weight_decay_mode: str = "coupled", maximize: bool = False) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
+                                      weight_decay=weight_decay, nesterov=nesterov,
+                                      weight_decay_mode=weight_decay_mode, maximize=maximize))
+
+    def check_group(self, group: dict[str, Any]) -> None:
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError(
+                f"invalid nesterov=True with momentum={group['momentum']!r}, "
+                f"dampening={group['dampening']!r}: Nesterov needs momentum > 0 and dampening = 0"
+            )
+
+    def state_names_for(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+    def update(self, group, p, g, s, t):
+        mu, lr = group["momentum"], group["lr"]
+        if mu == 0:
+            p.add_(g, alpha=-lr)                               # theta -= lr g
+            return
+        b = s["momentum_buffer"]
+        first = [k == 1 for k in t]
+        if any(first):
+            b.select(first).copy_(g.select(first))             # b_1 = g_1
+        rest = [not f for f in first]
+        if any(rest):                                          # b_t = mu b + (1 - tau) g
+            b.select(rest).mul_(mu).add_(g.select(rest), alpha=1 - group["dampening"])
+        d = g.add(b, alpha=mu) if group["nesterov"] else b     # d_t = g + mu b  |  b
+        p.add_(d, alpha=-lr)                                   # theta -= lr d
+
+
+class MomentumSGD(Optimizer):
+    r"""Momentum SGD in the seed's own formulation (a velocity that holds the step):
+
+    .. math::
+        \Delta w_t &= \mu\, \Delta w_{t-1} - \mathrm{lr}\cdot g_t \\
+        w_t &= w_{t-1} + \Delta w_t
+
+    Equal to ``SGD(momentum=mu)`` for a constant lr; unlike it, a changed lr only scales new
+    gradients, not the accumulated velocity. State: ``step``, ``velocity`` (:math:`\Delta w`).
+    """
+
+    constraints = dict(momentum=unit_interval)
+    state_names = ("velocity",)
+
+    def __init__(self, params: ParamsT, lr: float = 0.01, momentum: float = 0.9,
+                 weight_decay: float = 0.0, *, weight_decay_mode: str = "coupled",
+                 maximize: bool = False) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      weight_decay_mode=weight_decay_mode, maximize=maximize))
+
+    def update(self, group, p, g, s, t):
+        dw = s["velocity"]
+        dw.mul_(group["momentum"]).add_(g, alpha=-group["lr"])  # dw <- mu dw - lr g
+        p.add_(dw)                                              # w <- w + dw

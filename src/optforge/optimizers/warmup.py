@@ -1,0 +1,63 @@
+"""Adam with an lr schedule inside the optimizer: AdamWarmup and Noam (labml's annotated
+implementations, which the seeds follow)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..base import Optimizer, ParamsT
+from ..constraints import integer_at_least, positive
+from .adam import Adam
+
+
+class AdamWarmup(Adam):
+    r""":class:`Adam` whose lr rises linearly over the first ``warmup`` steps:
+
+    .. math::
+        \mathrm{lr}_t = \begin{cases} 10^{-8} + t\,\mathrm{lr} / w & t < w \\
+                                      \mathrm{lr} & t \ge w \end{cases}
+
+    exactly as the annotated (labml) implementation defines it, including its :math:`10^{-8}`
+    floor. Defaults follow it too: ``eps=1e-16`` and decoupled weight decay (scaled by the
+    group lr, not the warmed-up one). Prefer :func:`optforge.schedules` warmups for new code;
+    this class exists so that code written against the seed keeps its exact numbers.
+    """
+
+    constraints = {**Adam.constraints, "warmup": integer_at_least(0)}
+
+    def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-16, weight_decay: float = 0.0, amsgrad: bool = False,
+                 warmup: int = 0, *, weight_decay_mode: str = "decoupled",
+                 maximize: bool = False) -> None:
+        Optimizer.__init__(self, params, dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, warmup=warmup,
+            weight_decay_mode=weight_decay_mode, maximize=maximize))
+
+    def lr_at(self, group: dict[str, Any], t: float) -> float:
+        w = group["warmup"]
+        return 1e-8 + t * group["lr"] / w if w > t else group["lr"]
+
+
+class Noam(Adam):
+    r""":class:`Adam` with the Transformer's lr schedule (Vaswani et al., 2017, eq. 3):
+
+    .. math::
+        \mathrm{lr}_t = \mathrm{lr}\cdot d_{model}^{-1/2}\cdot\min\left(t^{-1/2},\ t\,w^{-3/2}\right)
+
+    ``lr`` is a dimensionless scale (1.0 as in the paper); the peak lr, reached at
+    :math:`t = w`, is :math:`\mathrm{lr}/\sqrt{d_{model} w}`. Other defaults follow the
+    annotated (labml) implementation: ``eps=1e-16``, decoupled weight decay.
+    """
+
+    constraints = {**Adam.constraints, "warmup": integer_at_least(1), "d_model": positive}
+
+    def __init__(self, params: ParamsT, lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-16, weight_decay: float = 0.0, amsgrad: bool = False,
+                 warmup: int = 4000, d_model: int = 512, *, weight_decay_mode: str = "decoupled",
+                 maximize: bool = False) -> None:
+        Optimizer.__init__(self, params, dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, warmup=warmup,
+            d_model=d_model, weight_decay_mode=weight_decay_mode, maximize=maximize))
+
+    def lr_at(self, group: dict[str, Any], t: float) -> float:
+        return group["lr"] * group["d_model"] ** -0.5 * min(t**-0.5, t * group["warmup"] ** -1.5)

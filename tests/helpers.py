@@ -1,0 +1,63 @@
+"""Shared test helpers: a small float64 model with 4-D, 2-D and 1-D params, and trajectories."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+def make_model(seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3),      # 4-D weight, 1-D bias
+        nn.Flatten(),
+        nn.Linear(3 * 4 * 4, 5),  # 2-D weight
+        nn.Tanh(),
+        nn.Linear(5, 1),
+    )
+    return model.to(dtype)
+
+
+def two_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
+    """Matrices/kernels in one group, everything else in another with other lr and decay."""
+    big = [p for p in model.parameters() if p.dim() > 1]
+    small = [p for p in model.parameters() if p.dim() <= 1]
+    return [
+        {"params": big, "lr": lr, "weight_decay": weight_decay},
+        {"params": small, "lr": lr * 0.5, "weight_decay": weight_decay * 0.3},
+    ]
+
+
+def batch(seed: int = 1, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(16, 2, 6, 6, generator=g, dtype=dtype)
+    y = torch.randn(16, 1, generator=g, dtype=dtype)
+    return x, y
+
+
+def trajectory(model: nn.Module, opt: torch.optim.Optimizer, steps: int = 50,
+               loss_fn: Callable | None = None) -> list[torch.Tensor]:
+    """Parameters (flattened, concatenated) after each of ``steps`` full-batch steps."""
+    x, y = batch(dtype=next(model.parameters()).dtype)
+    out = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = ((model(x) - y) ** 2).mean() if loss_fn is None else loss_fn(model, x, y)
+        loss.backward()
+        opt.step()
+        out.append(torch.cat([p.detach().flatten() for p in model.parameters()]).clone())
+    return out
+
+
+def assert_same_trajectory(a: list[torch.Tensor], b: list[torch.Tensor], rtol: float = 1e-10,
+                           atol: float = 1e-12) -> None:
+    assert len(a) == len(b)
+    for step, (x, y) in enumerate(zip(a, b), start=1):
+        torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=lambda m: f"step {step}: {m}")
+
+
+def assert_moves(traj: list[torch.Tensor]) -> None:
+    """Guard against vacuous parity: the parameters must actually change."""
+    assert (traj[-1] - traj[0]).abs().max() > 1e-4
