@@ -36,7 +36,9 @@ def apply_weight_decay(
     if weight_decay == 0:
         return grads
     if mode == "coupled":
-        return grads.add_(params, alpha=weight_decay) if grads_owned else grads.add(params, alpha=weight_decay)
+        if grads_owned:
+            return grads.add_(params, alpha=weight_decay)
+        return grads.add(params, alpha=weight_decay)
     if mode == "decoupled":
         if isinstance(decay_lr, Sequence):
             params.mul_([1 - lr * weight_decay for lr in decay_lr])

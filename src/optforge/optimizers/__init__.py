@@ -1,7 +1,7 @@
 """The optimizers, one algorithm family per file."""
 
 from .adabelief import AdaBelief
-from .adam import AMSGrad, Adam, AdamW
+from .adam import Adam, AdamW, AMSGrad
 from .compass import Compass, LodeW
 from .radam import RAdam
 from .sgd import SGD, MomentumSGD

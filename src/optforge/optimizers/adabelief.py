@@ -7,6 +7,7 @@ from typing import Any
 
 from ..base import Optimizer, ParamsT
 from ..constraints import beta_tuple, boolean, non_negative
+from ..registry import register
 
 
 class AdaBelief(Optimizer):
@@ -69,3 +70,5 @@ class AdaBelief(Optimizer):
         if group["degenerated_to_sgd"] and not all(tractable):
             early = [not ok for ok in tractable]
             p.select(early).add_(m.select(early).mul([-lr / (1 - b1**k) for k, e in zip(t, early) if e]))
+
+register(AdaBelief, "AdaBelief: Adam on the belief (g - m)^2 (Zhuang et al., 2020)")

@@ -6,7 +6,7 @@ from typing import Any
 
 from ..base import Optimizer, ParamsT
 from ..constraints import beta_tuple, boolean, non_negative
-from ..tensorlist import TensorList
+from ..registry import register
 
 
 class Adam(Optimizer):
@@ -74,3 +74,7 @@ class AMSGrad(Adam):
                  weight_decay_mode: str = "coupled", maximize: bool = False) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad,
                          weight_decay_mode=weight_decay_mode, maximize=maximize)
+
+register(Adam, "Adam (Kingma & Ba, 2015); L2 weight decay; amsgrad option")
+register(AdamW, "AdamW: Adam with decoupled weight decay (Loshchilov & Hutter, 2019)")
+register(AMSGrad, "AMSGrad: Adam with a running max of the second moment (Reddi et al., 2018)")

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ..base import Optimizer, ParamsT
 from ..constraints import beta_tuple, non_negative, real
+from ..registry import register
 from ..tensorlist import TensorList
 
 
@@ -69,4 +70,7 @@ class Compass(Optimizer):
         p.addcdiv_(g, denom, [-lr / (1 - b1**k) for k in t])       # theta -= eta_t g' / denom
 
 
-LodeW = Compass
+LodeW = Compass  # the name training scripts use (`--optimizer_type LodeW`)
+
+register(Compass, "Compass: Adam-like, amplified first moment, gradient centralization",
+         aliases=("lodew",))

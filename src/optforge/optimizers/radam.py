@@ -7,6 +7,7 @@ from typing import Any
 
 from ..base import Optimizer, ParamsT
 from ..constraints import beta_tuple, boolean, non_negative
+from ..registry import register
 
 
 class RAdam(Optimizer):
@@ -54,3 +55,5 @@ class RAdam(Optimizer):
         if group["degenerated_to_sgd"] and not all(tractable):
             early = [not ok for ok in tractable]                # theta -= lr m_t / (1 - b1^t)
             p.select(early).add_(m.select(early).mul([-lr / (1 - b1**k) for k, e in zip(t, early) if e]))
+
+register(RAdam, "RAdam: Adam with a rectified adaptive lr (Liu et al., 2020)")

@@ -6,6 +6,7 @@ from typing import Any
 
 from ..base import Optimizer, ParamsT
 from ..constraints import boolean, non_negative, unit_interval
+from ..registry import register
 
 
 class SGD(Optimizer):
@@ -80,3 +81,7 @@ class MomentumSGD(Optimizer):
         dw = s["velocity"]
         dw.mul_(group["momentum"]).add_(g, alpha=-group["lr"])  # dw <- mu dw - lr g
         p.add_(dw)                                              # w <- w + dw
+
+register(SGD, "SGD with momentum, dampening and Nesterov (torch.optim semantics)", compare_lr=0.1)
+register(MomentumSGD, "Momentum SGD, velocity form: dw = mu dw - lr g; w += dw", name="momentum_sgd",
+         aliases=("momentumsgd",))

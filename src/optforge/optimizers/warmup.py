@@ -7,6 +7,7 @@ from typing import Any
 
 from ..base import Optimizer, ParamsT
 from ..constraints import integer_at_least, positive
+from ..registry import register
 from .adam import Adam
 
 
@@ -61,3 +62,7 @@ class Noam(Adam):
 
     def lr_at(self, group: dict[str, Any], t: float) -> float:
         return group["lr"] * group["d_model"] ** -0.5 * min(t**-0.5, t * group["warmup"] ** -1.5)
+
+register(AdamWarmup, "Adam with linear lr warmup inside the optimizer (labml)", name="adam_warmup",
+         aliases=("adamwarmup",))
+register(Noam, "Adam with the Transformer (Noam) lr schedule inside the optimizer")
