@@ -56,8 +56,9 @@ class AdaBelief(Optimizer):
         v.mul_(b2).addcmul_(r, r, value=1 - b2).add_(eps)           # s_t (eps inside, as the paper)
         v_hat = s["max_exp_avg_var"].maximum_(v) if group["amsgrad"] else v
         if not group["rectify"]:
-            denom = v_hat.sqrt().div_([math.sqrt(1 - b2**k) for k in t]).add_(eps)
-            p.addcdiv_(m, denom, [-lr / (1 - b1**k) for k in t])
+            c = [math.sqrt(1 - b2**k) for k in t]                   # bias corrections folded into
+            denom = v_hat.sqrt().add_([eps * ck for ck in c])       # scalars, as in Adam
+            p.addcdiv_(m, denom, [-lr * ck / (1 - b1**k) for k, ck in zip(t, c)])
             return
         rho_inf = 2 / (1 - b2) - 1
         rho = [rho_inf - 2 * k * b2**k / (1 - b2**k) for k in t]

@@ -49,8 +49,11 @@ class Adam(Optimizer):
         v.mul_(b2).addcmul_(g, g, value=1 - b2)              # v_t = b2 v + (1 - b2) g^2
         if group["amsgrad"]:
             v = s["max_exp_avg_sq"].maximum_(v)              # v_hat = max(v_hat, v_t)
-        denom = v.sqrt().div_([(1 - b2**k) ** 0.5 for k in t]).add_(eps)  # sqrt(v_hat)/sqrt(1-b2^t) + eps
-        p.addcdiv_(m, denom, [-self.lr_at(group, k) / (1 - b1**k) for k in t])
+        # Bias corrections folded into scalars (one pass fewer than dividing v):
+        # lr_t/(1-b1^t) * m/(sqrt(v)/c + eps) = lr_t c/(1-b1^t) * m/(sqrt(v) + eps c), c = sqrt(1-b2^t)
+        c = [(1 - b2**k) ** 0.5 for k in t]
+        denom = v.sqrt().add_([eps * ck for ck in c])
+        p.addcdiv_(m, denom, [-self.lr_at(group, k) * ck / (1 - b1**k) for k, ck in zip(t, c)])
 
 
 class AdamW(Adam):

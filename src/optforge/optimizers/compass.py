@@ -66,8 +66,9 @@ class Compass(Optimizer):
         m.lerp_(g, 1 - b1)                                          # m_t
         g = g.add(m, alpha=group["amp_fac"])                        # g'_t = g + a m_t
         v.mul_(b2).addcmul_(g, g, value=1 - b2)                     # v_t
-        denom = v.sqrt().div_([math.sqrt(1 - b2**k) for k in t]).add_(eps)
-        p.addcdiv_(g, denom, [-lr / (1 - b1**k) for k in t])       # theta -= eta_t g' / denom
+        c = [math.sqrt(1 - b2**k) for k in t]                       # bias corrections folded into
+        denom = v.sqrt().add_([eps * ck for ck in c])               # scalars, as in Adam
+        p.addcdiv_(g, denom, [-lr * ck / (1 - b1**k) for k, ck in zip(t, c)])  # theta -= eta_t g'/denom
 
 
 LodeW = Compass  # the name training scripts use (`--optimizer_type LodeW`)
