@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from .constraints import Constraint, boolean, non_negative, one_of
+from .fused import run_generated
 from .tensorlist import TensorList
 from .weight_decay import WEIGHT_DECAY_MODES, apply_weight_decay
 
@@ -48,6 +49,7 @@ COMMON_CONSTRAINTS: dict[str, Constraint] = dict(
     weight_decay=non_negative,
     weight_decay_mode=one_of(*WEIGHT_DECAY_MODES),
     maximize=boolean,
+    fused=boolean,
 )
 
 
@@ -88,6 +90,42 @@ class Optimizer(torch.optim.Optimizer):
     # ---- hooks for subclasses -------------------------------------------------------------
     def update(self, group: dict[str, Any], p: TensorList, g: TensorList,
                s: dict[str, TensorList], t: list[float]) -> None:
+        """The eager update. By default: ``kernel`` with the ``scalars`` of each tensor's step."""
+        if not self.has_kernel():
+            raise NotImplementedError(f"{type(self).__name__} defines neither update() nor kernel()")
+        self.kernel(group, p, g, s, self._expand_scalars(group, t))
+
+    def scalars(self, group: dict[str, Any], t: float) -> dict[str, float]:
+        """Per-step numbers the kernel needs (bias corrections, the step size, ...), computed
+        in Python from the step count ``t``. Anything that changes during training (``lr``)
+        must reach the kernel through here, never as ``group["lr"]``."""
+        return {}
+
+    @staticmethod
+    def kernel(group: dict[str, Any], p: TensorList, g: TensorList, s: dict[str, TensorList],
+               c: dict[str, Any]) -> None:
+        """The elementwise update, written with TensorList methods only: it runs foreach in
+        eager mode (``c`` values are numbers or per-tensor lists) and as one generated kernel
+        with ``fused=True`` (``c`` values are 0-d tensors). ``group`` values are constants."""
+        raise NotImplementedError
+
+    @classmethod
+    def has_kernel(cls) -> bool:
+        return cls.kernel is not Optimizer.kernel
+
+    def transform_grads(self, group: dict[str, Any], g: TensorList) -> TensorList:
+        """Reshape the raw gradients before maximize and weight decay (e.g. centralization).
+        Never change ``g`` in place; returned tensors may alias it. Runs in both paths."""
+        return g
+
+    def native_fused(self, group: dict[str, Any]) -> bool:
+        """Whether ``fused_update`` (a hand-written kernel, e.g. torch's own) serves this group."""
+        return False
+
+    def fused_update(self, group: dict[str, Any], p: TensorList, g: TensorList,
+                     s: dict[str, TensorList], steps: list[Tensor]) -> None:
+        """The hand-written fused step: called after ``steps`` were incremented; handles
+        maximize and weight decay itself."""
         raise NotImplementedError
 
     def check_group(self, group: dict[str, Any]) -> None:
@@ -115,6 +153,17 @@ class Optimizer(torch.optim.Optimizer):
         for name, value in values.items():
             if name in checks:
                 checks[name](name, value)
+        if values.get("fused") and not (self.has_kernel() or self.native_fused(values)):
+            raise ValueError(f"invalid fused=True: {type(self).__name__} has no fused path "
+                             "(it defines update(), not scalars() + kernel())")
+
+    def _expand_scalars(self, group: dict[str, Any], t: list[float]) -> dict[str, Any]:
+        """``scalars`` for each tensor: plain numbers when all steps agree (the usual case)."""
+        distinct = set(t)
+        if len(distinct) == 1:
+            return self.scalars(group, t[0])
+        per_step = {k: self.scalars(group, k) for k in distinct}
+        return {name: [per_step[k][name] for k in t] for name in per_step[t[0]]}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not isinstance(param_group, dict):
@@ -154,21 +203,24 @@ class Optimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p, g, s, steps in self._buckets(group):
-                torch._foreach_add_(steps, 1.0)
-                t = [x.item() for x in steps]
-                owned = False
+            for b in self._buckets(group):
+                if group.get("fused") and self._fused_step(group, b):
+                    continue
+                torch._foreach_add_(b.steps, 1.0)
+                t = [x.item() for x in b.steps]
+                g, owned = self.transform_grads(group, b.g), False   # may alias p.grad
                 if group["maximize"]:
                     g, owned = g.neg(), True
-                g = apply_weight_decay(group["weight_decay_mode"], group["weight_decay"], p, g,
+                g = apply_weight_decay(group["weight_decay_mode"], group["weight_decay"], b.p, g,
                                        self.decay_lr(group, t), owned)
-                self.update(group, p, g, s, t)
+                self.update(group, b.p, g, b.s, t)
         return loss
 
-    def _buckets(self, group: dict[str, Any]):
-        """Yield (params, grads, state lists, step tensors) per (device, dtype) of a group."""
+    def _buckets(self, group: dict[str, Any]) -> list[Bucket]:
+        """The params of a group that have gradients, bucketed by (device, dtype)."""
         names = self.state_names_for(group)
-        buckets: dict[tuple, tuple[TensorList, TensorList, dict[str, TensorList], list[Tensor]]] = {}
+        fused = bool(group.get("fused"))
+        buckets: dict[tuple, Bucket] = {}
         for param in group["params"]:
             grad = param.grad
             if grad is None:
@@ -177,23 +229,56 @@ class Optimizer(torch.optim.Optimizer):
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             state = self.state[param]
             if "step" not in state:
-                state["step"] = torch.tensor(0.0, dtype=_step_dtype())
+                # torch's convention: fused steps live on the parameter's device, in float32
+                state["step"] = (torch.tensor(0.0, dtype=torch.float32, device=param.device) if fused
+                                 else torch.tensor(0.0, dtype=_step_dtype()))
             for name in names:
                 if name not in state:
                     state[name] = self.init_state(group, param, name)
             tensors = [param, grad] + [state[name] for name in names]
-            if param.is_complex():
+            is_complex = param.is_complex()
+            if is_complex:
                 if not self.supports_complex:
                     raise ValueError(f"{type(self).__name__} does not support complex parameters "
                                      f"(got one of dtype {param.dtype})")
                 tensors = [torch.view_as_real(x) if x.is_complex() else x for x in tensors]
             key = (param.device, param.dtype)
-            if key not in buckets:
-                buckets[key] = (TensorList(), TensorList(), {n: TensorList() for n in names}, [])
-            p, g, s, steps = buckets[key]
-            p.append(tensors[0])
-            g.append(tensors[1])
+            b = buckets.get(key)
+            if b is None:
+                b = buckets[key] = Bucket(key, names)
+            b.p.append(tensors[0])
+            b.g.append(tensors[1])
             for name, x in zip(names, tensors[2:]):
-                s[name].append(x)
-            steps.append(state["step"])
-        return buckets.values()
+                b.s[name].append(x)
+            b.steps.append(state["step"])
+            b.params.append(param)
+            b.states.append(state)
+            b.is_complex |= is_complex
+        return list(buckets.values())
+
+    def _fused_step(self, group: dict[str, Any], b: Bucket) -> bool:
+        """Run a bucket's step fused; False where the eager path must run it instead."""
+        if self.native_fused(group):
+            torch._foreach_add_(b.steps, 1.0)
+            self.fused_update(group, b.p, b.g, b.s, b.steps)
+            return True
+        if not self.has_kernel() or b.is_complex or not all(p.is_contiguous() for p in b.params):
+            return False
+        if len(b.params) != sum(1 for p in group["params"] if (p.device, p.dtype) == b.key):
+            return False  # some params have no grad this step: the flat kernel would move them
+        return run_generated(self, group, b)
+
+
+class Bucket:
+    """One (device, dtype) of a param group: TensorLists for the update, and what made them."""
+
+    __slots__ = ("key", "p", "g", "s", "steps", "params", "states", "is_complex")
+
+    def __init__(self, key: tuple, names: tuple[str, ...]) -> None:
+        self.key = key
+        self.p, self.g = TensorList(), TensorList()
+        self.s = {n: TensorList() for n in names}
+        self.steps: list[Tensor] = []
+        self.params: list[Tensor] = []          # the parameters themselves (not real views)
+        self.states: list[dict[str, Any]] = []
+        self.is_complex = False

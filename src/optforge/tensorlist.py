@@ -64,9 +64,14 @@ class TensorList(list):
         return TensorList(torch._foreach_norm(self, ord))
 
     # in-place
-    def add_(self, other: Operand, alpha: Scalar = 1) -> TensorList:
+    def add_(self, other: Operand, alpha: Scalar | Sequence[Scalar] = 1) -> TensorList:
+        """self += alpha * other; ``alpha`` may be one number per tensor. A zero alpha is a no-op."""
         if _is_tensors(other):
-            torch._foreach_add_(self, other, alpha=alpha)
+            if isinstance(alpha, (list, tuple)):
+                if any(alpha):
+                    torch._foreach_add_(self, torch._foreach_mul(other, alpha))
+            elif alpha != 0:
+                torch._foreach_add_(self, other, alpha=alpha)
         else:
             torch._foreach_add_(self, other)
         return self
@@ -95,7 +100,9 @@ class TensorList(list):
         return self
 
     def addcdiv_(self, t1: Sequence[Tensor], t2: Sequence[Tensor], value: Operand = 1) -> TensorList:
-        torch._foreach_addcdiv_(self, t1, t2, value)
+        """self += value * t1 / t2. A zero value (all zeros) is a no-op."""
+        if any(value) if isinstance(value, (list, tuple)) else value != 0:
+            torch._foreach_addcdiv_(self, t1, t2, value)
         return self
 
     def maximum_(self, other: Sequence[Tensor]) -> TensorList:

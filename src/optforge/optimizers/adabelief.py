@@ -39,37 +39,42 @@ class AdaBelief(Optimizer):
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-16, weight_decay: float = 0.0, amsgrad: bool = False,
                  rectify: bool = True, degenerated_to_sgd: bool = True, *,
-                 weight_decay_mode: str = "decoupled", maximize: bool = False) -> None:
+                 weight_decay_mode: str = "decoupled", maximize: bool = False, fused: bool = False) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       amsgrad=amsgrad, rectify=rectify,
                                       degenerated_to_sgd=degenerated_to_sgd,
-                                      weight_decay_mode=weight_decay_mode, maximize=maximize))
+                                      weight_decay_mode=weight_decay_mode, maximize=maximize, fused=fused))
 
     def state_names_for(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_var") + (("max_exp_avg_var",) if group["amsgrad"] else ())
 
-    def update(self, group: dict[str, Any], p, g, s, t):
-        (b1, b2), eps, lr = group["betas"], group["eps"], group["lr"]
+    def scalars(self, group: dict[str, Any], t: float) -> dict[str, float]:
+        (b1, b2), lr = group["betas"], group["lr"]
+        c = math.sqrt(1 - b2**t)
+        if not group["rectify"]:   # bias corrections folded into scalars, as in Adam
+            return dict(eps=group["eps"] * c, step=-lr * c / (1 - b1**t), sgd=0.0)
+        rho_inf = 2 / (1 - b2) - 1
+        rho = rho_inf - 2 * t * b2**t / (1 - b2**t)
+        if rho >= 5:
+            r = math.sqrt((1 - b2**t) * (rho - 4) / (rho_inf - 4) * (rho - 2) / rho * rho_inf
+                          / (rho_inf - 2))
+            return dict(eps=group["eps"], step=-lr * r / (1 - b1**t), sgd=0.0)
+        sgd = -lr / (1 - b1**t) if group["degenerated_to_sgd"] else 0.0
+        return dict(eps=group["eps"], step=0.0, sgd=sgd)
+
+    @staticmethod
+    def kernel(group, p, g, s, c):
+        b1, b2 = group["betas"]
         m, v = s["exp_avg"], s["exp_avg_var"]
         m.lerp_(g, 1 - b1)                                          # m_t
         r = g.sub(m)                                                # g_t - m_t
-        v.mul_(b2).addcmul_(r, r, value=1 - b2).add_(eps)           # s_t (eps inside, as the paper)
-        v_hat = s["max_exp_avg_var"].maximum_(v) if group["amsgrad"] else v
-        if not group["rectify"]:
-            c = [math.sqrt(1 - b2**k) for k in t]                   # bias corrections folded into
-            denom = v_hat.sqrt().add_([eps * ck for ck in c])       # scalars, as in Adam
-            p.addcdiv_(m, denom, [-lr * ck / (1 - b1**k) for k, ck in zip(t, c)])
-            return
-        rho_inf = 2 / (1 - b2) - 1
-        rho = [rho_inf - 2 * k * b2**k / (1 - b2**k) for k in t]
-        tractable = [x >= 5 for x in rho]
-        if any(tractable):
-            step = [-lr * math.sqrt((1 - b2**k) * (x - 4) / (rho_inf - 4) * (x - 2) / x * rho_inf
-                                    / (rho_inf - 2)) / (1 - b1**k)
-                    for x, k, ok in zip(rho, t, tractable) if ok]
-            p.select(tractable).addcdiv_(m.select(tractable), v.select(tractable).sqrt().add_(eps), step)
-        if group["degenerated_to_sgd"] and not all(tractable):
-            early = [not ok for ok in tractable]
-            p.select(early).add_(m.select(early).mul([-lr / (1 - b1**k) for k, e in zip(t, early) if e]))
+        v.mul_(b2).addcmul_(r, r, value=1 - b2).add_(group["eps"])  # s_t (eps inside, as the paper)
+        if group["amsgrad"]:
+            s["max_exp_avg_var"].maximum_(v)
+            if not group["rectify"]:   # the reference's rectified step uses s_t, not its max
+                v = s["max_exp_avg_var"]
+        p.addcdiv_(m, v.sqrt().add_(c["eps"]), c["step"])          # adaptive step
+        p.add_(m, alpha=c["sgd"])                                   # rho_t < 5: SGD with momentum
+
 
 register(AdaBelief, "AdaBelief: Adam on the belief (g - m)^2 (Zhuang et al., 2020)")

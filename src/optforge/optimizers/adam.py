@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
+
+import torch
 
 from ..base import Optimizer, ParamsT
 from ..constraints import beta_tuple, boolean, non_negative
@@ -30,10 +33,10 @@ class Adam(Optimizer):
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *,
-                 weight_decay_mode: str = "coupled", maximize: bool = False) -> None:
+                 weight_decay_mode: str = "coupled", maximize: bool = False, fused: bool = False) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       amsgrad=amsgrad, weight_decay_mode=weight_decay_mode,
-                                      maximize=maximize))
+                                      maximize=maximize, fused=fused))
 
     def state_names_for(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
@@ -42,18 +45,34 @@ class Adam(Optimizer):
         """The lr of step ``t`` (constant here)."""
         return group["lr"]
 
-    def update(self, group, p, g, s, t):
-        (b1, b2), eps = group["betas"], group["eps"]
+    def scalars(self, group: dict[str, Any], t: float) -> dict[str, float]:
+        # Bias corrections folded into scalars (one pass fewer than dividing v by them):
+        # lr_t/(1-b1^t) * m/(sqrt(v)/c + eps) = lr_t c/(1-b1^t) * m/(sqrt(v) + eps c), c = sqrt(1-b2^t)
+        b1, b2 = group["betas"]
+        c = math.sqrt(1 - b2**t)
+        return dict(eps=group["eps"] * c, step=-self.lr_at(group, t) * c / (1 - b1**t))
+
+    @staticmethod
+    def kernel(group, p, g, s, c):
+        b1, b2 = group["betas"]
         m, v = s["exp_avg"], s["exp_avg_sq"]
         m.lerp_(g, 1 - b1)                                   # m_t = b1 m + (1 - b1) g
         v.mul_(b2).addcmul_(g, g, value=1 - b2)              # v_t = b2 v + (1 - b2) g^2
         if group["amsgrad"]:
             v = s["max_exp_avg_sq"].maximum_(v)              # v_hat = max(v_hat, v_t)
-        # Bias corrections folded into scalars (one pass fewer than dividing v):
-        # lr_t/(1-b1^t) * m/(sqrt(v)/c + eps) = lr_t c/(1-b1^t) * m/(sqrt(v) + eps c), c = sqrt(1-b2^t)
-        c = [(1 - b2**k) ** 0.5 for k in t]
-        denom = v.sqrt().add_([eps * ck for ck in c])
-        p.addcdiv_(m, denom, [-self.lr_at(group, k) * ck / (1 - b1**k) for k, ck in zip(t, c)])
+        p.addcdiv_(m, v.sqrt().add_(c["eps"]), c["step"])    # theta -= step m / (sqrt(v_hat) + eps c)
+
+    def native_fused(self, group: dict[str, Any]) -> bool:
+        # torch's fused kernels compute exactly this algorithm at a constant lr
+        return type(self).lr_at is Adam.lr_at and group["weight_decay_mode"] != "absolute"
+
+    def fused_update(self, group, p, g, s, steps):
+        kernel = torch._fused_adamw_ if group["weight_decay_mode"] == "decoupled" else torch._fused_adam_
+        b1, b2 = group["betas"]
+        kernel(p, g, s["exp_avg"], s["exp_avg_sq"], s.get("max_exp_avg_sq", []), steps,
+               amsgrad=group["amsgrad"], lr=group["lr"], beta1=b1, beta2=b2,
+               weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
+               grad_scale=None, found_inf=None)
 
 
 class AdamW(Adam):
@@ -63,9 +82,9 @@ class AdamW(Adam):
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
-                 weight_decay_mode: str = "decoupled", maximize: bool = False) -> None:
+                 weight_decay_mode: str = "decoupled", maximize: bool = False, fused: bool = False) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad,
-                         weight_decay_mode=weight_decay_mode, maximize=maximize)
+                         weight_decay_mode=weight_decay_mode, maximize=maximize, fused=fused)
 
 
 class AMSGrad(Adam):
@@ -74,9 +93,9 @@ class AMSGrad(Adam):
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = True, *,
-                 weight_decay_mode: str = "coupled", maximize: bool = False) -> None:
+                 weight_decay_mode: str = "coupled", maximize: bool = False, fused: bool = False) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad,
-                         weight_decay_mode=weight_decay_mode, maximize=maximize)
+                         weight_decay_mode=weight_decay_mode, maximize=maximize, fused=fused)
 
 register(Adam, "Adam (Kingma & Ba, 2015); L2 weight decay; amsgrad option")
 register(AdamW, "AdamW: Adam with decoupled weight decay (Loshchilov & Hutter, 2019)")

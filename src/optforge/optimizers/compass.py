@@ -49,26 +49,32 @@ class Compass(Optimizer):
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.99, 0.999),
                  amp_fac: float = 2.0, eps: float = 1e-8, weight_decay: float = 0.0,
                  centralization: float = 0.0, *, weight_decay_mode: str = "decoupled",
-                 maximize: bool = False) -> None:
+                 maximize: bool = False, fused: bool = False) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, amp_fac=amp_fac, eps=eps,
                                       weight_decay=weight_decay, centralization=centralization,
-                                      weight_decay_mode=weight_decay_mode, maximize=maximize))
+                                      weight_decay_mode=weight_decay_mode, maximize=maximize, fused=fused))
 
     def decay_lr(self, group: dict[str, Any], t: list[float]) -> list[float]:
         b1 = group["betas"][0]
         return [group["lr"] / (1 - b1**k) for k in t]               # eta_t
 
-    def update(self, group: dict[str, Any], p, g, s, t):
-        (b1, b2), eps, lr = group["betas"], group["eps"], group["lr"]
-        if group["centralization"] != 0:
-            g = centralize(g, group["centralization"])
+    def transform_grads(self, group: dict[str, Any], g: TensorList) -> TensorList:
+        c = group["centralization"]
+        return centralize(g, c) if c != 0 else g
+
+    def scalars(self, group: dict[str, Any], t: float) -> dict[str, float]:
+        (b1, b2), lr = group["betas"], group["lr"]
+        c = math.sqrt(1 - b2**t)        # bias corrections folded into scalars, as in Adam
+        return dict(eps=group["eps"] * c, step=-lr * c / (1 - b1**t))
+
+    @staticmethod
+    def kernel(group, p, g, s, c):
+        b1, b2 = group["betas"]
         m, v = s["ema"], s["ema_squared"]
         m.lerp_(g, 1 - b1)                                          # m_t
         g = g.add(m, alpha=group["amp_fac"])                        # g'_t = g + a m_t
         v.mul_(b2).addcmul_(g, g, value=1 - b2)                     # v_t
-        c = [math.sqrt(1 - b2**k) for k in t]                       # bias corrections folded into
-        denom = v.sqrt().add_([eps * ck for ck in c])               # scalars, as in Adam
-        p.addcdiv_(g, denom, [-lr * ck / (1 - b1**k) for k, ck in zip(t, c)])  # theta -= eta_t g'/denom
+        p.addcdiv_(g, v.sqrt().add_(c["eps"]), c["step"])           # theta -= eta_t g' / denom
 
 
 LodeW = Compass  # the name training scripts use (`--optimizer_type LodeW`)

@@ -33,27 +33,28 @@ class RAdam(Optimizer):
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, degenerated_to_sgd: bool = True, *,
-                 weight_decay_mode: str = "coupled", maximize: bool = False) -> None:
+                 weight_decay_mode: str = "coupled", maximize: bool = False, fused: bool = False) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       degenerated_to_sgd=degenerated_to_sgd,
-                                      weight_decay_mode=weight_decay_mode, maximize=maximize))
+                                      weight_decay_mode=weight_decay_mode, maximize=maximize, fused=fused))
 
-    def update(self, group: dict[str, Any], p, g, s, t):
-        (b1, b2), eps, lr = group["betas"], group["eps"], group["lr"]
+    def scalars(self, group: dict[str, Any], t: float) -> dict[str, float]:
+        (b1, b2), lr = group["betas"], group["lr"]
+        rho_inf = 2 / (1 - b2) - 1
+        rho = rho_inf - 2 * t * b2**t / (1 - b2**t)
+        if rho > 5:   # tractable: the rectified adaptive step, with sqrt(1 - b2^t) folded in
+            r = math.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
+            return dict(adaptive=-lr * r * math.sqrt(1 - b2**t) / (1 - b1**t), sgd=0.0)
+        return dict(adaptive=0.0, sgd=-lr / (1 - b1**t) if group["degenerated_to_sgd"] else 0.0)
+
+    @staticmethod
+    def kernel(group, p, g, s, c):
+        b1, b2 = group["betas"]
         m, v = s["exp_avg"], s["exp_avg_sq"]
         m.lerp_(g, 1 - b1)                                   # m_t
         v.mul_(b2).addcmul_(g, g, value=1 - b2)              # v_t
-        rho_inf = 2 / (1 - b2) - 1
-        rho = [rho_inf - 2 * k * b2**k / (1 - b2**k) for k in t]
-        tractable = [r > 5 for r in rho]
-        if any(tractable):
-            step = [-lr * math.sqrt((r - 4) * (r - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * r))
-                    * math.sqrt(1 - b2**k) / (1 - b1**k)
-                    for r, k, ok in zip(rho, t, tractable) if ok]
-            v_t = v.select(tractable)
-            p.select(tractable).addcdiv_(m.select(tractable), v_t.sqrt().add_(eps), step)
-        if group["degenerated_to_sgd"] and not all(tractable):
-            early = [not ok for ok in tractable]                # theta -= lr m_t / (1 - b1^t)
-            p.select(early).add_(m.select(early).mul([-lr / (1 - b1**k) for k, e in zip(t, early) if e]))
+        p.addcdiv_(m, v.sqrt().add_(group["eps"]), c["adaptive"])  # rho_t > 5: rectified Adam step
+        p.add_(m, alpha=c["sgd"])                            # else: theta -= lr m_t / (1 - b1^t)
+
 
 register(RAdam, "RAdam: Adam with a rectified adaptive lr (Liu et al., 2020)")

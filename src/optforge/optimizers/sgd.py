@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from ..base import Optimizer, ParamsT
 from ..constraints import boolean, non_negative, unit_interval
 from ..registry import register
@@ -26,10 +28,10 @@ class SGD(Optimizer):
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, momentum: float = 0.0,
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
-                 weight_decay_mode: str = "coupled", maximize: bool = False) -> None:
+                 weight_decay_mode: str = "coupled", maximize: bool = False, fused: bool = False) -> None:
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
                                       weight_decay=weight_decay, nesterov=nesterov,
-                                      weight_decay_mode=weight_decay_mode, maximize=maximize))
+                                      weight_decay_mode=weight_decay_mode, maximize=maximize, fused=fused))
 
     def check_group(self, group: dict[str, Any]) -> None:
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
@@ -41,20 +43,30 @@ class SGD(Optimizer):
     def state_names_for(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
-    def update(self, group, p, g, s, t):
-        mu, lr = group["momentum"], group["lr"]
+    def scalars(self, group: dict[str, Any], t: float) -> dict[str, float]:
+        # b_1 = g_1: the buffer starts at zero, so the first step adds g with weight 1
+        return dict(step=-group["lr"], damp=1.0 if t == 1 else 1 - group["dampening"])
+
+    @staticmethod
+    def kernel(group, p, g, s, c):
+        mu = group["momentum"]
         if mu == 0:
-            p.add_(g, alpha=-lr)                               # theta -= lr g
+            p.add_(g, alpha=c["step"])                         # theta -= lr g
             return
-        b = s["momentum_buffer"]
-        first = [k == 1 for k in t]
-        if any(first):
-            b.select(first).copy_(g.select(first))             # b_1 = g_1
-        rest = [not f for f in first]
-        if any(rest):                                          # b_t = mu b + (1 - tau) g
-            b.select(rest).mul_(mu).add_(g.select(rest), alpha=1 - group["dampening"])
+        b = s["momentum_buffer"].mul_(mu).add_(g, alpha=c["damp"])  # b_t = mu b + (1 - tau) g
         d = g.add(b, alpha=mu) if group["nesterov"] else b     # d_t = g + mu b  |  b
-        p.add_(d, alpha=-lr)                                   # theta -= lr d
+        p.add_(d, alpha=c["step"])                             # theta -= lr d
+
+    def native_fused(self, group: dict[str, Any]) -> bool:
+        # torch's fused SGD: coupled decay only; with zero-initialised buffers its
+        # is_first_step=False equals b_1 = g_1 only when there is no dampening
+        return group["weight_decay_mode"] == "coupled" and group["dampening"] == 0
+
+    def fused_update(self, group, p, g, s, steps):
+        torch._fused_sgd_(p, g, s.get("momentum_buffer", []), weight_decay=group["weight_decay"],
+                          momentum=group["momentum"], lr=group["lr"], dampening=0.0,
+                          nesterov=group["nesterov"], maximize=group["maximize"],
+                          is_first_step=False, grad_scale=None, found_inf=None)
 
 
 class MomentumSGD(Optimizer):
@@ -73,14 +85,18 @@ class MomentumSGD(Optimizer):
 
     def __init__(self, params: ParamsT, lr: float = 0.01, momentum: float = 0.9,
                  weight_decay: float = 0.0, *, weight_decay_mode: str = "coupled",
-                 maximize: bool = False) -> None:
+                 maximize: bool = False, fused: bool = False) -> None:
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                      weight_decay_mode=weight_decay_mode, maximize=maximize))
+                                      weight_decay_mode=weight_decay_mode, maximize=maximize, fused=fused))
 
-    def update(self, group, p, g, s, t):
-        dw = s["velocity"]
-        dw.mul_(group["momentum"]).add_(g, alpha=-group["lr"])  # dw <- mu dw - lr g
-        p.add_(dw)                                              # w <- w + dw
+    def scalars(self, group: dict[str, Any], t: float) -> dict[str, float]:
+        return dict(step=-group["lr"])
+
+    @staticmethod
+    def kernel(group, p, g, s, c):
+        dw = s["velocity"].mul_(group["momentum"]).add_(g, alpha=c["step"])  # dw <- mu dw - lr g
+        p.add_(dw)                                                           # w <- w + dw
+
 
 register(SGD, "SGD with momentum, dampening and Nesterov (torch.optim semantics)", compare_lr=0.1)
 register(MomentumSGD, "Momentum SGD, velocity form: dw = mu dw - lr g; w += dw", name="momentum_sgd",

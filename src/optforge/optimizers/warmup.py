@@ -29,10 +29,10 @@ class AdamWarmup(Adam):
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-16, weight_decay: float = 0.0, amsgrad: bool = False,
                  warmup: int = 0, *, weight_decay_mode: str = "decoupled",
-                 maximize: bool = False) -> None:
+                 maximize: bool = False, fused: bool = False) -> None:
         Optimizer.__init__(self, params, dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, warmup=warmup,
-            weight_decay_mode=weight_decay_mode, maximize=maximize))
+            weight_decay_mode=weight_decay_mode, maximize=maximize, fused=fused))
 
     def lr_at(self, group: dict[str, Any], t: float) -> float:
         w = group["warmup"]
@@ -55,10 +55,10 @@ class Noam(Adam):
     def __init__(self, params: ParamsT, lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-16, weight_decay: float = 0.0, amsgrad: bool = False,
                  warmup: int = 4000, d_model: int = 512, *, weight_decay_mode: str = "decoupled",
-                 maximize: bool = False) -> None:
+                 maximize: bool = False, fused: bool = False) -> None:
         Optimizer.__init__(self, params, dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, warmup=warmup,
-            d_model=d_model, weight_decay_mode=weight_decay_mode, maximize=maximize))
+            d_model=d_model, weight_decay_mode=weight_decay_mode, maximize=maximize, fused=fused))
 
     def lr_at(self, group: dict[str, Any], t: float) -> float:
         return group["lr"] * group["d_model"] ** -0.5 * min(t**-0.5, t * group["warmup"] ** -1.5)

@@ -1,0 +1,286 @@
+"""The fused path: one generated single-pass kernel per (device, dtype) bucket.
+
+An optimizer that writes its update as ``scalars`` (Python math on the step count) plus an
+elementwise ``kernel`` (TensorList methods only) gets ``fused=True`` for free:
+
+- the bucket's parameters and state live in one flat buffer each; ``p.data`` and the state
+  entries become views into them (so ``state_dict``, checkpoints and the model see the same
+  tensors), and gradients are gathered into a flat buffer unless they already are views of it;
+- the kernel runs on :class:`FlatList` s (a single flat tensor) with the per-step scalars as
+  0-d tensors, under ``torch.compile``, which fuses every line of the kernel, ``maximize`` and
+  weight decay into one pass over memory. Hyperparameters that the kernel reads from the group
+  (betas, eps, flags) are compile-time constants; ``lr`` and anything that depends on the step
+  must come through ``scalars`` so a scheduler never triggers a recompile.
+
+A step whose bucket is not uniform (a parameter without a gradient, parameters at different
+step counts, non-contiguous or complex parameters) runs the eager foreach path instead: same
+results, no surprises.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .tensorlist import TensorList
+
+__all__ = ["FlatBucket", "FlatList", "compiled_step"]
+
+
+def _one(x: Any) -> Any:
+    """The single tensor of a FlatList, or a scalar (0-d tensor or number) as is."""
+    if isinstance(x, (list, tuple)):
+        if len(x) != 1:
+            raise ValueError(f"fused kernels take one tensor or scalar per operand, got {len(x)}")
+        return x[0]
+    return x
+
+
+def _scaled(x: Tensor, alpha: Any) -> Tensor:
+    return x if isinstance(alpha, (int, float)) and alpha == 1 else x * alpha
+
+
+class FlatList(TensorList):
+    """A TensorList holding one flat tensor, whose methods accept 0-d tensor scalars.
+
+    Written with plain tensor arithmetic so that ``torch.compile`` sees one elementwise graph.
+    """
+
+    def _wrap(self, x: Tensor) -> FlatList:
+        return FlatList([x])
+
+    def clone(self) -> FlatList:
+        return self._wrap(self[0].clone())
+
+    def neg(self) -> FlatList:
+        return self._wrap(-self[0])
+
+    def sqrt(self) -> FlatList:
+        return self._wrap(self[0].sqrt())
+
+    def abs(self) -> FlatList:
+        return self._wrap(self[0].abs())
+
+    def sign(self) -> FlatList:
+        return self._wrap(self[0].sign())
+
+    def add(self, other, alpha=1) -> FlatList:
+        return self._wrap(self[0] + _scaled(_one(other), alpha))
+
+    def sub(self, other, alpha=1) -> FlatList:
+        return self._wrap(self[0] - _scaled(_one(other), alpha))
+
+    def mul(self, other) -> FlatList:
+        return self._wrap(self[0] * _one(other))
+
+    def div(self, other) -> FlatList:
+        return self._wrap(self[0] / _one(other))
+
+    def norm(self, ord=2):
+        raise TypeError("norms are per tensor: an optimizer that uses them is not elementwise")
+
+    def add_(self, other, alpha=1) -> FlatList:
+        self[0].add_(_scaled(_one(other), alpha))
+        return self
+
+    def sub_(self, other, alpha=1) -> FlatList:
+        self[0].sub_(_scaled(_one(other), alpha))
+        return self
+
+    def mul_(self, other) -> FlatList:
+        self[0].mul_(_one(other))
+        return self
+
+    def div_(self, other) -> FlatList:
+        self[0].div_(_one(other))
+        return self
+
+    # The operation orders below are ATen's, so that fused and eager round alike.
+    def lerp_(self, end, weight) -> FlatList:
+        x, e, w = self[0], _one(end), _one(weight)
+        if isinstance(w, (int, float)):
+            x.copy_(x + w * (e - x) if w < 0.5 else e - (e - x) * (1 - w))
+        else:
+            x.copy_(torch.where(w < 0.5, x + w * (e - x), e - (e - x) * (1 - w)))
+        return self
+
+    def addcmul_(self, t1, t2, value=1) -> FlatList:
+        self[0].add_(_one(value) * _one(t1) * _one(t2))
+        return self
+
+    def addcdiv_(self, t1, t2, value=1) -> FlatList:
+        self[0].add_(_one(value) * (_one(t1) / _one(t2)))
+        return self
+
+    def maximum_(self, other) -> FlatList:
+        self[0].copy_(torch.maximum(self[0], _one(other)))
+        return self
+
+    def sqrt_(self) -> FlatList:
+        self[0].sqrt_()
+        return self
+
+    def neg_(self) -> FlatList:
+        self[0].neg_()
+        return self
+
+    def reciprocal_(self) -> FlatList:
+        self[0].reciprocal_()
+        return self
+
+    def zero_(self) -> FlatList:
+        self[0].zero_()
+        return self
+
+    def copy_(self, src) -> FlatList:
+        self[0].copy_(_one(src))
+        return self
+
+    def select(self, mask):
+        raise TypeError("a fused kernel cannot select tensors: express the choice in scalars()")
+
+
+class FlatBucket:
+    """Params, state and a gradient buffer of one bucket, each in one flat tensor."""
+
+    def __init__(self, params: Sequence[Tensor], states: Sequence[dict[str, Any]],
+                 names: Sequence[str]) -> None:
+        p0 = params[0]
+        self.params = list(params)
+        self.names = tuple(names)
+        self.numels = [p.numel() for p in params]
+        offsets = [0]
+        for n in self.numels:
+            offsets.append(offsets[-1] + n)
+        self.offsets = offsets
+        total = offsets[-1]
+        with torch.no_grad():
+            self.flat_param = self._flatten(params, total, p0)
+            for p, view in zip(params, self._views(self.flat_param, params)):
+                p.data = view
+            self.flat_state = {}
+            for name in names:
+                flat = self._flatten([st[name] for st in states], total, p0)
+                self.flat_state[name] = flat
+                for st, view in zip(states, self._views(flat, params)):
+                    st[name] = view
+            steps = torch.stack([st["step"] for st in states])
+            self.flat_step = steps.clone()
+            for i, st in enumerate(states):
+                st["step"] = self.flat_step[i]
+        self.flat_grad = torch.zeros(total, dtype=p0.dtype, device=p0.device)
+        self.grad_views = self._views(self.flat_grad, params)
+        self.states = list(states)
+
+    @staticmethod
+    def _flatten(tensors: Sequence[Tensor], total: int, like: Tensor) -> Tensor:
+        flat = torch.empty(total, dtype=like.dtype, device=like.device)
+        torch.cat([t.reshape(-1) for t in tensors], out=flat)
+        return flat
+
+    def _views(self, flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+        return [flat[o:o + n].view(p.shape) for o, n, p in zip(self.offsets, self.numels, like)]
+
+    def is_current(self, params: Sequence[Tensor], states: Sequence[dict[str, Any]]) -> bool:
+        """True while the params and their state still live in this bucket's buffers."""
+        if len(params) != len(self.params) or any(a is not b for a, b in zip(params, self.params)):
+            return False
+        base = self.flat_param.data_ptr()
+        size = self.flat_param.element_size()
+        for p, o in zip(params, self.offsets):
+            if p.data_ptr() != base + o * size:
+                return False
+        for name, flat in self.flat_state.items():
+            base = flat.data_ptr()
+            for st, o in zip(states, self.offsets):
+                if st[name].data_ptr() != base + o * size:
+                    return False
+        step_base = self.flat_step.data_ptr()
+        step_size = self.flat_step.element_size()
+        return all(st["step"].data_ptr() == step_base + i * step_size for i, st in enumerate(states))
+
+    def gather_grads(self, transformed: Sequence[Tensor] | None = None) -> Tensor:
+        """The flat gradient. Grads that are not yet views of it are copied in and re-pointed,
+        so a backward that accumulates into them (zero_grad(set_to_none=False)) needs no copy.
+        ``transformed`` grads (e.g. centralized) are copied in every step, leaving p.grad be."""
+        if transformed is not None:
+            torch._foreach_copy_(self.grad_views, list(transformed))
+            return self.flat_grad
+        size = self.flat_grad.element_size()
+        base = self.flat_grad.data_ptr()
+        stale = [(p, view) for p, view, o in zip(self.params, self.grad_views, self.offsets)
+                 if p.grad.data_ptr() != base + o * size]
+        if stale:
+            torch._foreach_copy_([v for _, v in stale], [p.grad for p, _ in stale])
+            for p, view in stale:
+                p.grad = view
+        return self.flat_grad
+
+
+def _fused_entry(kernel: Callable, consts: dict[str, Any], p: Tensor, g: Tensor,
+                 state: dict[str, Tensor], c: dict[str, Tensor]) -> None:
+    """maximize + weight decay + the optimizer's kernel, as one compiled graph."""
+    if consts["maximize"]:
+        g = -g
+    mode, wd = consts["weight_decay_mode"], consts["weight_decay"]
+    if wd != 0:
+        if mode == "coupled":
+            g = g + wd * p
+        elif mode == "decoupled":
+            p.mul_(c["_decay"])
+        else:
+            p.mul_(1 - wd)
+    kernel(consts, FlatList([p]), FlatList([g]), {k: FlatList([v]) for k, v in state.items()}, c)
+
+
+_COMPILED: dict[type, Callable] = {}
+
+
+def compiled_step(cls: type) -> Callable:
+    """The compiled fused entry for an optimizer class.
+
+    Each class gets its own copy of the entry's code object, so torch.compile's per-code cache
+    (and its recompile limit) is per optimizer, not shared by all of them.
+    """
+    if cls not in _COMPILED:
+        code = _fused_entry.__code__.replace(co_name=f"_fused_{cls.__name__}")
+        fn = types.FunctionType(code, _fused_entry.__globals__, code.co_name)
+        _COMPILED[cls] = torch.compile(fn, dynamic=True, fullgraph=True)
+    return _COMPILED[cls]
+
+
+def _scalar_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Bias corrections need more precision than bf16/fp16 offer.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def run_generated(opt: Any, group: dict[str, Any], bucket: Any) -> bool:
+    """One fused step of a bucket whose params all have gradients; False when the bucket's
+    steps differ (the eager path then runs it)."""
+    cache = opt.__dict__.setdefault("_flat_buckets", {})
+    key = (id(group), bucket.key)
+    flat = cache.get(key)
+    if flat is None or not flat.is_current(bucket.params, bucket.states):
+        flat = cache[key] = FlatBucket(bucket.params, bucket.states, tuple(bucket.s))
+    steps = flat.flat_step.tolist()
+    if min(steps) != max(steps):
+        return False
+    t = steps[0] + 1
+    transformed = opt.transform_grads(group, bucket.g)
+    g = flat.gather_grads(None if transformed is bucket.g else transformed)
+    c = opt.scalars(group, t)
+    if group["weight_decay"] != 0 and group["weight_decay_mode"] == "decoupled":
+        lr = opt.decay_lr(group, [t])
+        c["_decay"] = 1 - (lr[0] if isinstance(lr, list) else lr) * group["weight_decay"]
+    p = flat.flat_param
+    names = list(c)
+    values = torch.tensor([float(c[n]) for n in names], dtype=_scalar_dtype(p.dtype), device=p.device)
+    consts = {k: group[k] for k in opt.defaults if k not in ("lr", "fused")}
+    compiled_step(type(opt))(type(opt).kernel, consts, p, g, flat.flat_state,
+                             dict(zip(names, values.unbind())))
+    flat.flat_step.add_(1)
+    return True
