@@ -1,6 +1,15 @@
 """optforge: PyTorch optimizers that are correct, fast, and easy to write."""
 
+from . import schedules
 from .base import Optimizer
+from .factory import (
+    add_optimizer_args,
+    create_optimizer,
+    optimizer_from_args,
+    param_groups_layer_decay,
+    param_groups_weight_decay,
+    parse_optimizer_args,
+)
 from .optimizers import (
     SGD,
     AdaBelief,
@@ -14,6 +23,8 @@ from .optimizers import (
     Noam,
     RAdam,
 )
+from .registry import OptimInfo, get_optimizer_info, list_optimizers, register
+from .schedules import create_scheduler, set_lr
 from .tensorlist import TensorList
 from .weight_decay import WEIGHT_DECAY_MODES
 
@@ -34,4 +45,17 @@ __all__ = [
     "Optimizer",
     "RAdam",
     "TensorList",
+    "OptimInfo",
+    "add_optimizer_args",
+    "create_optimizer",
+    "create_scheduler",
+    "get_optimizer_info",
+    "list_optimizers",
+    "optimizer_from_args",
+    "param_groups_layer_decay",
+    "param_groups_weight_decay",
+    "parse_optimizer_args",
+    "register",
+    "schedules",
+    "set_lr",
 ]

@@ -1,0 +1,136 @@
+"""fused=True: torch's fused kernels (SGD/Adam family) and the generated single-pass kernel
+(everything else) follow the eager trajectory; flat buffers keep torch semantics."""
+
+import copy
+
+import pytest
+import torch
+
+import optforge as of
+from helpers import assert_moves, assert_same_trajectory, make_model, trajectory, two_groups
+
+CASES = [
+    (of.SGD, dict(momentum=0.9)),                                  # torch's fused SGD
+    (of.SGD, dict(momentum=0.9, dampening=0.2, nesterov=False)),  # generated (torch's needs no dampening)
+    (of.SGD, dict(momentum=0.9, nesterov=True, weight_decay_mode="decoupled")),
+    (of.MomentumSGD, dict()),
+    (of.Adam, dict(amsgrad=True)),                                 # torch's fused Adam
+    (of.Adam, dict(weight_decay_mode="absolute", maximize=True)),  # generated
+    (of.AdamW, dict()),
+    (of.AMSGrad, dict()),
+    (of.AdamWarmup, dict(warmup=10)),
+    (of.Noam, dict(warmup=10, lr=0.5)),
+    (of.RAdam, dict()),
+    (of.AdaBelief, dict()),
+    (of.AdaBelief, dict(rectify=False, amsgrad=True, weight_decay_mode="coupled")),
+    (of.Compass, dict(lr=1e-3)),
+    (of.Compass, dict(lr=1e-3, centralization=1.0, maximize=True)),
+]
+
+
+def _ids(case):
+    cls, kw = case
+    return cls.__name__ + "".join(f"-{k}={v}" for k, v in kw.items())
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_fused_follows_eager(case):
+    cls, kw = case
+    kw = dict(kw)
+    lr = kw.pop("lr", 1e-2)
+    model_a, model_b = make_model(), make_model()
+    eager = cls(two_groups(model_a, lr, 0.05), **kw)
+    fused = cls(two_groups(model_b, lr, 0.05), fused=True, **kw)
+    a, b = trajectory(model_a, eager, steps=30), trajectory(model_b, fused, steps=30)
+    assert_moves(a)
+    assert_same_trajectory(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_fused_refused_without_a_kernel():
+    class OnlyUpdate(of.Optimizer):
+        def __init__(self, params, lr=0.1, *, fused=False):
+            super().__init__(params, dict(lr=lr, weight_decay=0.0, weight_decay_mode="coupled",
+                                          maximize=False, fused=fused))
+
+        def update(self, group, p, g, s, t):
+            p.add_(g, alpha=-group["lr"])
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    OnlyUpdate(params)  # eager is fine
+    with pytest.raises(ValueError, match="fused=True"):
+        OnlyUpdate(params, fused=True)
+
+
+def test_generated_params_become_views_and_state_dict_resumes_exactly():
+    model_a = make_model()
+    opt_a = of.Compass(model_a.parameters(), lr=1e-3, fused=True)
+    trajectory(model_a, opt_a, steps=5)
+    flat = next(iter(opt_a._flat_buckets.values())).flat_param
+    assert all(p.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+               for p in model_a.parameters())
+    saved_model, saved_opt = copy.deepcopy(model_a.state_dict()), copy.deepcopy(opt_a.state_dict())
+    assert all(float(s["step"]) == 5 for s in saved_opt["state"].values())
+    expected = trajectory(model_a, opt_a, steps=5)
+    model_b = make_model(seed=7)
+    model_b.load_state_dict(saved_model)
+    opt_b = of.Compass(model_b.parameters(), lr=1e-3, fused=True)
+    opt_b.load_state_dict(saved_opt)
+    got = trajectory(model_b, opt_b, steps=5)
+    for x, y in zip(expected, got):
+        assert torch.equal(x, y)
+
+
+def test_param_without_grad_is_left_alone():
+    model = make_model()
+    opt = of.RAdam(model.parameters(), lr=1e-2, fused=True)
+    trajectory(model, opt, steps=3)
+    frozen = model[0].bias
+    before = frozen.detach().clone()
+
+    def loss_without_bias(m, x, y):
+        out = torch.nn.functional.conv2d(x, m[0].weight)  # the conv bias gets no gradient
+        return ((m[4](m[3](m[2](out.flatten(1)))) - y) ** 2).mean()
+
+    trajectory(model, opt, steps=3, loss_fn=loss_without_bias)
+    assert frozen.grad is None
+    assert torch.equal(frozen.detach(), before)
+
+
+def test_zero_grad_without_set_to_none_accumulates_in_the_flat_buffer():
+    model_a, model_b = make_model(), make_model()
+    opt_a = of.AdaBelief(model_a.parameters(), lr=1e-2)
+    opt_b = of.AdaBelief(model_b.parameters(), lr=1e-2, fused=True)
+    x = torch.randn(4, 2, 6, 6, dtype=torch.float64)
+    for _ in range(4):
+        for model, opt in ((model_a, opt_a), (model_b, opt_b)):
+            opt.zero_grad(set_to_none=False)
+            model(x).pow(2).mean().backward()
+            opt.step()
+    for pa, pb in zip(model_a.parameters(), model_b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-10, atol=1e-13)
+    flat = next(iter(opt_b._flat_buckets.values())).flat_grad
+    assert all(p.grad.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+               for p in model_b.parameters())
+
+
+def test_lr_schedule_does_not_recompile():
+    from torch._dynamo.utils import counters
+
+    model = make_model()
+    opt = of.AdaBelief(model.parameters(), lr=1e-2, fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1 + k))
+    x, y = torch.randn(4, 2, 6, 6, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64)
+
+    def one_step():
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        sched.step()
+
+    for _ in range(2):
+        one_step()
+    compiles = counters["stats"]["unique_graphs"]
+    for _ in range(6):
+        one_step()
+    assert counters["stats"]["unique_graphs"] == compiles
+    assert opt.param_groups[0]["lr"] < 1e-2 / 7
