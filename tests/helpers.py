@@ -55,9 +55,45 @@ def assert_same_trajectory(a: list[torch.Tensor], b: list[torch.Tensor], rtol: f
                            atol: float = 1e-12) -> None:
     assert len(a) == len(b)
     for step, (x, y) in enumerate(zip(a, b), start=1):
-        torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=lambda m: f"step {step}: {m}")
+        torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=lambda m, step=step: f"step {step}: {m}")
 
 
 def assert_moves(traj: list[torch.Tensor]) -> None:
     """Guard against vacuous parity: the parameters must actually change."""
     assert (traj[-1] - traj[0]).abs().max() > 1e-4
+
+
+# ---- the optimizer table the suites are parametrized over ------------------------------------
+# kwargs (besides params) that make each optimizer exercise its state within a few steps; an
+# optimizer registered later without an entry here is still tested, with {"lr": 1e-2}.
+OPTIMIZER_KWARGS: dict[str, dict] = {
+    "sgd": dict(lr=1e-2, momentum=0.9, nesterov=True),
+    "momentum_sgd": dict(lr=1e-2, momentum=0.8),
+    "adam": dict(lr=1e-2, betas=(0.8, 0.99)),
+    "adamw": dict(lr=1e-2),
+    "amsgrad": dict(lr=1e-2),
+    "radam": dict(lr=1e-2, betas=(0.9, 0.9)),  # rho_t > 5 from step 6: both branches run
+    "adabelief": dict(lr=1e-2, betas=(0.9, 0.9)),
+    "compass": dict(lr=1e-2, centralization=0.5),
+    "adam_warmup": dict(lr=1e-2, warmup=5),
+    "noam": dict(lr=0.5, warmup=5, d_model=16),
+}
+
+
+def optimizer_infos() -> list:
+    """Registry records of every optforge optimizer (subclasses of ``optforge.Optimizer``)."""
+    import optforge
+    from optforge.registry import list_optimizers
+
+    return [i for i in list_optimizers(with_info=True) if issubclass(i.cls, optforge.Optimizer)]
+
+
+def optimizer_kwargs(name: str) -> dict:
+    return dict(OPTIMIZER_KWARGS.get(name, {"lr": 1e-2}))
+
+
+def optimizer_params():
+    """``pytest.param(cls, kwargs, id=name)`` for every registered optforge optimizer."""
+    import pytest
+
+    return [pytest.param(i.cls, optimizer_kwargs(i.name), id=i.name) for i in optimizer_infos()]

@@ -161,8 +161,8 @@ class Optimizer(torch.optim.Optimizer):
         """``scalars`` for each tensor: plain numbers when all steps agree (the usual case)."""
         distinct = set(t)
         if len(distinct) == 1:
-            return self.scalars(group, t[0])
-        per_step = {k: self.scalars(group, k) for k in distinct}
+            return {k: float(v) for k, v in self.scalars(group, t[0]).items()}  # float(): tensor lr
+        per_step = {k: {n: float(v) for n, v in self.scalars(group, k).items()} for k in distinct}
         return {name: [per_step[k][name] for k in t] for name in per_step[t[0]]}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -186,9 +186,11 @@ class Optimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         # Accept checkpoints written by torch.optim or older optforge versions: missing
         # hyperparameters take this optimizer's defaults, integer steps become tensors.
+        checked = self._constraints()
         for group in self.param_groups:
             for name, value in self.defaults.items():
-                group.setdefault(name, value)
+                if name in checked:   # not torch's own additions such as "differentiable"
+                    group.setdefault(name, value)
             for p in group["params"]:
                 st = self.state.get(p)
                 if st and "step" in st and not torch.is_tensor(st["step"]):
@@ -227,6 +229,9 @@ class Optimizer(torch.optim.Optimizer):
                 continue
             if grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            if param.is_complex() and not self.supports_complex:
+                raise ValueError(f"{type(self).__name__} does not support complex parameters "
+                                 f"(got one of dtype {param.dtype})")
             state = self.state[param]
             if "step" not in state:
                 # torch's convention: fused steps live on the parameter's device, in float32
@@ -238,9 +243,6 @@ class Optimizer(torch.optim.Optimizer):
             tensors = [param, grad] + [state[name] for name in names]
             is_complex = param.is_complex()
             if is_complex:
-                if not self.supports_complex:
-                    raise ValueError(f"{type(self).__name__} does not support complex parameters "
-                                     f"(got one of dtype {param.dtype})")
                 tensors = [torch.view_as_real(x) if x.is_complex() else x for x in tensors]
             key = (param.device, param.dtype)
             b = buckets.get(key)

@@ -279,7 +279,7 @@ def run_generated(opt: Any, group: dict[str, Any], bucket: Any) -> bool:
     p = flat.flat_param
     names = list(c)
     values = torch.tensor([float(c[n]) for n in names], dtype=_scalar_dtype(p.dtype), device=p.device)
-    consts = {k: group[k] for k in opt.defaults if k not in ("lr", "fused")}
+    consts = {k: group[k] for k in opt.defaults if k in group and k not in ("lr", "fused")}
     compiled_step(type(opt))(type(opt).kernel, consts, p, g, flat.flat_state,
                              dict(zip(names, values.unbind())))
     flat.flat_step.add_(1)

@@ -1,0 +1,258 @@
+"""Input validation, for every optforge optimizer: bad hyperparameters (at construction, in
+param-group dicts and through add_param_group), bad param groups, unknown keywords, sparse
+gradients and complex parameters."""
+
+import math
+import re
+
+import pytest
+import torch
+
+import optforge as of
+from helpers import assert_same_trajectory, optimizer_infos, optimizer_kwargs, optimizer_params
+
+INFOS = optimizer_infos()
+NAN, INF = math.nan, math.inf
+
+
+def test_every_exported_optimizer_is_registered():
+    """So that the table-driven tests below cover every optimizer optforge exports."""
+    exported = {getattr(of, n) for n in of.__all__}
+    classes = {c for c in exported if isinstance(c, type) and issubclass(c, of.Optimizer)
+               and c is not of.Optimizer}
+    assert classes <= {i.cls for i in INFOS}
+    assert len(INFOS) >= 10
+
+
+# ---- bad hyperparameter values -----------------------------------------------------------------
+# (value, the part of it the message must show): the message must name the hyperparameter and
+# repr() that part (for a tuple with one bad entry, the entry).
+BAD_REAL = [(NAN, NAN), (INF, INF), (-INF, -INF), ("0.1", "0.1"), (True, True), (None, None),
+            ([0.1], [0.1]), (1j, 1j)]
+BAD_INT = [(NAN, NAN), (INF, INF), ("10", "10"), (True, True), (None, None), (-1, -1)]
+BAD_BOOL = [("yes", "yes"), (1, 1), (0, 0), (None, None), (1.0, 1.0)]
+BAD_STR = [("l2", "l2"), ("", ""), (None, None), ("Coupled", "Coupled"), (0, 0)]
+BAD_BETAS = [((1.0, 0.999), 1.0), ((0.9, 1.0), 1.0), ((-0.1, 0.999), -0.1), ((NAN, 0.999), NAN),
+             ((0.9, INF), INF), ((0.9, 1.5), 1.5), ((True, 0.999), True), (("0.9", 0.999), "0.9"),
+             ((0.9,), (0.9,)), ((0.9, 0.99, 0.9), (0.9, 0.99, 0.9)), (0.9, 0.9), ("ab", "ab"),
+             (None, None)]
+# bad only for some hyperparameters: negative values and the like
+EXTRA = {
+    "lr": [(-1e-3, -1e-3)],
+    "eps": [(-1e-8, -1e-8)],
+    "weight_decay": [(-0.1, -0.1)],
+    "momentum": [(-0.9, -0.9)],
+    "dampening": [(-0.5, -0.5)],
+    "amp_fac": [(-2.0, -2.0)],
+    "warmup": [(2.5, 2.5), (-5, -5)],
+    "d_model": [(0, 0), (-512, -512)],
+}
+EXTRA_FOR = {  # (optimizer name, hyperparameter): more bad values
+    ("momentum_sgd", "momentum"): [(1.0, 1.0), (1.5, 1.5)],
+    ("noam", "warmup"): [(0, 0)],
+}
+
+
+def bad_values(opt_name, name, default):
+    if isinstance(default, bool):
+        out = list(BAD_BOOL)
+    elif isinstance(default, str):
+        out = list(BAD_STR)
+    elif isinstance(default, tuple):
+        out = list(BAD_BETAS)
+    elif isinstance(default, int):
+        out = list(BAD_INT)
+    elif isinstance(default, float):
+        out = list(BAD_REAL)
+    else:
+        raise AssertionError(f"no bad values known for {opt_name}.{name}={default!r}: add them here")
+    return out + EXTRA.get(name, []) + EXTRA_FOR.get((opt_name, name), [])
+
+
+HYPERPARAMETERS = [pytest.param(i, name, default, id=f"{i.name}-{name}")
+                   for i in INFOS for name, default in i.defaults.items()]
+
+
+def fresh_params(n=2):
+    return [torch.randn(3, 2, requires_grad=True) for _ in range(n)]
+
+
+def assert_names(err, name, shown):
+    msg = str(err.value)
+    assert re.search(rf"\b{re.escape(name)}\b", msg), f"{name!r} not named in: {msg}"
+    assert repr(shown) in msg, f"{shown!r} not shown in: {msg}"
+
+
+@pytest.mark.parametrize("info,name,default", HYPERPARAMETERS)
+def test_bad_hyperparameter_raises(info, name, default):
+    cls = info.cls
+    for value, shown in bad_values(info.name, name, default):
+        # as a keyword argument
+        with pytest.raises(ValueError) as err:
+            cls(fresh_params(), **{name: value})
+        assert_names(err, name, shown)
+        # in a param-group dict at construction
+        with pytest.raises(ValueError) as err:
+            cls([{"params": fresh_params(1)}, {"params": fresh_params(1), name: value}])
+        assert_names(err, name, shown)
+        # through add_param_group: refused, and nothing added
+        opt = cls(fresh_params())
+        with pytest.raises(ValueError) as err:
+            opt.add_param_group({"params": fresh_params(1), name: value})
+        assert_names(err, name, shown)
+        assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("info,name,default", HYPERPARAMETERS)
+def test_good_values_are_accepted(info, name, default):
+    """The other side of validation: boundary values that are valid must not be refused."""
+    good = {
+        "lr": [0.0, 0, 1], "eps": [0.0], "weight_decay": [0.0, 1],
+        "betas": [(0.0, 0.0), [0.5, 0.5], (0, 0.999999)], "amp_fac": [0.0],
+        "centralization": [-1.0, 0.0, 2.5], "weight_decay_mode": ["coupled", "decoupled", "absolute"],
+        "maximize": [True, False], "warmup": [0, 10] if info.name == "adam_warmup" else [1, 10],
+        "momentum": [0.0, 0.99], "d_model": [1, 64.0],
+    }.get(name, [default])
+    for value in good:
+        opt = info.cls(fresh_params(), **{name: value})
+        opt.add_param_group({"params": fresh_params(1), name: value})
+
+
+def test_nesterov_needs_momentum_and_no_dampening():
+    with pytest.raises(ValueError, match=r"nesterov.*momentum=0\.0"):
+        of.SGD(fresh_params(), nesterov=True)
+    with pytest.raises(ValueError, match=r"nesterov.*dampening=0\.1"):
+        of.SGD(fresh_params(), momentum=0.9, dampening=0.1, nesterov=True)
+    with pytest.raises(ValueError, match=r"nesterov.*momentum=0"):
+        of.SGD([{"params": fresh_params(1), "momentum": 0}], momentum=0.9, nesterov=True)
+    opt = of.SGD(fresh_params(), momentum=0.9, nesterov=True)
+    with pytest.raises(ValueError, match=r"nesterov.*momentum=0"):
+        opt.add_param_group({"params": fresh_params(1), "momentum": 0})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": fresh_params(1), "momentum": 0, "nesterov": False})  # fine
+
+
+# ---- bad param groups and keywords -------------------------------------------------------------
+
+
+def misspell(name):
+    return name[:-1] if len(name) > 3 else name + name[-1]
+
+
+@pytest.mark.parametrize("info,name,default", HYPERPARAMETERS)
+def test_unknown_group_key_is_named_with_a_suggestion(info, name, default):
+    key = misspell(name)
+    for make in (lambda: info.cls([{"params": fresh_params(1), key: default}]),
+                 lambda: info.cls(fresh_params()).add_param_group({"params": fresh_params(1), key: default})):
+        with pytest.raises(ValueError) as err:
+            make()
+        msg = str(err.value)
+        assert repr(key) in msg
+        hint = re.search(r"did you mean (.*?)\?", msg)
+        assert hint and repr(name) in hint.group(1), msg
+
+
+@pytest.mark.parametrize("info", INFOS, ids=lambda i: i.name)
+def test_group_keys_torch_understands_but_we_do_not(info):
+    for key in ("foreach", "capturable", "differentiable"):
+        with pytest.raises(ValueError, match=repr(key)):
+            info.cls([{"params": fresh_params(1), key: False}])
+
+
+@pytest.mark.parametrize("info", INFOS, ids=lambda i: i.name)
+def test_group_metadata_is_accepted(info):
+    opt = info.cls([{"params": fresh_params(1), "name": "head", "initial_lr": 0.1}])
+    assert opt.param_groups[0]["name"] == "head"
+
+
+@pytest.mark.parametrize("info", INFOS, ids=lambda i: i.name)
+def test_unknown_keyword_is_a_type_error(info):
+    for key in ("foreach", "lrr", "weight_decay_mod", "momentun", "beta1"):
+        with pytest.raises(TypeError, match=key):
+            info.cls(fresh_params(), **{key: 0.1})
+
+
+@pytest.mark.parametrize("info", INFOS, ids=lambda i: i.name)
+def test_bad_param_lists(info):
+    cls = info.cls
+    with pytest.raises(ValueError, match="empty"):
+        cls([])
+    with pytest.raises(ValueError, match="empty"):
+        cls(p for p in [])
+    p, q = fresh_params()
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        cls([{"params": [p]}, {"params": [q, p]}])
+    opt = cls([p])
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        opt.add_param_group({"params": [q, p]})
+    assert len(opt.param_groups) == 1
+    with pytest.raises(TypeError):
+        cls(p)                                  # a bare tensor, not an iterable of them
+    with pytest.raises(ValueError, match="leaf"):
+        cls([p * 2])                            # not a leaf
+    with pytest.raises(TypeError):
+        opt.add_param_group([q])                # not a dict
+
+
+# ---- sparse gradients and complex parameters ---------------------------------------------------
+
+
+@pytest.mark.parametrize("info", INFOS, ids=lambda i: i.name)
+def test_sparse_gradients_are_refused(info):
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    before = emb.weight.detach().clone()
+    opt = info.cls(emb.parameters())
+    emb(torch.tensor([1, 4])).sum().backward()
+    assert emb.weight.grad.is_sparse
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    assert torch.equal(emb.weight, before)
+
+
+def complex_loss(z, w):
+    target = torch.linspace(-1, 1, z.numel(), dtype=torch.float64).reshape(z.shape) * (1 - 0.5j)
+    # bounded below; the cross term couples the real and imaginary parts with w
+    return (((z - target).abs() ** 2).sum() + 0.1 * (z.abs() ** 4).sum() + (w**2).sum()
+            + 0.1 * (z.real.sum() - z.imag.sum()) * w.sum())
+
+
+@pytest.mark.parametrize("cls,kwargs", [p for p in optimizer_params() if p.values[0].supports_complex])
+def test_complex_params_are_optimized_as_real_pairs(cls, kwargs):
+    """As torch's own tests: a complex parameter takes the same path as its view_as_real with
+    the real gradients (here from the same loss through view_as_complex)."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4, 3, dtype=torch.complex128, generator=g).requires_grad_()
+    w = torch.randn(5, dtype=torch.float64, generator=g).requires_grad_()
+    r = torch.view_as_real(z.detach()).clone().requires_grad_()
+    w2 = w.detach().clone().requires_grad_()
+    kwargs = {**kwargs, "weight_decay": 0.1}
+    opt_c, opt_r = cls([z, w], **kwargs), cls([r, w2], **kwargs)
+    a, b = [], []
+    for _ in range(20):
+        for opt, loss in ((opt_c, lambda: complex_loss(z, w)),
+                          (opt_r, lambda: complex_loss(torch.view_as_complex(r), w2))):
+            opt.zero_grad()
+            loss().backward()
+        torch.testing.assert_close(torch.view_as_real(z.grad), r.grad, rtol=1e-10, atol=1e-12)
+        opt_c.step()
+        opt_r.step()
+        a.append(torch.cat([torch.view_as_real(z.detach()).flatten(), w.detach()]))
+        b.append(torch.cat([r.detach().flatten(), w2.detach()]))
+    assert (a[-1] - a[0]).abs().max() > 1e-3
+    assert_same_trajectory(a, b)
+    assert opt_c.state[z]["step"].item() == 20
+
+
+@pytest.mark.parametrize("info", [i for i in INFOS if not i.cls.supports_complex], ids=lambda i: i.name)
+def test_complex_params_are_refused_where_unsupported(info):
+    z = torch.randn(4, 3, dtype=torch.complex64, requires_grad=True)
+    before = z.detach().clone()
+    opt = info.cls([z], **optimizer_kwargs(info.name))
+    (z.abs() ** 2).sum().backward()
+    with pytest.raises(ValueError, match=rf"{info.cls.__name__}.*complex"):
+        opt.step()
+    assert torch.equal(z, before)
+
+
+def test_compass_is_among_the_refusers():
+    assert not of.Compass.supports_complex
