@@ -13,15 +13,18 @@ def _python_blocks() -> list[str]:
 
 
 def test_readme_examples_run():
+    """Blocks run in order in one namespace, as a reader pastes them into one session."""
     blocks = _python_blocks()
-    assert len(blocks) >= 2
+    assert len(blocks) >= 3
+    namespace: dict = {"__name__": "readme"}
     for block in blocks:
-        exec(compile(block, str(README), "exec"), {"__name__": "readme"})
+        exec(compile(block, str(README), "exec"), namespace)
 
 
 def test_readme_custom_optimizer_follows_its_equations():
     namespace: dict = {"__name__": "readme"}
-    exec(compile(_python_blocks()[1], str(README), "exec"), namespace)
+    (block,) = [b for b in _python_blocks() if "class SignMomentum" in b]
+    exec(compile(block, str(README), "exec"), namespace)
     p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64))
     opt = namespace["SignMomentum"]([p], lr=0.1, betas=(0.5,))
     m = torch.zeros(3, dtype=torch.float64)
