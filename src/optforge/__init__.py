@@ -25,6 +25,7 @@ from .optimizers import (
 )
 from .registry import OptimInfo, get_optimizer_info, list_optimizers, register
 from .schedules import create_scheduler, set_lr
+from .state_io import NameLoadReport, load_state_dict_by_name, state_dict_by_name
 from .tensorlist import TensorList
 from .weight_decay import WEIGHT_DECAY_MODES
 
@@ -41,6 +42,7 @@ __all__ = [
     "Compass",
     "LodeW",
     "MomentumSGD",
+    "NameLoadReport",
     "Noam",
     "Optimizer",
     "RAdam",
@@ -51,6 +53,7 @@ __all__ = [
     "create_scheduler",
     "get_optimizer_info",
     "list_optimizers",
+    "load_state_dict_by_name",
     "optimizer_from_args",
     "param_groups_layer_decay",
     "param_groups_weight_decay",
@@ -58,4 +61,5 @@ __all__ = [
     "register",
     "schedules",
     "set_lr",
+    "state_dict_by_name",
 ]

@@ -26,6 +26,7 @@ A complete optimizer::
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
@@ -34,6 +35,7 @@ from torch import Tensor
 
 from .constraints import Constraint, boolean, non_negative, one_of
 from .fused import run_generated
+from .precision import LOW_PRECISION, low_precision_step
 from .tensorlist import TensorList
 from .weight_decay import WEIGHT_DECAY_MODES, apply_weight_decay
 
@@ -51,6 +53,19 @@ COMMON_CONSTRAINTS: dict[str, Constraint] = dict(
     maximize=boolean,
     fused=boolean,
 )
+
+#: Options every optforge optimizer has, off by default, that are not part of any algorithm:
+#: the base adds them to ``defaults`` (so every param group carries them, they are checked,
+#: saved in ``state_dict`` and may differ per group). Set them with :meth:`Optimizer.configure`
+#: or in a param-group dict. See docs/reliability.md.
+BASE_OPTIONS: dict[str, bool] = dict(
+    skip_nonfinite=False,        # a step with an inf/NaN gradient changes nothing (counted)
+    fp32_state=False,            # bf16/fp16 params: float32 state, update computed in float32
+    stochastic_rounding=False,   # bf16 params: update computed in float32, stochastically rounded
+)
+BASE_OPTION_CONSTRAINTS: dict[str, Constraint] = {name: boolean for name in BASE_OPTIONS}
+
+_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
 
 
 def _step_dtype() -> torch.dtype:
@@ -84,8 +99,13 @@ class Optimizer(torch.optim.Optimizer):
         unchecked = sorted(set(defaults) - set(checks))
         if unchecked:
             raise TypeError(f"{type(self).__name__} declares no constraint for {unchecked}")
+        clash = sorted(set(defaults) & set(BASE_OPTIONS))
+        if clash:
+            raise TypeError(f"{type(self).__name__} declares {clash}, which the base class owns")
         self._check_hyperparameters(defaults)
-        super().__init__(params, defaults)
+        #: steps skipped by ``skip_nonfinite`` (in this process: not saved in ``state_dict``)
+        self.skipped_steps = 0
+        super().__init__(params, {**defaults, **BASE_OPTIONS})
 
     # ---- hooks for subclasses -------------------------------------------------------------
     def update(self, group: dict[str, Any], p: TensorList, g: TensorList,
@@ -146,7 +166,7 @@ class Optimizer(torch.optim.Optimizer):
     # ---- validation -----------------------------------------------------------------------
     @classmethod
     def _constraints(cls) -> dict[str, Constraint]:
-        return {**COMMON_CONSTRAINTS, **cls.constraints}
+        return {**COMMON_CONSTRAINTS, **BASE_OPTION_CONSTRAINTS, **cls.constraints}
 
     def _check_hyperparameters(self, values: dict[str, Any]) -> None:
         checks = self._constraints()
@@ -165,6 +185,44 @@ class Optimizer(torch.optim.Optimizer):
         per_step = {k: {n: float(v) for n, v in self.scalars(group, k).items()} for k in distinct}
         return {name: [per_step[k][name] for k in t] for name in per_step[t[0]]}
 
+    def configure(self, *, skip_nonfinite: bool | None = None, fp32_state: bool | None = None,
+                  stochastic_rounding: bool | None = None) -> Optimizer:
+        """Turn the base options on or off for every param group (and groups added later);
+        returns the optimizer, so ``opt = AdamW(params).configure(skip_nonfinite=True)``.
+
+        - ``skip_nonfinite``: before updating anything, check the gradients of the groups that
+          have it; if one holds an inf or NaN, the whole step is skipped (no parameter, state
+          entry or step count changes) and ``self.skipped_steps`` is incremented. Off (the
+          default), a non-finite gradient propagates into the parameters, as in torch.optim.
+        - ``fp32_state``: bfloat16/float16 parameters keep their state in float32 (state that
+          exists is converted now), and their update (weight decay included) is computed in
+          float32 and rounded once, to nearest, into the parameter.
+        - ``stochastic_rounding``: bfloat16 parameters get their update computed in float32 and
+          written back with stochastic rounding (unbiased: updates smaller than half a bf16 ulp
+          survive in expectation instead of being rounded away). Uses torch's default RNG.
+
+        Buckets that use ``fp32_state`` or ``stochastic_rounding`` run the eager path even
+        with ``fused=True``. Options can also be set per group (``{"params": ..., "fp32_state":
+        True}``); ``None`` leaves an option as it is.
+        """
+        given = {k: v for k, v in dict(skip_nonfinite=skip_nonfinite, fp32_state=fp32_state,
+                                       stochastic_rounding=stochastic_rounding).items() if v is not None}
+        for name, value in given.items():
+            BASE_OPTION_CONSTRAINTS[name](name, value)
+        self.defaults.update(given)
+        for group in self.param_groups:
+            group.update(given)
+            if given.get("fp32_state"):            # state that exists already goes float32 now
+                for p in group["params"]:
+                    st = self.state.get(p, {})
+                    for name, x in st.items():
+                        if name != "step" and torch.is_tensor(x) and x.dtype in LOW_PRECISION:
+                            st[name] = x.float()
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "skipped_steps": self.skipped_steps}
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
@@ -182,8 +240,57 @@ class Optimizer(torch.optim.Optimizer):
         self.check_group(merged)
         super().add_param_group(param_group)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict``, after checks whose errors say what does not match: the
+        number of param groups, of params in each, and each param's state (the tensors the
+        saved hyperparameters need, with the param's shape). With ``fp32_state``, bf16/fp16
+        params keep float32 state (torch would cast it to the param's dtype)."""
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError("expected a dict with 'state' and 'param_groups', as optimizer.state_dict() "
+                             "returns")
+        if str(state_dict.get("format", "")).startswith("optforge.state_by_name"):
+            raise ValueError("this state dict is keyed by parameter name (state_dict_by_name): load it "
+                             "with optforge.load_state_dict_by_name")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"the loaded state dict has {len(saved_groups)} param group(s), this "
+                             f"{type(self).__name__} has {len(self.param_groups)}")
+        where: dict[Any, tuple[Tensor, dict[str, Any]]] = {}
+        for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"param group {i}: the loaded state dict has {len(saved['params'])} "
+                                 f"parameter(s), this optimizer's group has {len(group['params'])}")
+            merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+            where.update((k, (p, merged)) for k, p in zip(saved["params"], group["params"]))
+        same_shape = type(self).init_state is Optimizer.init_state
+        for k, st in state_dict["state"].items():
+            if k not in where or not st:
+                continue
+            p, group = where[k]
+            names = self.state_names_for(group)
+            lacking = [n for n in names if st.get(n) is None]
+            if lacking:
+                raise ValueError(f"the loaded state of parameter {k} (shape {tuple(p.shape)}) lacks "
+                                 f"{lacking} (it has {sorted(st)}): was it saved by another optimizer, "
+                                 f"or with other options, than this {type(self).__name__}?")
+            for n in names:
+                x = st[n]
+                if same_shape and torch.is_tensor(x) and x.shape != p.shape:
+                    raise ValueError(f"the loaded state {n!r} of parameter {k} has shape "
+                                     f"{tuple(x.shape)}, the parameter has shape {tuple(p.shape)}")
+        super().load_state_dict(state_dict)
+        for k, st in state_dict["state"].items():
+            if k not in where:
+                continue
+            p, group = where[k]
+            if p.dtype in LOW_PRECISION and group.get("fp32_state", self.defaults["fp32_state"]):
+                for n, x in st.items():
+                    if n != "step" and torch.is_tensor(x) and x.is_floating_point():
+                        self.state[p][n] = x.to(device=p.device, dtype=torch.float32)
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("skipped_steps", 0)
         # Accept checkpoints written by torch.optim or older optforge versions: missing
         # hyperparameters take this optimizer's defaults, integer steps become tensors.
         checked = self._constraints()
@@ -199,13 +306,31 @@ class Optimizer(torch.optim.Optimizer):
     # ---- the step -------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one optimization step; returns the closure's loss (closure run with grad)."""
+        """Perform one optimization step; returns the closure's loss (closure run with grad).
+
+        Under ``torch.compile`` the closure is traced with the caller, and the update runs
+        outside the graph (one graph break): it reads step counts on the host, so tracing it
+        would specialize on them and recompile every step. ``fused=True`` runs its own compiled
+        kernel either way."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if torch.compiler.is_compiling():
+            self._step_outside_graph()
+        else:
+            self._step()
+        return loss
+
+    def _step(self) -> None:
+        if any(group.get("skip_nonfinite") for group in self.param_groups) and not self._grads_finite():
+            self.skipped_steps += 1
+            return
         for group in self.param_groups:
             for b in self._buckets(group):
+                if b.low_precision:
+                    low_precision_step(self, group, b)
+                    continue
                 if group.get("fused") and self._fused_step(group, b):
                     continue
                 torch._foreach_add_(b.steps, 1.0)
@@ -216,12 +341,40 @@ class Optimizer(torch.optim.Optimizer):
                 g = apply_weight_decay(group["weight_decay_mode"], group["weight_decay"], b.p, g,
                                        self.decay_lr(group, t), owned)
                 self.update(group, b.p, g, b.s, t)
-        return loss
+
+    _step_outside_graph = torch._disable_dynamo(_step)
+
+    def _grads_finite(self) -> bool:
+        """Whether every gradient of the groups with ``skip_nonfinite`` is finite: one max-|g|
+        (foreach inf-norm: no overflow, NaN propagates) per (device, dtype), one host sync each.
+        DTensor gradients (FSDP2) are checked with DTensor ops, so every rank decides alike."""
+        plain: dict[tuple, list[Tensor]] = {}
+        distributed: dict[Any, list[Tensor]] = {}
+        for group in self.param_groups:
+            if not group.get("skip_nonfinite"):
+                continue
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse:
+                    g = g._values()
+                if type(g) is not Tensor:
+                    distributed.setdefault(getattr(g, "device_mesh", None), []).append(g)
+                elif g.numel():
+                    plain.setdefault((g.device, g.dtype), []).append(g)
+        flags = [torch.stack(torch._foreach_norm(gs, math.inf)).isfinite().all() for gs in plain.values()]
+        for gs in distributed.values():
+            flag = torch.stack([g.isfinite().all() for g in gs]).all()
+            flags.append(flag.full_tensor() if hasattr(flag, "full_tensor") else flag)
+        return all(bool(f) for f in flags)
 
     def _buckets(self, group: dict[str, Any]) -> list[Bucket]:
         """The params of a group that have gradients, bucketed by (device, dtype)."""
         names = self.state_names_for(group)
         fused = bool(group.get("fused"))
+        fp32_state = group.get("fp32_state")
+        low_precision = fp32_state or group.get("stochastic_rounding")
         buckets: dict[tuple, Bucket] = {}
         for param in group["params"]:
             grad = param.grad
@@ -234,12 +387,15 @@ class Optimizer(torch.optim.Optimizer):
                                  f"(got one of dtype {param.dtype})")
             state = self.state[param]
             if "step" not in state:
+                if type(param) not in _PLAIN_TENSOR_TYPES:
+                    self._check_tensor_subclass(group, param)
                 # torch's convention: fused steps live on the parameter's device, in float32
                 state["step"] = (torch.tensor(0.0, dtype=torch.float32, device=param.device) if fused
                                  else torch.tensor(0.0, dtype=_step_dtype()))
             for name in names:
                 if name not in state:
-                    state[name] = self.init_state(group, param, name)
+                    x = self.init_state(group, param, name)
+                    state[name] = x.float() if fp32_state and x.dtype in LOW_PRECISION else x
             tensors = [param, grad] + [state[name] for name in names]
             is_complex = param.is_complex()
             if is_complex:
@@ -248,6 +404,7 @@ class Optimizer(torch.optim.Optimizer):
             b = buckets.get(key)
             if b is None:
                 b = buckets[key] = Bucket(key, names)
+                b.low_precision = bool(low_precision) and param.dtype in LOW_PRECISION
             b.p.append(tensors[0])
             b.g.append(tensors[1])
             for name, x in zip(names, tensors[2:]):
@@ -258,6 +415,24 @@ class Optimizer(torch.optim.Optimizer):
             b.is_complex |= is_complex
         return list(buckets.values())
 
+    def _check_tensor_subclass(self, group: dict[str, Any], param: Tensor) -> None:
+        """Refuse DTensor parameters (FSDP2, tensor parallel) where the result would be wrong.
+
+        The foreach path computes on DTensors with their global semantics, so an elementwise
+        update is exact on shards. The fused path's flat buffers cannot hold DTensors, and an
+        optimizer the registry marks ``elementwise=False`` (norms, matrix structure) would see
+        only its shard: both are refused rather than silently computed on the local shard."""
+        if not _is_dtensor(param):
+            return
+        name = type(self).__name__
+        if group.get("fused"):
+            raise ValueError(f"{name}(fused=True) does not support DTensor parameters (FSDP2, tensor "
+                             "parallel): use fused=False, whose foreach path supports them")
+        if not _registered_elementwise(type(self)):
+            raise ValueError(f"{name} does not support DTensor parameters (FSDP2, tensor parallel): "
+                             "the registry marks it elementwise=False (its update needs whole-tensor "
+                             "norms or matrix structure), and a DTensor holds only a shard")
+
     def _fused_step(self, group: dict[str, Any], b: Bucket) -> bool:
         """Run a bucket's step fused; False where the eager path must run it instead."""
         if self.native_fused(group):
@@ -266,15 +441,38 @@ class Optimizer(torch.optim.Optimizer):
             return True
         if not self.has_kernel() or b.is_complex or not all(p.is_contiguous() for p in b.params):
             return False
-        if len(b.params) != sum(1 for p in group["params"] if (p.device, p.dtype) == b.key):
-            return False  # some params have no grad this step: the flat kernel would move them
+        # Frozen params (requires_grad=False, no grad) stay out of the flat buffers for good;
+        # a trainable one without a grad this step would make the flat kernel move them.
+        if len(b.params) != sum(1 for p in group["params"]
+                                if (p.device, p.dtype) == b.key and (p.requires_grad or p.grad is not None)):
+            return False
         return run_generated(self, group, b)
+
+
+def _is_dtensor(x: Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(x, DTensor)
+
+
+def _registered_elementwise(cls: type) -> bool:
+    """The registry's ``elementwise`` flag of ``cls`` or its nearest registered base (True for
+    an optimizer no registry entry describes)."""
+    from .registry import list_optimizers
+
+    flags = {info.cls: info.elementwise for info in list_optimizers(with_info=True)}
+    for klass in cls.__mro__:
+        if klass in flags:
+            return flags[klass]
+    return True
 
 
 class Bucket:
     """One (device, dtype) of a param group: TensorLists for the update, and what made them."""
 
-    __slots__ = ("key", "p", "g", "s", "steps", "params", "states", "is_complex")
+    __slots__ = ("key", "p", "g", "s", "steps", "params", "states", "is_complex", "low_precision")
 
     def __init__(self, key: tuple, names: tuple[str, ...]) -> None:
         self.key = key
@@ -284,3 +482,4 @@ class Bucket:
         self.params: list[Tensor] = []          # the parameters themselves (not real views)
         self.states: list[dict[str, Any]] = []
         self.is_complex = False
+        self.low_precision = False              # fp32_state / stochastic_rounding applies

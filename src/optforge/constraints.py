@@ -37,7 +37,10 @@ def _as_real(name: str, value: Any, expected: str) -> float:
         return float(value.item())
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         _fail(name, value, expected)
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:   # an int (or Fraction) beyond float range: no usable hyperparameter
+        return math.inf if value > 0 else -math.inf
 
 
 def real(name: str, value: Any) -> None:

@@ -149,6 +149,9 @@ class FlatBucket:
 
     def __init__(self, params: Sequence[Tensor], states: Sequence[dict[str, Any]],
                  names: Sequence[str]) -> None:
+        if any(hasattr(p, "device_mesh") for p in params):
+            raise ValueError("fused=True does not support DTensor parameters (FSDP2, tensor parallel): "
+                             "use fused=False, whose foreach path supports them")
         p0 = params[0]
         self.params = list(params)
         self.names = tuple(names)
@@ -237,20 +240,32 @@ def _fused_entry(kernel: Callable, consts: dict[str, Any], p: Tensor, g: Tensor,
     kernel(consts, FlatList([p]), FlatList([g]), {k: FlatList([v]) for k, v in state.items()}, c)
 
 
-_COMPILED: dict[type, Callable] = {}
+_COMPILED: dict[tuple, Callable] = {}
 
 
-def compiled_step(cls: type) -> Callable:
-    """The compiled fused entry for an optimizer class.
+def _frozen(x: Any) -> Any:
+    if isinstance(x, (list, tuple)):
+        return tuple(_frozen(v) for v in x)
+    if isinstance(x, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in x.items()))
+    return x
 
-    Each class gets its own copy of the entry's code object, so torch.compile's per-code cache
-    (and its recompile limit) is per optimizer, not shared by all of them.
+
+def compiled_step(cls: type, variant: Any = ()) -> Callable:
+    """The compiled fused entry for an optimizer class and a ``variant`` (hashable).
+
+    Each (class, variant) gets its own copy of the entry's code object, so torch.compile's
+    per-code cache and its recompile limit (8; with ``fullgraph=True`` exceeding it is an
+    error, not a fallback) are per configuration: the group constants (betas, flags, weight
+    decay...) and the dtype are compile-time constants, and a sweep over them in one process
+    must not run out of recompiles.
     """
-    if cls not in _COMPILED:
+    key = (cls, _frozen(variant))
+    if key not in _COMPILED:
         code = _fused_entry.__code__.replace(co_name=f"_fused_{cls.__name__}")
         fn = types.FunctionType(code, _fused_entry.__globals__, code.co_name)
-        _COMPILED[cls] = torch.compile(fn, dynamic=True, fullgraph=True)
-    return _COMPILED[cls]
+        _COMPILED[key] = torch.compile(fn, dynamic=True, fullgraph=True)
+    return _COMPILED[key]
 
 
 def _scalar_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -279,8 +294,11 @@ def run_generated(opt: Any, group: dict[str, Any], bucket: Any) -> bool:
     p = flat.flat_param
     names = list(c)
     values = torch.tensor([float(c[n]) for n in names], dtype=_scalar_dtype(p.dtype), device=p.device)
-    consts = {k: group[k] for k in opt.defaults if k in group and k not in ("lr", "fused")}
-    compiled_step(type(opt))(type(opt).kernel, consts, p, g, flat.flat_state,
-                             dict(zip(names, values.unbind())))
+    from .base import BASE_OPTIONS  # (base imports this module)
+
+    consts = {k: group[k] for k in opt.defaults
+              if k in group and k not in ("lr", "fused") and k not in BASE_OPTIONS}
+    entry = compiled_step(type(opt), (consts, p.dtype, p.device.type))
+    entry(type(opt).kernel, consts, p, g, flat.flat_state, dict(zip(names, values.unbind())))
     flat.flat_step.add_(1)
     return True

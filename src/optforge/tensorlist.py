@@ -68,8 +68,15 @@ class TensorList(list):
         """self += alpha * other; ``alpha`` may be one number per tensor. A zero alpha is a no-op."""
         if _is_tensors(other):
             if isinstance(alpha, (list, tuple)):
-                if any(alpha):
-                    torch._foreach_add_(self, torch._foreach_mul(other, alpha))
+                # One kernel per distinct alpha (steps differ in a bucket: a few values), so a
+                # tensor's result never depends on its neighbours: add(g, alpha=a) rounds once,
+                # add(g * a) twice.
+                by_alpha: dict[Scalar, list[int]] = {}
+                for i, a in enumerate(alpha):
+                    by_alpha.setdefault(a, []).append(i)
+                for a, idx in by_alpha.items():
+                    if a != 0:
+                        torch._foreach_add_([self[i] for i in idx], [other[i] for i in idx], alpha=a)
             elif alpha != 0:
                 torch._foreach_add_(self, other, alpha=alpha)
         else:

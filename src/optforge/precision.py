@@ -1,0 +1,67 @@
+"""Low-precision parameters: float32 state and stochastic rounding for bf16/fp16 params.
+
+A bf16 number has 8 significant bits: ``p * (1 - lr * wd)`` with ``lr * wd = 1e-4``, or
+``p - 1e-3`` for ``p = 1``, rounds back to ``p`` — weight decay and small updates vanish
+silently, and so does ``v * 0.999`` in a bf16 second moment. Two opt-in base options (see
+:meth:`optforge.Optimizer.configure`) fix that for every optimizer, without changing it:
+
+- ``fp32_state``: state tensors of bf16/fp16 params are float32;
+- ``stochastic_rounding``: the new bf16 parameter is rounded up or down at random, with the
+  probabilities that make its expectation the float32 result (unbiased, no extra memory).
+
+With either, a bucket's update (weight decay included) runs on float32 copies of its params and
+grads, and the results are written back once: state in its own dtype, params rounded to
+nearest, or stochastically.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .tensorlist import TensorList
+from .weight_decay import apply_weight_decay
+
+__all__ = ["LOW_PRECISION", "low_precision_step", "stochastic_round_"]
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def stochastic_round_(dst: Tensor, src: Tensor) -> Tensor:
+    """Write float32 ``src`` into bfloat16 ``dst``, rounding stochastically: a value between two
+    bf16 neighbours goes to the upper one with probability proportional to its distance from
+    the lower one. (bf16 is float32's upper 16 bits: add 16 random low bits, truncate.)"""
+    bits = src.view(torch.int32)
+    noise = torch.randint_like(bits, 0, 1 << 16)
+    rounded = bits.add(noise).bitwise_and_(-65536).view(torch.float32)   # -65536 == 0xFFFF0000
+    return dst.copy_(torch.where(torch.isfinite(src), rounded, src))     # keep inf/NaN as they are
+
+
+def low_precision_step(opt: Any, group: dict[str, Any], b: Any) -> None:
+    """One eager step of a bf16/fp16 bucket, computed in float32 (see the module docstring)."""
+    stochastic = group.get("stochastic_rounding")
+    if stochastic and b.key[1] != torch.bfloat16:
+        raise ValueError(f"stochastic_rounding supports bfloat16 parameters, got {b.key[1]} "
+                         "(use fp32_state for float16)")
+    torch._foreach_add_(b.steps, 1.0)
+    t = [x.item() for x in b.steps]
+    f32 = torch.float32
+    p = TensorList(x.to(f32) for x in b.p)
+    g = opt.transform_grads(group, TensorList(x.to(f32) for x in b.g))   # our copies: owned
+    if group["maximize"]:
+        g = g.neg()
+    g = apply_weight_decay(group["weight_decay_mode"], group["weight_decay"], p, g,
+                           opt.decay_lr(group, t), True)
+    s = {name: TensorList(x.to(f32) for x in xs) for name, xs in b.s.items()}
+    opt.update(group, p, g, s, t)
+    for name, xs in b.s.items():
+        pairs = [(x, y) for x, y in zip(xs, s[name]) if x is not y]   # state kept in low precision
+        if pairs:
+            torch._foreach_copy_([x for x, _ in pairs], [y for _, y in pairs])
+    if stochastic:
+        for x, y in zip(b.p, p):
+            stochastic_round_(x, y)
+    else:
+        torch._foreach_copy_(b.p, p)

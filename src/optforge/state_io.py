@@ -1,0 +1,143 @@
+"""Optimizer state keyed by parameter name, so checkpoints survive model surgery.
+
+torch matches optimizer state to parameters by position: add, remove or reorder a layer and
+``load_state_dict`` either refuses the checkpoint or, worse, gives one parameter another's
+momentum. These two functions key the state by the parameter's name instead::
+
+    sd = optforge.state_dict_by_name(opt, model)          # {"state": {"fc.weight": {...}}, ...}
+    torch.save(sd, "opt.pt")
+    ...                                                   # the model gains and loses layers
+    report = optforge.load_state_dict_by_name(opt, model, torch.load("opt.pt"), strict=False)
+    report.missing      # names of this optimizer's params the checkpoint has nothing for
+    report.unexpected   # names in the checkpoint that this optimizer does not have
+    report.mismatched   # names whose shape changed (their state is not loaded)
+
+They work for any ``torch.optim.Optimizer``, optforge's or torch's. Names come from the model
+(``named_parameters()``; a shared parameter is known by its first name), from an iterable of
+``(name, param)`` pairs, or, with ``model=None``, from the optimizer's own ``param_names``
+(torch >= 2.6 records them when it is built from ``named_parameters()``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["NameLoadReport", "load_state_dict_by_name", "state_dict_by_name"]
+
+FORMAT = "optforge.state_by_name/1"
+NamedParams = nn.Module | Iterable[tuple[str, Tensor]] | None
+
+
+class NameLoadReport(NamedTuple):
+    """What :func:`load_state_dict_by_name` could not match (each a sorted list of names)."""
+
+    missing: list[str]       # this optimizer's params with no entry in the checkpoint (fresh state)
+    unexpected: list[str]    # checkpoint entries for names this optimizer does not have (ignored)
+    mismatched: list[str]    # names in both whose parameter shape differs (fresh state)
+
+
+def _names(optimizer: torch.optim.Optimizer, model: NamedParams) -> list[list[str]]:
+    """The name of every parameter of every group, in the optimizer's order."""
+    if model is None:
+        out = []
+        for i, group in enumerate(optimizer.param_groups):
+            if "param_names" not in group:
+                raise ValueError(f"param group {i} has no param_names: pass the model (or its "
+                                 "named_parameters()) to name the optimizer's parameters")
+            out.append(list(group["param_names"]))
+        return out
+    pairs = model.named_parameters() if isinstance(model, nn.Module) else model
+    by_id: dict[int, str] = {}
+    for name, p in pairs:
+        by_id.setdefault(id(p), name)
+    out = []
+    for i, group in enumerate(optimizer.param_groups):
+        names = []
+        for j, p in enumerate(group["params"]):
+            if id(p) not in by_id:
+                raise ValueError(f"parameter {j} of param group {i} (shape {tuple(p.shape)}) is not "
+                                 "a parameter of the model: it has no name")
+            names.append(by_id[id(p)])
+        out.append(names)
+    flat = [n for names in out for n in names]
+    if len(set(flat)) != len(flat):
+        raise ValueError("two of the optimizer's parameters have the same name")
+    return out
+
+
+def state_dict_by_name(optimizer: torch.optim.Optimizer, model: NamedParams = None) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with parameters named instead of numbered.
+
+    Returns ``{"state": {name: {...}}, "param_groups": [{..., "params": [name, ...]}],
+    "param_shapes": {name: [sizes]}, "format": ...}``; like ``state_dict()``, the state tensors
+    are references, not copies (``torch.save`` it, or ``copy.deepcopy`` it to keep a snapshot).
+    """
+    names = _names(optimizer, model)
+    sd = optimizer.state_dict()
+    index_to_name: dict[Any, str] = {}
+    groups = []
+    for group, group_names in zip(sd["param_groups"], names):
+        index_to_name.update(zip(group["params"], group_names))
+        groups.append({**group, "params": list(group_names)})
+    shapes = {name: list(p.shape) for group, group_names in zip(optimizer.param_groups, names)
+              for name, p in zip(group_names, group["params"])}
+    state = {index_to_name[k]: v for k, v in sd["state"].items() if k in index_to_name}
+    return {"state": state, "param_groups": groups, "param_shapes": shapes, "format": FORMAT}
+
+
+def load_state_dict_by_name(optimizer: torch.optim.Optimizer, model: NamedParams,
+                            state_dict: dict[str, Any], strict: bool = True) -> NameLoadReport:
+    """Load a :func:`state_dict_by_name` checkpoint, matching parameters by name.
+
+    Each parameter gets the state saved under its name; parameters without one (``missing``)
+    or whose shape changed (``mismatched``) start with fresh state; saved names this optimizer
+    does not have are ``unexpected``. With ``strict=True`` any of the three raises a
+    ``ValueError`` listing them and nothing is loaded; with ``strict=False`` the matching names
+    are loaded and the lists are returned.
+
+    Hyperparameters (``lr``, betas, ...) are restored group by group, as ``load_state_dict``
+    does, when the checkpoint has as many param groups as the optimizer; otherwise the
+    optimizer keeps its own. State tensors are cast as ``load_state_dict`` casts them (to the
+    parameter's device, and floating ones to its dtype).
+    """
+    if not isinstance(state_dict, dict) or state_dict.get("format") != FORMAT:
+        raise ValueError("not a state_dict_by_name() checkpoint (no 'format': "
+                         f"{FORMAT!r}); for optimizer.state_dict() use optimizer.load_state_dict()")
+    names = _names(optimizer, model)
+    saved_shapes: dict[str, list[int]] = state_dict["param_shapes"]
+    saved_state: dict[str, Any] = state_dict["state"]
+    current = {name: p for group, group_names in zip(optimizer.param_groups, names)
+               for name, p in zip(group_names, group["params"])}
+    missing = sorted(set(current) - set(saved_shapes))
+    unexpected = sorted(set(saved_shapes) - set(current))
+    mismatched = sorted(n for n in set(current) & set(saved_shapes)
+                        if list(current[n].shape) != list(saved_shapes[n]))
+    if strict and (missing or unexpected or mismatched):
+        parts = [f"{label}: {', '.join(found)}" for label, found in
+                 (("missing (no saved state)", missing), ("unexpected (not in this optimizer)", unexpected),
+                  ("shape changed", mismatched)) if found]
+        raise ValueError("optimizer state does not match the parameters by name; " + "; ".join(parts)
+                         + " (strict=False loads the names that match)")
+    skip = set(mismatched)
+
+    # Rebuild a positional state dict for this optimizer and let load_state_dict cast it.
+    saved_groups = state_dict["param_groups"]
+    same_groups = len(saved_groups) == len(optimizer.param_groups)
+    positional_state, groups, index = {}, [], 0
+    for i, (group, group_names) in enumerate(zip(optimizer.param_groups, names)):
+        base = saved_groups[i] if same_groups else group
+        hyper = {k: v for k, v in base.items() if k not in ("params", "param_names")}
+        if "param_names" in group:
+            hyper["param_names"] = group["param_names"]
+        ids = list(range(index, index + len(group_names)))
+        index += len(group_names)
+        groups.append({**hyper, "params": ids})
+        for k, name in zip(ids, group_names):
+            if name in saved_state and name not in skip:
+                positional_state[k] = saved_state[name]
+    optimizer.load_state_dict({"state": positional_state, "param_groups": groups})
+    return NameLoadReport(missing, unexpected, mismatched)

@@ -1,0 +1,106 @@
+"""The table the conformance suite is parametrized over: every registered optforge optimizer,
+with the kwargs from ``helpers.OPTIMIZER_KWARGS`` (``{"lr": 1e-2}`` for one registered later),
+so a new optimizer is checked by every test here with no new test code."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import batch, make_model, optimizer_infos, optimizer_kwargs
+
+INFOS = optimizer_infos()
+
+
+def has_fused(info) -> bool:
+    """Whether the optimizer takes ``fused=True`` with its table kwargs."""
+    if "fused" not in info.defaults:
+        return False
+    try:
+        make(info, [torch.zeros(1, requires_grad=True)], fused=True)
+    except ValueError:
+        return False
+    return True
+
+
+def all_optimizers():
+    return [pytest.param(i, id=i.name) for i in INFOS]
+
+
+def with_paths():
+    """(info, fused) for every optimizer, and fused=True where it has a fused path."""
+    out = []
+    for i in INFOS:
+        out.append(pytest.param(i, False, id=f"{i.name}-foreach"))
+        if has_fused(i):
+            out.append(pytest.param(i, True, id=f"{i.name}-fused"))
+    return out
+
+
+def fused_optimizers():
+    return [pytest.param(i, id=i.name) for i in INFOS if has_fused(i)]
+
+
+def make(info, params, **overrides):
+    return info.cls(params, **{**optimizer_kwargs(info.name), **overrides})
+
+
+def mse(model, x, y):
+    return ((model(x) - y) ** 2).mean()
+
+
+def flat(params) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).double() for p in params]).clone()
+
+
+def run(model: nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int = 1) -> list[torch.Tensor]:
+    """Full-batch steps on the helpers' regression batch; the parameters after each."""
+    x, y = batch(seed=seed, dtype=next(model.parameters()).dtype)
+    out = []
+    for _ in range(steps):
+        opt.zero_grad()
+        mse(model, x, y).backward()
+        opt.step()
+        out.append(flat(model.parameters()))
+    return out
+
+
+def assert_identical(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    assert len(a) == len(b)
+    for step, (x, y) in enumerate(zip(a, b), start=1):
+        assert torch.equal(x, y), f"step {step}: max diff {(x - y).abs().max().item():.3g}"
+
+
+def state_snapshot(opt: torch.optim.Optimizer) -> dict:
+    return copy.deepcopy(opt.state_dict())
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    """Two state_dicts are equal: same groups, same state entries, tensors bitwise equal."""
+    assert a["param_groups"] == b["param_groups"]
+    assert sorted(a["state"]) == sorted(b["state"])
+    for k in a["state"]:
+        sa, sb = a["state"][k], b["state"][k]
+        assert sorted(sa) == sorted(sb), k
+        for name in sa:
+            x, y = sa[name], sb[name]
+            if torch.is_tensor(x):
+                assert x.dtype == y.dtype and torch.equal(x, y), (k, name)
+            else:
+                assert x == y, (k, name)
+
+
+def via_torch_save(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+__all__ = ["INFOS", "all_optimizers", "assert_identical", "assert_same_state", "batch", "flat",
+           "fused_optimizers", "has_fused", "make", "make_model", "mse", "optimizer_kwargs", "run",
+           "state_snapshot", "via_torch_save", "with_paths"]

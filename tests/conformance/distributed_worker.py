@@ -1,0 +1,166 @@
+"""The ranks spawned by test_distributed.py (one spawn for the whole module): every case runs in
+both ranks, and rank 0 saves what the parent test compares."""
+
+from __future__ import annotations
+
+import math
+import os
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+WORLD = 2
+STEPS = 5
+ROWS = 8                     # the full batch; rank r trains on rows [4r, 4r + 4)
+
+
+def make_model() -> nn.Module:
+    """Float64; the last layer's (1, 5) weight and (1,) bias shard to nothing on rank 1."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+
+
+def data(rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(ROWS, 6, generator=g, dtype=torch.float64)
+    y = torch.randn(ROWS, 1, generator=g, dtype=torch.float64)
+    if rank is None:
+        return x, y
+    rows = slice(rank * ROWS // WORLD, (rank + 1) * ROWS // WORLD)
+    return x[rows], y[rows]
+
+
+def train(model, opt, x, y, steps=STEPS, poison=None) -> None:
+    for _ in range(steps):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        if poison is not None:
+            poison(model)
+        opt.step()
+
+
+def flat(params) -> torch.Tensor:
+    full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in params]
+    return torch.cat([p.detach().reshape(-1) for p in full]).clone()
+
+
+def reference(name: str, kwargs: dict) -> torch.Tensor:
+    """One process, the full batch."""
+    import optforge as of
+
+    model = make_model()
+    train(model, of.get_optimizer_info(name).cls(model.parameters(), **kwargs), *data())
+    return flat(model.parameters())
+
+
+def _fsdp(model: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    return fully_shard(model)
+
+
+def _case(results: dict, key: tuple, fn, *args) -> None:
+    try:
+        results[key] = fn(*args)
+    except Exception:
+        results[key] = "error: " + traceback.format_exc()
+
+
+def run_rank(rank: int, port: int, out: str, cases: list[tuple[str, dict, bool]]) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
+    from torch.distributed.tensor import DTensor
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import optforge as of
+
+    x, y = data(rank)
+    results: dict = {}
+
+    def ddp(name, kwargs, fused):
+        model = DDP(make_model())
+        opt = of.get_optimizer_info(name).cls(model.parameters(), **kwargs, fused=fused)
+        train(model, opt, x, y)
+        params = flat(model.module.parameters())
+        replicas = [torch.empty_like(params) for _ in range(WORLD)]
+        dist.all_gather(replicas, params)
+        return {"params": params, "replicas_equal": all(torch.equal(r, params) for r in replicas)}
+
+    def fsdp(name, kwargs):
+        model = _fsdp(make_model())
+        opt = of.get_optimizer_info(name).cls(model.parameters(), **kwargs)
+        train(model, opt, x, y)
+        state = [v for st in opt.state.values() for k, v in st.items() if k != "step"]
+        sharded = bool(state) and all(isinstance(v, DTensor) for v in state)
+        return {"params": flat(model.parameters()), "state_sharded": sharded}
+
+    for name, kwargs, has_fused in cases:
+        _case(results, ("ddp", name, False), ddp, name, kwargs, False)
+        if has_fused:
+            _case(results, ("ddp", name, True), ddp, name, kwargs, True)
+        _case(results, ("fsdp", name), fsdp, name, kwargs)
+
+    def refused(make_opt):
+        model = _fsdp(make_model())
+        opt = make_opt(model.parameters())
+        before = flat(model.parameters())
+        try:
+            train(model, opt, x, y, steps=1)
+        except ValueError as err:
+            return {"error": str(err), "unchanged": torch.equal(flat(model.parameters()), before)}
+        return {"error": None}
+
+    _case(results, ("refuse", "fused"), lambda: refused(lambda ps: of.AdamW(ps, fused=True)))
+
+    class NormSGD(of.SGD):    # stands for an optimizer that needs whole-tensor norms
+        pass
+
+    of.register(NormSGD, "test stand-in", name="norm_sgd_test", elementwise=False)
+
+    class NormSGDChild(NormSGD):   # unregistered: inherits its registered base's flag
+        pass
+
+    _case(results, ("refuse", "not_elementwise"), lambda: refused(lambda ps: NormSGD(ps, lr=0.1)))
+    _case(results, ("refuse", "not_elementwise_child"), lambda: refused(lambda ps: NormSGDChild(ps, lr=0.1)))
+
+    def skip_nonfinite(kind):
+        """Every rank must skip the step, or the shards/replicas would drift apart. FSDP2: a NaN
+        in one element of rank 0's gradient shard (the check is a DTensor reduction over the
+        mesh). DDP: a NaN in one of rank 0's samples (the all-reduce spreads it, so every rank
+        sees the same gradients, as torch's GradScaler also assumes)."""
+        model = _fsdp(make_model()) if kind == "fsdp" else DDP(make_model())
+        opt = of.AdamW(model.parameters(), lr=1e-2).configure(skip_nonfinite=True)
+        train(model, opt, x, y, steps=2)
+        before = flat(model.parameters())
+
+        def poison(m):
+            if rank == 0:
+                g = next(m.parameters()).grad
+                g.to_local().view(-1)[0] = math.nan
+
+        if kind == "fsdp":
+            train(model, opt, x, y, steps=1, poison=poison)
+        else:
+            bad_x = x.clone()
+            if rank == 0:
+                bad_x[1, 2] = math.nan
+            train(model, opt, bad_x, y, steps=1)
+        skipped = [None] * WORLD
+        dist.all_gather_object(skipped, (opt.skipped_steps, torch.equal(flat(model.parameters()), before)))
+        train(model, opt, x, y, steps=1)
+        return {"per_rank": skipped, "moved_after": not torch.equal(flat(model.parameters()), before)}
+
+    _case(results, ("skip", "fsdp"), lambda: skip_nonfinite("fsdp"))
+    _case(results, ("skip", "ddp"), lambda: skip_nonfinite("ddp"))
+
+    if rank == 0:
+        torch.save(results, out)
+    dist.barrier()
+    dist.destroy_process_group()

@@ -1,0 +1,90 @@
+"""torch.distributed with the gloo backend, 2 CPU ranks (spawned once for the whole module):
+
+- DDP: every elementwise optimizer (foreach and fused) gives the parameters of one process
+  training on the full batch, and the replicas stay identical;
+- FSDP2 (``fully_shard``, DTensor parameters and sharded state): every elementwise optimizer
+  gives the unsharded result;
+- refused with a clear error, before any change: ``fused=True`` with DTensor parameters, and
+  DTensor parameters for an optimizer the registry marks ``elementwise=False``;
+- ``skip_nonfinite`` decides alike on every rank (a NaN in one rank's shard skips the step
+  everywhere)."""
+
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+from conformance_cases import INFOS, has_fused, optimizer_kwargs
+from distributed_worker import reference, run_rank
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with gloo is not available")
+
+ELEMENTWISE = [i for i in INFOS if i.elementwise]
+CASES = [(i.name, optimizer_kwargs(i.name), has_fused(i)) for i in ELEMENTWISE]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    out = tmp_path_factory.mktemp("distributed") / "results.pt"
+    start = time.perf_counter()
+    mp.spawn(run_rank, args=(free_port(), str(out), CASES), nprocs=2, join=True)
+    print(f"distributed run: {time.perf_counter() - start:.1f} s")
+    return torch.load(out, weights_only=False)
+
+
+def ok(value):
+    assert not isinstance(value, str), value      # a rank's traceback
+    return value
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+@pytest.mark.parametrize("info", [pytest.param(i, id=i.name) for i in ELEMENTWISE])
+def test_ddp_equals_one_process_on_the_full_batch(results, info, fused):
+    if fused and not has_fused(info):
+        pytest.skip("no fused path")
+    got = ok(results[("ddp", info.name, fused)])
+    assert got["replicas_equal"]
+    expected = reference(info.name, optimizer_kwargs(info.name))
+    assert (expected - reference(info.name, {**optimizer_kwargs(info.name), "lr": 0.0})).abs().max() > 1e-3
+    close(got["params"], expected)
+
+
+@pytest.mark.parametrize("info", [pytest.param(i, id=i.name) for i in ELEMENTWISE])
+def test_fsdp2_equals_unsharded(results, info):
+    got = ok(results[("fsdp", info.name)])
+    assert got["state_sharded"]                   # the state is DTensor shards, not full copies
+    close(got["params"], reference(info.name, optimizer_kwargs(info.name)))
+
+
+@pytest.mark.parametrize("case,message", [
+    ("fused", r"AdamW\(fused=True\) does not support DTensor parameters.*use fused=False"),
+    ("not_elementwise", r"NormSGD does not support DTensor parameters.*elementwise=False"),
+    ("not_elementwise_child", r"NormSGDChild does not support DTensor parameters"),
+])
+def test_fsdp2_refusals_are_clear(results, case, message):
+    import re
+
+    got = ok(results[("refuse", case)])
+    assert got["error"] and re.search(message, got["error"]), got["error"]
+    assert got["unchanged"]
+
+
+@pytest.mark.parametrize("kind", ["fsdp", "ddp"])
+def test_skip_nonfinite_decides_alike_on_every_rank(results, kind):
+    got = ok(results[("skip", kind)])
+    assert got["per_rank"] == [(1, True)] * 2     # both ranks skipped, both unchanged
+    assert got["moved_after"]
