@@ -36,6 +36,7 @@ from torch import Tensor
 from .constraints import Constraint, boolean, non_negative, one_of
 from .fused import run_generated
 from .precision import LOW_PRECISION, low_precision_step
+from .steps import advance_steps
 from .tensorlist import TensorList
 from .weight_decay import WEIGHT_DECAY_MODES, apply_weight_decay
 
@@ -333,8 +334,7 @@ class Optimizer(torch.optim.Optimizer):
                     continue
                 if group.get("fused") and self._fused_step(group, b):
                     continue
-                torch._foreach_add_(b.steps, 1.0)
-                t = [x.item() for x in b.steps]
+                t = advance_steps(b.steps)
                 g, owned = self.transform_grads(group, b.g), False   # may alias p.grad
                 if group["maximize"]:
                     g, owned = g.neg(), True
@@ -389,9 +389,7 @@ class Optimizer(torch.optim.Optimizer):
             if "step" not in state:
                 if type(param) not in _PLAIN_TENSOR_TYPES:
                     self._check_tensor_subclass(group, param)
-                # torch's convention: fused steps live on the parameter's device, in float32
-                state["step"] = (torch.tensor(0.0, dtype=torch.float32, device=param.device) if fused
-                                 else torch.tensor(0.0, dtype=_step_dtype()))
+                state["step"] = None          # set below, with the bucket's other new steps
             for name in names:
                 if name not in state:
                     x = self.init_state(group, param, name)
@@ -413,6 +411,17 @@ class Optimizer(torch.optim.Optimizer):
             b.params.append(param)
             b.states.append(state)
             b.is_complex |= is_complex
+        for b in buckets.values():
+            fresh = [st for st in b.states if st["step"] is None]
+            if fresh:
+                # One tensor holds a bucket's step counts (each state's "step" a 0-d view of it),
+                # so advancing them is one add_, not one kernel per parameter. torch's
+                # convention: fused steps live on the parameter's device, in float32.
+                flat = (torch.zeros(len(fresh), dtype=torch.float32, device=b.key[0]) if fused
+                        else torch.zeros(len(fresh), dtype=_step_dtype()))
+                for i, st in enumerate(fresh):
+                    st["step"] = flat[i]
+                b.steps = [st["step"] for st in b.states]
         return list(buckets.values())
 
     def _check_tensor_subclass(self, group: dict[str, Any], param: Tensor) -> None:
@@ -436,7 +445,7 @@ class Optimizer(torch.optim.Optimizer):
     def _fused_step(self, group: dict[str, Any], b: Bucket) -> bool:
         """Run a bucket's step fused; False where the eager path must run it instead."""
         if self.native_fused(group):
-            torch._foreach_add_(b.steps, 1.0)
+            advance_steps(b.steps, values=False)
             self.fused_update(group, b.p, b.g, b.s, b.steps)
             return True
         if not self.has_kernel() or b.is_complex or not all(p.is_contiguous() for p in b.params):

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .steps import advance_steps
 from .tensorlist import TensorList
 from .weight_decay import apply_weight_decay
 
@@ -45,8 +46,7 @@ def low_precision_step(opt: Any, group: dict[str, Any], b: Any) -> None:
     if stochastic and b.key[1] != torch.bfloat16:
         raise ValueError(f"stochastic_rounding supports bfloat16 parameters, got {b.key[1]} "
                          "(use fp32_state for float16)")
-    torch._foreach_add_(b.steps, 1.0)
-    t = [x.item() for x in b.steps]
+    t = advance_steps(b.steps)
     f32 = torch.float32
     p = TensorList(x.to(f32) for x in b.p)
     g = opt.transform_grads(group, TensorList(x.to(f32) for x in b.g))   # our copies: owned
