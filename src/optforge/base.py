@@ -371,58 +371,67 @@ class Optimizer(torch.optim.Optimizer):
 
     def _buckets(self, group: dict[str, Any]) -> list[Bucket]:
         """The params of a group that have gradients, bucketed by (device, dtype)."""
-        names = self.state_names_for(group)
-        fused = bool(group.get("fused"))
-        fp32_state = group.get("fp32_state")
-        low_precision = fp32_state or group.get("stochastic_rounding")
-        buckets: dict[tuple, Bucket] = {}
+        by_key: dict[tuple, list[tuple[Tensor, Tensor, dict[str, Any]]]] = {}
+        state_of = self.state
         for param in group["params"]:
             grad = param.grad
             if grad is None:
                 continue
             if grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            if param.is_complex() and not self.supports_complex:
-                raise ValueError(f"{type(self).__name__} does not support complex parameters "
-                                 f"(got one of dtype {param.dtype})")
-            state = self.state[param]
+            state = state_of[param]
             if "step" not in state:
-                if type(param) not in _PLAIN_TENSOR_TYPES:
-                    self._check_tensor_subclass(group, param)
-                state["step"] = None          # set below, with the bucket's other new steps
-            for name in names:
-                if name not in state:
-                    x = self.init_state(group, param, name)
-                    state[name] = x.float() if fp32_state and x.dtype in LOW_PRECISION else x
-            tensors = [param, grad] + [state[name] for name in names]
-            is_complex = param.is_complex()
-            if is_complex:
-                tensors = [torch.view_as_real(x) if x.is_complex() else x for x in tensors]
+                self._first_state(group, param, state)
             key = (param.device, param.dtype)
-            b = buckets.get(key)
-            if b is None:
-                b = buckets[key] = Bucket(key, names)
-                b.low_precision = bool(low_precision) and param.dtype in LOW_PRECISION
-            b.p.append(tensors[0])
-            b.g.append(tensors[1])
-            for name, x in zip(names, tensors[2:]):
-                b.s[name].append(x)
-            b.steps.append(state["step"])
-            b.params.append(param)
-            b.states.append(state)
-            b.is_complex |= is_complex
-        for b in buckets.values():
-            fresh = [st for st in b.states if st["step"] is None]
-            if fresh:
-                # One tensor holds a bucket's step counts (each state's "step" a 0-d view of it),
-                # so advancing them is one add_, not one kernel per parameter. torch's
-                # convention: fused steps live on the parameter's device, in float32.
-                flat = (torch.zeros(len(fresh), dtype=torch.float32, device=b.key[0]) if fused
-                        else torch.zeros(len(fresh), dtype=_step_dtype()))
-                for i, st in enumerate(fresh):
-                    st["step"] = flat[i]
-                b.steps = [st["step"] for st in b.states]
-        return list(buckets.values())
+            entries = by_key.get(key)
+            if entries is None:
+                entries = by_key[key] = []
+            entries.append((param, grad, state))
+        return [self._bucket(group, key, entries) for key, entries in by_key.items()]
+
+    def _first_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
+        if param.is_complex() and not self.supports_complex:
+            raise ValueError(f"{type(self).__name__} does not support complex parameters "
+                             f"(got one of dtype {param.dtype})")
+        if type(param) not in _PLAIN_TENSOR_TYPES:
+            self._check_tensor_subclass(group, param)
+        state["step"] = None          # set in _bucket, with the bucket's other new steps
+
+    def _bucket(self, group: dict[str, Any], key: tuple,
+                entries: list[tuple[Tensor, Tensor, dict[str, Any]]]) -> Bucket:
+        names = self.state_names_for(group)
+        b = Bucket(key)
+        b.params = [e[0] for e in entries]
+        b.states = states = [e[2] for e in entries]
+        fresh = [st for st in states if st["step"] is None]
+        if fresh:
+            # One tensor holds the new step counts (each state's "step" a 0-d view of it), so
+            # advancing a bucket is one add_, not one kernel per parameter. torch's
+            # convention: fused steps live on the parameter's device, in float32.
+            flat = (torch.zeros(len(fresh), dtype=torch.float32, device=key[0]) if group.get("fused")
+                    else torch.zeros(len(fresh), dtype=_step_dtype()))
+            for i, st in enumerate(fresh):
+                st["step"] = flat[i]
+        b.steps = [st["step"] for st in states]
+        fp32_state = group.get("fp32_state")
+        for name in names:
+            column = [st.get(name) for st in states]
+            if any(x is None for x in column):   # new params, or an option that adds state
+                for i, (param, st) in enumerate(zip(b.params, states)):
+                    if column[i] is None:
+                        x = self.init_state(group, param, name)
+                        st[name] = column[i] = (x.float() if fp32_state and x.dtype in LOW_PRECISION
+                                                else x)
+            b.s[name] = TensorList(column)
+        b.p = TensorList(b.params)
+        b.g = TensorList(e[1] for e in entries)
+        b.is_complex = key[1].is_complex
+        if b.is_complex:
+            b.p, b.g = (TensorList(torch.view_as_real(x) for x in xs) for xs in (b.p, b.g))
+            b.s = {n: TensorList(torch.view_as_real(x) if x.is_complex() else x for x in xs)
+                   for n, xs in b.s.items()}
+        b.low_precision = bool(fp32_state or group.get("stochastic_rounding")) and key[1] in LOW_PRECISION
+        return b
 
     def _check_tensor_subclass(self, group: dict[str, Any], param: Tensor) -> None:
         """Refuse DTensor parameters (FSDP2, tensor parallel) where the result would be wrong.
@@ -483,10 +492,10 @@ class Bucket:
 
     __slots__ = ("key", "p", "g", "s", "steps", "params", "states", "is_complex", "low_precision")
 
-    def __init__(self, key: tuple, names: tuple[str, ...]) -> None:
+    def __init__(self, key: tuple) -> None:
         self.key = key
-        self.p, self.g = TensorList(), TensorList()
-        self.s = {n: TensorList() for n in names}
+        self.p, self.g = TensorList(), TensorList()  # complex params as view_as_real pairs
+        self.s: dict[str, TensorList] = {}
         self.steps: list[Tensor] = []
         self.params: list[Tensor] = []          # the parameters themselves (not real views)
         self.states: list[dict[str, Any]] = []
