@@ -11,17 +11,25 @@ from .factory import (
     parse_optimizer_args,
 )
 from .optimizers import (
+    ADOPT,
+    LAMB,
+    MARS,
     SGD,
     AdaBelief,
     Adam,
     AdamW,
     AdamWarmup,
+    Adan,
+    AdEMAMix,
     AMSGrad,
     Compass,
+    Lion,
     LodeW,
     MomentumSGD,
     Noam,
     RAdam,
+    ScheduleFreeAdamW,
+    ScheduleFreeSGD,
 )
 from .registry import OptimInfo, get_optimizer_info, list_optimizers, register
 from .schedules import create_scheduler, set_lr
@@ -32,7 +40,12 @@ from .weight_decay import WEIGHT_DECAY_MODES
 __version__ = "0.1.0"
 
 __all__ = [
+    "Adan",
+    "MARS",
+    "ADOPT",
     "SGD",
+    "AdEMAMix",
+    "Lion",
     "WEIGHT_DECAY_MODES",
     "AMSGrad",
     "AdaBelief",
@@ -40,12 +53,15 @@ __all__ = [
     "AdamW",
     "AdamWarmup",
     "Compass",
+    "LAMB",
     "LodeW",
     "MomentumSGD",
     "NameLoadReport",
     "Noam",
     "Optimizer",
     "RAdam",
+    "ScheduleFreeAdamW",
+    "ScheduleFreeSGD",
     "TensorList",
     "OptimInfo",
     "add_optimizer_args",

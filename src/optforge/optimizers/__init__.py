@@ -2,10 +2,20 @@
 
 from .adabelief import AdaBelief
 from .adam import Adam, AdamW, AMSGrad
+from .adan import Adan
+from .ademamix import AdEMAMix
+from .adopt import ADOPT
 from .compass import Compass, LodeW
+from .lamb import LAMB
+from .lion import Lion
+from .mars import MARS
 from .radam import RAdam
+from .schedule_free import ScheduleFreeAdamW, ScheduleFreeSGD
 from .sgd import SGD, MomentumSGD
 from .warmup import AdamWarmup, Noam
 
-__all__ = ["SGD", "AMSGrad", "AdaBelief", "Adam", "AdamW", "AdamWarmup", "Compass", "LodeW",
+__all__ = ["LAMB", "Adan", "MARS",
+           "ScheduleFreeAdamW", "ScheduleFreeSGD",
+           "ADOPT", "AdEMAMix", "Lion",
+           "SGD", "AMSGrad", "AdaBelief", "Adam", "AdamW", "AdamWarmup", "Compass", "LodeW",
            "MomentumSGD", "Noam", "RAdam"]
