@@ -105,3 +105,28 @@ def optimizer_params():
     import pytest
 
     return [pytest.param(i.cls, optimizer_kwargs(i.name), id=i.name) for i in optimizer_infos()]
+
+
+def timm_optimizer(module: str, cls: str) -> type:
+    """A class from timm's ``optim/<module>.py``, loaded without ``import timm`` (which needs
+    torchvision); skips the test when timm or the file is missing."""
+    import importlib
+    import importlib.util
+    import pathlib
+    import sys
+    import types
+
+    import pytest
+
+    spec = importlib.util.find_spec("timm")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("timm is not installed")
+    folder = pathlib.Path(next(iter(spec.submodule_search_locations))) / "optim"
+    if not (folder / f"{module}.py").exists():
+        pytest.skip(f"timm has no optim/{module}.py")
+    name = "_optforge_test_timm_optim"
+    if name not in sys.modules:   # a stand-in package, so the file's relative imports resolve
+        pkg = types.ModuleType(name)
+        pkg.__path__ = [str(folder)]
+        sys.modules[name] = pkg
+    return getattr(importlib.import_module(f"{name}.{module}"), cls)

@@ -134,6 +134,13 @@ class Optimizer(torch.optim.Optimizer):
     def has_kernel(cls) -> bool:
         return cls.kernel is not Optimizer.kernel
 
+    def kernel_constants(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The group values a generated kernel may bake in: the hyperparameters, less ``lr``
+        (it changes every step: it reaches the kernel through ``scalars``) and the base's
+        options, which are handled outside the kernel."""
+        return {k: group[k] for k in self.defaults
+                if k in group and k not in ("lr", "fused") and k not in BASE_OPTIONS}
+
     def transform_grads(self, group: dict[str, Any], g: TensorList) -> TensorList:
         """Reshape the raw gradients before maximize and weight decay (e.g. centralization).
         Never change ``g`` in place; returned tensors may alias it. Runs in both paths."""

@@ -294,10 +294,7 @@ def run_generated(opt: Any, group: dict[str, Any], bucket: Any) -> bool:
     p = flat.flat_param
     names = list(c)
     values = torch.tensor([float(c[n]) for n in names], dtype=_scalar_dtype(p.dtype), device=p.device)
-    from .base import BASE_OPTIONS  # (base imports this module)
-
-    consts = {k: group[k] for k in opt.defaults
-              if k in group and k not in ("lr", "fused") and k not in BASE_OPTIONS}
+    consts = opt.kernel_constants(group)
     entry = compiled_step(type(opt), (consts, p.dtype, p.device.type))
     entry(type(opt).kernel, consts, p, g, flat.flat_state, dict(zip(names, values.unbind())))
     flat.flat_step.add_(1)

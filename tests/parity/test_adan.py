@@ -3,18 +3,20 @@
 arXiv:2208.06677) in the conventions of the authors' code (sail-sg/Adan), and with timm's copy
 of that code (``timm/optim/adan.py``, loaded without importing timm, which needs torchvision)."""
 
-import importlib
-import importlib.util
 import math
-import pathlib
-import sys
-import types
 
 import pytest
 import torch
 
 import optforge as of
-from helpers import assert_moves, assert_same_trajectory, make_model, trajectory, two_groups
+from helpers import (
+    assert_moves,
+    assert_same_trajectory,
+    make_model,
+    timm_optimizer,
+    trajectory,
+    two_groups,
+)
 
 
 class RefAdan(torch.optim.Optimizer):
@@ -52,21 +54,6 @@ class RefAdan(torch.optim.Optimizer):
                 st["pre"] = g
 
 
-def _timm_adan():
-    spec = importlib.util.find_spec("timm")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("timm is not installed")
-    folder = pathlib.Path(next(iter(spec.submodule_search_locations))) / "optim"
-    if not (folder / "adan.py").exists():
-        pytest.skip("timm has no optim/adan.py")
-    name = "_optforge_test_timm_optim"
-    if name not in sys.modules:   # a stand-in package, so adan.py's relative imports resolve
-        pkg = types.ModuleType(name)
-        pkg.__path__ = [str(folder)]
-        sys.modules[name] = pkg
-    return importlib.import_module(f"{name}.adan").Adan
-
-
 CASES = [   # reference kwargs; optforge takes betas=(b1, b2), beta3=b3
     dict(),
     dict(no_prox=True),
@@ -101,7 +88,7 @@ def test_adan_matches_reference(kwargs, weight_decay):
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 @pytest.mark.parametrize("kwargs", CASES, ids=repr)
 def test_adan_matches_timm(kwargs, weight_decay):
-    _compare(_timm_adan(), kwargs, weight_decay)
+    _compare(timm_optimizer("adan", "Adan"), kwargs, weight_decay)
 
 
 def test_adan_no_prox_is_decoupled_decay():

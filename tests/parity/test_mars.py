@@ -7,18 +7,20 @@ official AGI-Arena/MARS ``update_fn`` computes it), and with timm's ``Mars``
 Both follow the paper's ``x_1 = x_0`` (no gradient difference on step 1) and treat tensors with
 ``ndim >= 2`` as matrices; see the ``MARS`` docstring for where the official code differs."""
 
-import importlib
-import importlib.util
 import math
-import pathlib
-import sys
-import types
 
 import pytest
 import torch
 
 import optforge as of
-from helpers import assert_moves, assert_same_trajectory, make_model, trajectory, two_groups
+from helpers import (
+    assert_moves,
+    assert_same_trajectory,
+    make_model,
+    timm_optimizer,
+    trajectory,
+    two_groups,
+)
 
 
 class RefMARS(torch.optim.Optimizer):
@@ -56,21 +58,6 @@ class RefMARS(torch.optim.Optimizer):
                 st["last"] = g
 
 
-def _timm_mars():
-    spec = importlib.util.find_spec("timm")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("timm is not installed")
-    folder = pathlib.Path(next(iter(spec.submodule_search_locations))) / "optim"
-    if not (folder / "mars.py").exists():
-        pytest.skip("timm has no optim/mars.py")
-    name = "_optforge_test_timm_optim"
-    if name not in sys.modules:   # a stand-in package, so mars.py's relative imports resolve
-        pkg = types.ModuleType(name)
-        pkg.__path__ = [str(folder)]
-        sys.modules[name] = pkg
-    return importlib.import_module(f"{name}.mars").Mars
-
-
 # gamma large enough, and lr small enough vs the model, that both clipped and unclipped steps occur
 CASES = [
     dict(),
@@ -98,7 +85,8 @@ def test_mars_matches_reference(kwargs, weight_decay):
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 @pytest.mark.parametrize("kwargs", CASES, ids=repr)
 def test_mars_matches_timm(kwargs, weight_decay):
-    _compare(_timm_mars(), {"betas": (0.95, 0.99), **kwargs}, weight_decay)   # timm's betas differ
+    # timm's default betas differ from the reference's
+    _compare(timm_optimizer("mars", "Mars"), {"betas": (0.95, 0.99), **kwargs}, weight_decay)
 
 
 def test_mars_clip_is_exercised():
