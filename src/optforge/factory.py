@@ -261,6 +261,7 @@ def create_optimizer(model_or_params: nn.Module | Iterable[Any], name: str, lr: 
       otherwise all trainable parameters form one group. Frozen parameters are left out.
     - ``layer_decay``: layer-wise lr decay groups from :func:`param_groups_layer_decay`, with
       each group's lr set to ``lr * lr_scale`` (``lr`` or the optimizer's default).
+    - An optimizer registered with ``prepare_groups`` (Muon) then reshapes those groups.
     - Params or param groups (not a module) are passed through as given; a group that has an
       ``lr_scale`` but no ``lr`` gets ``lr * lr_scale``.
     - ``**kwargs`` go to the optimizer. A name it does not accept raises ``ValueError`` naming
@@ -292,6 +293,9 @@ def create_optimizer(model_or_params: nn.Module | Iterable[Any], name: str, lr: 
             params = param_groups_weight_decay(model, wd, skip_list, skip_keywords)
         else:
             params = [p for p in model.parameters() if p.requires_grad]
+        if info.prepare_groups is not None:
+            groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+            params = info.prepare_groups(model, groups)
     else:
         if layer_decay is not None:
             raise ValueError("layer_decay needs the model (an nn.Module), not a list of parameters")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,10 @@ class OptimInfo:
     defaults: dict[str, Any] = field(default_factory=dict)  # from the class signature
     elementwise: bool = True        # update is elementwise (no norms/matrix structure)
     compare_lr: float | None = None  # lr the compare CLI starts from, when the default lr is not it
+    #: ``(model, groups) -> groups``: how ``create_optimizer`` turns the param groups it built for
+    #: a model (dicts with "params") into this optimizer's (e.g. Muon's matrix / AdamW split;
+    #: names come from ``model.named_parameters()``). Not called for params passed directly.
+    prepare_groups: Callable[[Any, list[dict[str, Any]]], list[dict[str, Any]]] | None = None
 
     @property
     def has_betas(self) -> bool:
@@ -55,7 +60,9 @@ def _signature_defaults(cls: type) -> dict[str, Any]:
 
 def register(cls: type[torch.optim.Optimizer], description: str, *, name: str | None = None,
              aliases: tuple[str, ...] = (), elementwise: bool = True,
-             compare_lr: float | None = None) -> type[torch.optim.Optimizer]:
+             compare_lr: float | None = None,
+             prepare_groups: Callable[[Any, list[dict[str, Any]]], list[dict[str, Any]]] | None = None,
+             ) -> type[torch.optim.Optimizer]:
     """Add ``cls`` to the registry under ``name`` (default: the class name, lower case)."""
     canonical = (name or cls.__name__).lower()
     keys = [canonical, *(a.lower() for a in aliases)]
@@ -63,7 +70,7 @@ def register(cls: type[torch.optim.Optimizer], description: str, *, name: str | 
     if taken:
         raise ValueError(f"optimizer name(s) {taken} already registered")
     info = OptimInfo(canonical, cls, description, tuple(aliases), _signature_defaults(cls),
-                     elementwise, compare_lr)
+                     elementwise, compare_lr, prepare_groups)
     _REGISTRY[canonical] = info
     for k in keys:
         _ALIASES[k] = canonical
