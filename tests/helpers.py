@@ -85,6 +85,7 @@ OPTIMIZER_KWARGS: dict[str, dict] = {
     "lamb": dict(lr=1e-2, clamp_value=1.0),
     "adan": dict(lr=1e-2, betas=(0.9, 0.9), beta3=0.95),
     "mars": dict(lr=1e-2, betas=(0.9, 0.95), gamma=0.1),
+    "prodigy": dict(lr=1.0, d0=1e-3),
 }
 
 

@@ -50,6 +50,14 @@ EXTRA = {
 EXTRA_FOR = {  # (optimizer name, hyperparameter): more bad values
     ("momentum_sgd", "momentum"): [(1.0, 1.0), (1.5, 1.5)],
     ("noam", "warmup"): [(0, 0)],
+    ("prodigy", "beta3"): [(1.0, 1.0), (-0.1, -0.1), (NAN, NAN), ("0.9", "0.9"), ((0.9,), (0.9,))],
+    ("prodigy", "d0"): [(0.0, 0.0)],
+    ("prodigy", "d_coef"): [(0.0, 0.0)],
+    ("prodigy", "growth_rate"): [(0.0, 0.0), (-1.0, -1.0)],
+}
+# values bad_values() would offer that a hyperparameter accepts (an unlimited growth rate)
+VALID_FOR = {
+    ("prodigy", "growth_rate"): [INF],
 }
 
 
@@ -64,8 +72,12 @@ def bad_values(opt_name, name, default):
         out = list(BAD_INT)
     elif isinstance(default, float):
         out = list(BAD_REAL)
+    elif default is None and (opt_name, name) in EXTRA_FOR:   # optional: None means "derived"
+        out = []
     else:
         raise AssertionError(f"no bad values known for {opt_name}.{name}={default!r}: add them here")
+    ok = VALID_FOR.get((opt_name, name), [])
+    out = [(v, shown) for v, shown in out if not any(v == x for x in ok)]
     return out + EXTRA.get(name, []) + EXTRA_FOR.get((opt_name, name), [])
 
 

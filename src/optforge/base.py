@@ -28,14 +28,14 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Callable, Iterable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .constraints import Constraint, boolean, non_negative, one_of
 from .fused import run_generated
-from .precision import LOW_PRECISION, low_precision_step
+from .precision import LOW_PRECISION, float32_copies, write_back
 from .steps import advance_steps
 from .tensorlist import TensorList
 from .weight_decay import WEIGHT_DECAY_MODES, apply_weight_decay
@@ -167,6 +167,11 @@ class Optimizer(torch.optim.Optimizer):
     def init_state(self, group: dict[str, Any], p: Tensor, name: str) -> Tensor:
         return torch.zeros_like(p, memory_format=torch.preserve_format)
 
+    def state_shape(self, group: dict[str, Any], p: Tensor, name: str) -> tuple[int, ...] | None:
+        """The shape ``load_state_dict`` expects of state ``name`` (None: not checked). The
+        parameter's, unless ``init_state`` is overridden (factored state has other shapes)."""
+        return tuple(p.shape) if type(self).init_state is Optimizer.init_state else None
+
     def decay_lr(self, group: dict[str, Any], t: list[float]) -> float | list[float]:
         """The lr that scales decoupled weight decay (one number, or one per tensor)."""
         return group["lr"]
@@ -270,7 +275,6 @@ class Optimizer(torch.optim.Optimizer):
                                  f"parameter(s), this optimizer's group has {len(group['params'])}")
             merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
             where.update((k, (p, merged)) for k, p in zip(saved["params"], group["params"]))
-        same_shape = type(self).init_state is Optimizer.init_state
         for k, st in state_dict["state"].items():
             if k not in where or not st:
                 continue
@@ -282,10 +286,11 @@ class Optimizer(torch.optim.Optimizer):
                                  f"{lacking} (it has {sorted(st)}): was it saved by another optimizer, "
                                  f"or with other options, than this {type(self).__name__}?")
             for n in names:
-                x = st[n]
-                if same_shape and torch.is_tensor(x) and x.shape != p.shape:
+                x, shape = st[n], self.state_shape(group, p, n)
+                if shape is not None and torch.is_tensor(x) and tuple(x.shape) != shape:
                     raise ValueError(f"the loaded state {n!r} of parameter {k} has shape "
-                                     f"{tuple(x.shape)}, the parameter has shape {tuple(p.shape)}")
+                                     f"{tuple(x.shape)}, expected {shape} (the parameter has shape "
+                                     f"{tuple(p.shape)})")
         super().load_state_dict(state_dict)
         for k, st in state_dict["state"].items():
             if k not in where:
@@ -335,19 +340,43 @@ class Optimizer(torch.optim.Optimizer):
             self.skipped_steps += 1
             return
         for group in self.param_groups:
-            for b in self._buckets(group):
-                if b.low_precision:
-                    low_precision_step(self, group, b)
-                    continue
-                if group.get("fused") and self._fused_step(group, b):
-                    continue
-                t = advance_steps(b.steps)
-                g, owned = self.transform_grads(group, b.g), False   # may alias p.grad
-                if group["maximize"]:
-                    g, owned = g.neg(), True
-                g = apply_weight_decay(group["weight_decay_mode"], group["weight_decay"], b.p, g,
-                                       self.decay_lr(group, t), owned)
-                self.update(group, b.p, g, b.s, t)
+            buckets = self._buckets(group)
+            if buckets:
+                self.step_group(group, buckets)
+
+    def step_group(self, group: dict[str, Any], buckets: list[Bucket]) -> None:
+        """One param group's step: each bucket fused, or prepared and updated eagerly.
+
+        An optimizer whose update couples the tensors of a group (Prodigy's D estimate sums over
+        all of them) overrides this: ``work = [self.prepare(group, b) for b in buckets]``, its
+        update over every ``work`` item, then ``self.finish(group, w)`` for each."""
+        for b in buckets:
+            if group.get("fused") and not b.low_precision and self._fused_step(group, b):
+                continue
+            w = self.prepare(group, b)
+            self.update(group, w.p, w.g, w.s, w.t)
+            self.finish(group, w)
+
+    def prepare(self, group: dict[str, Any], b: Bucket) -> Work:
+        """Advance a bucket's steps and make the gradients the update sees: ``transform_grads``,
+        ``maximize``, weight decay. Low-precision buckets (``fp32_state``/``stochastic_rounding``)
+        are computed on float32 copies, which ``finish`` writes back."""
+        p, g, s, owned = b.p, b.g, b.s, False     # g may alias p.grad: never change it in place
+        if b.low_precision:
+            p, g, s = float32_copies(group, b)
+            owned = True
+        t = advance_steps(b.steps)
+        g = self.transform_grads(group, g)
+        if group["maximize"]:
+            g, owned = g.neg(), True
+        g = apply_weight_decay(group["weight_decay_mode"], group["weight_decay"], p, g,
+                               self.decay_lr(group, t), owned)
+        return Work(b, p, g, s, t)
+
+    def finish(self, group: dict[str, Any], w: Work) -> None:
+        """Write a low-precision bucket's float32 results back (a no-op otherwise)."""
+        if w.bucket.low_precision:
+            write_back(group, w.bucket, w.p, w.s)
 
     _step_outside_graph = torch._disable_dynamo(_step)
 
@@ -492,6 +521,17 @@ def _registered_elementwise(cls: type) -> bool:
         if klass in flags:
             return flags[klass]
     return True
+
+
+class Work(NamedTuple):
+    """What one bucket's eager update works on (``Optimizer.prepare``): float32 copies of the
+    bucket's params and state for low-precision buckets, the bucket's own tensors otherwise."""
+
+    bucket: Bucket
+    p: TensorList
+    g: TensorList            # after transform_grads, maximize and weight decay
+    s: dict[str, TensorList]
+    t: list[float]           # step counts, 1 on the first step
 
 
 class Bucket:

@@ -21,7 +21,9 @@ __all__ = [
     "integer_at_least",
     "non_negative",
     "one_of",
+    "optional",
     "positive",
+    "positive_or_inf",
     "real",
     "unit_interval",
     "beta_tuple",
@@ -61,6 +63,13 @@ def positive(name: str, value: Any) -> None:
     x = _as_real(name, value, "a real number > 0")
     if not (0.0 < x < math.inf):
         _fail(name, value, "a finite real number > 0")
+
+
+def positive_or_inf(name: str, value: Any) -> None:
+    """A real number > 0, infinity included (e.g. an unlimited growth rate)."""
+    x = _as_real(name, value, "a real number > 0 or inf")
+    if not x > 0.0:
+        _fail(name, value, "a real number > 0 or inf")
 
 
 def unit_interval(name: str, value: Any) -> None:
@@ -106,3 +115,13 @@ def one_of(*choices: Any) -> Constraint:
             _fail(name, value, "one of " + ", ".join(repr(c) for c in choices))
 
     return check
+
+
+def optional(check: Constraint) -> Constraint:
+    """None (the optimizer derives the value), or a value ``check`` accepts."""
+
+    def optional_check(name: str, value: Any) -> None:
+        if value is not None:
+            check(name, value)
+
+    return optional_check

@@ -21,11 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .steps import advance_steps
 from .tensorlist import TensorList
-from .weight_decay import apply_weight_decay
 
-__all__ = ["LOW_PRECISION", "low_precision_step", "stochastic_round_"]
+__all__ = ["LOW_PRECISION", "float32_copies", "stochastic_round_", "write_back"]
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -40,27 +38,27 @@ def stochastic_round_(dst: Tensor, src: Tensor) -> Tensor:
     return dst.copy_(torch.where(torch.isfinite(src), rounded, src))     # keep inf/NaN as they are
 
 
-def low_precision_step(opt: Any, group: dict[str, Any], b: Any) -> None:
-    """One eager step of a bf16/fp16 bucket, computed in float32 (see the module docstring)."""
-    stochastic = group.get("stochastic_rounding")
-    if stochastic and b.key[1] != torch.bfloat16:
+def float32_copies(group: dict[str, Any], b: Any) -> tuple[TensorList, TensorList, dict[str, TensorList]]:
+    """Float32 (params, grads, state) of a low-precision bucket, for ``write_back`` later.
+    State already in float32 (``fp32_state``) is used as it is."""
+    if group.get("stochastic_rounding") and b.key[1] != torch.bfloat16:
         raise ValueError(f"stochastic_rounding supports bfloat16 parameters, got {b.key[1]} "
                          "(use fp32_state for float16)")
-    t = advance_steps(b.steps)
     f32 = torch.float32
     p = TensorList(x.to(f32) for x in b.p)
-    g = opt.transform_grads(group, TensorList(x.to(f32) for x in b.g))   # our copies: owned
-    if group["maximize"]:
-        g = g.neg()
-    g = apply_weight_decay(group["weight_decay_mode"], group["weight_decay"], p, g,
-                           opt.decay_lr(group, t), True)
+    g = TensorList(x.to(f32) for x in b.g)
     s = {name: TensorList(x.to(f32) for x in xs) for name, xs in b.s.items()}
-    opt.update(group, p, g, s, t)
+    return p, g, s
+
+
+def write_back(group: dict[str, Any], b: Any, p: TensorList, s: dict[str, TensorList]) -> None:
+    """The float32 results into the bucket: state in its own dtype, params rounded to nearest
+    or, with ``stochastic_rounding``, stochastically."""
     for name, xs in b.s.items():
         pairs = [(x, y) for x, y in zip(xs, s[name]) if x is not y]   # state kept in low precision
         if pairs:
             torch._foreach_copy_([x for x, _ in pairs], [y for _, y in pairs])
-    if stochastic:
+    if group.get("stochastic_rounding"):
         for x, y in zip(b.p, p):
             stochastic_round_(x, y)
     else:

@@ -40,9 +40,11 @@ def apply_weight_decay(
             return grads.add_(params, alpha=weight_decay)
         return grads.add(params, alpha=weight_decay)
     if mode == "decoupled":
+        # an optimizer that applies its own decoupled decay (LAMB, Prodigy) passes decay_lr 0
         if isinstance(decay_lr, Sequence):
-            params.mul_([1 - lr * weight_decay for lr in decay_lr])
-        else:
+            if any(decay_lr):
+                params.mul_([1 - lr * weight_decay for lr in decay_lr])
+        elif decay_lr != 0:
             params.mul_(1 - decay_lr * weight_decay)
     elif mode == "absolute":
         params.mul_(1 - weight_decay)

@@ -27,6 +27,14 @@ def has_fused(info) -> bool:
     return True
 
 
+def couples_group(info) -> bool:
+    """Whether the update couples the tensors of a param group (it overrides ``step_group``,
+    as Prodigy's group-wide D estimate does): a tensor's step then depends on its neighbours."""
+    import optforge
+
+    return info.cls.step_group is not optforge.Optimizer.step_group
+
+
 def all_optimizers():
     return [pytest.param(i, id=i.name) for i in INFOS]
 
@@ -101,6 +109,6 @@ def via_torch_save(obj):
     return torch.load(buf, weights_only=True)
 
 
-__all__ = ["INFOS", "all_optimizers", "assert_identical", "assert_same_state", "batch", "flat",
-           "fused_optimizers", "has_fused", "make", "make_model", "mse", "optimizer_kwargs", "run",
+__all__ = ["INFOS", "all_optimizers", "assert_identical", "assert_same_state", "batch", "couples_group",
+           "flat", "fused_optimizers", "has_fused", "make", "make_model", "mse", "optimizer_kwargs", "run",
            "state_snapshot", "via_torch_save", "with_paths"]

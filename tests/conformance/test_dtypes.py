@@ -60,11 +60,18 @@ def test_bf16_with_fp32_state_and_stochastic_rounding_trains(info):
             assert fresh.state[p][name].dtype == v.dtype and torch.equal(fresh.state[p][name], v), name
 
 
+DECAY_NEEDS_GRADIENTS = {
+    "prodigy": "decay is scaled by the step size D, which zero gradients never estimate (no step at all)",
+}
+
+
 @pytest.mark.parametrize("info", all_optimizers())
 def test_bf16_weight_decay_survives_with_stochastic_rounding(info):
     """Decoupled decay of 1e-5 a step with zero gradients: plain bf16 rounds every step back to
     1.0 (the decay is lost: so it is with fp32_state alone, which rounds to nearest once);
     stochastic rounding follows the float32 decay on average."""
+    if info.name in DECAY_NEEDS_GRADIENTS:
+        pytest.skip(DECAY_NEEDS_GRADIENTS[info.name])
     def decayed(dtype, **options):
         p = torch.nn.Parameter(torch.ones(8192, dtype=dtype))
         opt = make(info, [p], weight_decay=1e-3, weight_decay_mode="decoupled", lr=1e-2)

@@ -45,11 +45,15 @@ def _factory(check) -> tuple[str, dict]:
 
 def predicate(check):
     kind, args = _factory(check)
+    if kind == "optional":
+        inner = predicate(args["check"])
+        return lambda v: v is None or inner(v)
     real = lambda v, ok: (x := _real(v)) is not None and ok(x)  # noqa: E731
     preds = {
         "real": lambda v: real(v, math.isfinite),
         "non_negative": lambda v: real(v, lambda x: 0 <= x < math.inf),
         "positive": lambda v: real(v, lambda x: 0 < x < math.inf),
+        "positive_or_inf": lambda v: real(v, lambda x: x > 0),
         "unit_interval": lambda v: real(v, lambda x: 0 <= x < 1),
         "boolean": lambda v: isinstance(v, bool),
         "beta_tuple": lambda v: isinstance(v, (tuple, list)) and len(v) == args["n"]
@@ -130,6 +134,8 @@ SANE_FOR = {
 
 def valid_strategy(name, check, default, opt_name=""):
     kind, args = _factory(check)
+    if kind == "optional":
+        return st.one_of(st.none(), valid_strategy(name, args["check"], default, opt_name))
     if kind == "boolean":
         return st.booleans()
     if kind == "one_of":
@@ -141,6 +147,8 @@ def valid_strategy(name, check, default, opt_name=""):
         lo, hi = SANE.get(name, (args["low"], args["low"] + 10_000))
         return st.integers(max(lo, args["low"]), hi)
     lo, hi = SANE.get(name, (-1.0, 1.0) if kind == "real" else (0.0, 1.0))
+    if kind == "positive_or_inf":
+        return st.one_of(st.just(math.inf), st.floats(max(lo, 1e-6), hi))
     if kind == "positive":
         lo = max(lo, 1e-6)
     return st.floats(lo, hi, exclude_max=kind == "unit_interval")

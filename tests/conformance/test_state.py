@@ -12,6 +12,7 @@ from conformance_cases import (
     all_optimizers,
     assert_identical,
     assert_same_state,
+    couples_group,
     flat,
     make,
     make_model,
@@ -222,7 +223,10 @@ def test_by_name_survives_reordered_parameters(info):
     report = of.load_state_dict_by_name(fresh_opt, fresh, saved)
     assert report == of.NameLoadReport([], [], [])
     train(fresh, fresh_opt, 5)
-    assert torch.equal(flat(fresh.parameters()), flat(model.parameters()))
+    if couples_group(info):   # group-wide sums now add the tensors in another order
+        torch.testing.assert_close(flat(fresh.parameters()), flat(model.parameters()), rtol=1e-5, atol=1e-7)
+    else:
+        assert torch.equal(flat(fresh.parameters()), flat(model.parameters()))
 
 
 @pytest.mark.parametrize("info", all_optimizers())
@@ -254,6 +258,8 @@ def test_by_name_survives_a_model_that_gained_and_lost_a_layer(info):
     assert report.unexpected == ["layers.old.bias", "layers.old.weight"]
     assert report.mismatched == []
     assert not new_opt.state[surgery.layers["new"].weight]          # fresh state for the new layer
+    if couples_group(info):
+        return            # the kept layers' steps depend on the new layer's: nothing more to compare
     train(surgery, new_opt, 5)
     for k in ("body", "head"):                                     # the kept layers never noticed
         assert torch.equal(layer_params(surgery, k), layer_params(model, k)), k

@@ -16,14 +16,22 @@ CASES = [
     pytest.param(dict(betas=(0.8, 0.99), beta3=0.9, eps=1e-6, d_coef=0.7), id="betas-beta3-dcoef"),
     pytest.param(dict(growth_rate=1.05, use_bias_correction=True), id="growth-biascorr"),
     pytest.param(dict(safeguard_warmup=True, d0=1e-4), id="safeguard-d0"),
-    pytest.param(dict(decouple=False), id="coupled"),
+    pytest.param(dict(weight_decay_mode="coupled"), id="coupled"),
     pytest.param(dict(betas=(0.0, 0.999)), id="beta1-0"),
 ]
 
 
+def reference_kwargs(kwargs):
+    """The reference spells weight_decay_mode="coupled" as decouple=False."""
+    out = dict(kwargs)
+    if out.pop("weight_decay_mode", "decoupled") == "coupled":
+        out["decouple"] = False
+    return out
+
+
 def reference_trajectory(model, groups, kwargs, steps=50):
     """One prodigyopt.Prodigy per param group, stepped together."""
-    opts = [prodigyopt.Prodigy([g], **kwargs) for g in groups]
+    opts = [prodigyopt.Prodigy([g], **reference_kwargs(kwargs)) for g in groups]
     x, y = batch()
     out = []
     for _ in range(steps):
@@ -51,14 +59,13 @@ def test_matches_prodigyopt_one_group(kwargs):
     model_a, model_b = make_model(), make_model()
     ours = Prodigy(model_a.parameters(), weight_decay=0.05, **kwargs)
     a = trajectory(model_a, ours)
-    b = trajectory(model_b, prodigyopt.Prodigy(model_b.parameters(), weight_decay=0.05, **kwargs))
+    b = trajectory(model_b, prodigyopt.Prodigy(model_b.parameters(), weight_decay=0.05,
+                                               **reference_kwargs(kwargs)))
     assert_moves(a)
     assert_same_trajectory(a, b)
     assert ours.param_groups[0]["d"] > ours.param_groups[0]["d0"]        # D did grow
 
 
-def test_fused_is_refused_and_decouple_conflicts():
+def test_fused_is_refused():
     with pytest.raises(ValueError, match="fused"):
         Prodigy(make_model().parameters(), fused=True)
-    with pytest.raises(ValueError, match="decouple"):
-        Prodigy(make_model().parameters(), decouple=False, weight_decay_mode="absolute")

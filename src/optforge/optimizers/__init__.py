@@ -9,12 +9,13 @@ from .compass import Compass, LodeW
 from .lamb import LAMB
 from .lion import Lion
 from .mars import MARS
+from .prodigy import Prodigy
 from .radam import RAdam
 from .schedule_free import ScheduleFreeAdamW, ScheduleFreeSGD
 from .sgd import SGD, MomentumSGD
 from .warmup import AdamWarmup, Noam
 
-__all__ = ["LAMB", "Adan", "MARS",
+__all__ = ["LAMB", "Adan", "MARS", "Prodigy",
            "ScheduleFreeAdamW", "ScheduleFreeSGD",
            "ADOPT", "AdEMAMix", "Lion",
            "SGD", "AMSGrad", "AdaBelief", "Adam", "AdamW", "AdamWarmup", "Compass", "LodeW",

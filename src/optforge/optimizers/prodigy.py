@@ -1,9 +1,4 @@
-"""Prodigy: Adam with a learning rate estimated from the distance to the solution.
-
-Not registered or exported yet (import it from ``optforge.optimizers.prodigy``): its D
-estimate couples the tensors of a param group, which the conformance suite's "a tensor's
-update never depends on which tensors share its group" tests refuse by design.
-"""
+"""Prodigy: Adam with a learning rate estimated from the distance to the solution."""
 
 from __future__ import annotations
 
@@ -13,21 +8,17 @@ from typing import Any
 import torch
 
 from ..base import Optimizer, ParamsT
-from ..constraints import beta_tuple, boolean, non_negative, positive, unit_interval
-from ..precision import stochastic_round_
-from ..steps import advance_steps
+from ..constraints import (
+    beta_tuple,
+    boolean,
+    non_negative,
+    optional,
+    positive,
+    positive_or_inf,
+    unit_interval,
+)
+from ..registry import register
 from ..tensorlist import TensorList
-from ..weight_decay import apply_weight_decay
-
-
-def _optional_beta(name: str, value: Any) -> None:
-    if value is not None:
-        unit_interval(name, value)
-
-
-def _growth(name: str, value: Any) -> None:
-    if value != math.inf:
-        positive(name, value)
 
 
 class Prodigy(Optimizer):
@@ -65,8 +56,7 @@ class Prodigy(Optimizer):
     Weight decay: ``weight_decay_mode="decoupled"`` (the default, the reference's
     ``decouple=True``) is :math:`x \leftarrow x - \eta_k \lambda x` after the D update, as
     above; ``"coupled"`` (``decouple=False``) adds :math:`\lambda x` to :math:`g`;
-    ``"absolute"`` multiplies :math:`x` by :math:`1 - \lambda`. ``decouple`` is accepted for
-    drop-in compatibility and sets the mode.
+    ``"absolute"`` multiplies :math:`x` by :math:`1 - \lambda`.
 
     Not elementwise (the D estimate reduces over the whole group): eager only, with one host
     sync per group and step; ``fused=True`` is refused. The group's ``d``, ``d_max``,
@@ -75,22 +65,16 @@ class Prodigy(Optimizer):
     parameters), ``exp_avg`` (if :math:`\beta_1 > 0`), ``exp_avg_sq``.
     """
 
-    constraints = dict(betas=beta_tuple(2), beta3=_optional_beta, eps=non_negative, d0=positive,
-                       d_coef=positive, growth_rate=_growth, use_bias_correction=boolean,
+    constraints = dict(betas=beta_tuple(2), beta3=optional(unit_interval), eps=non_negative, d0=positive,
+                       d_coef=positive, growth_rate=positive_or_inf, use_bias_correction=boolean,
                        safeguard_warmup=boolean)
 
     def __init__(self, params: ParamsT, lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.999),
                  beta3: float | None = None, eps: float = 1e-8, weight_decay: float = 0.0,
-                 decouple: bool | None = None, use_bias_correction: bool = False,
+                 use_bias_correction: bool = False,
                  safeguard_warmup: bool = False, d0: float = 1e-6, d_coef: float = 1.0,
                  growth_rate: float = math.inf, *, weight_decay_mode: str = "decoupled",
                  maximize: bool = False, fused: bool = False) -> None:
-        if decouple is not None:
-            wanted = "decoupled" if decouple else "coupled"
-            if weight_decay_mode not in ("decoupled", wanted):
-                raise ValueError(f"decouple={decouple} contradicts weight_decay_mode={weight_decay_mode!r}: "
-                                 "give one of them")
-            weight_decay_mode = wanted
         super().__init__(params, dict(lr=lr, betas=betas, beta3=beta3, eps=eps, weight_decay=weight_decay,
                                       use_bias_correction=use_bias_correction,
                                       safeguard_warmup=safeguard_warmup, d0=d0, d_coef=d_coef,
@@ -106,48 +90,23 @@ class Prodigy(Optimizer):
     def state_names_for(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("s", "p0") + (("exp_avg",) if group["betas"][0] > 0 else ()) + ("exp_avg_sq",)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One step (see the class doc); returns the closure's loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._prodigy_step()
-        return loss
+    def init_state(self, group: dict[str, Any], p: torch.Tensor, name: str) -> torch.Tensor:
+        if name == "p0":                                      # x_0: the parameters at their first step
+            return p.detach().clone(memory_format=torch.preserve_format)
+        return super().init_state(group, p, name)
 
-    @torch._disable_dynamo
-    def _prodigy_step(self) -> None:
-        # The base's step loop, with the update split in two around the group's D update:
-        # it needs sums over every bucket (device, dtype) of the group.
-        if any(group.get("skip_nonfinite") for group in self.param_groups) and not self._grads_finite():
-            self.skipped_steps += 1
-            return
-        for group in self.param_groups:
-            work = [self._prepare(group, b) for b in self._buckets(group)]
-            if work:
-                self._group_step(group, work)
+    def state_shape(self, group: dict[str, Any], p: torch.Tensor, name: str) -> tuple[int, ...]:
+        return tuple(p.shape)
 
-    def _prepare(self, group: dict[str, Any], b: Any) -> tuple:
-        """(bucket, p, g, s, low precision) with maximize and coupled/absolute decay applied."""
-        t = advance_steps(b.steps)
-        p, g, s, owned = b.p, b.g, b.s, False
-        fresh = [i for i, k in enumerate(t) if k == 1]
-        if fresh:                                             # x_0: the parameters at their first step
-            torch._foreach_copy_([b.s["p0"][i] for i in fresh], [b.p[i] for i in fresh])
-        if b.low_precision:                                   # computed in float32 (see precision.py)
-            if group.get("stochastic_rounding") and b.key[1] != torch.bfloat16:
-                raise ValueError(f"stochastic_rounding supports bfloat16 parameters, got {b.key[1]} "
-                                 "(use fp32_state for float16)")
-            p = TensorList(x.float() for x in b.p)
-            g, owned = TensorList(x.float() for x in b.g), True
-            s = {name: TensorList(x.float() for x in xs) for name, xs in b.s.items()}
-        g = self.transform_grads(group, g)
-        if group["maximize"]:
-            g, owned = g.neg(), True
-        if group["weight_decay_mode"] != "decoupled":         # decoupled: in _group_step
-            g = apply_weight_decay(group["weight_decay_mode"], group["weight_decay"], p, g, 0.0, owned)
-        return b, p, g, s
+    def decay_lr(self, group: dict[str, Any], t: list[float]) -> float:
+        return 0.0    # "decoupled": applied after the D update (_group_step); the base's is a no-op
+
+    def step_group(self, group: dict[str, Any], buckets: list[Any]) -> None:
+        # the D update needs sums over every bucket (device, dtype) of the group
+        work = [self.prepare(group, b) for b in buckets]
+        self._group_step(group, work)
+        for w in work:
+            self.finish(group, w)
 
     def _group_step(self, group: dict[str, Any], work: list[tuple]) -> None:
         (b1, b2), eps, wd = group["betas"], group["eps"], group["weight_decay"]
@@ -157,7 +116,7 @@ class Prodigy(Optimizer):
         dlr = d * lr * bc                                              # eta_k
         dot, l1 = [], []
         if lr > 0:
-            for _, p, g, s in work:
+            for _, p, g, s, _ in work:
                 diff = TensorList(torch._foreach_sub(s["p0"], p))      # x_0 - x
                 dot += [torch.dot(a.reshape(-1), c.reshape(-1)) for a, c in zip(g, diff)]
                 if b1 > 0:
@@ -166,7 +125,7 @@ class Prodigy(Optimizer):
                 s["s"].mul_(beta3).add_(g, alpha=(d / d0) * (d if group["safeguard_warmup"] else dlr))
                 l1 += [x.abs().sum() for x in s["s"]]                  # ||s||_1 (the reference's sum)
         if not l1:
-            return self._write_back(group, work)
+            return
         # one host sync; then the sums in the reference's order (in float64, term by term: the
         # D estimate feeds back into every step, so its rounding is amplified over the run)
         values = torch.stack(dot + l1).tolist()
@@ -176,13 +135,13 @@ class Prodigy(Optimizer):
         for x in values[len(dot):]:
             d_denom += x
         if d_denom == 0:                    # no gradient yet: the reference stops here too
-            return self._write_back(group, work)
+            return
         d_numerator = group["d_numerator"] * beta3 + delta             # r_{k+1}
         d_hat = group["d_coef"] * d_numerator / d_denom
         d_max = max(group["d_max"], d_hat)
         d_new = min(d_max, (max(d, d_hat) if d == d0 else d) * group["growth_rate"])
         group.update(d_numerator=d_numerator, d_denom=d_denom, d=d_new, d_max=d_max, d_hat=d_hat)
-        for _, p, g, s in work:
+        for _, p, g, s, _ in work:
             denom = s["exp_avg_sq"].sqrt().add_(d_new * eps)           # sqrt(v) + d_{k+1} eps
             if group["weight_decay_mode"] == "decoupled" and wd != 0:
                 p.add_(p, alpha=-wd * dlr)                             # x <- x - eta_k lambda x
@@ -191,21 +150,7 @@ class Prodigy(Optimizer):
             else:
                 p.addcdiv_(g, denom, -dlr * d_new)
         group["k"] = k + 1
-        self._write_back(group, work)
 
-    @staticmethod
-    def _write_back(group: dict[str, Any], work: list[tuple]) -> None:
-        """Low-precision buckets: float32 results into the parameters and their state."""
-        for b, p, _, s in work:
-            if not b.low_precision:
-                continue
-            for name, xs in b.s.items():
-                pairs = [(x, y) for x, y in zip(xs, s[name]) if x is not y]
-                if pairs:
-                    torch._foreach_copy_([x for x, _ in pairs], [y for _, y in pairs])
-            if group.get("stochastic_rounding"):
-                for x, y in zip(b.p, p):
-                    stochastic_round_(x, y)
-            else:
-                torch._foreach_copy_(b.p, p)
 
+register(Prodigy, "Prodigy: Adam with a learned step size D, lr=1 (Mishchenko & Defazio, 2024)",
+         elementwise=False)
