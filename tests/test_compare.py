@@ -302,3 +302,26 @@ def test_nonfinite_values_are_null_in_json(tmp_path):
     run = strict_load(tmp_path / "results.json")["runs"][0]
     assert run["diverged"] is True and run["steps_done"] < 50
     assert run["final_test_loss"] is None and run["final_train_loss"] is None
+
+
+def test_schedule_free_is_evaluated_at_x_not_y():
+    """Schedule-Free trains at y and is meant to be evaluated at x (its eval()): compare's
+    evaluation switches it there and back."""
+    import optforge as of
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    opt = of.ScheduleFreeAdamW(model.parameters(), lr=0.05)
+    for _ in range(20):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    at_y = runner.evaluate(model, x, y, True)
+    opt.eval()
+    at_x = runner.evaluate(model, x, y, True)
+    opt.train()
+    got = runner.evaluate(model, x, y, True, opt)
+    assert got[0] == pytest.approx(at_x[0], rel=1e-6) and got[0] != pytest.approx(at_y[0], rel=1e-6)
+    assert all(g["train_mode"] for g in opt.param_groups)          # back to training at y
+    assert runner.evaluate(model, x, y, True)[0] == pytest.approx(at_y[0], rel=1e-6)

@@ -90,13 +90,21 @@ def _loss_fn(classification: bool) -> Callable[[Tensor, Tensor], Tensor]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, classification: bool) -> tuple[float, float | None]:
-    """(mean loss, accuracy in % or None) on a whole split."""
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, classification: bool,
+             opt: torch.optim.Optimizer | None = None) -> tuple[float, float | None]:
+    """(mean loss, accuracy in % or None) on a whole split. An optimizer with ``eval()`` and
+    ``train()`` (Schedule-Free: the parameters to evaluate are x, not the training point y)
+    is switched to eval for it and back."""
+    switch = opt is not None and callable(getattr(opt, "eval", None)) and callable(getattr(opt, "train", None))
     model.eval()
+    if switch:
+        opt.eval()
     out = model(x)
     loss = _loss_fn(classification)(out, y).item()
     acc = (out.argmax(1) == y).float().mean().item() * 100 if classification else None
     model.train()
+    if switch:
+        opt.train()
     return loss, acc
 
 
@@ -121,7 +129,7 @@ def train_run(task: Task, model_name: str, data: Dataset, optimizer: str, lr: fl
                     test_acc={"step": [], "value": []} if classification else None)
 
     def record_eval(step: int) -> None:
-        loss, acc = evaluate(model, data.x_test, data.y_test, classification)
+        loss, acc = evaluate(model, data.x_test, data.y_test, classification, opt)
         res.test_loss["step"].append(step)
         res.test_loss["value"].append(loss)
         if res.test_acc is not None:
