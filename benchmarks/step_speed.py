@@ -370,6 +370,9 @@ class Bench:
         t0 = time.perf_counter()
         opt.step()
         first = time.perf_counter() - t0
+        if first > self.args.slow_step:
+            raise RuntimeError(f"first step took {first:.1f} s (> --slow-step {self.args.slow_step:g} s): "
+                               "not timed")
         for _ in range(self.args.warmup - 1):
             opt.step()
         return params, opt, first
@@ -655,6 +658,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="keep every entry's optimizer alive across rounds (all), rebuild each per "
                     "round (none), or keep while memory allows (auto, the default)")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-step peak memory probe")
+    ap.add_argument("--slow-step", type=float, default=30.0, metavar="SECONDS",
+                    help="an entry whose first step takes longer is reported, not timed (matrix "
+                         "optimizers on one-big: Newton-Schulz / eigendecompositions of 4096 x 8192)")
     ap.add_argument("--list", action="store_true", help="print the entries and exit")
     ap.add_argument("--json", metavar="PATH", help="write every number (and each step's time) here")
     args = ap.parse_args(argv)
