@@ -37,6 +37,7 @@ from .schedules import create_scheduler, set_lr
 from .state_io import NameLoadReport, load_state_dict_by_name, state_dict_by_name
 from .tensorlist import TensorList
 from .weight_decay import WEIGHT_DECAY_MODES
+from .wrappers import SAM, Lookahead
 
 __version__ = "0.1.0"
 
@@ -55,6 +56,8 @@ __all__ = [
     "AdamWarmup",
     "Compass",
     "LAMB",
+    "Lookahead",
+    "SAM",
     "LodeW",
     "MomentumSGD",
     "NameLoadReport",

@@ -1,4 +1,4 @@
-"""The ``optforge`` command: ``optforge list`` and ``optforge compare``."""
+"""The ``optforge`` command: ``optforge list``, ``optforge compare`` and ``optforge visualize``."""
 
 from __future__ import annotations
 
@@ -27,9 +27,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import visualize
     from .compare import cli as compare_cli
 
-    parser = argparse.ArgumentParser(prog="optforge", description="PyTorch optimizers: list and compare.")
+    parser = argparse.ArgumentParser(prog="optforge",
+                                     description="PyTorch optimizers: list, compare and visualize.")
     sub = parser.add_subparsers(dest="command", required=True)
     p_list = sub.add_parser("list", help="print the optimizer registry as a table")
     p_list.add_argument("filter", nargs="?", default="*", help="wildcard on names/aliases, e.g. 'adam*'")
@@ -38,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
                            description=compare_cli.__doc__)
     compare_cli.add_arguments(p_cmp)
     p_cmp.set_defaults(func=compare_cli.run)
+    p_viz = sub.add_parser("visualize", help="draw each optimizer's path on 2-D test functions (PNGs)",
+                           description=visualize.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    visualize.add_arguments(p_viz)
+    p_viz.set_defaults(func=visualize.run)
     return parser
 
 

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .registry import OptimInfo, get_optimizer_info
+from .registry import OptimInfo, get_optimizer_info, list_optimizers
+from .wrappers.lookahead import Lookahead, check_alpha, check_k
 
 __all__ = [
     "NORM_TYPES",
@@ -221,6 +222,32 @@ def param_groups_layer_decay(model: nn.Module, weight_decay: float, layer_decay:
 
 # ---- create_optimizer -------------------------------------------------------------------------
 _FACTORY_OPTIONS = ("filter_bias_and_bn", "skip_list", "skip_keywords", "layer_decay")
+#: ``"lookahead_" + any registered name`` builds that optimizer wrapped in :class:`Lookahead`
+#: (timm's naming), configured by these create_optimizer options.
+LOOKAHEAD_PREFIX = "lookahead_"
+_LOOKAHEAD_OPTIONS = ("lookahead_k", "lookahead_alpha")
+
+
+def resolve_optimizer_name(name: str) -> tuple[OptimInfo, bool]:
+    """The registered optimizer ``name`` means, and whether it asks for :class:`Lookahead`
+    around it (``"lookahead_adamw"`` -> (AdamW's record, True); any case, any alias).
+    Unknown names raise ``ValueError`` with close matches, prefixed ones included."""
+    key = name.strip() if isinstance(name, str) else name
+    if not (isinstance(key, str) and key.lower().startswith(LOOKAHEAD_PREFIX)):
+        if isinstance(key, str) and key.lower() == "lookahead":
+            raise ValueError(f"unknown optimizer {name!r}: Lookahead wraps an optimizer, name both as "
+                             f"'lookahead_<optimizer>', e.g. 'lookahead_adamw'")
+        return get_optimizer_info(name), False
+    inner = key[len(LOOKAHEAD_PREFIX):]
+    try:
+        return get_optimizer_info(inner), True
+    except ValueError:
+        known = [LOOKAHEAD_PREFIX + n for i in list_optimizers(with_info=True)
+                 for n in (i.name, *(a.lower() for a in i.aliases))]
+        close = difflib.get_close_matches(key.lower(), known, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"unknown optimizer {name!r}{hint} ('lookahead_' goes before a registered name, "
+                         f"e.g. 'lookahead_adamw'; see optforge.list_optimizers())") from None
 
 
 def _accepted_args(cls: type) -> list[str] | None:
@@ -231,19 +258,20 @@ def _accepted_args(cls: type) -> list[str] | None:
     return [n for n, p in params.items() if n not in ("self", "params") and p.kind is not p.VAR_POSITIONAL]
 
 
-def _check_kwargs(info: OptimInfo, kwargs: dict[str, Any]) -> None:
+def _check_kwargs(info: OptimInfo, kwargs: dict[str, Any], lookahead: bool = False) -> None:
     valid = _accepted_args(info.cls)
     if valid is None:
         return
     unknown = [k for k in kwargs if k not in valid]
     if unknown:
         hints = []
+        options = [*_FACTORY_OPTIONS, *(_LOOKAHEAD_OPTIONS if lookahead else ())]
         for k in unknown:
-            close = difflib.get_close_matches(k, [*valid, *_FACTORY_OPTIONS], n=1)
+            close = difflib.get_close_matches(k, [*valid, *options], n=1)
             hints.append(f"{k!r} (did you mean {close[0]!r}?)" if close else repr(k))
         raise ValueError(
             f"optimizer {info.cls.__name__} ({info.name!r}) has no argument {', '.join(hints)}; "
-            f"valid arguments: {', '.join(valid)}; create_optimizer options: {', '.join(_FACTORY_OPTIONS)}"
+            f"valid arguments: {', '.join(valid)}; create_optimizer options: {', '.join(options)}"
         )
 
 
@@ -267,13 +295,25 @@ def create_optimizer(model_or_params: nn.Module | Iterable[Any], name: str, lr: 
     - ``**kwargs`` go to the optimizer. A name it does not accept raises ``ValueError`` naming
       it and the valid ones (nothing is silently dropped); an unknown optimizer name raises
       ``ValueError`` with close matches.
+    - ``"lookahead_" + name`` (``"lookahead_adamw"``, ``"Lookahead_LodeW"``) returns that
+      optimizer wrapped in :class:`optforge.Lookahead`; ``lookahead_k`` / ``lookahead_alpha``
+      (default 5 / 0.5) set its ``k`` / ``alpha`` and are refused without the prefix.
+      ``"lookahead_" + name`` is not listed by ``list_optimizers()``.
     """
-    info = get_optimizer_info(name)
+    info, lookahead = resolve_optimizer_name(name)
+    lookahead_args = {k[len(LOOKAHEAD_PREFIX):]: kwargs.pop(k) for k in _LOOKAHEAD_OPTIONS if k in kwargs}
+    if lookahead_args and not lookahead:
+        given = ", ".join(f"lookahead_{k}" for k in lookahead_args)
+        raise ValueError(f"{given} configure Lookahead, which {name!r} does not ask for: use the name "
+                         f"{LOOKAHEAD_PREFIX + info.name!r}")
+    for key, check in (("k", check_k), ("alpha", check_alpha)):
+        if key in lookahead_args:
+            check(LOOKAHEAD_PREFIX + key, lookahead_args[key])     # the error names the option given
     if lr is not None:
         kwargs["lr"] = lr
     if weight_decay is not None:
         kwargs["weight_decay"] = weight_decay
-    _check_kwargs(info, kwargs)
+    _check_kwargs(info, kwargs, lookahead)
     wd = kwargs.get("weight_decay", info.defaults.get("weight_decay", 0.0))
     base_lr = kwargs.get("lr", info.defaults.get("lr"))
 
@@ -302,7 +342,8 @@ def create_optimizer(model_or_params: nn.Module | Iterable[Any], name: str, lr: 
         params = [{**g, "lr": scaled_lr(float(g["lr_scale"]))}
                   if isinstance(g, dict) and "lr_scale" in g and "lr" not in g else g
                   for g in model_or_params]
-    return info.cls(params, **kwargs)
+    optimizer = info.cls(params, **kwargs)
+    return Lookahead(optimizer, **lookahead_args) if lookahead else optimizer
 
 
 # ---- command-line arguments ------------------------------------------------------------------
@@ -386,7 +427,7 @@ def parse_optimizer_args(tokens: Iterable[str] | str | None) -> dict[str, Any]:
 
 def _optimizer_name(text: str) -> str:
     try:
-        get_optimizer_info(text)
+        resolve_optimizer_name(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text
