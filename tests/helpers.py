@@ -86,6 +86,8 @@ OPTIMIZER_KWARGS: dict[str, dict] = {
     "adan": dict(lr=1e-2, betas=(0.9, 0.9), beta3=0.95),
     "mars": dict(lr=1e-2, betas=(0.9, 0.95), gamma=0.1),
     "prodigy": dict(lr=1.0, d0=1e-3),
+    "adafactor": dict(lr=1e-2, momentum=0.9),  # with the first moment: all state kinds
+    "came": dict(lr=1e-2),
 }
 
 

@@ -12,10 +12,12 @@ from .factory import (
 )
 from .optimizers import (
     ADOPT,
+    CAME,
     LAMB,
     MARS,
     SGD,
     AdaBelief,
+    Adafactor,
     Adam,
     AdamW,
     AdamWarmup,
@@ -42,6 +44,8 @@ from .wrappers import SAM, Lookahead
 __version__ = "0.1.0"
 
 __all__ = [
+    "Adafactor",
+    "CAME",
     "Adan",
     "MARS",
     "ADOPT",

@@ -95,7 +95,7 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, classification: bool,
     """(mean loss, accuracy in % or None) on a whole split. An optimizer with ``eval()`` and
     ``train()`` (Schedule-Free: the parameters to evaluate are x, not the training point y)
     is switched to eval for it and back."""
-    switch = opt is not None and callable(getattr(opt, "eval", None)) and callable(getattr(opt, "train", None))
+    switch = all(callable(getattr(opt, m, None)) for m in ("eval", "train"))
     model.eval()
     if switch:
         opt.eval()

@@ -1,10 +1,12 @@
 """The optimizers, one algorithm family per file."""
 
 from .adabelief import AdaBelief
+from .adafactor import Adafactor
 from .adam import Adam, AdamW, AMSGrad
 from .adan import Adan
 from .ademamix import AdEMAMix
 from .adopt import ADOPT
+from .came import CAME
 from .compass import Compass, LodeW
 from .lamb import LAMB
 from .lion import Lion
@@ -15,7 +17,8 @@ from .schedule_free import ScheduleFreeAdamW, ScheduleFreeSGD
 from .sgd import SGD, MomentumSGD
 from .warmup import AdamWarmup, Noam
 
-__all__ = ["LAMB", "Adan", "MARS", "Prodigy",
+__all__ = ["Adafactor", "CAME",
+           "LAMB", "Adan", "MARS", "Prodigy",
            "ScheduleFreeAdamW", "ScheduleFreeSGD",
            "ADOPT", "AdEMAMix", "Lion",
            "SGD", "AMSGrad", "AdaBelief", "Adam", "AdamW", "AdamWarmup", "Compass", "LodeW",

@@ -1,0 +1,126 @@
+"""CAME: Adafactor's factored second moment, with momentum scaled by a factored confidence."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..base import ParamsT
+from ..constraints import beta_tuple, non_negative, positive, unit_interval
+from ..registry import register
+from ..tensorlist import TensorList
+from .adafactor import FactoredOptimizer, is_factored, mean_square, rms_scale, unused_shape
+
+__all__ = ["CAME"]
+
+
+def factored_rsqrt(row: Tensor, col: Tensor) -> Tensor:
+    """1 / sqrt(R C / mean(R)) for row statistics R (shape (..., n)) and column statistics C
+    (shape (..., m)): a new (..., n, m) tensor."""
+    r = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+    return torch.mul(r, col.unsqueeze(-2).rsqrt())
+
+
+class CAME(FactoredOptimizer):
+    r"""CAME (Luo et al., 2023, "CAME: Confidence-guided Adaptive Memory Efficient
+    Optimization", ACL, arXiv:2307.02047, Algorithm 1), as the authors' ``came-pytorch``
+    0.1.3 (github.com/yangluo7/CAME) computes it.
+
+    For a matrix (a tensor with more dims: each matrix of its last two dims), with
+    :math:`d` = ``clip_threshold``, :math:`\epsilon_1` = ``eps``, :math:`\epsilon_2` = ``eps_instability``:
+
+    .. math::
+        r_t &= \beta_2 r_{t-1} + (1 - \beta_2)\, \mathrm{mean}_{cols}(G_t^2 + \epsilon_1), \qquad
+        c_t = \beta_2 c_{t-1} + (1 - \beta_2)\, \mathrm{mean}_{rows}(G_t^2 + \epsilon_1) \\
+        u_t &= G_t \big/ \sqrt{r_t c_t / \mathrm{mean}(r_t)}, \qquad
+        \hat u_t = u_t / \max(1, \mathrm{RMS}(u_t) / d), \qquad
+        m_t = \beta_1 m_{t-1} + (1 - \beta_1) \hat u_t \\
+        U_t &= (\hat u_t - m_t)^2 + \epsilon_2 \quad \text{(instability)} \\
+        R_t &= \beta_3 R_{t-1} + (1 - \beta_3)\, \mathrm{mean}_{cols}(U_t), \qquad
+        C_t = \beta_3 C_{t-1} + (1 - \beta_3)\, \mathrm{mean}_{rows}(U_t) \\
+        \theta_t &= \theta_{t-1} - \mathrm{lr}\; m_t \big/ \sqrt{R_t C_t / \mathrm{mean}(R_t)}
+
+    A vector (or scalar) keeps :math:`v_t = \beta_2 v_{t-1} + (1 - \beta_2)(G_t^2 + \epsilon_1)` in
+    full, :math:`u_t = G_t / \sqrt{v_t}`, and steps by :math:`\mathrm{lr}\, m_t` (the reference
+    applies no confidence to vectors). No bias correction, as in the paper and the reference.
+
+    Defaults are the reference's: ``betas=(0.9, 0.999)`` and ``beta3=0.9999`` (its
+    ``betas=(b1, b2, b3)``, split here as optforge's ``betas`` are pairs), ``eps=1e-30`` and
+    ``eps_instability=1e-16`` (its ``eps=(eps1, eps2)``), ``clip_threshold=1.0``,
+    ``weight_decay=0``. The reference has no default lr; 2e-4 is its README's example.
+    Weight decay: the reference's is decoupled, :math:`\theta \leftarrow \theta (1 - \mathrm{lr}\,\lambda)`
+    before the step: ``weight_decay_mode="decoupled"`` (the default, applied by the base class);
+    ``"coupled"`` adds :math:`\lambda \theta` to :math:`G_t`, ``"absolute"`` multiplies
+    :math:`\theta` by :math:`1 - \lambda`.
+
+    State (the reference's names and shapes: ``came_pytorch.CAME`` loads these tensors): ``step``,
+    ``exp_avg`` (m); a tensor with 2+ dims ``exp_avg_sq_row`` / ``exp_avg_res_row`` (r, R: shape
+    ``(..., n)``) and ``exp_avg_sq_col`` / ``exp_avg_res_col`` (c, C: ``(..., m)``); anything else
+    ``exp_avg_sq`` (v). The entries a tensor does not use are empty (0 elements).
+    Eager only (per-tensor RMS and factored statistics): ``fused=True`` is refused. float16
+    parameters need ``fp32_state`` (``configure``): :math:`\epsilon_1 = 10^{-30}` underflows in float16.
+    """
+
+    constraints = dict(betas=beta_tuple(2), beta3=unit_interval, eps=non_negative,
+                       eps_instability=non_negative, clip_threshold=positive)
+    state_names = ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_res_row", "exp_avg_res_col",
+                   "exp_avg_sq")
+
+    def __init__(self, params: ParamsT, lr: float = 2e-4, betas: tuple[float, float] = (0.9, 0.999),
+                 beta3: float = 0.9999, eps: float = 1e-30, eps_instability: float = 1e-16,
+                 clip_threshold: float = 1.0, weight_decay: float = 0.0, *,
+                 weight_decay_mode: str = "decoupled", maximize: bool = False, fused: bool = False) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, beta3=beta3, eps=eps,
+                                      eps_instability=eps_instability, clip_threshold=clip_threshold,
+                                      weight_decay=weight_decay,
+                                      weight_decay_mode=weight_decay_mode, maximize=maximize, fused=fused))
+
+    def state_shape(self, group: dict[str, Any], p: Tensor, name: str) -> tuple[int, ...]:
+        shape = tuple(p.shape)
+        if name == "exp_avg":
+            return shape
+        if name == "exp_avg_sq":
+            return unused_shape(p) if is_factored(p) else shape
+        if not is_factored(p):
+            return unused_shape(p)
+        return shape[:-1] if name.endswith("_row") else (*shape[:-2], shape[-1])
+
+    @staticmethod
+    def _factored_ema(row: Tensor, col: Tensor, x: Tensor, beta: float, added: float = 0.0) -> None:
+        """row, col <- beta (row, col) + (1 - beta) (mean over columns, rows) of x^2 + added."""
+        row.mul_(beta).add_(mean_square(x, -1).squeeze_(-1).add_(added), alpha=1 - beta)
+        col.mul_(beta).add_(mean_square(x, -2).squeeze_(-2).add_(added), alpha=1 - beta)
+
+    def update(self, group, p, g, s, t):
+        (b1, b2), b3, eps = group["betas"], group["beta3"], group["eps"]
+        u = TensorList()
+        for i, (x, gx) in enumerate(zip(p, g)):
+            if is_factored(x):
+                row, col = s["exp_avg_sq_row"][i], s["exp_avg_sq_col"][i]
+                self._factored_ema(row, col, gx, b2, added=eps)       # r_t, c_t
+                u.append(factored_rsqrt(row, col).mul_(gx))           # u_t = G_t / sqrt(r c / mean r)
+            else:
+                v = s["exp_avg_sq"][i]
+                v.mul_(b2).add_(torch.mul(gx, gx).add_(eps), alpha=1 - b2)   # v_t
+                u.append(v.rsqrt().mul_(gx))                          # u_t = G_t / sqrt(v_t)
+        clip = (torch.stack(u.norm()) / rms_scale(p)).div_(group["clip_threshold"]).clamp_(min=1.0)
+        u.div_(list(clip.unbind()))                                   # u^_t = u_t / max(1, RMS(u_t)/d)
+        m = s["exp_avg"]
+        m.lerp_(u, 1 - b1)                                            # m_t = b1 m + (1 - b1) u^_t
+        steps = TensorList()
+        for i, (x, ux, mx) in enumerate(zip(p, u, m)):
+            if not is_factored(x):
+                steps.append(mx)                                      # vectors: no confidence
+                continue
+            res = ux.sub_(mx)                                         # u^_t - m_t (u^_t is spent)
+            rows, cols = s["exp_avg_res_row"][i], s["exp_avg_res_col"][i]
+            # R_t, C_t from U_t = (u^_t - m_t)^2 + eps2
+            self._factored_ema(rows, cols, res, b3, added=group["eps_instability"])
+            steps.append(factored_rsqrt(rows, cols).mul_(mx))        # m_t / sqrt(S_t)
+        p.add_(steps, alpha=-float(group["lr"]))                      # theta_t = theta - lr m_t / sqrt(S_t)
+
+
+register(CAME, "CAME: Adafactor-style factored moments, confidence-scaled momentum (Luo et al., 2023)",
+         elementwise=False)
