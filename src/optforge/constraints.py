@@ -124,4 +124,6 @@ def optional(check: Constraint) -> Constraint:
         if value is not None:
             check(name, value)
 
+    inner = (check.__doc__ or "a value it accepts").strip().rstrip(".")
+    optional_check.__doc__ = f"None (the optimizer derives the value), or {inner[:1].lower()}{inner[1:]}."
     return optional_check
