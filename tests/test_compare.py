@@ -325,3 +325,21 @@ def test_schedule_free_is_evaluated_at_x_not_y():
     assert got[0] == pytest.approx(at_x[0], rel=1e-6) and got[0] != pytest.approx(at_y[0], rel=1e-6)
     assert all(g["train_mode"] for g in opt.param_groups)          # back to training at y
     assert runner.evaluate(model, x, y, True)[0] == pytest.approx(at_y[0], rel=1e-6)
+
+
+def test_lookahead_names(tmp_path, capsys):
+    """``lookahead_<name>`` runs the optimizer inside Lookahead; its options go through
+    --optimizer_args, and its slow weights count as state."""
+    assert compare(tmp_path, "--optimizers", "adamw,Lookahead_AdamW", "--steps", "30", "--seeds", "1",
+                   "--optimizer_args", "lookahead_adamw:lookahead_k=3") == 0
+    res = strict_load(tmp_path / "results.json")
+    runs = {r["optimizer"]: r for r in res["runs"]}
+    assert set(runs) == {"adamw", "lookahead_adamw"}
+    assert runs["lookahead_adamw"]["optimizer_kwargs"] == {"lookahead_k": 3}
+    assert runs["lookahead_adamw"]["lr"] == runs["adamw"]["lr"]
+    assert runs["lookahead_adamw"]["state_bytes_per_param"] == pytest.approx(
+        runs["adamw"]["state_bytes_per_param"] + 4, abs=0.01)
+    assert runs["lookahead_adamw"]["final_test_acc"] != runs["adamw"]["final_test_acc"]
+    capsys.readouterr()
+    assert compare(tmp_path, "--optimizers", "adamw", "--optimizer_args", "lookahead_k=3") == 2
+    assert "lookahead_k" in capsys.readouterr().err

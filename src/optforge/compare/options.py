@@ -11,15 +11,25 @@ from typing import Any
 
 import torch
 
+from ..factory import LOOKAHEAD_PREFIX, create_optimizer, resolve_optimizer_name
 from ..factory import parse_optimizer_args as parse_kwargs
-from ..registry import get_optimizer_info
 
-__all__ = ["default_lr", "parse_lrs", "parse_optimizer_args",
+__all__ = ["canonical_name", "default_lr", "parse_lrs", "parse_optimizer_args",
            "parse_optimizers", "parse_seeds", "check_optimizer"]
 
+_LOOKAHEAD_ARGS = {"lookahead_k": 5, "lookahead_alpha": 0.5}
+
+
+def canonical_name(name: str) -> str:
+    """The registry name (``"LodeW"`` -> ``"compass"``), with ``lookahead_`` kept in front of
+    it (``"Lookahead_AdamW"`` -> ``"lookahead_adamw"``). ValueError for an unknown name."""
+    info, lookahead = resolve_optimizer_name(name)
+    return LOOKAHEAD_PREFIX + info.name if lookahead else info.name
+
+
 def default_lr(name: str) -> float:
-    """The registry's ``compare_lr``, else the class default lr."""
-    info = get_optimizer_info(name)
+    """The registry's ``compare_lr``, else the class default lr (the base's, for Lookahead)."""
+    info, _ = resolve_optimizer_name(name)
     if info.compare_lr is not None:
         return float(info.compare_lr)
     return float(info.defaults.get("lr", 1e-3))
@@ -31,7 +41,7 @@ def parse_optimizers(spec: str) -> list[str]:
     for part in spec.split(","):
         if not part.strip():
             continue
-        name = get_optimizer_info(part).name        # ValueError for an unknown name
+        name = canonical_name(part)                 # ValueError for an unknown name
         if name not in names:
             names.append(name)
     if not names:
@@ -65,7 +75,7 @@ def parse_lrs(specs: list[str] | None, optimizers: list[str]) -> dict[str, float
             key, _, text = part.partition("=")
             if not key.strip():
                 raise ValueError(f"malformed --lr {spec!r}: {part!r} has no optimizer name")
-            name = get_optimizer_info(key).name
+            name = canonical_name(key)
             if name not in optimizers:
                 raise ValueError(f"--lr names {key.strip()!r}, which is not in --optimizers "
                                  f"({','.join(optimizers)})")
@@ -89,14 +99,15 @@ def parse_optimizer_args(specs: list[str] | None, optimizers: list[str]) -> dict
             raise ValueError(f"--optimizer_args {spec!r}: set learning rates with --lr")
         names = optimizers
         if target.strip():
-            name = get_optimizer_info(target).name
+            name = canonical_name(target)
             if name not in optimizers:
                 raise ValueError(f"--optimizer_args names {target.strip()!r}, which is not in "
                                  f"--optimizers ({','.join(optimizers)})")
             names = [name]
         value = parse_kwargs([f"{key}={text}"])[key]   # the same typing as training scripts get
         for name in names:
-            valid = get_optimizer_info(name).defaults
+            info, lookahead = resolve_optimizer_name(name)
+            valid = {**info.defaults, **(_LOOKAHEAD_ARGS if lookahead else {})}
             if key not in valid:
                 raise ValueError(f"--optimizer_args {spec!r}: {name} has no argument {key!r} "
                                  f"(valid: {', '.join(k for k in valid if k != 'lr')})")
@@ -107,7 +118,7 @@ def parse_optimizer_args(specs: list[str] | None, optimizers: list[str]) -> dict
 def check_optimizer(name: str, lr: float, kwargs: dict[str, Any]) -> None:
     """Build the optimizer on a dummy parameter, so a bad value fails before any training."""
     try:
-        get_optimizer_info(name).cls([torch.zeros(1, requires_grad=True)], lr=lr, **kwargs)
+        create_optimizer([torch.zeros(1, requires_grad=True)], name, lr=lr, **kwargs)
     except (ValueError, TypeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"{name} with lr={lr:g}, {kwargs}: {msg}") from None

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..registry import get_optimizer_info
+from ..factory import create_optimizer
+from .options import canonical_name
 from .tasks import Dataset, Task
 
 __all__ = ["RunResult", "Settings", "build_optimizer", "lr_grid", "state_bytes_per_param",
@@ -72,13 +73,16 @@ class RunResult:
 
 
 def build_optimizer(name: str, params, lr: float, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
-    """The registry's class for ``name`` (or an alias), built with ``lr`` and ``kwargs``."""
-    return get_optimizer_info(name).cls(params, lr=lr, **kwargs)
+    """The optimizer ``name`` (an alias, or ``lookahead_<name>``) over ``params``, with ``lr``
+    and ``kwargs``."""
+    return create_optimizer(params, name, lr=lr, **kwargs)
 
 
 def state_bytes_per_param(opt: torch.optim.Optimizer, n_params: int) -> float:
+    """Bytes of every tensor in the optimizer's ``state_dict`` (wrappers' too: Lookahead's slow
+    weights), per parameter."""
     total = 0
-    for st in opt.state.values():
+    for st in opt.state_dict()["state"].values():
         for v in st.values():
             if torch.is_tensor(v):
                 total += v.numel() * v.element_size()
@@ -125,7 +129,7 @@ def train_run(task: Task, model_name: str, data: Dataset, optimizer: str, lr: fl
     opt = build_optimizer(optimizer, params, lr, kwargs)
     gen = torch.Generator().manual_seed(seed)
 
-    res = RunResult(get_optimizer_info(optimizer).name, seed, lr, dict(kwargs), split,
+    res = RunResult(canonical_name(optimizer), seed, lr, dict(kwargs), split,
                     test_acc={"step": [], "value": []} if classification else None)
 
     def record_eval(step: int) -> None:
