@@ -134,3 +134,29 @@ def test_lr_schedule_does_not_recompile():
         one_step()
     assert counters["stats"]["unique_graphs"] == compiles
     assert opt.param_groups[0]["lr"] < 1e-2 / 7
+
+
+def test_step_counts_that_diverge_and_meet_again_resume_the_fused_kernel():
+    """The fused path remembers the bucket's step count instead of reading it from the device
+    every step; when the eager path changed the counts (a param missed a step, then the other
+    did), it must notice and use the true count again."""
+    torch.manual_seed(0)
+    master = [torch.randn(5, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)]
+    grads = [[torch.randn_like(m) for m in master] for _ in range(8)]
+    missing = {2: 1, 3: 0}                     # step -> index of the param without a gradient
+
+    def run(fused):
+        params = [torch.nn.Parameter(m.clone()) for m in master]
+        opt = of.AdaBelief(params, lr=1e-2, betas=(0.9, 0.9), fused=fused)
+        for k, gs in enumerate(grads):
+            for i, (p, g) in enumerate(zip(params, gs)):
+                p.grad = None if missing.get(k) == i else g.clone()
+            opt.step()
+        return params, opt
+
+    fused, opt = run(True)
+    eager, _ = run(False)
+    assert [opt.state[p]["step"].item() for p in fused] == [7, 7]
+    assert opt._flat_buckets and next(iter(opt._flat_buckets.values())).uniform_step() == 7
+    for a, b in zip(fused, eager):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

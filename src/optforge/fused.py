@@ -178,6 +178,22 @@ class FlatBucket:
         self.flat_grad = torch.zeros(total, dtype=p0.dtype, device=p0.device)
         self.grad_views = self._views(self.flat_grad, params)
         self.states = list(states)
+        self._known_step: tuple[int, float | None] | None = None   # (flat_step._version, step)
+
+    def uniform_step(self) -> float | None:
+        """The bucket's common step count, or None if its params' counts differ. Read from the
+        device only when something else changed the counts (the eager path, a checkpoint
+        load: the version counter of ``flat_step`` and its views tells); else remembered, so a
+        CUDA step does not wait for the device."""
+        version = self.flat_step._version
+        if self._known_step is None or self._known_step[0] != version:
+            steps = self.flat_step.tolist()
+            self._known_step = (version, steps[0] if min(steps) == max(steps) else None)
+        return self._known_step[1]
+
+    def advance_step(self, t: float) -> None:
+        self.flat_step.add_(1)
+        self._known_step = (self.flat_step._version, t)
 
     @staticmethod
     def _flatten(tensors: Sequence[Tensor], total: int, like: Tensor) -> Tensor:
@@ -281,10 +297,10 @@ def run_generated(opt: Any, group: dict[str, Any], bucket: Any) -> bool:
     flat = cache.get(key)
     if flat is None or not flat.is_current(bucket.params, bucket.states):
         flat = cache[key] = FlatBucket(bucket.params, bucket.states, tuple(bucket.s))
-    steps = flat.flat_step.tolist()
-    if min(steps) != max(steps):
+    step = flat.uniform_step()
+    if step is None:
         return False
-    t = steps[0] + 1
+    t = step + 1
     transformed = opt.transform_grads(group, bucket.g)
     g = flat.gather_grads(None if transformed is bucket.g else transformed)
     c = opt.scalars(group, t)
@@ -297,5 +313,5 @@ def run_generated(opt: Any, group: dict[str, Any], bucket: Any) -> bool:
     consts = opt.kernel_constants(group)
     entry = compiled_step(type(opt), (consts, p.dtype, p.device.type))
     entry(type(opt).kernel, consts, p, g, flat.flat_state, dict(zip(names, values.unbind())))
-    flat.flat_step.add_(1)
+    flat.advance_step(t)
     return True
