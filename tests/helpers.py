@@ -85,9 +85,11 @@ OPTIMIZER_KWARGS: dict[str, dict] = {
     "lamb": dict(lr=1e-2, clamp_value=1.0),
     "adan": dict(lr=1e-2, betas=(0.9, 0.9), beta3=0.95),
     "mars": dict(lr=1e-2, betas=(0.9, 0.95), gamma=0.1),
-    "prodigy": dict(lr=1.0, d0=1e-3),
     "adafactor": dict(lr=1e-2, momentum=0.9),  # with the first moment: all state kinds
     "came": dict(lr=1e-2),
+    "soap": dict(lr=1e-2, betas=(0.9, 0.95), precondition_frequency=3, max_precond_dim=4),
+    "muon": dict(lr=1e-2, momentum=0.9),  # the 1-D params take the AdamW fallback
+    "prodigy": dict(lr=1.0, d0=1e-3),
 }
 
 

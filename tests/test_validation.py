@@ -54,6 +54,7 @@ EXTRA_FOR = {  # (optimizer name, hyperparameter): more bad values
     ("prodigy", "d0"): [(0.0, 0.0)],
     ("prodigy", "d_coef"): [(0.0, 0.0)],
     ("prodigy", "growth_rate"): [(0.0, 0.0), (-1.0, -1.0)],
+    ("muon", "ns_coefficients"): [((3.4, NAN, 2.0), NAN), ((3.4, -4.7, INF), INF)],
 }
 # values bad_values() would offer that a hyperparameter accepts (an unlimited growth rate)
 VALID_FOR = {
@@ -66,8 +67,11 @@ def bad_values(opt_name, name, default):
         out = list(BAD_BOOL)
     elif isinstance(default, str):
         out = list(BAD_STR)
-    elif isinstance(default, tuple):
-        out = list(BAD_BETAS)
+    elif isinstance(default, tuple):   # pairs, or triples (Muon's coefficients, Adan's betas)
+        out = [(v, shown) for v, shown in BAD_BETAS if not (isinstance(v, tuple) and len(v) == len(default)
+                                                            and v == (0.9, 0.99, 0.9))]   # valid triple
+        if len(default) != 2:
+            out.append(((0.9, 0.99), (0.9, 0.99)))
     elif isinstance(default, int):
         out = list(BAD_INT)
     elif isinstance(default, float):

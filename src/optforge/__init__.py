@@ -16,6 +16,7 @@ from .optimizers import (
     LAMB,
     MARS,
     SGD,
+    SOAP,
     AdaBelief,
     Adafactor,
     Adam,
@@ -28,11 +29,13 @@ from .optimizers import (
     Lion,
     LodeW,
     MomentumSGD,
+    Muon,
     Noam,
     Prodigy,
     RAdam,
     ScheduleFreeAdamW,
     ScheduleFreeSGD,
+    muon_param_groups,
 )
 from .registry import OptimInfo, get_optimizer_info, list_optimizers, register
 from .schedules import create_scheduler, set_lr
@@ -64,6 +67,9 @@ __all__ = [
     "SAM",
     "LodeW",
     "MomentumSGD",
+    "Muon",
+    "muon_param_groups",
+    "SOAP",
     "NameLoadReport",
     "Noam",
     "Prodigy",

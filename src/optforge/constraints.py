@@ -24,6 +24,7 @@ __all__ = [
     "optional",
     "positive",
     "positive_or_inf",
+    "real_tuple",
     "real",
     "unit_interval",
     "beta_tuple",
@@ -87,6 +88,18 @@ def beta_tuple(n: int = 2) -> Constraint:
             _fail(name, value, f"a tuple of {n} numbers in [0, 1)")
         for i, b in enumerate(value):
             unit_interval(f"{name}[{i}]", b)
+
+    return check
+
+
+def real_tuple(n: int) -> Constraint:
+    """A tuple of ``n`` finite real numbers (e.g. polynomial coefficients)."""
+
+    def check(name: str, value: Any) -> None:
+        if not isinstance(value, (tuple, list)) or len(value) != n:
+            _fail(name, value, f"a tuple of {n} finite real numbers")
+        for i, x in enumerate(value):
+            real(f"{name}[{i}]", x)
 
     return check
 

@@ -58,6 +58,8 @@ def predicate(check):
         "boolean": lambda v: isinstance(v, bool),
         "beta_tuple": lambda v: isinstance(v, (tuple, list)) and len(v) == args["n"]
         and all(real(b, lambda x: 0 <= x < 1) for b in v),
+        "real_tuple": lambda v: isinstance(v, (tuple, list)) and len(v) == args["n"]
+        and all(real(b, math.isfinite) for b in v),
         "integer_at_least": lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)
         and v >= args["low"],
         "one_of": lambda v: any(v == c and type(v) is type(c) for c in args["choices"]),
@@ -132,6 +134,13 @@ SANE_FOR = {
 }
 
 
+# Hyperparameters whose valid values are mostly meaningless (any finite triple is a valid
+# polynomial, few converge): the values the fuzzer draws from.
+SANE_CHOICES = {
+    ("muon", "ns_coefficients"): [(3.4445, -4.7750, 2.0315), (1.5, -0.5, 0.0), (2.0, -1.5, 0.5)],
+}
+
+
 def valid_strategy(name, check, default, opt_name=""):
     kind, args = _factory(check)
     if kind == "optional":
@@ -140,6 +149,8 @@ def valid_strategy(name, check, default, opt_name=""):
         return st.booleans()
     if kind == "one_of":
         return st.sampled_from(args["choices"])
+    if kind == "real_tuple":   # e.g. polynomial coefficients: only the meaningful ones are sane
+        return st.sampled_from(SANE_CHOICES[(opt_name, name)])
     if kind == "beta_tuple":
         ranges = SANE_FOR.get((opt_name, name), [(0.0, 1.0)] * args["n"])
         return st.tuples(*[st.floats(lo, hi, exclude_max=hi == 1.0) for lo, hi in ranges])

@@ -11,13 +11,15 @@ from .compass import Compass, LodeW
 from .lamb import LAMB
 from .lion import Lion
 from .mars import MARS
+from .muon import Muon, muon_param_groups
 from .prodigy import Prodigy
 from .radam import RAdam
 from .schedule_free import ScheduleFreeAdamW, ScheduleFreeSGD
 from .sgd import SGD, MomentumSGD
+from .soap import SOAP
 from .warmup import AdamWarmup, Noam
 
-__all__ = ["Adafactor", "CAME",
+__all__ = ["Adafactor", "CAME", "Muon", "muon_param_groups", "SOAP",
            "LAMB", "Adan", "MARS", "Prodigy",
            "ScheduleFreeAdamW", "ScheduleFreeSGD",
            "ADOPT", "AdEMAMix", "Lion",

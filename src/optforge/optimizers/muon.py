@@ -1,0 +1,270 @@
+"""Muon: momentum orthogonalized by Newton-Schulz, with an AdamW fallback for non-matrix params."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..base import Optimizer, ParamsT
+from ..constraints import (
+    beta_tuple,
+    boolean,
+    integer_at_least,
+    non_negative,
+    one_of,
+    optional,
+    real_tuple,
+    unit_interval,
+)
+from ..registry import register
+from ..tensorlist import TensorList
+
+__all__ = ["DEFAULT_ADAMW_NAMES", "DEFAULT_HEAD_NAMES", "Muon", "muon_param_groups", "orthogonalize"]
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)    # Jordan's quintic: maximal slope at zero
+NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64, "param": None}
+#: Module names (last component) taken for output heads by :func:`muon_param_groups`.
+DEFAULT_HEAD_NAMES = ("head", "lm_head", "classifier", "fc_out", "output", "out_proj_head")
+#: Parameter-name patterns sent to AdamW by :func:`muon_param_groups` (Jordan's rule: embeddings
+#: held as plain parameters, e.g. ``pos_embed``).
+DEFAULT_ADAMW_NAMES = ("*embed*",)
+
+
+def orthogonalize(x: Tensor, coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+                  steps: int = 5, eps: float = 1e-7, dtype: torch.dtype | None = torch.bfloat16) -> Tensor:
+    r"""Approximate :math:`UV^\top` of a matrix :math:`X = USV^\top` by ``steps`` quintic
+    Newton-Schulz iterations (Jordan, 2024), computed in ``dtype`` (None: ``x``'s dtype):
+
+    .. math::
+        X_0 = X / \max(\lVert X \rVert_F, \epsilon), \qquad
+        A = X_k X_k^\top, \qquad X_{k+1} = a X_k + (b A + c A^2) X_k
+
+    run on the wide orientation (:math:`X^\top` when rows > columns, so :math:`A` is the small
+    Gram matrix). The coefficients push singular values into roughly [0.7, 1.2] rather than to
+    exactly 1, which does not hurt training. Returns a new tensor in ``dtype``."""
+    a, b, c = coefficients
+    y = x.to(dtype) if dtype is not None else x
+    tall = y.size(0) > y.size(1)
+    if tall:
+        y = y.T
+    # spectral norm <= Frobenius norm <= 1 (eps = 0: the smallest normal, so 0 stays 0)
+    y = y / y.norm().clamp(min=eps or torch.finfo(y.dtype).tiny)
+    for _ in range(steps):
+        gram = y @ y.T                                      # A = X X^T
+        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)   # b A + c A^2
+        y = torch.addmm(y, poly, y, beta=a)                 # a X + (b A + c A^2) X
+    return y.T if tall else y
+
+
+def _lr_ratio(adjust_lr_fn: str, rows: int, cols: int) -> float:
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))            # Moonshot: update RMS ~ AdamW's 0.2
+    return math.sqrt(max(1.0, rows / cols))                 # Jordan: sqrt(max(1, A/B))
+
+
+class Muon(Optimizer):
+    r"""Muon (Jordan, 2024, "Muon: An optimizer for hidden layers in neural networks"), as
+    ``torch.optim.Muon``, with the AdamW fallback of Jordan's ``MuonWithAuxAdam`` chosen per
+    param group.
+
+    For a hidden-layer matrix :math:`W` of shape :math:`A \times B` (conv kernels viewed as
+    (out, in * kernel size)), with :math:`\mu` = ``momentum``:
+
+    .. math::
+        B_t &= \mu B_{t-1} + (1 - \mu) g_t, \qquad
+        U_t = \begin{cases} (1 - \mu) g_t + \mu B_t & \text{nesterov} \\ B_t & \text{else} \end{cases} \\
+        O_t &= \mathrm{NS}_{k}^{(a,b,c)}(U_t) \approx \text{the orthogonal factor of } U_t
+            \quad (\text{see } :func:`orthogonalize`) \\
+        W_t &= W_{t-1}(1 - \mathrm{lr}\,\lambda) - \mathrm{lr}\,\rho(A, B)\, O_t
+
+    with :math:`\rho = \sqrt{\max(1, A/B)}` (``adjust_lr_fn="original"``, Jordan's; torch's None) or
+    :math:`\rho = 0.2\sqrt{\max(A, B)}` (``"match_rms_adamw"``, Liu et al., 2025, "Muon is
+    Scalable for LLM Training": lr and decay tuned for AdamW carry over).
+
+    Params routed to the fallback get AdamW (Loshchilov & Hutter) with the group's ``lr`` and
+    ``weight_decay``, ``adamw_betas`` and ``adamw_eps``. The param-group key ``use_muon`` (a
+    group key, as in Jordan's ``MuonWithAuxAdam``; not a constructor argument) routes:
+
+    - ``True``: every param is Muon's; a param with fewer than 2 dims is a ValueError.
+    - ``False``: every param gets AdamW (embeddings, output heads, gains, biases).
+    - ``None`` (the default, e.g. a plain list of params): params with >= 2 dims get Muon,
+      the others AdamW, all with the group's lr. Embeddings and output heads should not get
+      Muon: build the groups with :func:`muon_param_groups` (``create_optimizer(model,
+      "muon")`` does), which also lets the AdamW groups have their own lr.
+
+    ``ns_coefficients`` (a, b, c): the quintic's coefficients, default Jordan's
+    (3.4445, -4.7750, 2.0315), as torch's.
+
+    ``ns_dtype``: the dtype the Newton-Schulz iteration runs in: ``"bfloat16"`` (the default,
+    as Jordan's and torch's: it is stable in bf16 and fast on accelerators), ``"float32"``,
+    ``"float64"``, or ``"param"``: the parameter's dtype (exact float64 runs, for parity tests).
+    Defaults are Jordan's (lr 0.02, no decay; AdamW betas (0.9, 0.95), eps 1e-10), the
+    iteration torch's (its eps, its ``addmm`` form). Jordan's reference scales conv kernels by
+    their last two dims (kernel height / width); here :math:`A, B` are those of the flattened
+    matrix. State: ``step``, ``momentum_buffer`` (Muon), ``exp_avg``, ``exp_avg_sq`` (AdamW);
+    in a ``use_muon=None`` group holding both kinds, a param's unused entries are empty
+    tensors. Eager only (per-matrix iterations); ``fused=True`` is refused.
+    """
+
+    constraints = dict(momentum=unit_interval, nesterov=boolean, ns_coefficients=real_tuple(3),
+                       ns_steps=integer_at_least(1), eps=non_negative,
+                       adjust_lr_fn=one_of("original", "match_rms_adamw"),
+                       ns_dtype=one_of(*NS_DTYPES), use_muon=optional(boolean),
+                       adamw_betas=beta_tuple(2), adamw_eps=non_negative)
+    supports_complex = False
+
+    def __init__(self, params: ParamsT, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
+                 weight_decay: float = 0.0,
+                 ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS, ns_steps: int = 5,
+                 eps: float = 1e-7,
+                 adjust_lr_fn: str = "original", ns_dtype: str = "bfloat16",
+                 adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-10, *,
+                 weight_decay_mode: str = "decoupled", maximize: bool = False, fused: bool = False) -> None:
+        super().__init__(params, dict(
+            lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+            ns_coefficients=ns_coefficients, ns_steps=ns_steps, eps=eps, adjust_lr_fn=adjust_lr_fn,
+            ns_dtype=ns_dtype, use_muon=None, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
+            weight_decay_mode=weight_decay_mode, maximize=maximize, fused=fused))
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group["use_muon"]:
+            flat = [p for p in group["params"] if p.dim() < 2]
+            if flat:
+                self.param_groups.pop()
+                raise ValueError(
+                    f"Muon: a use_muon=True param group holds a parameter of shape {tuple(flat[0].shape)}; "
+                    "Muon orthogonalizes matrices (>= 2 dims). Put vectors and scalars in a use_muon=False "
+                    "(AdamW) group, e.g. with optforge.muon_param_groups(model), or leave use_muon=None "
+                    "to route them to AdamW automatically")
+
+    @staticmethod
+    def _is_muon(group: dict[str, Any], p: Tensor) -> bool:
+        return group["use_muon"] is not False and p.dim() >= 2
+
+    def state_names_for(self, group: dict[str, Any]) -> tuple[str, ...]:
+        kinds = {self._is_muon(group, p) for p in group["params"]}
+        muon = ("momentum_buffer",) if True in kinds else ()
+        return muon + (("exp_avg", "exp_avg_sq") if False in kinds else ())
+
+    def init_state(self, group: dict[str, Any], p: Tensor, name: str) -> Tensor:
+        if (name == "momentum_buffer") != self._is_muon(group, p) and p.numel():
+            return p.new_zeros(0)                  # a placeholder: the other kind's state
+        return torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def state_shape(self, group: dict[str, Any], p: Tensor, name: str) -> tuple[int, ...]:
+        used = (name == "momentum_buffer") == self._is_muon(group, p) or not p.numel()
+        return tuple(p.shape) if used else (0,)
+
+    def update(self, group, p, g, s, t):
+        lr = float(group["lr"])
+        muon = [i for i, x in enumerate(p) if self._is_muon(group, x)]
+        adamw = [i for i, x in enumerate(p) if not self._is_muon(group, x)]
+        if muon:
+            self._muon(group, lr, [p[i] for i in muon], [g[i] for i in muon],
+                       [s["momentum_buffer"][i] for i in muon])
+        if adamw:
+            pick = lambda xs: TensorList(xs[i] for i in adamw)   # noqa: E731
+            self._adamw(group, lr, pick(p), pick(g), pick(s["exp_avg"]), pick(s["exp_avg_sq"]),
+                        [t[i] for i in adamw])
+
+    @staticmethod
+    def _muon(group, lr, params, grads, buffers):
+        mu, dtype = group["momentum"], NS_DTYPES[group["ns_dtype"]]
+        for p, g, buf in zip(params, grads, buffers):
+            buf.lerp_(g, 1 - mu)                                   # B_t = mu B + (1 - mu) g
+            u = g.lerp(buf, mu) if group["nesterov"] else buf      # U_t = (1 - mu) g + mu B_t
+            u = u.flatten(1)                                       # conv (out, in, k...) -> (out, -1)
+            if u.numel() == 0:
+                continue
+            o = orthogonalize(u, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
+            ratio = _lr_ratio(group["adjust_lr_fn"], *u.shape)
+            p.add_(o.reshape(p.shape).to(p.dtype), alpha=-lr * ratio)  # W_t = W - lr rho O_t
+
+    @staticmethod
+    def _adamw(group, lr, p, g, m, v, t):
+        (b1, b2), eps = group["adamw_betas"], group["adamw_eps"]
+        m.lerp_(g, 1 - b1)                                         # m_t = b1 m + (1 - b1) g
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)                    # v_t = b2 v + (1 - b2) g^2
+        bc2 = [math.sqrt(1 - b2**k) for k in t]
+        # x -= lr m_hat / (sqrt(v_hat) + eps), the bias corrections folded into the scalars
+        p.addcdiv_(m, v.sqrt().div_(bc2).add_(eps), [-lr / (1 - b1**k) for k in t])
+
+
+# ---- splitting a model's parameters -----------------------------------------------------------
+def _match(name: str, patterns: Iterable[str]) -> bool:
+    last = name.rsplit(".", 1)[-1]
+    return any(fnmatch.fnmatchcase(name, pat) or fnmatch.fnmatchcase(last, pat) for pat in patterns)
+
+
+def _adamw_by_structure(model: nn.Module, head_names: Iterable[str]) -> set[int]:
+    """ids of the params Muon should not get: embeddings, output heads, depthwise convs."""
+    out: set[int] = set()
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    vocab = {m.num_embeddings for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
+    heads = [m for n, m in linears if _match(n, head_names) or m.out_features in vocab]
+    if not heads and linears:
+        heads = [linears[-1][1]]             # no named head or vocab projection: the final Linear
+    for m in model.modules():
+        conv = isinstance(m, nn.modules.conv._ConvNd)
+        depthwise = conv and m.groups > 1 and m.groups == m.in_channels
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) or depthwise or any(m is h for h in heads):
+            out.update(id(p) for p in m.parameters(recurse=False))
+    return out
+
+
+def muon_param_groups(model: nn.Module, groups: list[dict[str, Any]] | None = None, *,
+                      head_names: Iterable[str] = DEFAULT_HEAD_NAMES,
+                      adamw_names: Iterable[str] = DEFAULT_ADAMW_NAMES,
+                      use_muon: Callable[[str, Tensor], bool | None] | None = None,
+                      adamw_lr: float | None = None) -> list[dict[str, Any]]:
+    """Split ``model``'s params into Muon groups (``use_muon=True``) and AdamW groups
+    (``use_muon=False``), for :class:`Muon`.
+
+    AdamW gets: params with fewer than 2 dims; ``nn.Embedding`` weights; output heads (each
+    ``nn.Linear`` whose name, or its last component, matches ``head_names`` (fnmatch patterns),
+    or whose ``out_features`` is an embedding's vocabulary size; if there is none, the model's
+    last ``nn.Linear``); depthwise convs (``groups == in_channels``); params whose name (or its
+    last component) matches an ``adamw_names`` pattern (default ``"*embed*"``). Muon gets the
+    other params with >= 2 dims. ``use_muon(name, param)``, when given, decides first (True /
+    False; None: the rules above), except that params with fewer than 2 dims always get AdamW.
+
+    ``groups``: param groups to split (dicts with "params", e.g. from
+    ``param_groups_weight_decay``); each yields up to two groups that keep its other keys.
+    Default: one group of the model's trainable params. ``adamw_lr`` sets the AdamW groups' lr
+    (default: the optimizer's lr). Frozen params (``requires_grad=False``) are left out.
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    structural = _adamw_by_structure(model, tuple(head_names))
+    extra = tuple(adamw_names)
+
+    def to_muon(p: Tensor) -> bool:
+        name = names.get(id(p), "")
+        if use_muon is not None:
+            choice = use_muon(name, p)
+            if choice is not None:
+                return bool(choice) and p.dim() >= 2
+        return p.dim() >= 2 and id(p) not in structural and not _match(name, extra)
+
+    if groups is None:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    out = []
+    for group in groups:
+        params = list(group["params"])
+        for flag in (True, False):
+            chosen = [p for p in params if to_muon(p) == flag]
+            if chosen:
+                extra_keys = {"lr": adamw_lr} if not flag and adamw_lr is not None else {}
+                out.append({**group, "params": chosen, "use_muon": flag, **extra_keys})
+    return out
+
+
+register(Muon, "Muon: momentum orthogonalized by Newton-Schulz for matrices, AdamW for the rest "
+         "(Jordan, 2024)", elementwise=False,
+         prepare_groups=lambda model, groups: muon_param_groups(model, groups))
