@@ -129,6 +129,8 @@ def test_good_values_are_accepted(info, name, default):
         "maximize": [True, False], "warmup": [0, 10] if info.name == "adam_warmup" else [1, 10],
         "momentum": [0.0, 0.99], "d_model": [1, 64.0],
     }.get(name, [default])
+    if name == "betas" and len(default) != 2:      # Adan, AdEMAMix, CAME: three betas
+        good = [(0.0,) * len(default), [0.5] * len(default), (0,) + (0.999999,) * (len(default) - 1)]
     for value in good:
         opt = info.cls(fresh_params(), **{name: value})
         opt.add_param_group({"params": fresh_params(1), name: value})

@@ -77,7 +77,7 @@ def other_hyperparameters(info) -> dict:
     kw = {**info.defaults, **optimizer_kwargs(info.name)}
     out = {"lr": kw["lr"] * 0.5, "weight_decay": 0.07, "weight_decay_mode": "absolute", "maximize": True}
     if "betas" in kw:
-        out["betas"] = (kw["betas"][0] * 0.9, kw["betas"][1] * 0.99)
+        out["betas"] = (kw["betas"][0] * 0.9, *(b * 0.99 for b in kw["betas"][1:]))
     if kw.get("momentum"):
         out["momentum"] = kw["momentum"] * 0.5
     if "eps" in kw:

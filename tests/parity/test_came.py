@@ -15,8 +15,8 @@ came_pytorch = pytest.importorskip("came_pytorch")
 
 
 def ours_kwargs(betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16), clip_threshold=1.0):
-    """optforge's kwargs for the reference's: three betas and two eps are split."""
-    return dict(betas=betas[:2], beta3=betas[2], eps=eps[0], eps_instability=eps[1],
+    """optforge's kwargs for the reference's: its two eps are two arguments."""
+    return dict(betas=betas, eps=eps[0], eps_instability=eps[1],
                 clip_threshold=clip_threshold)
 
 
@@ -57,7 +57,7 @@ def test_defaults_match_reference():
     ref = {n: p.default for n, p in inspect.signature(came_pytorch.CAME).parameters.items()}
     ours = {n: p.default for n, p in inspect.signature(of.CAME).parameters.items()}
     assert ours_kwargs(ref["betas"], ref["eps"], ref["clip_threshold"]) == {
-        k: ours[k] for k in ("betas", "beta3", "eps", "eps_instability", "clip_threshold")}
+        k: ours[k] for k in ("betas", "eps", "eps_instability", "clip_threshold")}
     assert ours["weight_decay"] == ref["weight_decay"] and ours["weight_decay_mode"] == "decoupled"
     assert ref["lr"] is None and ours["lr"] == 2e-4       # the reference has none; its README uses 2e-4
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..base import ParamsT
-from ..constraints import beta_tuple, non_negative, positive, unit_interval
+from ..constraints import beta_tuple, non_negative, positive
 from ..registry import register
 from ..tensorlist import TensorList
 from .adafactor import FactoredOptimizer, is_factored, mean_square, rms_scale, unused_shape
@@ -46,9 +46,9 @@ class CAME(FactoredOptimizer):
     full, :math:`u_t = G_t / \sqrt{v_t}`, and steps by :math:`\mathrm{lr}\, m_t` (the reference
     applies no confidence to vectors). No bias correction, as in the paper and the reference.
 
-    Defaults are the reference's: ``betas=(0.9, 0.999)`` and ``beta3=0.9999`` (its
-    ``betas=(b1, b2, b3)``, split here as optforge's ``betas`` are pairs), ``eps=1e-30`` and
-    ``eps_instability=1e-16`` (its ``eps=(eps1, eps2)``), ``clip_threshold=1.0``,
+    Defaults are the reference's: ``betas=(0.9, 0.999, 0.9999)`` (:math:`\beta_1, \beta_2,
+    \beta_3`, its order), ``eps=1e-30`` and ``eps_instability=1e-16`` (its ``eps=(eps1, eps2)``,
+    two arguments here), ``clip_threshold=1.0``,
     ``weight_decay=0``. The reference has no default lr; 2e-4 is its README's example.
     Weight decay: the reference's is decoupled, :math:`\theta \leftarrow \theta (1 - \mathrm{lr}\,\lambda)`
     before the step: ``weight_decay_mode="decoupled"`` (the default, applied by the base class);
@@ -63,16 +63,17 @@ class CAME(FactoredOptimizer):
     parameters need ``fp32_state`` (``configure``): :math:`\epsilon_1 = 10^{-30}` underflows in float16.
     """
 
-    constraints = dict(betas=beta_tuple(2), beta3=unit_interval, eps=non_negative,
+    constraints = dict(betas=beta_tuple(3), eps=non_negative,
                        eps_instability=non_negative, clip_threshold=positive)
     state_names = ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_res_row", "exp_avg_res_col",
                    "exp_avg_sq")
 
-    def __init__(self, params: ParamsT, lr: float = 2e-4, betas: tuple[float, float] = (0.9, 0.999),
-                 beta3: float = 0.9999, eps: float = 1e-30, eps_instability: float = 1e-16,
+    def __init__(self, params: ParamsT, lr: float = 2e-4,
+                 betas: tuple[float, float, float] = (0.9, 0.999, 0.9999),
+                 eps: float = 1e-30, eps_instability: float = 1e-16,
                  clip_threshold: float = 1.0, weight_decay: float = 0.0, *,
                  weight_decay_mode: str = "decoupled", maximize: bool = False, fused: bool = False) -> None:
-        super().__init__(params, dict(lr=lr, betas=betas, beta3=beta3, eps=eps,
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps,
                                       eps_instability=eps_instability, clip_threshold=clip_threshold,
                                       weight_decay=weight_decay,
                                       weight_decay_mode=weight_decay_mode, maximize=maximize, fused=fused))
@@ -94,7 +95,7 @@ class CAME(FactoredOptimizer):
         col.mul_(beta).add_(mean_square(x, -2).squeeze_(-2).add_(added), alpha=1 - beta)
 
     def update(self, group, p, g, s, t):
-        (b1, b2), b3, eps = group["betas"], group["beta3"], group["eps"]
+        (b1, b2, b3), eps = group["betas"], group["eps"]
         u = TensorList()
         for i, (x, gx) in enumerate(zip(p, g)):
             if is_factored(x):
