@@ -152,7 +152,7 @@ def other_hyperparameters(cls, kwargs):
     sig = cls([torch.zeros(1, requires_grad=True)], **kwargs).defaults
     out = {"lr": kwargs["lr"] * 3}
     if "betas" in sig:
-        out["betas"] = (0.5, 0.9)
+        out["betas"] = (0.5, 0.9, 0.95)[:len(sig["betas"])]
     if "momentum" in sig and sig["momentum"] > 0:
         out["momentum"] = 0.5
     return out

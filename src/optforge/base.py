@@ -332,7 +332,8 @@ class Optimizer(torch.optim.Optimizer):
         if torch.compiler.is_compiling():
             self._step_outside_graph()
         else:
-            self._step()
+            with TensorList.scratch(self):   # big CPU temporaries reuse buffers (optforge.scratch)
+                self._step()
         return loss
 
     def _step(self) -> None:

@@ -8,11 +8,13 @@ one number per tensor (e.g. per-tensor bias corrections).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Union
+from collections.abc import Callable, Sequence
+from typing import Any, Union
 
 import torch
 from torch import Tensor
+
+from . import scratch as _scratch
 
 Scalar = Union[float, int]
 Operand = Union["TensorList", Sequence[Tensor], Scalar, Sequence[Scalar]]
@@ -24,40 +26,86 @@ def _is_tensors(x: object) -> bool:
     return isinstance(x, (list, tuple)) and len(x) > 0 and isinstance(x[0], Tensor)
 
 
+def _nth(arg: Any, i: int) -> Any:
+    """Tensor i's operand: arg[i] of a per-tensor list, else arg itself."""
+    return arg[i] if isinstance(arg, (list, tuple)) else arg
+
+
+def _pick(arg: Any, idx: list[int]) -> Any:
+    return [arg[i] for i in idx] if isinstance(arg, (list, tuple)) else arg
+
+
+def _fits(x: Tensor, operand: Any) -> bool:
+    """Whether ``op(x, operand)`` has x's dtype and shape, so that ``out=`` a buffer like x
+    neither casts nor resizes."""
+    if isinstance(operand, Tensor) and operand.dim() != 0 and operand.shape != x.shape:
+        return False
+    return torch.result_type(x, operand) == x.dtype
+
+
 class TensorList(list):
     """A ``list[Tensor]`` with foreach arithmetic. In-place methods end in ``_`` and return self."""
 
-    # out-of-place: each returns a new TensorList
+    #: ``with TensorList.scratch(optimizer):`` an eager step whose large CPU temporaries reuse
+    #: the optimizer's buffers (optforge.scratch)
+    scratch = staticmethod(_scratch.using)
+
+    # out-of-place: each returns a new TensorList (in an eager step, a large CPU tensor's result
+    # may be a reused scratch buffer: see optforge.scratch)
     def clone(self) -> TensorList:
-        return TensorList(t.clone(memory_format=torch.preserve_format) for t in self)
+        return self._new(lambda xs: [t.clone(memory_format=torch.preserve_format) for t in xs],
+                         lambda x, out: out.copy_(x))
 
     def neg(self) -> TensorList:
-        return TensorList(torch._foreach_neg(self))
+        return self._new(torch._foreach_neg, torch.neg)
 
     def sqrt(self) -> TensorList:
-        return TensorList(torch._foreach_sqrt(self))
+        return self._new(torch._foreach_sqrt, torch.sqrt)
 
     def abs(self) -> TensorList:
-        return TensorList(torch._foreach_abs(self))
+        return self._new(torch._foreach_abs, torch.abs)
 
     def sign(self) -> TensorList:
-        return TensorList(torch._foreach_sign(self))
+        return self._new(torch._foreach_sign, torch.sign)
 
     def add(self, other: Operand, alpha: Scalar = 1) -> TensorList:
         if _is_tensors(other):
-            return TensorList(torch._foreach_add(self, other, alpha=alpha))
-        return TensorList(torch._foreach_add(self, other))
+            return self._new(torch._foreach_add, torch.add, other, alpha=alpha)
+        return self._new(torch._foreach_add, torch.add, other)
 
     def sub(self, other: Operand, alpha: Scalar = 1) -> TensorList:
         if _is_tensors(other):
-            return TensorList(torch._foreach_sub(self, other, alpha=alpha))
-        return TensorList(torch._foreach_sub(self, other))
+            return self._new(torch._foreach_sub, torch.sub, other, alpha=alpha)
+        return self._new(torch._foreach_sub, torch.sub, other)
 
     def mul(self, other: Operand) -> TensorList:
-        return TensorList(torch._foreach_mul(self, other))
+        return self._new(torch._foreach_mul, torch.mul, other)
 
     def div(self, other: Operand) -> TensorList:
-        return TensorList(torch._foreach_div(self, other))
+        return self._new(torch._foreach_div, torch.div, other)
+
+    def _new(self, foreach: Callable[..., list[Tensor]], single: Callable[..., Tensor], *args: Any,
+             **kwargs: Any) -> TensorList:
+        """``foreach(self, *args, **kwargs)`` as a TensorList. In an eager optimizer step, the
+        tensors the scratch pool takes get ``single(x, *their args, out=buffer)`` instead: the
+        same CPU kernel (foreach on CPU runs it per tensor), into reused memory."""
+        pool = _scratch.active()
+        pooled = [] if pool is None else pool.pooled(self)
+        if not pooled:
+            return TensorList(foreach(self, *args, **kwargs))
+        out = TensorList(self)
+        rest = sorted(set(range(len(self))) - set(pooled))
+        if rest:
+            results = foreach([self[i] for i in rest], *(_pick(a, rest) for a in args), **kwargs)
+            for i, r in zip(rest, results):
+                out[i] = r
+        for i in pooled:
+            x, xargs = self[i], [_nth(a, i) for a in args]
+            if not all(_fits(x, a) for a in xargs):
+                out[i] = foreach([x], *([a] for a in xargs), **kwargs)[0]
+            else:
+                out[i] = single(x, *xargs, **kwargs, out=pool.take(x))
+        return out
 
     def norm(self, ord: Scalar = 2) -> TensorList:
         """Per-tensor norms (a list of 0-d tensors)."""

@@ -69,6 +69,7 @@ class AdaBelief(Optimizer):
         m.lerp_(g, 1 - b1)                                          # m_t
         r = g.sub(m)                                                # g_t - m_t
         v.mul_(b2).addcmul_(r, r, value=1 - b2).add_(group["eps"])  # s_t (eps inside, as the paper)
+        del r                                                       # its memory serves the next temporary
         if group["amsgrad"]:
             s["max_exp_avg_var"].maximum_(v)
             if not group["rectify"]:   # the reference's rectified step uses s_t, not its max

@@ -73,6 +73,7 @@ class Adan(Optimizer):
         v.lerp_(d, c["vd"])                              # v_t = b2 v + (1 - b2)(g_t - g_{t-1})
         u = d.mul_(c["nd"]).add_(g)                      # g_t + b2 (g_t - g_{t-1})
         n.mul_(b3).addcmul_(u, u, value=1 - b3)          # n_t = b3 n + (1 - b3) u^2
+        del d, u                                         # their memory serves the next temporary
         den = n.sqrt().add_(c["eps"])                    # sqrt(n_t / (1 - b3^t)) + eps, times c
         p.addcdiv_(m, den, c["m"])                       # theta -= lr m_t / (1 - b1^t) / den
         p.addcdiv_(v, den, c["v"])                       # theta -= lr b2 v_t / (1 - b2^t) / den

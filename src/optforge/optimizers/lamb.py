@@ -10,7 +10,6 @@ import torch
 from ..base import Optimizer, ParamsT
 from ..constraints import beta_tuple, boolean, non_negative, positive
 from ..registry import register
-from ..tensorlist import TensorList
 
 
 class LAMB(Optimizer):
@@ -62,23 +61,24 @@ class LAMB(Optimizer):
         m, v = s["exp_avg"], s["exp_avg_sq"]
         m.lerp_(g, 1 - b1)                                    # m_t = b1 m + (1 - b1) g
         v.mul_(b2).addcmul_(g, g, value=1 - b2)               # v_t = b2 v + (1 - b2) g^2
-        # bias corrections folded in: m_hat / (sqrt(v_hat) + eps) = (c2/c1) m / (sqrt(v) + eps c2)
-        c1 = [1 - b1**k if group["debias"] else 1.0 for k in t]
-        c2 = [math.sqrt(1 - b2**k) if group["debias"] else 1.0 for k in t]
-        r = TensorList(torch._foreach_div(m, v.sqrt().add_([eps * c for c in c2])))
-        r.mul_([b / a for a, b in zip(c1, c2)])
+        # Bias corrections folded in: r_t = k u with k = c2 / c1 per tensor and
+        # u = m / (sqrt(v) + eps c2) (+ lambda x / k); rho_t r_t = phi(||x||) u / ||u||: k cancels.
+        c1 = [1 - b1**n if group["debias"] else 1.0 for n in t]
+        c2 = [math.sqrt(1 - b2**n) if group["debias"] else 1.0 for n in t]
+        k = [b / a for a, b in zip(c1, c2)]
+        u = m.div(v.sqrt().add_([eps * c for c in c2]))
         if group["weight_decay_mode"] == "decoupled" and wd != 0:
-            r.add_(p, alpha=wd)                               # r_t = Adam direction + lambda x
+            u.add_(p, alpha=[wd / x for x in k])              # r_t / k = Adam direction / k + lambda x / k
         lr = float(group["lr"])
         if group["adam"]:
-            p.add_(r, alpha=-lr)
+            p.add_(u, alpha=[-lr * x for x in k])             # x_t = x - lr r_t
             return
         w_norm = torch.stack(p.norm()).clamp_(max=group["clamp_value"])   # phi(||x||)
-        r_norm = torch.stack(r.norm())                                     # ||r_t||
-        trust = torch.where((w_norm > 0) & (r_norm > 0), w_norm / r_norm, 1.0)  # rho_t
-        r.mul_(list((trust * -lr).unbind()))                 # on the device: no host sync
-        p.add_(r)                                             # x_t = x - lr rho_t r_t
-
+        u_norm = torch.stack(u.norm())                                     # ||r_t|| / k
+        rho_k = k[0] if len(set(k)) == 1 else torch.tensor(k, dtype=u_norm.dtype, device=u_norm.device)
+        # rho_t k: phi(||x||) / ||u||, or k where rho_t = 1 (a norm is 0); on the device: no host sync
+        scale = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, rho_k).mul_(-lr)
+        p.addcmul_(u, list(scale.unbind()))                   # x_t = x - lr rho_t r_t
 
 register(LAMB, "LAMB: Adam direction with a per-tensor trust ratio (You et al., 2020)",
          elementwise=False)

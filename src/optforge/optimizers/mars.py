@@ -78,6 +78,7 @@ class MARS(Optimizer):
             clipped.div_(norms)                                    # c_t / max(1, ||c_t||)
         m.lerp_(c, 1 - b1)                                         # m_t = b1 m + (1 - b1) c_t
         v.mul_(b2).addcmul_(c, c, value=1 - b2)                    # v_t = b2 v + (1 - b2) c_t^2
+        del c, clipped                                             # their memory serves the next temporary
         sc = self._expand_scalars(group, t)
         p.addcdiv_(m, v.sqrt().add_(sc["eps"]), sc["step"])        # AdamW step (decay: the base)
 

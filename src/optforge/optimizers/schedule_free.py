@@ -218,19 +218,23 @@ class ScheduleFreeAdamW(_ScheduleFree):
     def scalars(self, group: dict[str, Any], t: float) -> dict[str, float]:
         gamma, ckp1 = self._schedule(group, t)
         b1, b2 = group["betas"]
-        return dict(ckp1=ckp1, bc2=1 - b2**t, y_step=gamma * (b1 * (1 - ckp1) - 1), z_step=-gamma)
+        # Adam's folding of the bias correction (one pass fewer than dividing v by it):
+        # g_hat = k u, u = g / (sqrt(v_t) + eps k) + (lambda / k) y_t, k = sqrt(1 - b2^t)
+        k = (1 - b2**t) ** 0.5
+        return dict(ckp1=ckp1, eps=group["eps"] * k, decay=group["weight_decay"] / k,
+                    y_step=gamma * (b1 * (1 - ckp1) - 1) * k, z_step=-gamma * k)
 
     @staticmethod
     def kernel(group, p, g, s, c):
         _, b2 = group["betas"]
         z, v = s["z"], s["exp_avg_sq"]
         v.mul_(b2).addcmul_(g, g, value=1 - b2)                 # v_t = b2 v + (1 - b2) g^2
-        gn = g.div(v.div(c["bc2"]).sqrt_().add_(group["eps"]))  # g / (sqrt(v_t / (1 - b2^t)) + eps)
+        u = g.div(v.sqrt().add_(c["eps"]))                      # u = g / (sqrt(v_t) + eps k)
         if group["weight_decay_mode"] == "decoupled" and group["weight_decay"] != 0:
-            gn.add_(p, alpha=group["weight_decay"])             # + lambda y_t
+            u.add_(p, alpha=c["decay"])                         # + lambda y_t / k
         p.lerp_(z, c["ckp1"])                                   # y <- (1 - c) y + c z
-        p.add_(gn, alpha=c["y_step"])                           # y <- y + gamma (b1 (1 - c) - 1) g_hat
-        z.add_(gn, alpha=c["z_step"])                           # z <- z - gamma g_hat
+        p.add_(u, alpha=c["y_step"])                            # y <- y + gamma (b1 (1 - c) - 1) g_hat
+        z.add_(u, alpha=c["z_step"])                            # z <- z - gamma g_hat
 
 
 register(ScheduleFreeSGD, "Schedule-Free SGD (Defazio et al., 2024); call opt.train()/opt.eval()",
