@@ -79,11 +79,11 @@ OPTIMIZER_KWARGS: dict[str, dict] = {
     "noam": dict(lr=0.5, warmup=5, d_model=16),
     "lion": dict(lr=1e-3, betas=(0.9, 0.99)),
     "adopt": dict(lr=1e-2, betas=(0.9, 0.99)),  # step 1 only initializes v
-    "ademamix": dict(lr=1e-2, betas=(0.9, 0.99), beta3=0.999, alpha_warmup=5, beta3_warmup=5),
+    "ademamix": dict(lr=1e-2, betas=(0.9, 0.99, 0.999), alpha_warmup=5, beta3_warmup=5),
     "schedule_free_sgd": dict(lr=1e-2, warmup_steps=3),
     "schedule_free_adamw": dict(lr=1e-2, warmup_steps=3),
     "lamb": dict(lr=1e-2, clamp_value=1.0),
-    "adan": dict(lr=1e-2, betas=(0.9, 0.9), beta3=0.95),
+    "adan": dict(lr=1e-2, betas=(0.9, 0.9, 0.95)),
     "mars": dict(lr=1e-2, betas=(0.9, 0.95), gamma=0.1),
     "adafactor": dict(lr=1e-2, momentum=0.9),  # with the first moment: all state kinds
     "came": dict(lr=1e-2),

@@ -54,7 +54,7 @@ class RefAdan(torch.optim.Optimizer):
                 st["pre"] = g
 
 
-CASES = [   # reference kwargs; optforge takes betas=(b1, b2), beta3=b3
+CASES = [   # the reference's kwargs, which optforge takes as they are
     dict(),
     dict(no_prox=True),
     dict(betas=(0.9, 0.8, 0.95)),
@@ -62,17 +62,9 @@ CASES = [   # reference kwargs; optforge takes betas=(b1, b2), beta3=b3
 ]
 
 
-def _ours(kwargs):
-    out = dict(kwargs)
-    if "betas" in out:
-        *out["betas"], out["beta3"] = out["betas"]
-        out["betas"] = tuple(out["betas"])
-    return out
-
-
 def _compare(ref_cls, kwargs, weight_decay, lr=1e-2, **extra):
     model_a, model_b = make_model(), make_model()
-    a = trajectory(model_a, of.Adan(two_groups(model_a, lr, weight_decay), **_ours(kwargs), **extra))
+    a = trajectory(model_a, of.Adan(two_groups(model_a, lr, weight_decay), **kwargs, **extra))
     b = trajectory(model_b, ref_cls(two_groups(model_b, lr, weight_decay), **kwargs))
     assert_moves(a)
     assert_same_trajectory(a, b)

@@ -79,8 +79,6 @@ def test_ademamix_matches_reference(case, fused):
     lr, wd = case.pop("lr"), case.pop("weight_decay", 0.0)
     model = make_model()
     ref = trajectory(model, RefAdEMAMix(two_groups(model, lr, wd), lr=lr, **case))
-    if "betas" in case:                       # the reference's (b1, b2, b3): (b1, b2), beta3=b3
-        *case["betas"], case["beta3"] = case["betas"]
     model = make_model()
     traj = trajectory(model, of.AdEMAMix(two_groups(model, lr, wd), lr=lr, fused=fused, **case))
     assert_moves(traj)

@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from ..base import Optimizer, ParamsT
-from ..constraints import beta_tuple, boolean, non_negative, unit_interval
+from ..constraints import beta_tuple, boolean, non_negative
 from ..registry import register
 
 
@@ -15,9 +15,8 @@ class Adan(Optimizer):
     Deep Models", TPAMI 2024, arXiv:2208.06677, Algorithm 1), as the authors' code
     (sail-sg/Adan, also ``timm.optim.Adan``) computes it.
 
-    ``betas=(b1, b2)`` and ``beta3`` are the decay rates of the moments, as in the official
-    code, whose ``betas=(b1, b2, b3)`` is split here (optforge's ``betas`` are pairs
-    everywhere): the paper's :math:`\beta_i` is ``1 - b_i`` (paper defaults 0.02, 0.08, 0.01).
+    ``betas=(b1, b2, b3)`` are the decay rates of the moments, as in the official code: the
+    paper's :math:`\beta_i` is ``1 - b_i`` (paper defaults 0.02, 0.08, 0.01).
     With :math:`g_0 = g_1` (no difference on the first step):
 
     .. math::
@@ -37,14 +36,14 @@ class Adan(Optimizer):
     State: ``step``, ``exp_avg`` (m), ``exp_avg_diff`` (v), ``exp_avg_sq`` (n), ``pre_grad``.
     """
 
-    constraints = dict(betas=beta_tuple(2), beta3=unit_interval, eps=non_negative, no_prox=boolean)
+    constraints = dict(betas=beta_tuple(3), eps=non_negative, no_prox=boolean)
     state_names = ("exp_avg", "exp_avg_diff", "exp_avg_sq", "pre_grad")
 
     def __init__(self, params: ParamsT, lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.98, 0.92), beta3: float = 0.99, eps: float = 1e-8,
+                 betas: tuple[float, float, float] = (0.98, 0.92, 0.99), eps: float = 1e-8,
                  weight_decay: float = 0.0, no_prox: bool = False, *,
                  weight_decay_mode: str = "decoupled", maximize: bool = False, fused: bool = False) -> None:
-        super().__init__(params, dict(lr=lr, betas=betas, beta3=beta3, eps=eps, weight_decay=weight_decay,
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       no_prox=no_prox, weight_decay_mode=weight_decay_mode,
                                       maximize=maximize, fused=fused))
 
@@ -57,7 +56,7 @@ class Adan(Optimizer):
         return lr / (1 + lr * group["weight_decay"]) if self._prox(group) else lr
 
     def scalars(self, group: dict[str, Any], t: float) -> dict[str, float]:
-        (b1, b2), b3, lr = group["betas"], group["beta3"], group["lr"]
+        (b1, b2, b3), lr = group["betas"], group["lr"]
         scale = 1 / (1 + lr * group["weight_decay"]) if self._prox(group) else 1.0
         c = math.sqrt(1 - b3**t)          # sqrt(1 - b3^t) folded into eps and the step sizes
         first = 0.0 if t == 1 else 1.0   # g_0 = g_1: no gradient difference on step 1
@@ -66,7 +65,7 @@ class Adan(Optimizer):
 
     @staticmethod
     def kernel(group, p, g, s, c):
-        (b1, _), b3 = group["betas"], group["beta3"]
+        b1, _, b3 = group["betas"]
         m, v, n, pre = s["exp_avg"], s["exp_avg_diff"], s["exp_avg_sq"], s["pre_grad"]
         d = g.sub(pre)                                   # g_t - g_{t-1}
         m.lerp_(g, 1 - b1)                               # m_t = b1 m + (1 - b1) g_t

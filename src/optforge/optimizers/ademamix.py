@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from ..base import Optimizer, ParamsT
-from ..constraints import beta_tuple, integer_at_least, non_negative, unit_interval
+from ..constraints import beta_tuple, integer_at_least, non_negative
 from ..registry import register
 
 
@@ -50,22 +50,23 @@ class AdEMAMix(Optimizer):
     :math:`\alpha_t` grows linearly from 0 to ``alpha``; with ``beta3_warmup``
     :math:`T_{\beta_3}`, :math:`\beta_{3,t}` grows from :math:`\beta_1` to ``beta3`` linearly
     in half-life (see :func:`beta3_at`); the paper sets both to the run length, 0 (the
-    default) is no warmup (the reference's ``None``). The reference's ``betas=(b1, b2, b3)``
-    is ``betas=(b1, b2), beta3=b3`` here (``betas`` is a pair in every optforge Adam). Weight decay
+    default) is no warmup (the reference's ``None``). ``betas=(b1, b2, b3)`` as in the
+    reference (:math:`\beta_1, \beta_2, \beta_3`). Weight decay
     is decoupled (:math:`\lambda`, scaled by lr, as the reference). State: ``step``,
     ``exp_avg_fast`` (m1), ``exp_avg_slow`` (m2), ``exp_avg_sq`` (v): the reference's names.
     """
 
-    constraints = dict(betas=beta_tuple(2), beta3=unit_interval, eps=non_negative, alpha=non_negative,
+    constraints = dict(betas=beta_tuple(3), eps=non_negative, alpha=non_negative,
                        beta3_warmup=integer_at_least(0), alpha_warmup=integer_at_least(0))
     state_names = ("exp_avg_fast", "exp_avg_slow", "exp_avg_sq")
 
-    def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 beta3: float = 0.9999, alpha: float = 2.0, beta3_warmup: int = 0, alpha_warmup: int = 0,
+    def __init__(self, params: ParamsT, lr: float = 1e-3,
+                 betas: tuple[float, float, float] = (0.9, 0.999, 0.9999),
+                 alpha: float = 2.0, beta3_warmup: int = 0, alpha_warmup: int = 0,
                  eps: float = 1e-8,
                  weight_decay: float = 0.0, *, weight_decay_mode: str = "decoupled",
                  maximize: bool = False, fused: bool = False) -> None:
-        super().__init__(params, dict(lr=lr, betas=betas, beta3=beta3, alpha=alpha, beta3_warmup=beta3_warmup,
+        super().__init__(params, dict(lr=lr, betas=betas, alpha=alpha, beta3_warmup=beta3_warmup,
                                       alpha_warmup=alpha_warmup, eps=eps, weight_decay=weight_decay,
                                       weight_decay_mode=weight_decay_mode, maximize=maximize, fused=fused))
 
@@ -73,7 +74,7 @@ class AdEMAMix(Optimizer):
         # Bias correction of v folded into scalars: multiply numerator and denominator by
         # c = sqrt(1 - b2^t): lr (m1/bc1 + alpha m2) / (sqrt(v)/c + eps)
         #                   = (lr c/bc1 m1 + lr c alpha m2) / (sqrt(v) + eps c)
-        (b1, b2), b3 = group["betas"], group["beta3"]
+        b1, b2, b3 = group["betas"]
         lr, c = group["lr"], math.sqrt(1 - b2**t)
         alpha = alpha_at(t, group["alpha"], group["alpha_warmup"])
         beta3 = beta3_at(t, b1, b3, group["beta3_warmup"])
@@ -82,7 +83,7 @@ class AdEMAMix(Optimizer):
 
     @staticmethod
     def kernel(group, p, g, s, c):
-        b1, b2 = group["betas"]
+        b1, b2, _ = group["betas"]
         m1, m2, v = s["exp_avg_fast"], s["exp_avg_slow"], s["exp_avg_sq"]
         m1.lerp_(g, 1 - b1)                                  # m1_t = b1 m1 + (1 - b1) g
         m2.lerp_(g, c["slow_weight"])                        # m2_t = b3_t m2 + (1 - b3_t) g
