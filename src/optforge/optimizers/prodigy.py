@@ -18,7 +18,6 @@ from ..constraints import (
     unit_interval,
 )
 from ..registry import register
-from ..tensorlist import TensorList
 
 
 class Prodigy(Optimizer):
@@ -117,13 +116,13 @@ class Prodigy(Optimizer):
         dot, l1 = [], []
         if lr > 0:
             for _, p, g, s, _ in work:
-                diff = TensorList(torch._foreach_sub(s["p0"], p))      # x_0 - x
+                diff = s["p0"].sub(p)                                  # x_0 - x
                 dot += [torch.dot(a.reshape(-1), c.reshape(-1)) for a, c in zip(g, diff)]
                 if b1 > 0:
                     s["exp_avg"].mul_(b1).add_(g, alpha=d * (1 - b1))  # m <- b1 m + d (1 - b1) g
                 s["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=d * d * (1 - b2))  # v <- b2 v + d^2(1-b2) g^2
                 s["s"].mul_(beta3).add_(g, alpha=(d / d0) * (d if group["safeguard_warmup"] else dlr))
-                l1 += [x.abs().sum() for x in s["s"]]                  # ||s||_1 (the reference's sum)
+                l1 += [x.sum() for x in s["s"].abs()]                  # ||s||_1 (the reference's sum)
         if not l1:
             return
         # one host sync; then the sums in the reference's order (in float64, term by term: the
