@@ -21,7 +21,9 @@ def centralize(g: TensorList, c: float, min_dim: int = 0) -> TensorList:
 
 
 def _centralize(x: Tensor, c: float) -> Tensor:
-    return x - x.mean(dim=tuple(range(1, x.dim())), keepdim=True).mul_(c)
+    # mean(dim=()) means every dim for a plain tensor, but only the local shard for a DTensor
+    mean = x.mean(dim=tuple(range(1, x.dim())), keepdim=True) if x.dim() > 1 else x.mean()
+    return x - mean.mul_(c)
 
 
 class Compass(Optimizer):
