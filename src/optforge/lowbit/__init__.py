@@ -38,7 +38,7 @@ from ..constraints import integer_at_least, one_of
 from .checkpoint import convert_state, export_state, plan_load
 from .formats import CODES, KINDS, PRECISIONS, code_for
 from .state import LowBitState, noise_seed
-from .step import step_eager
+from .step import fused_applies, step_eager, step_fused
 
 __all__ = ["CODES", "KINDS", "OPTIONS", "OPTION_CONSTRAINTS", "PRECISIONS", "LowBitState", "check_configure",
            "check_supported", "code_for", "convert_state", "export_state", "holds", "plan_load",
@@ -102,7 +102,11 @@ def holds(b: Any) -> bool:
 
 def step(opt: Any, group: dict[str, Any], b: Any) -> None:
     """One step of a bucket with low-bit state: ``prepare`` (steps, gradient transforms,
-    maximize, weight decay) on the whole bucket, the update chunk by chunk, ``finish``."""
+    maximize, weight decay) on the whole bucket, the update chunk by chunk, ``finish``;
+    with ``fused=True``, one compiled pass per chunk (:func:`step_fused`)."""
+    if group.get("fused") and opt.has_kernel() and fused_applies(b):
+        step_fused(opt, group, b)
+        return
     stateless = copy.copy(b)
     stateless.s = {}               # prepare's float32 copies would not know low-bit state
     w = opt.prepare(group, stateless)

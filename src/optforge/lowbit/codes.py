@@ -150,11 +150,9 @@ class Fp8Code(Code):
         xb = x.view(-1, self.block)
         s = xb.abs().amax(1, keepdim=True) * (1.0 / self._MAX)
         y = xb * torch.where(s > 0, 1.0 / s, 0.0)
-        codes = y.to(self.code_dtype)
         if not self.signed:                                   # positive stays positive
-            tiny = torch.full_like(y, self._TINY).to(self.code_dtype)
-            codes = torch.where((y > 0) & (codes.to(torch.float32) == 0), tiny, codes)
-        return codes.view(-1), s.view(-1)
+            y = torch.where((y > 0) & (y < self._TINY), self._TINY, y)
+        return y.to(self.code_dtype).view(-1), s.view(-1)
 
     def decode(self, codes, scales, dtype):
         out = codes.to(torch.float32).view(-1, self.block) * scales.view(-1, 1)

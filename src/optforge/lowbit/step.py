@@ -12,12 +12,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import Tensor
 
+from ..fused import _fused_entry, compiled_step
+from ..steps import advance_steps
 from ..tensorlist import TensorList
+from .codes import uniform_noise
 from .state import CHUNK, LowBitState, noise_seed
 
-__all__ = ["param_positions", "pieces", "step_eager"]
+__all__ = ["fused_applies", "param_positions", "pieces", "step_eager", "step_fused"]
 
 Piece = tuple[int, int, int]       # (tensor index in the bucket, first entry, end entry)
 
@@ -93,3 +97,67 @@ def step_eager(opt: Any, group: dict[str, Any], b: Any, w: Any) -> None:
             x.write(start, work, seed)
         for dst, src in copy_back:
             dst.copy_(src)
+
+
+def _low_bit_entry(kernel: Any, consts: dict[str, Any], codes: dict[str, Any], p: Tensor, g: Tensor,
+                   full: dict[str, Tensor], low: dict[str, tuple[Tensor, Tensor | None]],
+                   offsets: dict[str, Tensor], c: dict[str, Tensor]) -> None:
+    """decode -> maximize, weight decay, the optimizer's kernel -> encode, for one flat piece:
+    one compiled graph. ``codes`` (constant) names each low-bit state's code; ``offsets``
+    carry the noise seed plus the piece's first index, as in the eager path."""
+    n = p.shape[0]
+    decoded = {name: code.decode(low[name][0], low[name][1], p.dtype) for name, code in codes.items()}
+    state = {**full, **{name: x[:n] for name, x in decoded.items()}}
+    _fused_entry(kernel, consts, p, g, state, c)
+    for name, code in codes.items():
+        x = decoded[name].to(torch.float32)
+        noise = uniform_noise(offsets[name], 0, x.shape[0], x.device) if code.stochastic else None
+        new_codes, new_scales = code.encode(x, noise)
+        low[name][0].copy_(new_codes)
+        if new_scales is not None:
+            low[name][1].copy_(new_scales)
+
+
+def fused_applies(b: Any) -> bool:
+    """Whether the fused low-bit step can run bucket ``b`` (else the eager one does)."""
+    return not (b.is_complex or b.low_precision) and all(p.is_contiguous() for p in b.params)
+
+
+def step_fused(opt: Any, group: dict[str, Any], b: Any) -> None:
+    """The fused step of a bucket with low-bit state: weight decay, maximize and the kernel
+    are compiled with the decoding and encoding of each piece (the ``pieces`` of the eager
+    path, one tensor or a slice of one each), so each entry is read and written once."""
+    t = advance_steps(b.steps)
+    g_all = opt.transform_grads(group, b.g)
+    index = param_positions(opt)
+    consts = opt.kernel_constants(group)
+    p0 = b.params[0]
+    scalar_dtype = torch.float64 if p0.dtype == torch.float64 else torch.float32
+    scalars: dict[float, dict[str, Tensor]] = {}
+    for k in sorted(set(t)):
+        c = opt.scalars(group, k)
+        if group["weight_decay"] != 0 and group["weight_decay_mode"] == "decoupled":
+            lr = opt.decay_lr(group, [k])
+            c["_decay"] = 1 - (lr[0] if isinstance(lr, list) else lr) * group["weight_decay"]
+        values = torch.tensor([float(v) for v in c.values()], dtype=scalar_dtype, device=p0.device)
+        scalars[k] = dict(zip(c, values.unbind()))
+    grads: dict[int, Tensor] = {}
+    for chunk in pieces(b.p, b.s):
+        for i, start, stop in chunk:
+            if i not in grads:
+                grads[i] = g_all[i].reshape(-1)
+            full, low, codes, offsets = {}, {}, {}, {}
+            for name, xs in b.s.items():
+                x = xs[i]
+                if isinstance(x, LowBitState):
+                    c_range, s_range = x._ranges(start, stop)
+                    low[name] = (x.codes[c_range], None if s_range is None else x.scales[s_range])
+                    codes[name] = x.code
+                    seed = noise_seed(t[i], index[id(b.params[i])], name) if x.code.stochastic else 0
+                    offsets[name] = torch.tensor(seed + start, dtype=torch.int64, device=p0.device)
+                else:
+                    full[name] = x.view(-1)[start:stop]
+            entry = compiled_step(type(opt), (consts, tuple(codes.items()), p0.dtype, p0.device.type),
+                                  _low_bit_entry)
+            entry(type(opt).kernel, consts, codes, b.p[i].view(-1)[start:stop], grads[i][start:stop],
+                  full, low, offsets, scalars[t[i]])
