@@ -282,9 +282,9 @@ class Optimizer(torch.optim.Optimizer):
         """torch's ``load_state_dict``, after checks whose errors say what does not match: the
         number of param groups, of params in each, and each param's state (the tensors the
         saved hyperparameters need, with the param's shape). With ``fp32_state``, bf16/fp16
-        params keep float32 state (torch would cast it to the param's dtype); low-bit state
-        loads bit for bit, and is encoded or decoded where the groups' ``state_precision``
-        differs from the checkpoint's."""
+        params keep float32 state (torch would cast it to the param's dtype). ``state_precision``
+        and ``min_quantized_size`` stay this optimizer's: low-bit state loads bit for bit, and is
+        encoded or decoded where they differ from the checkpoint's."""
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError("expected a dict with 'state' and 'param_groups', as optimizer.state_dict() "
                              "returns")
@@ -300,7 +300,7 @@ class Optimizer(torch.optim.Optimizer):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"param group {i}: the loaded state dict has {len(saved['params'])} "
                                  f"parameter(s), this optimizer's group has {len(group['params'])}")
-            merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+            merged = {**group, **{k: v for k, v in saved.items() if k != "params" and k not in lowbit.OPTIONS}}
             where.update((k, (p, merged)) for k, p in zip(saved["params"], group["params"]))
         for k, st in state_dict["state"].items():
             if k not in where or not st:
@@ -319,7 +319,10 @@ class Optimizer(torch.optim.Optimizer):
                                      f"{tuple(x.shape)}, expected {shape} (the parameter has shape "
                                      f"{tuple(p.shape)})")
         low_bit = lowbit.plan_load(self, state_dict, where)     # torch would cast codes to floats
+        kept = [{k: group[k] for k in lowbit.OPTIONS} for group in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, options in zip(self.param_groups, kept):    # memory layout is this process's choice
+            group.update(options)
         for p, entries in low_bit.items():
             self.state[p].update(entries)
         for k, st in state_dict["state"].items():
