@@ -1,5 +1,5 @@
 """Low-bit optimizer state (``state_precision``): the codes, memory, checkpoints, options and
-errors. Every elementwise optimizer with every precision is in tests/conformance/test_lowbit.py."""
+errors. Every elementwise optimizer with every precision is in tests/conformance/test_state_precision.py."""
 
 import copy
 import io
@@ -34,6 +34,9 @@ def level_at(code, x):
     """The gap between the two code values around each entry of ``x``."""
     blocks = torch.cat([x, x.new_zeros(code.padded(x.numel()) - x.numel())]).view(-1, code.block)
     scale = blocks.abs().amax(1, keepdim=True).expand_as(blocks).reshape(-1)[:x.numel()]
+    if code.scale_dtype == torch.bfloat16:                  # stored rounded up
+        scale = torch.where(scale.bfloat16().float() >= scale, scale.bfloat16().float(),
+                            torch.nextafter(scale.bfloat16(), torch.tensor(math.inf, dtype=torch.bfloat16)).float())
     if code.name == "bf16":
         return x.abs() * 2.0**-7                            # one bf16 ulp
     if code.name.startswith("fp8"):
@@ -112,15 +115,14 @@ def state_bytes(opt) -> int:
     return total
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
-def test_bytes_per_parameter_on_a_1m_parameter_model(fused):
+def test_bytes_per_parameter_on_a_1m_parameter_model():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(1024, 1024), nn.Linear(1024, 128))
     n = sum(p.numel() for p in model.parameters())
     assert n > 1_000_000
     limits = {None: 8.01, "bf16": 4.1, "int8": 2.1, "fp8": 2.1, "int4": 1.1}
     for precision, limit in limits.items():
-        opt = of.AdamW(model.parameters(), lr=1e-3, fused=fused)
+        opt = of.AdamW(model.parameters(), lr=1e-3)
         opt.configure(state_precision=precision)
         model(torch.randn(4, 1024)).sum().backward()
         opt.step()
@@ -135,13 +137,13 @@ def test_bytes_per_parameter_on_a_1m_parameter_model(fused):
 
 def test_switching_on_drops_the_fused_buffers_that_held_the_float32_state():
     model = nn.Linear(256, 64)
-    opt = of.AdEMAMix(model.parameters(), fused=True)      # a generated fused kernel, flat buffers
+    opt = of.MomentumSGD(model.parameters(), fused=True)   # a generated fused kernel, flat buffers
     model(torch.randn(2, 256)).sum().backward()
     opt.step()
     assert opt._flat_buckets
     opt.configure(state_precision="int8", min_quantized_size=0)
     assert "_flat_buckets" not in opt.__dict__
-    assert state_bytes(opt) / (256 * 65) < 3.2
+    assert state_bytes(opt) / (256 * 65) < 1.1
 
 
 def test_small_tensors_and_full_kinds_keep_full_precision():
@@ -172,11 +174,9 @@ def test_per_group_precision():
 # ---- checkpoints ---------------------------------------------------------------------------
 
 
-def trained(precision, fused=False, steps=3, bf16=False, **options):
+def trained(precision, fused=False, steps=3, dtype=torch.float32, **options):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(80, 96), nn.Tanh(), nn.Linear(96, 3))
-    if bf16:
-        model = model.bfloat16()
+    model = nn.Sequential(nn.Linear(80, 96), nn.Tanh(), nn.Linear(96, 3)).to(dtype)
     opt = of.AdamW(model.parameters(), lr=1e-2, fused=fused).configure(state_precision=precision, **options)
     train(model, opt, steps)
     return model, opt
@@ -217,10 +217,13 @@ def same_state(a, b):
                 assert torch.equal(x, y) and x.dtype == y.dtype, (k, n)
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
-@pytest.mark.parametrize("precision", PRECISIONS)
+# fused: one compiled kernel per code and dtype; int4 has both stochastic and nearest rounding
+RESUME = [*((p, False) for p in PRECISIONS), ("int4", True)]
+
+
+@pytest.mark.parametrize("precision,fused", RESUME, ids=[f"{p}-{'fused' if f else 'eager'}" for p, f in RESUME])
 def test_resume_is_bit_exact(precision, fused):
-    model, opt = trained(precision, fused, min_quantized_size=0)
+    model, opt = trained(precision, fused, dtype=torch.float64, min_quantized_size=0)
     sd = via_file(opt.state_dict())
     twin = copy.deepcopy(model)
     resumed = of.AdamW(twin.parameters(), lr=1e-2, fused=fused).configure(state_precision=precision,
@@ -238,7 +241,7 @@ def test_checkpoint_holds_codes_and_scales_only():
     entry = opt.state_dict()["state"][0]["exp_avg"]
     assert entry["code"] == "int4-signed-sr" and entry["shape"] == [96, 80]
     assert entry["codes"].dtype == torch.uint8 and entry["codes"].numel() == 96 * 80 // 2
-    assert entry["scales"].numel() == 96 * 80 // 128
+    assert entry["scales"].numel() == 96 * 80 // 64 and entry["scales"].dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -268,7 +271,7 @@ def test_a_checkpoint_of_another_precision_is_recoded():
 
 
 def test_bf16_parameters_with_fp32_state_and_low_bit_state():
-    model, opt = trained("int8", bf16=True, fp32_state=True, min_quantized_size=0)
+    model, opt = trained("int8", dtype=torch.bfloat16, fp32_state=True, min_quantized_size=0)
     assert isinstance(opt.state[model[0].weight]["exp_avg"], LowBitState)
     sd = via_file(opt.state_dict())
     twin = copy.deepcopy(model)

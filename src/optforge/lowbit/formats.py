@@ -16,7 +16,8 @@ KINDS = ("signed", "non_negative", "sign", "full")
 
 _BF16 = Bf16Code()
 _INT8_SIGNED = PowerCode("int8-signed", 8, 256, power=2, signed=True, stochastic=False)
-_INT4_SIGNED = PowerCode("int4-signed-sr", 4, 128, power=1, signed=True, stochastic=True)
+_INT4_SIGNED = PowerCode("int4-signed-sr", 4, 64, power=1, signed=True, stochastic=True,
+                         scale_dtype=torch.bfloat16)
 _FP8_SIGNED = Fp8Code("fp8-signed", 256, signed=True)
 #: precision -> state kind -> code (docs/memory.md has the measurements behind each choice)
 CODES: dict[str, dict[str, Code]] = {
@@ -24,7 +25,8 @@ CODES: dict[str, dict[str, Code]] = {
     "int8": dict(signed=_INT8_SIGNED, sign=_INT8_SIGNED,
                  non_negative=PowerCode("int8-unsigned", 8, 256, power=2, signed=False, stochastic=False)),
     "int4": dict(signed=_INT4_SIGNED, sign=_INT4_SIGNED,
-                 non_negative=PowerCode("int4-unsigned", 4, 128, power=2, signed=False, stochastic=False)),
+                 non_negative=PowerCode("int4-unsigned", 4, 64, power=2, signed=False, stochastic=False,
+                                        scale_dtype=torch.bfloat16)),
     "fp8": dict(signed=_FP8_SIGNED, sign=_FP8_SIGNED, non_negative=Fp8Code("fp8-unsigned", 256, signed=False)),
 }
 _BY_NAME: dict[str, Code] = {c.name: c for kinds in CODES.values() for c in kinds.values()}
