@@ -15,6 +15,10 @@ Sections (each prints a Markdown table; docs/memory.md shows the results):
 - ``quality``: the compare digits task (the 64-128-10 MLP, batch 64), AdamW, Lion, AdEMAMix,
   Adan, ADOPT, AdaBelief and Compass with float32, int8 and int4 state, every tensor's state
   low-bit (``min_quantized_size=0``), 3 seeds: final train loss and test accuracy.
+- ``codes``: the measurements behind the codes optforge picks: the fidelity of int8 and int4
+  AdamW with other codes for the first and second moment (power 1 is a linear code, power 2
+  spends the levels near zero; SR is stochastic rounding), and the digits quality of int4
+  with nearest and stochastic rounding of the signed states.
 - ``speed``: ``opt.step()`` time on one 4096 x 4096 float32 tensor (16.8M parameters),
   2 threads, a fixed random gradient; entries interleaved in rounds, the median step of each
   as a ratio to optforge AdamW ``fused=True`` (torch's fused kernel) in float32, and the peak
@@ -28,6 +32,7 @@ Sections (each prints a Markdown table; docs/memory.md shows the results):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import statistics
 import time
@@ -37,7 +42,8 @@ import torch
 from torch import nn
 
 import optforge as of
-from optforge.lowbit import PRECISIONS, LowBitState
+from optforge.lowbit import PRECISIONS, LowBitState, formats
+from optforge.lowbit.codes import Code, PowerCode
 
 THREADS = 2
 ALL = (None, *PRECISIONS)
@@ -250,7 +256,81 @@ def speed_section(args: argparse.Namespace) -> None:
                  "peak MiB added by a step"], rows))
 
 
-SECTIONS = dict(bytes=bytes_section, fidelity=fidelity_section, quality=quality_section, speed=speed_section)
+# ---- codes ----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def codes_as(precision: str, signed: Code, non_negative: Code):
+    """Low-bit state of ``precision`` coded with other codes, for the duration."""
+    kinds = formats.CODES[precision]
+    saved = dict(kinds)
+    kinds.update(signed=signed, sign=signed, non_negative=non_negative)
+    try:
+        yield
+    finally:
+        kinds.update(saved)
+
+
+def power_code(bits: int, block: int, power: int, signed: bool, stochastic: bool = False) -> Code:
+    scale = torch.bfloat16 if bits == 4 and block < 128 else torch.float32
+    name = f"int{bits}-{'s' if signed else 'u'}-p{power}-b{block}{'-sr' if stochastic else ''}"
+    return PowerCode(name, bits, block, power, signed, stochastic, scale_dtype=scale)
+
+
+def same(a: Code, b: Code) -> bool:
+    def key(c: Code) -> tuple:
+        return c.bits, c.block, c.power, c.signed, c.stochastic, c.scale_dtype
+    return key(a) == key(b)
+
+
+def codes_section(args: argparse.Namespace) -> None:
+    make, batch = regression_task(args.fidelity_steps)
+    start = torch.cat([p.detach().reshape(-1) for p in make().parameters()])
+    kw = dict(lr=1e-3, weight_decay=0.01)
+    model = make()
+    ref, _ = train_params(model, torch.optim.AdamW(model.parameters(), **kw), batch, args.fidelity_steps)
+    variants = [("int8", power_code(8, 256, pm, True, sr), power_code(8, 256, pv, False))
+                for pm, sr in ((1, False), (2, False), (1, True)) for pv in (1, 2, 4)]
+    variants += [("int4", power_code(4, block, pm, True, sr), power_code(4, block, pv, False))
+                 for block in (128, 64) for pm in (1, 2) for sr in (False, True) for pv in (2, 4)]
+    rows = []
+    for precision, signed, non_negative in variants:
+        with codes_as(precision, signed, non_negative):
+            model = make()
+            opt = of.AdamW(model.parameters(), **kw).configure(state_precision=precision)
+            params, _ = train_params(model, opt, batch, args.fidelity_steps)
+        distance = ((params - ref).norm() / (ref - start).norm()).item()
+        chosen = formats.CODES[precision]
+        mark = " (optforge)" if same(signed, chosen["signed"]) and same(non_negative, chosen["non_negative"]) else ""
+        rows.append([precision + mark, signed.name, non_negative.name, f"{distance:.4f}"])
+    print(f"AdamW fidelity with other codes (distance to float32 after {args.fidelity_steps} steps)\n")
+    print(table(["precision", "first moment", "second moment", "relative distance"], rows))
+
+    from optforge.compare.runner import Settings, train_run
+    from optforge.compare.tasks import get_task
+
+    task = get_task("digits")
+    data = task.load()
+    settings = Settings(steps=args.steps, batch_size=64, log_every=50, eval_every=args.steps, target_loss=None)
+    rows = []
+    for name in ("adamw", "lion", "adan", "compass"):
+        info = of.get_optimizer_info(name)
+        lr = info.compare_lr or info.defaults.get("lr", 1e-3)
+        row = [name]
+        for stochastic in (None, False, True):
+            signed = power_code(4, 64, 1, True, bool(stochastic))
+            with codes_as("int4", signed, formats.CODES["int4"]["non_negative"]):
+                runs = [train_run(task, "mlp", data, name, lr,
+                                  dict(state_precision=None if stochastic is None else "int4",
+                                       min_quantized_size=0), seed, settings) for seed in range(args.seeds)]
+            row.append(f"{statistics.mean(r.final_test_acc for r in runs):.2f} / "
+                       f"{statistics.mean(r.final_train_loss for r in runs):.4f}")
+        rows.append(row)
+    print(f"\nint4 signed states rounded to nearest or stochastically: digits MLP, {args.steps} steps, "
+          f"{args.seeds} seeds, test accuracy % / final train loss\n")
+    print(table(["optimizer", "float32", "int4 nearest", "int4 stochastic"], rows))
+
+
+SECTIONS = dict(bytes=bytes_section, fidelity=fidelity_section, quality=quality_section, codes=codes_section,
+                speed=speed_section)
 
 
 def main() -> None:
