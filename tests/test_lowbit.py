@@ -393,3 +393,38 @@ def test_a_users_own_optimizer_gets_low_bit_state():
     w.square().sum().backward()
     opt.step()
     assert isinstance(opt.state[w]["momentum"], LowBitState)
+
+
+# ---- the references ------------------------------------------------------------------------
+
+
+def test_int8_adamw_stays_as_close_to_float32_as_bitsandbytes_and_torchao():
+    """200 minibatch steps of AdamW on a regression task (as benchmarks/state_precision.py
+    fidelity, smaller): the distance to float32 AdamW, relative to the distance it moved."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torchao_optim = pytest.importorskip("torchao.optim")
+    torch.manual_seed(123)
+    teacher = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 16))
+
+    def distance(build):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 16))
+        start = params(model)
+        opt = build(model.parameters())
+        g = torch.Generator().manual_seed(0)
+        for _ in range(200):
+            x = torch.randn(32, 64, generator=g)
+            opt.zero_grad()
+            (model(x) - teacher(x).detach()).square().mean().backward()
+            opt.step()
+        return params(model), start
+
+    kw = dict(lr=1e-3, weight_decay=0.01)
+    ref, start = distance(lambda ps: torch.optim.AdamW(ps, **kw))
+
+    def rel(build):
+        return ((distance(build)[0] - ref).norm() / (ref - start).norm()).item()
+
+    ours = rel(lambda ps: of.AdamW(ps, **kw).configure(state_precision="int8"))
+    assert 0 < ours <= rel(lambda ps: bnb.optim.AdamW8bit(ps, **kw))
+    assert ours <= rel(lambda ps: torchao_optim.AdamW8bit(ps, **kw))
