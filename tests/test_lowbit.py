@@ -11,7 +11,7 @@ from torch import nn
 
 import optforge as of
 from optforge.lowbit import CODES, PRECISIONS, LowBitState
-from optforge.lowbit.codes import uniform_noise
+from optforge.lowbit.codes import NOISE_WINDOW, noise_offset, uniform_noise
 from optforge.lowbit.state import CHUNK
 
 # ---- the codes -----------------------------------------------------------------------------
@@ -57,13 +57,20 @@ def test_round_trip_error_is_within_one_level(code, kind):
 
 
 @pytest.mark.parametrize("code,kind", ALL_CODES)
-def test_zero_stays_zero_and_positive_never_becomes_zero(code, kind):
+def test_zeros_and_the_smallest_values(code, kind):
+    """Signed: 0 stays 0. Non-negative: nothing reads as 0 in a block that is not all zeros
+    (v = 0 under m != 0 would explode m / sqrt(v)); an all-zero block reads as zeros."""
     x = sample(kind)
     x[::7] = 0
+    x[-code.padded(1) * 3:] = 0                             # whole zero blocks at the end
     back = LowBitState.quantize(code, x, seed=1).dequantize(torch.float32)
-    assert (back[x == 0] == 0).all()
-    if kind == "non_negative":
-        assert (back[x > 0] > 0).all()     # v = 0 under m != 0 would make m / sqrt(v) explode
+    tail = x.numel() - x.numel() % code.padded(1) - code.padded(1) * 2
+    assert (back[tail:] == 0).all()
+    if kind == "non_negative" and code.scale_dtype is not None:
+        assert (back[:tail] > 0).all()
+        assert (back[:tail][x[:tail] == 0] <= level_at(code, x)[:tail][x[:tail] == 0] + 1e-30).all()
+    elif kind != "non_negative":
+        assert (back[x == 0] == 0).all()
 
 
 @pytest.mark.parametrize("code,kind", [p for p in ALL_CODES if p.values[0].stochastic])
@@ -79,11 +86,15 @@ def test_stochastic_rounding_is_unbiased_and_seeded(code, kind):
     assert ((draws.mean(0) - x.double()).abs() <= 0.5 * spread).float().mean() > 0.3
 
 
-def test_noise_is_uniform_and_depends_on_index_and_seed_only():
-    u = uniform_noise(7, 100, 100_000, torch.device("cpu"))
-    assert 0 <= u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.01
-    assert torch.equal(uniform_noise(7, 150, 10, torch.device("cpu")), u[50:60])
-    assert not torch.equal(uniform_noise(8, 100, 10, torch.device("cpu")), u[:10])
+def test_noise_is_uniform_and_placed_by_seed_and_start():
+    cpu = torch.device("cpu")
+    offset = noise_offset(7, 0)
+    u = uniform_noise(offset, NOISE_WINDOW, cpu)
+    assert 0 <= u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.005
+    assert abs((u[1:] * u[:-1]).mean().item() - 0.25) < 0.005           # neighbours independent
+    assert torch.equal(uniform_noise(torch.tensor(offset), 100, cpu), u[:100])   # the compiled form
+    offsets = {noise_offset(seed, start) for seed in range(50) for start in range(0, 5 * CHUNK, CHUNK)}
+    assert len(offsets) > 240 and noise_offset(7, 0) == offset
 
 
 @pytest.mark.parametrize("code,kind", [p for p in ALL_CODES if not p.values[0].stochastic])
@@ -93,7 +104,8 @@ def test_a_tensor_whose_size_the_block_does_not_divide_is_padded(code, kind):
     assert q.codes.numel() == code.code_len(x.numel()) and q.numel == x.numel()
     tail = LowBitState.quantize(code, x[CHUNK:], seed=0)
     assert torch.equal(q.dequantize(torch.float32)[CHUNK:], tail.dequantize(torch.float32))
-    assert torch.equal(q.read(CHUNK, x.numel(), torch.float32)[1001:], torch.zeros(code.padded(1001) - 1001))
+    if kind != "non_negative":                              # (there, padding reads as the smallest level)
+        assert torch.equal(q.read(CHUNK, x.numel(), torch.float32)[1001:], torch.zeros(code.padded(1001) - 1001))
 
 
 # ---- memory --------------------------------------------------------------------------------
@@ -291,7 +303,7 @@ def test_a_broken_low_bit_entry_is_refused_before_anything_loads():
     for corrupt, message in [
         (lambda e: e.update(shape=[3, 3]), r"has shape \(3, 3\), expected \(96, 80\)"),
         (lambda e: e.update(code="int7"), r"code 'int7', which this version of optforge does not know"),
-        (lambda e: e.update(codes=e["codes"][:-1]), r"has codes of torch.uint8 and length 7680"),
+        (lambda e: e.update(codes=e["codes"][:-1]), r"in code 'int8-signed' needs codes of torch.int8 and length 7680, got torch.int8 of shape \(7679,\)"),
     ]:
         sd = via_file(opt.state_dict())
         corrupt(sd["state"][0]["exp_avg"])

@@ -3,19 +3,21 @@
 A code maps a flat float tensor, padded to a whole number of blocks, to ``codes`` (one or
 half a byte per entry) and ``scales`` (one number per block, the block's largest magnitude),
 and back. Everything here is plain tensor arithmetic, so the same functions run eagerly on a
-chunk of a tensor and inside a ``torch.compile`` d kernel.
+chunk of a tensor and inside a compiled (``torch.compile``) kernel.
 
 - :class:`PowerCode` (int8, int4): entry ``k`` of a block with scale ``s`` means
   ``s * sign(k) * (|k| / K) ** power``. ``power = 2`` spends the levels where the values
   are (most of a block is far below its maximum); for a second moment ``v`` it is a linear
-  code on ``sqrt(v)``. Positive values of a non-negative state never round to zero (an
-  entry ``v = 0`` under a non-zero first moment would make ``m / (sqrt(v) + eps)`` explode).
+  code on ``sqrt(v)``. A non-negative state never reads as zero in a block that is not all
+  zeros: its smallest level stands for anything below it (a small ``v`` rounded to 0 under
+  a non-zero first moment would make ``m / (sqrt(v) + eps)`` explode).
 - :class:`Fp8Code`: float8 e4m3 of ``x / s`` with ``s = max|x| / 448`` per block.
 - :class:`Bf16Code`: bfloat16, rounded stochastically (no scales).
 
-Stochastic rounding draws its noise from :func:`uniform_noise`, a hash of a seed and the
-entry's index: the same step of the same tensor gets the same noise after a resume, with no
-generator state to save.
+Stochastic rounding draws its noise from :func:`uniform_noise`: a window of a fixed table of
+uniform numbers, placed by a hash of a seed and the entries' position, so the same step of the
+same tensor gets the same noise after a resume, with no generator state to save (and no
+random numbers generated per step: a window is a view).
 """
 
 from __future__ import annotations
@@ -23,26 +25,38 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["Bf16Code", "Code", "Fp8Code", "PowerCode", "uniform_noise"]
+__all__ = ["NOISE_WINDOW", "Bf16Code", "Code", "Fp8Code", "PowerCode", "noise_offset", "uniform_noise"]
 
-_MASK32 = 0xFFFFFFFF
-
-
-def _mix32(x: Tensor) -> Tensor:
-    """A 32-bit integer hash (a lowbias32-style finalizer), on int64 holding values < 2**32.
-    Both multipliers are below 2**31, so no product leaves int64."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * 0x5BD1E995) & _MASK32
-    return x ^ (x >> 16)
+#: The longest run of noise one call takes (the table holds twice this many numbers).
+NOISE_WINDOW = 1 << 18
+_TABLES: dict[torch.device, Tensor] = {}
 
 
-def uniform_noise(seed: Tensor | int, start: int, n: int, device: torch.device) -> Tensor:
-    """``n`` float32 numbers in [0, 1), a function of ``seed`` and the indices
-    ``start .. start + n - 1`` only (24 random bits each)."""
-    idx = torch.arange(start, start + n, dtype=torch.int64, device=device)
-    return (_mix32((idx + seed) & _MASK32) >> 8).to(torch.float32) * (1.0 / (1 << 24))
+def _table(device: torch.device) -> Tensor:
+    table = _TABLES.get(device)
+    if table is None:
+        gen = torch.Generator().manual_seed(0x5EED)
+        table = _TABLES[device] = torch.rand(2 * NOISE_WINDOW, generator=gen).to(device)
+    return table
+
+
+def noise_offset(seed: int, start: int) -> int:
+    """Where the noise of entries ``start ..`` of a state seeded ``seed`` begins in the table."""
+    h = (seed * 0x9E3779B1 + start * 0x85EBCA77) & 0xFFFFFFFF
+    h ^= h >> 15
+    h = (h * 0x2C1B3C6D) & 0xFFFFFFFF
+    return (h ^ (h >> 12)) % NOISE_WINDOW
+
+
+def uniform_noise(offset: int | Tensor, n: int, device: torch.device) -> Tensor:
+    """``n`` numbers in [0, 1) from ``offset`` (a :func:`noise_offset`) on: a view of the table,
+    or, for a 0-d tensor ``offset`` (inside a compiled step), a gather from it."""
+    table = _table(torch.device(device))
+    if isinstance(offset, Tensor):
+        return table[offset + torch.arange(n, device=table.device)]
+    if n > NOISE_WINDOW:
+        return torch.rand(n, generator=torch.Generator().manual_seed(offset)).to(device)
+    return table[offset:offset + n]
 
 
 def _round_up_bf16(x: Tensor) -> Tensor:
@@ -76,7 +90,9 @@ class Code:
         return self.padded(numel) // self.block if self.scale_dtype is not None else 0
 
     def encode(self, x: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """(codes, scales) of a flat float32 ``x`` whose length is a multiple of ``block``."""
+        """(codes, scales) of a flat float32 ``x`` whose length is a multiple of ``block``. The
+        codes may be floats holding what the codes tensor stores: ``codes_tensor.copy_(codes)``
+        converts them (truncating towards zero) in the pass that writes them."""
         raise NotImplementedError
 
     def decode(self, codes: Tensor, scales: Tensor | None, dtype: torch.dtype) -> Tensor:
@@ -88,14 +104,18 @@ class Code:
 
 
 class PowerCode(Code):
-    """``K = 2**(bits-1) - 1`` levels each side of zero (signed) or ``2**bits - 1`` (unsigned)."""
+    """``K = 2**(bits-1) - 1`` levels each side of zero (signed) or ``2**bits - 1`` (unsigned).
+    8-bit codes are stored as int8 (unsigned ones as ``k - 128``: CPUs convert floats to int8
+    several times faster than to uint8); 4-bit codes two to a byte (signed ones as ``k + 8``),
+    the first half of a block in the low nibbles, the second half in the high ones."""
 
     def __init__(self, name: str, bits: int, block: int, power: int, signed: bool, stochastic: bool,
                  scale_dtype: torch.dtype = torch.float32) -> None:
         self.name, self.bits, self.block, self.power = name, bits, block, power
         self.signed, self.stochastic, self.scale_dtype = signed, stochastic, scale_dtype
         self.levels = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
-        self.offset = self.levels + 1 if signed else 0      # stored code = k + offset >= 0
+        self.code_dtype = torch.int8 if bits == 8 else torch.uint8
+        self.offset = (0 if signed else -128) if bits == 8 else (self.levels + 1 if signed else 0)
 
     def encode(self, x, noise):
         K = self.levels
@@ -104,35 +124,57 @@ class PowerCode(Code):
         s = mag.amax(1, keepdim=True)
         if self.scale_dtype == torch.bfloat16:
             s = _round_up_bf16(s)                             # so that |x| / s <= 1 still holds
-        r = mag * torch.where(s > 0, 1.0 / s, 0.0)           # |x| / s, in [0, 1]
-        y = (r.sqrt() if self.power == 2 else r) * K          # the code as a real number
+        if self.power == 1:                                   # y = K x / s, in [-K, K] (no sign work)
+            y = (xb if self.signed else mag).mul(torch.where(s > 0, K / s, 0.0))
+        else:                                                 # y = K sqrt(|x| / s), in [0, K]
+            y = mag.mul_(torch.where(s > 0, K * K / s, 0.0)).sqrt_()
         if noise is None:
-            k = y.round()
-        elif self.power == 1:
-            k = (y + noise.view_as(y)).floor()                # up with probability frac(y)
-        else:                                                 # unbiased between the two levels
-            k = y.floor()
-            lo, hi = (k / K) ** 2, ((k + 1) / K) ** 2
-            k = k + (noise.view_as(y) * (hi - lo) < r - lo).to(k.dtype)
-        k = k.clamp(max=K)
-        if self.signed:
-            k = torch.where(xb < 0, -k, k)
-        else:
-            k = torch.maximum(k, (mag > 0).to(k.dtype))       # positive stays positive
-        codes = (k + self.offset).to(torch.uint8).view(-1)
-        if self.bits == 4:
-            pairs = codes.view(-1, 2)
-            codes = pairs[:, 0] | (pairs[:, 1] << 4)
-        return codes, s.view(-1).to(self.scale_dtype)
+            k = y.round_()
+        elif self.power == 1 and self.bits == 4:              # floor(y + u) + offset, as a truncation
+            k = y.clamp_(-K, K).add_(noise.view_as(y)).add_(self.offset).to(torch.int8)
+            return self._pack(k.view(torch.uint8)), s.view(-1).to(self.scale_dtype)
+        elif self.power == 1:                                 # up with probability frac(y)
+            k = y.add_(noise.view_as(y)).floor_().clamp_(-K, K)
+        else:                                                 # unbiased between (k/K)^2 and ((k+1)/K)^2
+            lo = y.floor()
+            k = lo.add_(noise.view_as(y) * (2 * lo + 1) < y * y - lo * lo).clamp_(max=K)
+        if self.signed and self.power == 2:
+            k = k.copysign_(xb)
+        if not self.signed:      # never 0 in a non-zero block: v = 0 under m != 0 would make m / sqrt(v) explode
+            k = k.clamp_(min=1)
+        if self.bits == 8:
+            return (k.add_(self.offset) if self.offset else k).view(-1), s.view(-1).to(self.scale_dtype)
+        k = k.add_(self.offset) if self.offset else k
+        return self._pack(k.to(torch.int8).view(torch.uint8)), s.view(-1).to(self.scale_dtype)
+
+    def _pack(self, k: Tensor) -> Tensor:
+        halves = k.view(-1, 2, self.block // 2)
+        return (halves[:, 0] | (halves[:, 1] << 4)).view(-1)
 
     def decode(self, codes, scales, dtype):
         if self.bits == 4:
-            codes = torch.stack((codes & 15, codes >> 4), dim=-1).view(-1)
-        r = (codes.to(torch.float32) - self.offset) * (1.0 / self.levels)
+            rows = codes.view(-1, self.block // 2)
+            codes = torch.stack((rows & 15, rows >> 4), dim=1).view(-1)
+        r = codes.to(torch.float32)
+        if self.offset:
+            r = r.sub_(self.offset)
         if self.power == 2:
-            r = r * r.abs()
-        out = r.view(-1, self.block) * scales.to(torch.float32).view(-1, 1)
-        return out.view(-1).to(dtype)
+            r = r.mul_(r.abs() if self.signed else r)
+        factor = scales.to(torch.float32).view(-1, 1) * (1.0 / self.levels**self.power)
+        return r.view(-1, self.block).mul_(factor).view(-1).to(dtype)
+
+
+_FP8_VALUES: dict[torch.device, Tensor] = {}
+
+
+def _fp8_values(device: torch.device) -> Tensor:
+    """The 256 values of float8 e4m3 (decoding through this table is faster on CPU than torch's
+    own conversion)."""
+    values = _FP8_VALUES.get(device)
+    if values is None:
+        byte = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+        values = _FP8_VALUES[device] = byte.view(torch.float8_e4m3fn).to(torch.float32).to(device)
+    return values
 
 
 class Fp8Code(Code):
@@ -150,27 +192,27 @@ class Fp8Code(Code):
         xb = x.view(-1, self.block)
         s = xb.abs().amax(1, keepdim=True) * (1.0 / self._MAX)
         y = xb * torch.where(s > 0, 1.0 / s, 0.0)
-        if not self.signed:                                   # positive stays positive
-            y = torch.where((y > 0) & (y < self._TINY), self._TINY, y)
-        return y.to(self.code_dtype).view(-1), s.view(-1)
+        if not self.signed:          # never 0 in a non-zero block (see PowerCode)
+            y = y.clamp_(min=self._TINY)
+        return y.view(-1), s.view(-1)
 
     def decode(self, codes, scales, dtype):
-        out = codes.to(torch.float32).view(-1, self.block) * scales.view(-1, 1)
-        return out.view(-1).to(dtype)
+        values = torch.index_select(_fp8_values(codes.device), 0, codes.view(torch.uint8).to(torch.int32))
+        return values.view(-1, self.block).mul_(scales.view(-1, 1)).view(-1).to(dtype)
 
 
 class Bf16Code(Code):
     """bfloat16 (float32's upper 16 bits), rounded stochastically: unbiased, so an EMA's small
-    increments survive in expectation instead of rounding away."""
+    increments survive in expectation instead of rounding away. (inf and the NaNs arithmetic
+    makes keep their value: their low bits do not reach the upper 16.)"""
 
     name, block, bits, stochastic = "bf16", 1, 16, True
     scale_dtype = None
     code_dtype = torch.bfloat16
 
     def encode(self, x, noise):
-        bits = x.view(torch.int32)
-        rounded = ((bits + (noise * 65536.0).to(torch.int32)) & -65536).view(torch.float32)
-        return torch.where(torch.isfinite(x), rounded, x).to(torch.bfloat16), None
+        bits = x.view(torch.int32) + (noise * 65536.0).to(torch.int32)
+        return bits.bitwise_and_(-65536).view(torch.float32), None
 
     def decode(self, codes, scales, dtype):
         return codes.to(dtype)

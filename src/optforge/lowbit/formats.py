@@ -15,7 +15,7 @@ PRECISIONS = ("bf16", "int8", "int4", "fp8")
 KINDS = ("signed", "non_negative", "sign", "full")
 
 _BF16 = Bf16Code()
-_INT8_SIGNED = PowerCode("int8-signed", 8, 256, power=2, signed=True, stochastic=False)
+_INT8_SIGNED = PowerCode("int8-signed", 8, 256, power=1, signed=True, stochastic=False)
 _INT4_SIGNED = PowerCode("int4-signed-sr", 4, 64, power=1, signed=True, stochastic=True,
                          scale_dtype=torch.bfloat16)
 _FP8_SIGNED = Fp8Code("fp8-signed", 256, signed=True)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .codes import Code, uniform_noise
+from .codes import Code, noise_offset, uniform_noise
 
 __all__ = ["CHUNK", "LowBitState", "is_low_bit", "noise_seed"]
 
@@ -75,15 +75,16 @@ class LowBitState:
         return self.code.decode(self.codes[codes], None if scales is None else self.scales[scales], dtype)
 
     def write(self, start: int, x: Tensor, seed: int) -> None:
-        """Encode ``x`` into entries [start, start + len(x)) (flat; block-aligned ``start``; a
-        length that ends off a block boundary must end the tensor). ``seed`` (an int) and the
-        entries' indices pick the noise of stochastic rounding."""
+        """Encode ``x`` into entries [start, start + len(x)) (block-aligned ``start``; a length
+        that ends off a block boundary must end the tensor; :meth:`read`'s padded result, as
+        it is, fits). ``seed`` (an int) and ``start`` place the noise of stochastic rounding."""
         n = x.numel()
         padded = self.code.padded(n)
         x = x.reshape(-1).to(torch.float32)
         if padded != n:
             x = torch.cat((x, x.new_zeros(padded - n)))
-        noise = uniform_noise(seed, start, padded, x.device) if self.code.stochastic else None
+        noise = (uniform_noise(noise_offset(seed, start), padded, x.device) if self.code.stochastic
+                 else None)
         codes, scales = self.code.encode(x, noise)
         c, s = self._ranges(start, start + n)
         self.codes[c] = codes
@@ -119,8 +120,8 @@ class LowBitState:
         for x, length, dtype, what in want:
             if not torch.is_tensor(x) or x.dtype != dtype or x.shape != (length,):
                 got = (f"{x.dtype} of shape {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__)
-                raise ValueError(f"a {code.name} state of shape {tuple(shape)} has {what} of {dtype} "
-                                 f"and length {length}, got {got}")
+                raise ValueError(f"a state of shape {tuple(shape)} in code {code.name!r} needs {what} of "
+                                 f"{dtype} and length {length}, got {got}")
         return cls(code, codes.to(device, copy=True),
                    None if code.scale_dtype is None else scales.to(device, copy=True), shape)
 

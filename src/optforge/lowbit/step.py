@@ -18,7 +18,7 @@ from torch import Tensor
 from ..fused import _fused_entry, compiled_step
 from ..steps import advance_steps
 from ..tensorlist import TensorList
-from .codes import uniform_noise
+from .codes import noise_offset, uniform_noise
 from .state import CHUNK, LowBitState, noise_seed
 
 __all__ = ["fused_applies", "param_positions", "pieces", "step_eager", "step_fused"]
@@ -37,9 +37,10 @@ def _splittable(p: Tensor, states: list[Any]) -> bool:
     return p.is_contiguous() and all(isinstance(x, LowBitState) or x.is_contiguous() for x in states)
 
 
-def pieces(p: list[Tensor], s: dict[str, list[Any]], size: int = CHUNK) -> Iterator[list[Piece]]:
+def pieces(p: list[Tensor], s: dict[str, list[Any]], size: int | None = None) -> Iterator[list[Piece]]:
     """The bucket's entries in chunks of about ``size``: whole tensors grouped, large
     contiguous ones cut at multiples of ``size`` (block-aligned for every code)."""
+    size = size or CHUNK
     chunk: list[Piece] = []
     filled = 0
     for i, x in enumerate(p):
@@ -82,10 +83,11 @@ def step_eager(opt: Any, group: dict[str, Any], b: Any, w: Any) -> None:
             for name in names:
                 x = b.s[name][i]
                 if isinstance(x, LowBitState):
-                    work = x.read(start, stop, dtype)[:stop - start]
+                    padded = x.read(start, stop, dtype)          # encoded back as it is: no copy
+                    work = padded[:stop - start]
                     work = work.view(x.shape) if whole else work
                     seed = noise_seed(w.t[i], index[id(b.params[i])], name) if x.code.stochastic else 0
-                    encode.append((x, start, work, seed))
+                    encode.append((x, start, padded, seed))
                 else:
                     x = _cut(x, start, stop)
                     work = x if x.dtype == dtype else x.to(dtype)
@@ -93,8 +95,8 @@ def step_eager(opt: Any, group: dict[str, Any], b: Any, w: Any) -> None:
                         copy_back.append((x, work))
                 s[name].append(work)
         opt.update(group, p, g, s, t)
-        for x, start, work, seed in encode:
-            x.write(start, work, seed)
+        for x, start, padded, seed in encode:
+            x.write(start, padded, seed)
         for dst, src in copy_back:
             dst.copy_(src)
 
@@ -104,14 +106,14 @@ def _low_bit_entry(kernel: Any, consts: dict[str, Any], codes: dict[str, Any], p
                    offsets: dict[str, Tensor], c: dict[str, Tensor]) -> None:
     """decode -> maximize, weight decay, the optimizer's kernel -> encode, for one flat piece:
     one compiled graph. ``codes`` (constant) names each low-bit state's code; ``offsets``
-    carry the noise seed plus the piece's first index, as in the eager path."""
+    place each state's noise, as in the eager path (so both round alike)."""
     n = p.shape[0]
     decoded = {name: code.decode(low[name][0], low[name][1], p.dtype) for name, code in codes.items()}
     state = {**full, **{name: x[:n] for name, x in decoded.items()}}
     _fused_entry(kernel, consts, p, g, state, c)
     for name, code in codes.items():
         x = decoded[name].to(torch.float32)
-        noise = uniform_noise(offsets[name], 0, x.shape[0], x.device) if code.stochastic else None
+        noise = uniform_noise(offsets[name], x.shape[0], x.device) if code.stochastic else None
         new_codes, new_scales = code.encode(x, noise)
         low[name][0].copy_(new_codes)
         if new_scales is not None:
@@ -154,7 +156,8 @@ def step_fused(opt: Any, group: dict[str, Any], b: Any) -> None:
                     low[name] = (x.codes[c_range], None if s_range is None else x.scales[s_range])
                     codes[name] = x.code
                     seed = noise_seed(t[i], index[id(b.params[i])], name) if x.code.stochastic else 0
-                    offsets[name] = torch.tensor(seed + start, dtype=torch.int64, device=p0.device)
+                    offsets[name] = torch.tensor(noise_offset(seed, start), dtype=torch.int64,
+                                                 device=p0.device)
                 else:
                     full[name] = x.view(-1)[start:stop]
             entry = compiled_step(type(opt), (consts, tuple(codes.items()), p0.dtype, p0.device.type),
