@@ -59,7 +59,7 @@ class LowBitState:
             out[start:stop] = self.read(start, stop, dtype)[:stop - start]
         return out.view(self.shape)
 
-    def _ranges(self, start: int, stop: int) -> tuple[slice, slice | None]:
+    def ranges(self, start: int, stop: int) -> tuple[slice, slice | None]:
         """The codes and scales behind entries [start, stop); ``start`` is block-aligned, and
         ``stop`` too unless it is the end (then the padding is included)."""
         code = self.code
@@ -71,7 +71,7 @@ class LowBitState:
     def read(self, start: int, stop: int, dtype: torch.dtype) -> Tensor:
         """Entries [start, stop) decoded into ``dtype``, padded to whole blocks (the padding is
         zeros; slice ``[:stop - start]`` for the entries)."""
-        codes, scales = self._ranges(start, stop)
+        codes, scales = self.ranges(start, stop)
         return self.code.decode(self.codes[codes], None if scales is None else self.scales[scales], dtype)
 
     def write(self, start: int, x: Tensor, seed: int) -> None:
@@ -86,7 +86,7 @@ class LowBitState:
         noise = (uniform_noise(noise_offset(seed, start), padded, x.device) if self.code.stochastic
                  else None)
         codes, scales = self.code.encode(x, noise)
-        c, s = self._ranges(start, start + n)
+        c, s = self.ranges(start, start + n)
         self.codes[c] = codes
         if s is not None:
             self.scales[s] = scales

@@ -18,7 +18,7 @@ from torch import Tensor
 from ..fused import _fused_entry, compiled_step
 from ..steps import advance_steps
 from ..tensorlist import TensorList
-from .codes import noise_offset, uniform_noise
+from .codes import Code, noise_offset, uniform_noise
 from .state import CHUNK, LowBitState, noise_seed
 
 __all__ = ["fused_applies", "param_positions", "pieces", "step_eager", "step_fused"]
@@ -62,6 +62,48 @@ def _cut(x: Tensor, start: int, stop: int) -> Tensor:
     return x if start == 0 and stop == x.numel() else x.view(-1)[start:stop]
 
 
+def _joined(parts: list[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+class _Decoded:
+    """The low-bit pieces of one state in a chunk, decoded into one buffer (one decode and one
+    encode per chunk, not per tensor; blocks stay aligned, as each piece is padded to them)."""
+
+    def __init__(self, code: Code) -> None:
+        self.code = code
+        self.items: list[tuple[LowBitState, int, int, int]] = []    # (state, start, stop, seed)
+
+    def decode(self, dtype: torch.dtype) -> list[Tensor]:
+        """Each piece's entries (views of one buffer, in the order added)."""
+        ranges = [x.ranges(start, stop) for x, start, stop, _ in self.items]
+        codes = _joined([x.codes[c] for (x, *_), (c, _) in zip(self.items, ranges)])
+        scales = (None if self.code.scale_dtype is None else
+                  _joined([x.scales[s] for (x, *_), (_, s) in zip(self.items, ranges)]))
+        self.buffer = self.code.decode(codes, scales, dtype)
+        views, at = [], 0
+        for x, start, stop, _ in self.items:
+            views.append(self.buffer[at:at + stop - start])
+            at += self.code.padded(stop - start)
+        return views
+
+    def encode(self) -> None:
+        code, buffer = self.code, self.buffer.to(torch.float32)
+        noise = None
+        if code.stochastic:
+            noise = _joined([uniform_noise(noise_offset(seed, start), code.padded(stop - start), buffer.device)
+                             for _, start, stop, seed in self.items])
+        codes, scales = code.encode(buffer, noise)
+        at_code = at_scale = 0
+        for x, start, stop, _ in self.items:
+            c, s = x.ranges(start, stop)
+            x.codes[c] = codes[at_code:at_code + c.stop - c.start]
+            at_code += c.stop - c.start
+            if s is not None:
+                x.scales[s] = scales[at_scale:at_scale + s.stop - s.start]
+                at_scale += s.stop - s.start
+
+
 def step_eager(opt: Any, group: dict[str, Any], b: Any, w: Any) -> None:
     """Run ``opt.update`` over the prepared work ``w`` of bucket ``b``, chunk by chunk."""
     index = param_positions(opt)
@@ -71,7 +113,8 @@ def step_eager(opt: Any, group: dict[str, Any], b: Any, w: Any) -> None:
         dtype = w.p[chunk[0][0]].dtype
         p, g, t = TensorList(), TensorList(), []
         s: dict[str, TensorList] = {name: TensorList() for name in names}
-        encode: list[tuple[LowBitState, int, Tensor, int]] = []
+        decoded: dict[tuple[str, Code], _Decoded] = {}
+        slots: dict[tuple[str, Code], list[tuple[int, torch.Size | None]]] = {}
         copy_back: list[tuple[Tensor, Tensor]] = []
         for i, start, stop in chunk:
             whole = start == 0 and stop == w.p[i].numel()
@@ -83,20 +126,23 @@ def step_eager(opt: Any, group: dict[str, Any], b: Any, w: Any) -> None:
             for name in names:
                 x = b.s[name][i]
                 if isinstance(x, LowBitState):
-                    padded = x.read(start, stop, dtype)          # encoded back as it is: no copy
-                    work = padded[:stop - start]
-                    work = work.view(x.shape) if whole else work
+                    key = (name, x.code)
                     seed = noise_seed(w.t[i], index[id(b.params[i])], name) if x.code.stochastic else 0
-                    encode.append((x, start, padded, seed))
+                    decoded.setdefault(key, _Decoded(x.code)).items.append((x, start, stop, seed))
+                    slots.setdefault(key, []).append((len(s[name]), x.shape if whole else None))
+                    s[name].append(None)                          # filled in below
                 else:
                     x = _cut(x, start, stop)
                     work = x if x.dtype == dtype else x.to(dtype)
                     if work is not x:
                         copy_back.append((x, work))
-                s[name].append(work)
+                    s[name].append(work)
+        for key, batch in decoded.items():
+            for (at, shape), view in zip(slots[key], batch.decode(dtype)):
+                s[key[0]][at] = view if shape is None else view.view(shape)
         opt.update(group, p, g, s, t)
-        for x, start, padded, seed in encode:
-            x.write(start, padded, seed)
+        for batch in decoded.values():
+            batch.encode()
         for dst, src in copy_back:
             dst.copy_(src)
 
@@ -152,7 +198,7 @@ def step_fused(opt: Any, group: dict[str, Any], b: Any) -> None:
             for name, xs in b.s.items():
                 x = xs[i]
                 if isinstance(x, LowBitState):
-                    c_range, s_range = x._ranges(start, stop)
+                    c_range, s_range = x.ranges(start, stop)
                     low[name] = (x.codes[c_range], None if s_range is None else x.scales[s_range])
                     codes[name] = x.code
                     seed = noise_seed(t[i], index[id(b.params[i])], name) if x.code.stochastic else 0
