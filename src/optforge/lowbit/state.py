@@ -8,7 +8,9 @@ of tensors (:meth:`to_dict`), so ``torch.load(weights_only=True)`` reads checkpo
 
 from __future__ import annotations
 
+import functools
 import math
+import zlib
 from typing import Any
 
 import torch
@@ -133,7 +135,11 @@ def is_low_bit(x: Any) -> bool:
 def noise_seed(step: float, index: int, name: str) -> int:
     """The seed of stochastic rounding for state ``name`` of parameter ``index`` at ``step``:
     the same numbers give the same rounding, in any process."""
-    h = 0x811C9DC5
-    for byte in f"{int(step)}/{index}/{name}".encode():      # FNV-1a, 32 bits
-        h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
-    return h
+    h = (int(step) * 0x9E3779B1 + index * 0x85EBCA77 + _name_hash(name)) & 0xFFFFFFFF
+    h = ((h ^ (h >> 16)) * 0x7FEB352D) & 0xFFFFFFFF
+    return h ^ (h >> 15)
+
+
+@functools.lru_cache(maxsize=256)
+def _name_hash(name: str) -> int:
+    return zlib.crc32(name.encode())

@@ -168,7 +168,8 @@ def _low_bit_entry(kernel: Any, consts: dict[str, Any], codes: dict[str, Any], p
 
 def fused_applies(b: Any) -> bool:
     """Whether the fused low-bit step can run bucket ``b`` (else the eager one does)."""
-    return not (b.is_complex or b.low_precision) and all(p.is_contiguous() for p in b.params)
+    return not (b.is_complex or b.low_precision) and all(p.is_contiguous() for p in b.params) and all(
+        isinstance(x, LowBitState) or x.is_contiguous() for xs in b.s.values() for x in xs)
 
 
 def step_fused(opt: Any, group: dict[str, Any], b: Any) -> None:
