@@ -111,6 +111,8 @@ class PowerCode(Code):
 
     def __init__(self, name: str, bits: int, block: int, power: int, signed: bool, stochastic: bool,
                  scale_dtype: torch.dtype = torch.float32) -> None:
+        if power not in (1, 2) or bits not in (4, 8):
+            raise ValueError(f"a PowerCode has power 1 or 2 and 4 or 8 bits, got power={power}, bits={bits}")
         self.name, self.bits, self.block, self.power = name, bits, block, power
         self.signed, self.stochastic, self.scale_dtype = signed, stochastic, scale_dtype
         self.levels = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
