@@ -12,9 +12,10 @@ Sections (each prints a Markdown table; docs/memory.md shows the results):
   task (an MLP 256-512-64 fitting a random teacher network); the distance of the final
   parameters to float32 AdamW's, relative to how far float32 AdamW moved them. With
   bitsandbytes' and torchao's 8-bit, 4-bit and FP8 AdamW on the same run when installed.
-- ``quality``: the compare digits task (the 64-128-10 MLP, batch 64), AdamW, Lion, AdEMAMix,
-  Adan, ADOPT, AdaBelief and Compass with float32, int8 and int4 state, every tensor's state
-  low-bit (``min_quantized_size=0``), 3 seeds: final train loss and test accuracy.
+- ``quality``: a compare task's MLP (``--task digits``: 64-128-10, batch 64; ``mnist1d``: the
+  paper's MLP, batch 100), AdamW, Lion, AdEMAMix, Adan, ADOPT, AdaBelief and Compass with
+  float32, int8 and int4 state, every tensor's state low-bit (``min_quantized_size=0``),
+  3 seeds: final train loss and test accuracy.
 - ``codes``: the measurements behind the codes optforge picks: the fidelity of int8 and int4
   AdamW with other codes for the first and second moment (power 1 is a linear code, power 2
   spends the levels near zero; SR is stochastic rounding), and the digits quality of int4
@@ -168,9 +169,10 @@ def quality_section(args: argparse.Namespace) -> None:
     from optforge.compare.runner import Settings, train_run
     from optforge.compare.tasks import get_task
 
-    task = get_task("digits")
+    task = get_task(args.task)
     data = task.load()
-    settings = Settings(steps=args.steps, batch_size=64, log_every=50, eval_every=args.steps, target_loss=None)
+    settings = Settings(steps=args.steps, batch_size=task.batch_size, log_every=50, eval_every=args.steps,
+                        target_loss=None)
     rows = []
     for name in QUALITY_OPTIMIZERS:
         info = of.get_optimizer_info(name)
@@ -186,7 +188,7 @@ def quality_section(args: argparse.Namespace) -> None:
                        f"{acc:.2f} ({acc - base[1]:+.2f}) / {loss:.4f}")
         rows.append(row)
         print(f"  {name} done", flush=True)
-    print(f"\ndigits MLP, {args.steps} steps, {args.seeds} seeds: test accuracy % (vs float32) / final "
+    print(f"\n{args.task} MLP, {args.steps} steps, {args.seeds} seeds: test accuracy % (vs float32) / final "
           "train loss\n")
     print(table(["optimizer", "float32", "int8", "int4"], rows))
 
@@ -339,6 +341,8 @@ def main() -> None:
     parser.add_argument("--fidelity-steps", type=int, default=200)
     parser.add_argument("--steps", type=int, default=1000, help="quality: training steps")
     parser.add_argument("--seeds", type=int, default=3, help="quality: seeds")
+    parser.add_argument("--task", default="digits", choices=["digits", "mnist1d"],
+                        help="quality: the compare task (its MLP)")
     parser.add_argument("--rounds", type=int, default=5, help="speed: timed rounds")
     args = parser.parse_args()
     torch.set_num_threads(1)     # the speed section sets its own; the others' numbers do not depend on it
