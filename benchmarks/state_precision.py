@@ -215,7 +215,7 @@ def peak_added_mib(step: Callable[[], None]) -> float:
 
 
 def speed_section(args: argparse.Namespace) -> None:
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(args.threads)
     shape = (4096, 4096)
     builders: dict[str, Callable] = {
         "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, fused=True),
@@ -252,7 +252,7 @@ def speed_section(args: argparse.Namespace) -> None:
         t = statistics.median(times)
         rows.append([name, f"{t * 1e3:.0f}", f"{t / base:.2f}", f"{t / eager_base:.2f}", f"{max(peaks):.0f}"])
     n = shape[0] * shape[1]
-    print(f"opt.step() on one {shape[0]} x {shape[1]} tensor ({n / 1e6:.1f}M parameters), {THREADS} threads, "
+    print(f"opt.step() on one {shape[0]} x {shape[1]} tensor ({n / 1e6:.1f}M parameters), {args.threads} threads, "
           f"{args.rounds} rounds\n")
     print(table(["entry", "median ms", "vs optforge fused float32", "vs optforge eager float32",
                  "peak MiB added by a step"], rows))
@@ -344,6 +344,7 @@ def main() -> None:
     parser.add_argument("--task", default="digits", choices=["digits", "mnist1d"],
                         help="quality: the compare task (its MLP)")
     parser.add_argument("--rounds", type=int, default=5, help="speed: timed rounds")
+    parser.add_argument("--threads", type=int, default=THREADS, help="speed: torch threads")
     args = parser.parse_args()
     torch.set_num_threads(1)     # the speed section sets its own; the others' numbers do not depend on it
     for name in args.sections:
