@@ -379,6 +379,15 @@ def test_create_optimizer_and_optimizer_args_accept_it():
     assert opt.param_groups[0]["state_precision"] == "int4" and opt.param_groups[0]["min_quantized_size"] == 0
 
 
+def test_compare_accepts_it():
+    from optforge.compare.options import parse_optimizer_args
+
+    args = parse_optimizer_args(["state_precision=int8", "lion:min_quantized_size=0"], ["adamw", "lion"])
+    assert args == {"adamw": {"state_precision": "int8"}, "lion": {"state_precision": "int8", "min_quantized_size": 0}}
+    with pytest.raises(ValueError, match="has no argument 'state_precison'"):
+        parse_optimizer_args(["state_precison=int8"], ["adamw"])
+
+
 def test_a_users_own_optimizer_gets_low_bit_state():
     from optforge.constraints import unit_interval
 

@@ -258,7 +258,7 @@ def _accepted_args(cls: type) -> list[str] | None:
     return [n for n, p in params.items() if n not in ("self", "params") and p.kind is not p.VAR_POSITIONAL]
 
 
-def _base_options(info: OptimInfo) -> tuple[str, ...]:
+def base_option_names(info: OptimInfo) -> tuple[str, ...]:
     """The base options (``Optimizer.configure``) an optforge optimizer takes as keywords here."""
     from .base import BASE_OPTIONS, Optimizer
 
@@ -272,7 +272,7 @@ def _check_kwargs(info: OptimInfo, kwargs: dict[str, Any], lookahead: bool = Fal
     unknown = [k for k in kwargs if k not in valid]
     if unknown:
         hints = []
-        options = [*_FACTORY_OPTIONS, *_base_options(info), *(_LOOKAHEAD_OPTIONS if lookahead else ())]
+        options = [*_FACTORY_OPTIONS, *base_option_names(info), *(_LOOKAHEAD_OPTIONS if lookahead else ())]
         for k in unknown:
             close = difflib.get_close_matches(k, [*valid, *options], n=1)
             hints.append(f"{k!r} (did you mean {close[0]!r}?)" if close else repr(k))
@@ -321,7 +321,7 @@ def create_optimizer(model_or_params: nn.Module | Iterable[Any], name: str, lr: 
         kwargs["lr"] = lr
     if weight_decay is not None:
         kwargs["weight_decay"] = weight_decay
-    options = {k: kwargs.pop(k) for k in _base_options(info) if k in kwargs}
+    options = {k: kwargs.pop(k) for k in base_option_names(info) if k in kwargs}
     _check_kwargs(info, kwargs, lookahead)
     if options:
         from .base import BASE_OPTION_CONSTRAINTS

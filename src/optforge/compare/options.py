@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..factory import LOOKAHEAD_PREFIX, create_optimizer, resolve_optimizer_name
+from ..factory import LOOKAHEAD_PREFIX, base_option_names, create_optimizer, resolve_optimizer_name
 from ..factory import parse_optimizer_args as parse_kwargs
 
 __all__ = ["canonical_name", "default_lr", "parse_lrs", "parse_optimizer_args",
@@ -85,7 +85,8 @@ def parse_lrs(specs: list[str] | None, optimizers: list[str]) -> dict[str, float
 
 def parse_optimizer_args(specs: list[str] | None, optimizers: list[str]) -> dict[str, dict[str, Any]]:
     """``--optimizer_args`` items ``[NAME:]KEY=VALUE``; without ``NAME:`` the item applies to
-    every optimizer. Keys are checked against each optimizer's signature."""
+    every optimizer. Keys are checked against each optimizer's signature and base options
+    (``state_precision=int8``)."""
     out: dict[str, dict[str, Any]] = {name: {} for name in optimizers}
     for spec in specs or []:
         target, sep, assignment = spec.partition(":")
@@ -107,7 +108,8 @@ def parse_optimizer_args(specs: list[str] | None, optimizers: list[str]) -> dict
         value = parse_kwargs([f"{key}={text}"])[key]   # the same typing as training scripts get
         for name in names:
             info, lookahead = resolve_optimizer_name(name)
-            valid = {**info.defaults, **(_LOOKAHEAD_ARGS if lookahead else {})}
+            valid = {**info.defaults, **dict.fromkeys(base_option_names(info)),
+                     **(_LOOKAHEAD_ARGS if lookahead else {})}
             if key not in valid:
                 raise ValueError(f"--optimizer_args {spec!r}: {name} has no argument {key!r} "
                                  f"(valid: {', '.join(k for k in valid if k != 'lr')})")
