@@ -1,6 +1,6 @@
 """Low-bit state (``state_precision``) for every registered elementwise optimizer, with every
 precision: a low-bit step is exactly "decode the state, run the optimizer's own update, encode
-it", and training with it follows float32 state. (Codes, memory, checkpoints and errors are
+it", training with it follows float32 state, and the fused path equals the eager one. (Codes, memory, checkpoints and errors are
 in tests/test_lowbit.py.)"""
 
 import copy
@@ -90,7 +90,8 @@ FUSED_CASES = [("adamw", "int4"), ("schedule_free_adamw", "fp8")]
 
 
 @pytest.mark.parametrize("name,precision", FUSED_CASES, ids=[f"{n}-{p}" for n, p in FUSED_CASES])
-def test_fused_low_bit_follows_eager_low_bit(name, precision):
+def test_fused_low_bit_equals_eager_low_bit(name, precision):
+    """The same codes, the same noise: the paths differ by float rounding only."""
     info = next(i for i in INFOS if i.name == name)
     assert has_fused(info)
     eager_model, fused_model = make_model(), make_model()
@@ -98,4 +99,4 @@ def test_fused_low_bit_follows_eager_low_bit(name, precision):
     opt = low_bit(info, fused_model, precision, fused=True)
     fused = run(fused_model, opt, 5)[-1]
     assert low_bit_entries(opt)
-    torch.testing.assert_close(fused, eager, rtol=0, atol=0.05 * (eager - flat(make_model().parameters())).abs().max())
+    torch.testing.assert_close(fused, eager, rtol=0, atol=1e-9 * (eager - flat(make_model().parameters())).abs().max())

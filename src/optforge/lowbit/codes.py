@@ -90,13 +90,15 @@ class Code:
         return self.padded(numel) // self.block if self.scale_dtype is not None else 0
 
     def encode(self, x: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """(codes, scales) of a flat float32 ``x`` whose length is a multiple of ``block``. The
-        codes may be floats holding what the codes tensor stores: ``codes_tensor.copy_(codes)``
-        converts them (truncating towards zero) in the pass that writes them."""
+        """(codes, scales) of float32 ``x``, flat or one row per block (a multiple of ``block``
+        entries). The codes come one row per block; they may be floats holding what the codes
+        tensor stores: ``codes_tensor.copy_(codes)`` converts them (truncating towards zero)
+        in the pass that writes them."""
         raise NotImplementedError
 
     def decode(self, codes: Tensor, scales: Tensor | None, dtype: torch.dtype) -> Tensor:
-        """The flat tensor (of ``dtype``) that ``codes`` and ``scales`` stand for."""
+        """What ``codes`` and ``scales`` (flat) stand for, in ``dtype``, one row per block.
+        (Rows keep the index arithmetic of a compiled kernel simple.)"""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -145,25 +147,25 @@ class PowerCode(Code):
         if not self.signed:      # never 0 in a non-zero block: v = 0 under m != 0 would make m / sqrt(v) explode
             k = k.clamp_(min=1)
         if self.bits == 8:
-            return (k.add_(self.offset) if self.offset else k).view(-1), s.view(-1).to(self.scale_dtype)
+            return k.add_(self.offset) if self.offset else k, s.view(-1).to(self.scale_dtype)
         k = k.add_(self.offset) if self.offset else k
         return self._pack(k.to(torch.int8).view(torch.uint8)), s.view(-1).to(self.scale_dtype)
 
     def _pack(self, k: Tensor) -> Tensor:
         halves = k.view(-1, 2, self.block // 2)
-        return (halves[:, 0] | (halves[:, 1] << 4)).view(-1)
+        return halves[:, 0] | (halves[:, 1] << 4)
 
     def decode(self, codes, scales, dtype):
         if self.bits == 4:
             rows = codes.view(-1, self.block // 2)
-            codes = torch.stack((rows & 15, rows >> 4), dim=1).view(-1)
-        r = codes.to(torch.float32)
+            codes = torch.stack((rows & 15, rows >> 4), dim=1)
+        r = codes.view(-1, self.block).to(torch.float32)
         if self.offset:
             r = r.sub_(self.offset)
         if self.power == 2:
             r = r.mul_(r.abs() if self.signed else r)
         factor = scales.to(torch.float32).view(-1, 1) * (1.0 / self.levels**self.power)
-        return r.view(-1, self.block).mul_(factor).view(-1).to(dtype)
+        return r.mul_(factor).to(dtype)
 
 
 _FP8_VALUES: dict[torch.device, Tensor] = {}
@@ -196,11 +198,14 @@ class Fp8Code(Code):
         y = xb * torch.where(s > 0, 1.0 / s, 0.0)
         if not self.signed:          # never 0 in a non-zero block (see PowerCode)
             y = y.clamp_(min=self._TINY)
-        return y.view(-1), s.view(-1)
+        return y, s.view(-1)
 
     def decode(self, codes, scales, dtype):
-        values = torch.index_select(_fp8_values(codes.device), 0, codes.view(torch.uint8).to(torch.int32))
-        return values.view(-1, self.block).mul_(scales.view(-1, 1)).view(-1).to(dtype)
+        if torch.compiler.is_compiling():
+            values = codes.to(torch.float32)
+        else:
+            values = torch.index_select(_fp8_values(codes.device), 0, codes.view(torch.uint8).to(torch.int32))
+        return values.view(-1, self.block).mul_(scales.view(-1, 1)).to(dtype)
 
 
 class Bf16Code(Code):
@@ -213,8 +218,8 @@ class Bf16Code(Code):
     code_dtype = torch.bfloat16
 
     def encode(self, x, noise):
-        bits = x.view(torch.int32) + (noise * 65536.0).to(torch.int32)
+        bits = x.view(-1, 1).view(torch.int32) + (noise.view(-1, 1) * 65536.0).to(torch.int32)
         return bits.bitwise_and_(-65536).view(torch.float32), None
 
     def decode(self, codes, scales, dtype):
-        return codes.to(dtype)
+        return codes.view(-1, 1).to(dtype)

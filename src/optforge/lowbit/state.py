@@ -74,22 +74,23 @@ class LowBitState:
         """Entries [start, stop) decoded into ``dtype``, padded to whole blocks (the padding is
         zeros; slice ``[:stop - start]`` for the entries)."""
         codes, scales = self.ranges(start, stop)
-        return self.code.decode(self.codes[codes], None if scales is None else self.scales[scales], dtype)
+        return self.code.decode(self.codes[codes], None if scales is None else self.scales[scales], dtype).view(-1)
 
-    def write(self, start: int, x: Tensor, seed: int) -> None:
+    def write(self, start: int, x: Tensor, seed: int, noise_at: int | None = None) -> None:
         """Encode ``x`` into entries [start, start + len(x)) (block-aligned ``start``; a length
         that ends off a block boundary must end the tensor; :meth:`read`'s padded result, as
-        it is, fits). ``seed`` (an int) and ``start`` place the noise of stochastic rounding."""
+        it is, fits). ``seed`` (an int) and ``start`` place the noise of stochastic rounding in
+        its table, unless ``noise_at`` does."""
         n = x.numel()
         padded = self.code.padded(n)
         x = x.reshape(-1).to(torch.float32)
         if padded != n:
             x = torch.cat((x, x.new_zeros(padded - n)))
-        noise = (uniform_noise(noise_offset(seed, start), padded, x.device) if self.code.stochastic
-                 else None)
+        at = noise_offset(seed, start) if noise_at is None else noise_at
+        noise = uniform_noise(at, padded, x.device) if self.code.stochastic else None
         codes, scales = self.code.encode(x, noise)
         c, s = self.ranges(start, start + n)
-        self.codes[c] = codes
+        self.codes[c] = codes.view(-1)
         if s is not None:
             self.scales[s] = scales
 

@@ -9,13 +9,14 @@ in the same bucket (small tensors, states declared ``"full"``) is updated in pla
 
 from __future__ import annotations
 
+import types
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..fused import _fused_entry, compiled_step
+from ..fused import _frozen, _fused_entry
 from ..steps import advance_steps
 from ..tensorlist import TensorList
 from .codes import Code, noise_offset, uniform_noise
@@ -80,7 +81,7 @@ class _Decoded:
         codes = _joined([x.codes[c] for (x, *_), (c, _) in zip(self.items, ranges)])
         scales = (None if self.code.scale_dtype is None else
                   _joined([x.scales[s] for (x, *_), (_, s) in zip(self.items, ranges)]))
-        self.buffer = self.code.decode(codes, scales, dtype)
+        self.buffer = self.code.decode(codes, scales, dtype).view(-1)
         views, at = [], 0
         for x, start, stop, _ in self.items:
             views.append(self.buffer[at:at + stop - start])
@@ -94,6 +95,7 @@ class _Decoded:
             noise = _joined([uniform_noise(noise_offset(seed, start), code.padded(stop - start), buffer.device)
                              for _, start, stop, seed in self.items])
         codes, scales = code.encode(buffer, noise)
+        codes = codes.view(-1)
         at_code = at_scale = 0
         for x, start, stop, _ in self.items:
             c, s = x.ranges(start, stop)
@@ -147,23 +149,39 @@ def step_eager(opt: Any, group: dict[str, Any], b: Any, w: Any) -> None:
             dst.copy_(src)
 
 
-def _low_bit_entry(kernel: Any, consts: dict[str, Any], codes: dict[str, Any], p: Tensor, g: Tensor,
-                   full: dict[str, Tensor], low: dict[str, tuple[Tensor, Tensor | None]],
-                   offsets: dict[str, Tensor], c: dict[str, Tensor]) -> None:
-    """decode -> maximize, weight decay, the optimizer's kernel -> encode, for one flat piece:
-    one compiled graph. ``codes`` (constant) names each low-bit state's code; ``offsets``
-    place each state's noise, as in the eager path (so both round alike)."""
-    n = p.shape[0]
-    decoded = {name: code.decode(low[name][0], low[name][1], p.dtype) for name, code in codes.items()}
-    state = {**full, **{name: x[:n] for name, x in decoded.items()}}
+def _low_bit_entry(kernel: Any, consts: dict[str, Any], p: Tensor, g: Tensor, full: dict[str, Tensor],
+                   low: dict[str, tuple[Tensor, Tensor | None]], noise: dict[str, Tensor],
+                   c: dict[str, Tensor]) -> None:
+    """decode -> maximize, weight decay, the optimizer's kernel -> encode, for one piece of
+    whole blocks: one compiled graph. ``CODES``, each low-bit state's code, is a global of each
+    compiled copy (so their block sizes are constants, not symbols of a dynamic shape); every
+    tensor comes one row per block (so no index goes through a flat view and back);
+    ``noise`` holds the stochastic rounding noise of those that need it (the eager path's)."""
+    codes = CODES  # noqa: F821 (a global of each compiled copy)
+    state = {**full, **{name: code.decode(low[name][0], low[name][1], p.dtype) for name, code in codes.items()}}
     _fused_entry(kernel, consts, p, g, state, c)
     for name, code in codes.items():
-        x = decoded[name].to(torch.float32)
-        noise = uniform_noise(offsets[name], x.shape[0], x.device) if code.stochastic else None
-        new_codes, new_scales = code.encode(x, noise)
+        new_codes, new_scales = code.encode(state[name].to(torch.float32), noise.get(name))
         low[name][0].copy_(new_codes)
         if new_scales is not None:
             low[name][1].copy_(new_scales)
+
+
+_COMPILED: dict[tuple, Any] = {}
+
+
+def _compiled(cls: type, consts: dict[str, Any], codes: dict[str, Code], dtype: torch.dtype,
+              device_type: str) -> Any:
+    """The compiled low-bit entry for an optimizer class, its kernel constants and codes: a
+    copy of the entry's code object each (as ``fused.compiled_step`` makes, so that dynamo's
+    per-code recompile limit is per configuration), with ``CODES`` among its globals."""
+    key = (cls, _frozen(consts), tuple(codes.items()), dtype, device_type)
+    fn = _COMPILED.get(key)
+    if fn is None:
+        code = _low_bit_entry.__code__.replace(co_name=f"_low_bit_{cls.__name__}")
+        copy = types.FunctionType(code, {**_low_bit_entry.__globals__, "CODES": dict(codes)}, code.co_name)
+        fn = _COMPILED[key] = torch.compile(copy, dynamic=True, fullgraph=True)
+    return fn
 
 
 def fused_applies(b: Any) -> bool:
@@ -175,7 +193,9 @@ def fused_applies(b: Any) -> bool:
 def step_fused(opt: Any, group: dict[str, Any], b: Any) -> None:
     """The fused step of a bucket with low-bit state: weight decay, maximize and the kernel
     are compiled with the decoding and encoding of each piece (the ``pieces`` of the eager
-    path, one tensor or a slice of one each), so each entry is read and written once."""
+    path, one tensor or a slice of one each), so each entry is read and written once. The
+    compiled pass takes whole blocks (its index arithmetic then stays simple); the entries of a
+    tensor's last, partial block run the same function uncompiled."""
     t = advance_steps(b.steps)
     g_all = opt.transform_grads(group, b.g)
     index = param_positions(opt)
@@ -190,24 +210,49 @@ def step_fused(opt: Any, group: dict[str, Any], b: Any) -> None:
             c["_decay"] = 1 - (lr[0] if isinstance(lr, list) else lr) * group["weight_decay"]
         values = torch.tensor([float(v) for v in c.values()], dtype=scalar_dtype, device=p0.device)
         scalars[k] = dict(zip(c, values.unbind()))
-    grads: dict[int, Tensor] = {}
     for chunk in pieces(b.p, b.s):
         for i, start, stop in chunk:
-            if i not in grads:
-                grads[i] = g_all[i].reshape(-1)
-            full, low, codes, offsets = {}, {}, {}, {}
-            for name, xs in b.s.items():
-                x = xs[i]
-                if isinstance(x, LowBitState):
-                    c_range, s_range = x.ranges(start, stop)
-                    low[name] = (x.codes[c_range], None if s_range is None else x.scales[s_range])
-                    codes[name] = x.code
-                    seed = noise_seed(t[i], index[id(b.params[i])], name) if x.code.stochastic else 0
-                    offsets[name] = torch.tensor(noise_offset(seed, start), dtype=torch.int64,
-                                                 device=p0.device)
-                else:
-                    full[name] = x.view(-1)[start:stop]
-            entry = compiled_step(type(opt), (consts, tuple(codes.items()), p0.dtype, p0.device.type),
-                                  _low_bit_entry)
-            entry(type(opt).kernel, consts, codes, b.p[i].view(-1)[start:stop], grads[i][start:stop],
-                  full, low, offsets, scalars[t[i]])
+            states = {name: xs[i] for name, xs in b.s.items()}
+            block = max((x.code.block for x in states.values() if isinstance(x, LowBitState)), default=1)
+            whole_blocks = start + (stop - start) // block * block
+            g = g_all[i].reshape(-1)
+            for a, z, compiled in ((start, whole_blocks, True), (whole_blocks, stop, False)):
+                if z > a:
+                    _run_piece(opt, consts, b.p[i].view(-1)[a:z], g[a:z], states, start, a, z, scalars[t[i]],
+                               (t[i], index[id(b.params[i])]), compiled)
+
+
+def _run_piece(opt: Any, consts: dict[str, Any], p: Tensor, g: Tensor, states: dict[str, Any], piece: int,
+               start: int, stop: int, c: dict[str, Tensor], seed_of: tuple[float, int], compiled: bool) -> None:
+    """Entries [start, stop) of one tensor (part of the eager path's piece from ``piece``,
+    whose noise they take, so both paths round alike)."""
+    full, low, codes, noise = {}, {}, {}, {}
+    block = max((x.code.block for x in states.values() if isinstance(x, LowBitState)), default=1)
+    rows = (-1, block) if compiled else (-1,)
+    for name, x in states.items():
+        if isinstance(x, LowBitState):
+            c_range, s_range = x.ranges(start, stop)
+            low[name] = (x.codes[c_range].view(-1, x.code.code_offset(block)) if compiled else x.codes[c_range],
+                         None if s_range is None else x.scales[s_range])
+            codes[name] = x.code
+            if x.code.stochastic:
+                at = noise_offset(noise_seed(seed_of[0], seed_of[1], name), piece) + start - piece
+                noise[name] = uniform_noise(at, x.code.padded(stop - start), p.device).view(rows)
+        else:
+            full[name] = x.view(-1)[start:stop].view(rows)
+    p, g = p.view(rows), g.view(rows)
+    if compiled:
+        entry = _compiled(type(opt), consts, codes, p.dtype, p.device.type)
+        entry(type(opt).kernel, consts, p, g, full, low, noise, c)
+        return
+    # the last, partial block: decode with its padding, update the entries, encode
+    state = dict(full)
+    decoded = {}
+    for name, x in states.items():
+        if isinstance(x, LowBitState):
+            decoded[name] = x.read(start, stop, p.dtype)
+            state[name] = decoded[name][:stop - start]
+    _fused_entry(type(opt).kernel, consts, p, g, state, c)
+    for name, buffer in decoded.items():
+        seed = noise_seed(seed_of[0], seed_of[1], name)
+        states[name].write(start, buffer, seed, noise_at=noise_offset(seed, piece) + start - piece)
