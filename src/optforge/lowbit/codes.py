@@ -130,8 +130,8 @@ class PowerCode(Code):
             s = _round_up_bf16(s)                             # so that |x| / s <= 1 still holds
         if self.power == 1:                                   # y = K x / s, in [-K, K] (no sign work)
             y = (xb if self.signed else mag).mul(torch.where(s > 0, K / s, 0.0))
-        else:                                                 # y = K sqrt(|x| / s), in [0, K]
-            y = mag.mul_(torch.where(s > 0, K * K / s, 0.0)).sqrt_()
+        else:   # y = K sqrt(|x| / s), in [0, K] (sqrt(|x|) first: a fused kernel shares it with v.sqrt())
+            y = mag.sqrt_().mul_(torch.where(s > 0, K / s.sqrt(), 0.0))
         if noise is None:
             k = y.round_()
         elif self.power == 1 and self.bits == 4:              # floor(y + u) + offset, as a truncation
