@@ -14,8 +14,8 @@ Sections (each prints a Markdown table; docs/memory.md shows the results):
   bitsandbytes' and torchao's 8-bit, 4-bit and FP8 AdamW on the same run when installed.
 - ``quality``: a compare task's MLP (``--task digits``: 64-128-10, batch 64; ``mnist1d``: the
   paper's MLP, batch 100), AdamW, Lion, AdEMAMix, Adan, ADOPT, AdaBelief and Compass with
-  float32, int8 and int4 state, every tensor's state low-bit (``min_quantized_size=0``),
-  3 seeds: final train loss and test accuracy.
+  float32, int8 and int4 state, every tensor's state low-bit (``--min-quantized-size 0``, the
+  default here), 3 seeds: final train loss and test accuracy.
 - ``codes``: the measurements behind the codes optforge picks: the fidelity of int8 and int4
   AdamW with other codes for the first and second moment (power 1 is a linear code, power 2
   spends the levels near zero; SR is stochastic rounding), and the digits quality of int4
@@ -179,8 +179,8 @@ def quality_section(args: argparse.Namespace) -> None:
         lr = info.compare_lr or info.defaults.get("lr", 1e-3)
         row, base = [name], None
         for precision in (None, "int8", "int4"):
-            runs = [train_run(task, "mlp", data, name, lr, dict(state_precision=precision, min_quantized_size=0),
-                              seed, settings) for seed in range(args.seeds)]
+            options = dict(state_precision=precision, min_quantized_size=args.min_quantized_size)
+            runs = [train_run(task, "mlp", data, name, lr, options, seed, settings) for seed in range(args.seeds)]
             loss = statistics.mean(r.final_train_loss for r in runs)
             acc = statistics.mean(r.final_test_acc for r in runs)
             base = base or (loss, acc)
@@ -188,8 +188,8 @@ def quality_section(args: argparse.Namespace) -> None:
                        f"{acc:.2f} ({acc - base[1]:+.2f}) / {loss:.4f}")
         rows.append(row)
         print(f"  {name} done", flush=True)
-    print(f"\n{args.task} MLP, {args.steps} steps, {args.seeds} seeds: test accuracy % (vs float32) / final "
-          "train loss\n")
+    print(f"\n{args.task} MLP, {args.steps} steps, {args.seeds} seeds, min_quantized_size="
+          f"{args.min_quantized_size}: test accuracy % (vs float32) / final train loss\n")
     print(table(["optimizer", "float32", "int8", "int4"], rows))
 
 
@@ -343,6 +343,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="quality: seeds")
     parser.add_argument("--task", default="digits", choices=["digits", "mnist1d"],
                         help="quality: the compare task (its MLP)")
+    parser.add_argument("--min-quantized-size", type=int, default=0,
+                        help="quality: tensors below this keep full-precision state (0: none do)")
     parser.add_argument("--rounds", type=int, default=5, help="speed: timed rounds")
     parser.add_argument("--threads", type=int, default=THREADS, help="speed: torch threads")
     args = parser.parse_args()
