@@ -117,7 +117,8 @@ def regression_task(steps: int) -> tuple[Callable[[], nn.Module], Callable[[int]
     return model, batch
 
 
-def train_params(model: nn.Module, opt: torch.optim.Optimizer, batch, steps: int) -> tuple[torch.Tensor, float]:
+def train_params(model: nn.Module, opt: torch.optim.Optimizer, batch: Callable,
+                 steps: int) -> tuple[torch.Tensor, float]:
     for t in range(1, steps + 1):
         x, y = batch(t)
         opt.zero_grad()
@@ -147,7 +148,8 @@ def fidelity_section(args: argparse.Namespace) -> None:
     start = torch.cat([p.detach().reshape(-1) for p in make().parameters()])
     kw = dict(lr=1e-3, weight_decay=0.01)
     model = make()
-    ref, ref_loss = train_params(model, torch.optim.AdamW(model.parameters(), **kw), batch, args.fidelity_steps)
+    reference = torch.optim.AdamW(model.parameters(), **kw)
+    ref, ref_loss = train_params(model, reference, batch, args.fidelity_steps)
     entries: dict[str, Callable] = {f"optforge AdamW {label(p)}": (
         lambda ps, p=p: of.AdamW(ps, **kw).configure(state_precision=p)) for p in ALL}
     entries.update({k: (lambda ps, cls=cls: cls(ps, **kw)) for k, cls in reference_adamw().items()})
@@ -157,7 +159,8 @@ def fidelity_section(args: argparse.Namespace) -> None:
         params, loss = train_params(model, build(model.parameters()), batch, args.fidelity_steps)
         distance = ((params - ref).norm() / (ref - start).norm()).item()
         rows.append([name, f"{distance:.4f}", f"{loss:.4f}"])
-    print(f"distance to float32 torch AdamW after {args.fidelity_steps} steps (its final loss {ref_loss:.4f})\n")
+    print(f"distance to float32 torch AdamW after {args.fidelity_steps} steps "
+          f"(its final loss {ref_loss:.4f})\n")
     print(table(["optimizer", "relative distance", "final loss"], rows))
 
 
@@ -180,7 +183,8 @@ def quality_section(args: argparse.Namespace) -> None:
         row, base = [name], None
         for precision in (None, "int8", "int4"):
             options = dict(state_precision=precision, min_quantized_size=args.min_quantized_size)
-            runs = [train_run(task, "mlp", data, name, lr, options, seed, settings) for seed in range(args.seeds)]
+            runs = [train_run(task, "mlp", data, name, lr, options, seed, settings)
+                    for seed in range(args.seeds)]
             loss = statistics.mean(r.final_train_loss for r in runs)
             acc = statistics.mean(r.final_test_acc for r in runs)
             base = base or (loss, acc)
@@ -224,7 +228,8 @@ def speed_section(args: argparse.Namespace) -> None:
     }
     for p in PRECISIONS:
         builders[f"optforge AdamW eager {p}"] = lambda ps, p=p: of.AdamW(ps).configure(state_precision=p)
-        builders[f"optforge AdamW fused {p}"] = lambda ps, p=p: of.AdamW(ps, fused=True).configure(state_precision=p)
+        builders[f"optforge AdamW fused {p}"] = (
+            lambda ps, p=p: of.AdamW(ps, fused=True).configure(state_precision=p))
     refs = reference_adamw()
     for name in ("bitsandbytes AdamW8bit", "torchao AdamW8bit"):
         if name in refs:
@@ -248,11 +253,12 @@ def speed_section(args: argparse.Namespace) -> None:
     base = statistics.median(entries["optforge AdamW fused float32"][1])
     eager_base = statistics.median(entries["optforge AdamW eager float32"][1])
     rows = []
-    for name, (opt, times, peaks) in entries.items():
+    for name, (_, times, peaks) in entries.items():
         t = statistics.median(times)
         rows.append([name, f"{t * 1e3:.0f}", f"{t / base:.2f}", f"{t / eager_base:.2f}", f"{max(peaks):.0f}"])
     n = shape[0] * shape[1]
-    print(f"opt.step() on one {shape[0]} x {shape[1]} tensor ({n / 1e6:.1f}M parameters), {args.threads} threads, "
+    print(f"opt.step() on one {shape[0]} x {shape[1]} tensor ({n / 1e6:.1f}M parameters), "
+          f"{args.threads} threads, "
           f"{args.rounds} rounds\n")
     print(table(["entry", "median ms", "vs optforge fused float32", "vs optforge eager float32",
                  "peak MiB added by a step"], rows))
@@ -301,7 +307,8 @@ def codes_section(args: argparse.Namespace) -> None:
             params, _ = train_params(model, opt, batch, args.fidelity_steps)
         distance = ((params - ref).norm() / (ref - start).norm()).item()
         chosen = formats.CODES[precision]
-        mark = " (optforge)" if same(signed, chosen["signed"]) and same(non_negative, chosen["non_negative"]) else ""
+        ours = same(signed, chosen["signed"]) and same(non_negative, chosen["non_negative"])
+        mark = " (optforge)" if ours else ""
         rows.append([precision + mark, signed.name, non_negative.name, f"{distance:.4f}"])
     print(f"AdamW fidelity with other codes (distance to float32 after {args.fidelity_steps} steps)\n")
     print(table(["precision", "first moment", "second moment", "relative distance"], rows))
@@ -311,7 +318,8 @@ def codes_section(args: argparse.Namespace) -> None:
 
     task = get_task("digits")
     data = task.load()
-    settings = Settings(steps=args.steps, batch_size=64, log_every=50, eval_every=args.steps, target_loss=None)
+    settings = Settings(steps=args.steps, batch_size=64, log_every=50, eval_every=args.steps,
+                        target_loss=None)
     rows = []
     for name in ("adamw", "lion", "adan", "compass"):
         info = of.get_optimizer_info(name)

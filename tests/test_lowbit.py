@@ -35,8 +35,8 @@ def level_at(code, x):
     blocks = torch.cat([x, x.new_zeros(code.padded(x.numel()) - x.numel())]).view(-1, code.block)
     scale = blocks.abs().amax(1, keepdim=True).expand_as(blocks).reshape(-1)[:x.numel()]
     if code.scale_dtype == torch.bfloat16:                  # stored rounded up
-        scale = torch.where(scale.bfloat16().float() >= scale, scale.bfloat16().float(),
-                            torch.nextafter(scale.bfloat16(), torch.tensor(math.inf, dtype=torch.bfloat16)).float())
+        up = torch.nextafter(scale.bfloat16(), torch.tensor(math.inf, dtype=torch.bfloat16)).float()
+        scale = torch.where(scale.bfloat16().float() >= scale, scale.bfloat16().float(), up)
     if code.name == "bf16":
         return x.abs() * 2.0**-7                            # one bf16 ulp
     if code.name.startswith("fp8"):
@@ -105,7 +105,8 @@ def test_a_tensor_whose_size_the_block_does_not_divide_is_padded(code, kind):
     tail = LowBitState.quantize(code, x[CHUNK:], seed=0)
     assert torch.equal(q.dequantize(torch.float32)[CHUNK:], tail.dequantize(torch.float32))
     if kind != "non_negative":                              # (there, padding reads as the smallest level)
-        assert torch.equal(q.read(CHUNK, x.numel(), torch.float32)[1001:], torch.zeros(code.padded(1001) - 1001))
+        padding = q.read(CHUNK, x.numel(), torch.float32)[1001:]
+        assert torch.equal(padding, torch.zeros(code.padded(1001) - 1001))
 
 
 # ---- memory --------------------------------------------------------------------------------
@@ -222,9 +223,11 @@ def same_state(a, b):
         for n, x in a[k].items():
             y = b[k][n]
             if isinstance(x, dict):
-                assert x.keys() == y.keys() and all(
-                    torch.equal(x[f], y[f]) and x[f].dtype == y[f].dtype if torch.is_tensor(x[f]) else x[f] == y[f]
-                    for f in x), (k, n)
+                assert x.keys() == y.keys(), (k, n)
+                for f in x:
+                    same = x[f] == y[f] if not torch.is_tensor(x[f]) else (
+                        torch.equal(x[f], y[f]) and x[f].dtype == y[f].dtype)
+                    assert same, (k, n, f)
             else:
                 assert torch.equal(x, y) and x.dtype == y.dtype, (k, n)
 
@@ -233,7 +236,8 @@ def same_state(a, b):
 RESUME = [*((p, False) for p in PRECISIONS), *((p, True) for p in PRECISIONS)]
 
 
-@pytest.mark.parametrize("precision,fused", RESUME, ids=[f"{p}-{'fused' if f else 'eager'}" for p, f in RESUME])
+@pytest.mark.parametrize("precision,fused", RESUME,
+                         ids=[f"{p}-{'fused' if f else 'eager'}" for p, f in RESUME])
 def test_resume_is_bit_exact(precision, fused):
     model, opt = trained(precision, fused, dtype=torch.float64, min_quantized_size=0)
     sd = via_file(opt.state_dict())
@@ -303,7 +307,9 @@ def test_a_broken_low_bit_entry_is_refused_before_anything_loads():
     for corrupt, message in [
         (lambda e: e.update(shape=[3, 3]), r"has shape \(3, 3\), expected \(96, 80\)"),
         (lambda e: e.update(code="int7"), r"code 'int7', which this version of optforge does not know"),
-        (lambda e: e.update(codes=e["codes"][:-1]), r"in code 'int8-signed' needs codes of torch.int8 and length 7680, got torch.int8 of shape \(7679,\)"),
+        (lambda e: e.update(codes=e["codes"][:-1]),
+         r"in code 'int8-signed' needs codes of torch.int8 and length 7680, got torch.int8 of shape "
+         r"\(7679,\)"),
     ]:
         sd = via_file(opt.state_dict())
         corrupt(sd["state"][0]["exp_avg"])
@@ -352,7 +358,8 @@ def test_bad_threshold_is_refused_by_name(bad):
 @pytest.mark.parametrize("name", ["lamb", "adafactor", "muon", "soap", "prodigy", "came", "mars"])
 def test_optimizers_that_are_not_elementwise_refuse(name):
     info = of.get_optimizer_info(name)
-    with pytest.raises(ValueError, match=rf"state_precision='int8'.*{info.cls.__name__}'s update is not elementwise"):
+    message = rf"state_precision='int8'.*{info.cls.__name__}'s update is not elementwise"
+    with pytest.raises(ValueError, match=message):
         of.create_optimizer(nn.Linear(4, 4), name, state_precision="int8")
 
 
@@ -383,7 +390,8 @@ def test_compare_accepts_it():
     from optforge.compare.options import parse_optimizer_args
 
     args = parse_optimizer_args(["state_precision=int8", "lion:min_quantized_size=0"], ["adamw", "lion"])
-    assert args == {"adamw": {"state_precision": "int8"}, "lion": {"state_precision": "int8", "min_quantized_size": 0}}
+    assert args == {"adamw": {"state_precision": "int8"},
+                    "lion": {"state_precision": "int8", "min_quantized_size": 0}}
     with pytest.raises(ValueError, match="has no argument 'state_precison'"):
         parse_optimizer_args(["state_precison=int8"], ["adamw"])
 
@@ -398,8 +406,8 @@ def test_a_users_own_optimizer_gets_low_bit_state():
 
         def __init__(self, params, lr=1e-2, beta=0.9, weight_decay=0.0, *, weight_decay_mode="coupled",
                      maximize=False, fused=False):
-            super().__init__(params, dict(lr=lr, beta=beta, weight_decay=weight_decay,
-                                          weight_decay_mode=weight_decay_mode, maximize=maximize, fused=fused))
+            super().__init__(params, dict(lr=lr, beta=beta, weight_decay=weight_decay, maximize=maximize,
+                                          weight_decay_mode=weight_decay_mode, fused=fused))
 
         def scalars(self, group, t):
             return dict(step=-group["lr"])

@@ -300,7 +300,8 @@ class Optimizer(torch.optim.Optimizer):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"param group {i}: the loaded state dict has {len(saved['params'])} "
                                  f"parameter(s), this optimizer's group has {len(group['params'])}")
-            merged = {**group, **{k: v for k, v in saved.items() if k != "params" and k not in lowbit.OPTIONS}}
+            merged = {**group, **{k: v for k, v in saved.items()
+                                  if k != "params" and k not in lowbit.OPTIONS}}
             where.update((k, (p, merged)) for k, p in zip(saved["params"], group["params"]))
         for k, st in state_dict["state"].items():
             if k not in where or not st:

@@ -1,7 +1,7 @@
 """Low-bit state (``state_precision``) for every registered elementwise optimizer, with every
 precision: a low-bit step is exactly "decode the state, run the optimizer's own update, encode
-it", training with it follows float32 state, and the fused path equals the eager one. (Codes, memory, checkpoints and errors are
-in tests/test_lowbit.py.)"""
+it", training with it follows float32 state, and the fused path equals the eager one. (Codes,
+memory, checkpoints and errors are in tests/test_lowbit.py.)"""
 
 import copy
 
@@ -34,7 +34,8 @@ FULL_ONLY = [pytest.param(i, id=i.name) for i in ELEMENTWISE if all_full(i)]
 
 
 def low_bit(info, model, precision, **overrides):
-    return make(info, model.parameters(), **overrides).configure(state_precision=precision, min_quantized_size=0)
+    opt = make(info, model.parameters(), **overrides)
+    return opt.configure(state_precision=precision, min_quantized_size=0)
 
 
 def low_bit_entries(opt):
@@ -99,4 +100,5 @@ def test_fused_low_bit_equals_eager_low_bit(name, precision):
     opt = low_bit(info, fused_model, precision, fused=True)
     fused = run(fused_model, opt, 5)[-1]
     assert low_bit_entries(opt)
-    torch.testing.assert_close(fused, eager, rtol=0, atol=1e-9 * (eager - flat(make_model().parameters())).abs().max())
+    moved = (eager - flat(make_model().parameters())).abs().max()
+    torch.testing.assert_close(fused, eager, rtol=0, atol=1e-9 * moved)

@@ -144,7 +144,7 @@ class PowerCode(Code):
             k = lo.add_(noise.view_as(y) * (2 * lo + 1) < y * y - lo * lo).clamp_(max=K)
         if self.signed and self.power == 2:
             k = k.copysign_(xb)
-        if not self.signed:      # never 0 in a non-zero block: v = 0 under m != 0 would make m / sqrt(v) explode
+        if not self.signed:   # never 0 in a non-zero block: v = 0 under m != 0 makes m / sqrt(v) explode
             k = k.clamp_(min=1)
         if self.bits == 8:
             return k.add_(self.offset) if self.offset else k, s.view(-1).to(self.scale_dtype)

@@ -27,7 +27,8 @@ CODES: dict[str, dict[str, Code]] = {
     "int4": dict(signed=_INT4_SIGNED, sign=_INT4_SIGNED,
                  non_negative=PowerCode("int4-unsigned", 4, 64, power=2, signed=False, stochastic=False,
                                         scale_dtype=torch.bfloat16)),
-    "fp8": dict(signed=_FP8_SIGNED, sign=_FP8_SIGNED, non_negative=Fp8Code("fp8-unsigned", 256, signed=False)),
+    "fp8": dict(signed=_FP8_SIGNED, sign=_FP8_SIGNED,
+                non_negative=Fp8Code("fp8-unsigned", 256, signed=False)),
 }
 _BY_NAME: dict[str, Code] = {c.name: c for kinds in CODES.values() for c in kinds.values()}
 

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .codes import Code, noise_offset, uniform_noise
 
-__all__ = ["CHUNK", "LowBitState", "is_low_bit", "noise_seed"]
+__all__ = ["CHUNK", "LowBitState", "noise_seed"]
 
 #: Entries decoded at a time (a multiple of every block size): bounds the float32
 #: temporaries of a step or a conversion to a few of this size per state.
@@ -74,7 +74,8 @@ class LowBitState:
         """Entries [start, stop) decoded into ``dtype``, padded to whole blocks (the padding is
         zeros; slice ``[:stop - start]`` for the entries)."""
         codes, scales = self.ranges(start, stop)
-        return self.code.decode(self.codes[codes], None if scales is None else self.scales[scales], dtype).view(-1)
+        scales = None if scales is None else self.scales[scales]
+        return self.code.decode(self.codes[codes], scales, dtype).view(-1)
 
     def write(self, start: int, x: Tensor, seed: int, noise_at: int | None = None) -> None:
         """Encode ``x`` into entries [start, start + len(x)) (block-aligned ``start``; a length
@@ -93,13 +94,6 @@ class LowBitState:
         self.codes[c] = codes.view(-1)
         if s is not None:
             self.scales[s] = scales
-
-    @property
-    def device(self) -> torch.device:
-        return self.codes.device
-
-    def nbytes(self) -> int:
-        return self.codes.nbytes + (0 if self.scales is None else self.scales.nbytes)
 
     # ---- checkpoints ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -127,10 +121,6 @@ class LowBitState:
                                  f"{dtype} and length {length}, got {got}")
         return cls(code, codes.to(device, copy=True),
                    None if code.scale_dtype is None else scales.to(device, copy=True), shape)
-
-
-def is_low_bit(x: Any) -> bool:
-    return isinstance(x, LowBitState)
 
 
 def noise_seed(step: float, index: int, name: str) -> int:

@@ -83,7 +83,7 @@ class _Decoded:
                   _joined([x.scales[s] for (x, *_), (_, s) in zip(self.items, ranges)]))
         self.buffer = self.code.decode(codes, scales, dtype).view(-1)
         views, at = [], 0
-        for x, start, stop, _ in self.items:
+        for _, start, stop, _ in self.items:
             views.append(self.buffer[at:at + stop - start])
             at += self.code.padded(stop - start)
         return views
@@ -92,8 +92,8 @@ class _Decoded:
         code, buffer = self.code, self.buffer.to(torch.float32)
         noise = None
         if code.stochastic:
-            noise = _joined([uniform_noise(noise_offset(seed, start), code.padded(stop - start), buffer.device)
-                             for _, start, stop, seed in self.items])
+            noise = _joined([uniform_noise(noise_offset(seed, start), code.padded(stop - start),
+                                           buffer.device) for _, start, stop, seed in self.items])
         codes, scales = code.encode(buffer, noise)
         codes = codes.view(-1)
         at_code = at_scale = 0
@@ -158,7 +158,8 @@ def _low_bit_entry(kernel: Any, consts: dict[str, Any], p: Tensor, g: Tensor, fu
     tensor comes one row per block (so no index goes through a flat view and back);
     ``noise`` holds the stochastic rounding noise of those that need it (the eager path's)."""
     codes = CODES  # noqa: F821 (a global of each compiled copy)
-    state = {**full, **{name: code.decode(low[name][0], low[name][1], p.dtype) for name, code in codes.items()}}
+    state = dict(full)
+    state.update({name: code.decode(low[name][0], low[name][1], p.dtype) for name, code in codes.items()})
     _fused_entry(kernel, consts, p, g, state, c)
     for name, code in codes.items():
         new_codes, new_scales = code.encode(state[name].to(torch.float32), noise.get(name))
@@ -223,7 +224,8 @@ def step_fused(opt: Any, group: dict[str, Any], b: Any) -> None:
 
 
 def _run_piece(opt: Any, consts: dict[str, Any], p: Tensor, g: Tensor, states: dict[str, Any], piece: int,
-               start: int, stop: int, c: dict[str, Tensor], seed_of: tuple[float, int], compiled: bool) -> None:
+               start: int, stop: int, c: dict[str, Tensor], seed_of: tuple[float, int],
+               compiled: bool) -> None:
     """Entries [start, stop) of one tensor (part of the eager path's piece from ``piece``,
     whose noise they take, so both paths round alike)."""
     full, low, codes, noise = {}, {}, {}, {}
@@ -232,7 +234,8 @@ def _run_piece(opt: Any, consts: dict[str, Any], p: Tensor, g: Tensor, states: d
     for name, x in states.items():
         if isinstance(x, LowBitState):
             c_range, s_range = x.ranges(start, stop)
-            low[name] = (x.codes[c_range].view(-1, x.code.code_offset(block)) if compiled else x.codes[c_range],
+            codes_of = x.codes[c_range]
+            low[name] = (codes_of.view(-1, x.code.code_offset(block)) if compiled else codes_of,
                          None if s_range is None else x.scales[s_range])
             codes[name] = x.code
             if x.code.stochastic:
