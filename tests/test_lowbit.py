@@ -4,6 +4,7 @@ errors. Every elementwise optimizer with every precision is in tests/conformance
 import copy
 import io
 import math
+import pickle
 
 import pytest
 import torch
@@ -250,6 +251,19 @@ def test_resume_is_bit_exact(precision, fused):
     train(twin, resumed, 3, seed=5)
     assert torch.equal(params(model), params(twin))
     same_state(resumed.state_dict()["state"], opt.state_dict()["state"])
+
+
+@pytest.mark.parametrize("copy_of", [copy.deepcopy, lambda x: pickle.loads(pickle.dumps(x))],
+                         ids=["deepcopy", "pickle"])
+def test_a_copy_mid_run_continues_identically(copy_of):
+    model, opt = trained("int4", min_quantized_size=0)
+    twin_model, twin = copy_of((model, opt))
+    assert all(x.code is CODES["int4"][kind] for x, kind in
+               ((twin.state[twin_model[0].weight]["exp_avg"], "signed"),
+                (twin.state[twin_model[0].weight]["exp_avg_sq"], "non_negative")))
+    train(model, opt, 3, seed=4)
+    train(twin_model, twin, 3, seed=4)
+    assert torch.equal(params(model), params(twin_model))
 
 
 def test_checkpoint_holds_codes_and_scales_only():

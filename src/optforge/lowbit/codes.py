@@ -22,6 +22,8 @@ random numbers generated per step: a window is a view).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -103,6 +105,12 @@ class Code:
 
     def __repr__(self) -> str:
         return self.name
+
+    def __reduce__(self) -> Any:
+        # A copy of the optimizer (deepcopy, pickle) keeps using the codes of the table, by name.
+        from .formats import code_named
+
+        return (code_named, (self.name,)) if code_named(self.name) is self else super().__reduce__()
 
 
 class PowerCode(Code):
