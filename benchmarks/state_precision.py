@@ -186,14 +186,15 @@ def quality_section(args: argparse.Namespace) -> None:
             runs = [train_run(task, "mlp", data, name, lr, options, seed, settings)
                     for seed in range(args.seeds)]
             loss = statistics.mean(r.final_train_loss for r in runs)
-            acc = statistics.mean(r.final_test_acc for r in runs)
+            accs = [r.final_test_acc for r in runs]
+            acc, spread = statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0
             base = base or (loss, acc)
-            row.append(f"{acc:.2f} / {loss:.4f}" if precision is None else
-                       f"{acc:.2f} ({acc - base[1]:+.2f}) / {loss:.4f}")
+            row.append(f"{acc:.2f} ±{spread:.2f} / {loss:.4f}" if precision is None else
+                       f"{acc:.2f} ±{spread:.2f} ({acc - base[1]:+.2f}) / {loss:.4f}")
         rows.append(row)
         print(f"  {name} done", flush=True)
     print(f"\n{args.task} MLP, {args.steps} steps, {args.seeds} seeds, min_quantized_size="
-          f"{args.min_quantized_size}: test accuracy % (vs float32) / final train loss\n")
+          f"{args.min_quantized_size}: test accuracy % ±sd over seeds (vs float32) / final train loss\n")
     print(table(["optimizer", "float32", "int8", "int4"], rows))
 
 
