@@ -101,6 +101,16 @@ def run_rank(rank: int, port: int, out: str, cases: list[tuple[str, dict, bool]]
         sharded = bool(state) and all(isinstance(v, DTensor) for v in state)
         return {"params": flat(model.parameters()), "state_sharded": sharded}
 
+    def ddp_low_bit(precision):
+        model = DDP(make_model())
+        opt = of.AdamW(model.parameters(), lr=1e-2).configure(state_precision=precision, min_quantized_size=0)
+        train(model, opt, x, y)
+        params = flat(model.module.parameters())
+        replicas = [torch.empty_like(params) for _ in range(WORLD)]
+        dist.all_gather(replicas, params)
+        return {"params": params, "replicas_equal": all(torch.equal(r, params) for r in replicas)}
+
+    _case(results, ("ddp_low_bit", "int4"), ddp_low_bit, "int4")
     for name, kwargs, has_fused in cases:
         _case(results, ("ddp", name, False), ddp, name, kwargs, False)
         if has_fused:

@@ -1,7 +1,7 @@
 """torch.distributed with the gloo backend, 2 CPU ranks (spawned once for the whole module):
 
-- DDP: every elementwise optimizer (foreach and fused) gives the parameters of one process
-  training on the full batch, and the replicas stay identical;
+- DDP: every elementwise optimizer (foreach and fused), and AdamW with int4 state, gives the
+  parameters of one process training on the full batch, and the replicas stay identical;
 - FSDP2 (``fully_shard``, DTensor parameters and sharded state): every elementwise optimizer
   gives the unsharded result;
 - refused with a clear error, before any change: ``fused=True`` or ``state_precision`` with
@@ -62,6 +62,19 @@ def test_ddp_equals_one_process_on_the_full_batch(results, info, fused):
     expected = reference(info.name, optimizer_kwargs(info.name))
     assert (expected - reference(info.name, {**optimizer_kwargs(info.name), "lr": 0.0})).abs().max() > 1e-3
     close(got["params"], expected)
+
+
+def test_ddp_with_low_bit_state_equals_one_process(results):
+    from distributed_worker import data, flat, make_model, train
+
+    import optforge as of
+
+    got = ok(results[("ddp_low_bit", "int4")])
+    assert got["replicas_equal"]
+    model = make_model()
+    train(model, of.AdamW(model.parameters(), lr=1e-2).configure(state_precision="int4", min_quantized_size=0),
+          *data())
+    close(got["params"], flat(model.parameters()))
 
 
 @pytest.mark.parametrize("info", [pytest.param(i, id=i.name) for i in ELEMENTWISE])
