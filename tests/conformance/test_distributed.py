@@ -72,8 +72,8 @@ def test_ddp_with_low_bit_state_equals_one_process(results):
     got = ok(results[("ddp_low_bit", "int4")])
     assert got["replicas_equal"]
     model = make_model()
-    train(model, of.AdamW(model.parameters(), lr=1e-2).configure(state_precision="int4", min_quantized_size=0),
-          *data())
+    opt = of.AdamW(model.parameters(), lr=1e-2).configure(state_precision="int4", min_quantized_size=0)
+    train(model, opt, *data())
     close(got["params"], flat(model.parameters()))
 
 
