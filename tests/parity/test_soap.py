@@ -77,19 +77,12 @@ class AuthorsSOAP(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            (b1, b2), top = group["betas"], group["top"]
+            b1, b2 = group["betas"]
             beta_s = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else b2
             for p in group["params"]:
                 st, g = self.state[p], p.grad
                 if not st:
-                    use = lambda d: d <= top and (p.dim() > 1 or group["vec"])   # noqa: E731
-                    st.update(t=0, m=torch.zeros_like(p), v=torch.zeros_like(p),
-                              L=[torch.zeros(d, d, dtype=p.dtype) if use(d) else None
-                                 for d in self.fold(g, group).shape])
-                    self.accumulate(st, self.fold(g, group), beta_s)
-                    st["Q"] = [None if f is None else
-                               torch.linalg.eigh(f + 1e-30 * torch.eye(len(f), dtype=f.dtype))[1].flip(1)
-                               for f in st["L"]]
+                    self.first_step(st, p, group, beta_s)
                     continue
                 st["t"] += 1
                 t = st["t"]
@@ -108,6 +101,16 @@ class AuthorsSOAP(torch.optim.Optimizer):
                 if t % group["every"] == 0:
                     self.power_iteration(st, group, p)
                 st["m"] = self.to_eigenbasis(st["m"], st, group)
+
+    def first_step(self, st, p, group, beta_s):
+        """The factors and their eigenbases (by decreasing eigenvalue); the parameter stays."""
+        g = self.fold(p.grad, group)
+        rotated = [d <= group["top"] and (p.dim() > 1 or group["vec"]) for d in g.shape]
+        st.update(t=0, m=torch.zeros_like(p), v=torch.zeros_like(p),
+                  L=[torch.zeros(d, d, dtype=p.dtype) if r else None for d, r in zip(g.shape, rotated)])
+        self.accumulate(st, g, beta_s)
+        eye = lambda f: torch.eye(len(f), dtype=f.dtype)   # noqa: E731
+        st["Q"] = [None if f is None else torch.linalg.eigh(f + 1e-30 * eye(f))[1].flip(1) for f in st["L"]]
 
     @staticmethod
     def accumulate(st, g, beta):
@@ -146,7 +149,8 @@ def run(cls, lr=3e-3, weight_decay=0.01, steps=STEPS, **kwargs):
     model = Net()
     params = list(model.parameters())
     groups = [{"params": [p for p in params if p.dim() > 1], "lr": lr, "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() == 1], "lr": lr / 2, "weight_decay": weight_decay * 0.3}]
+              {"params": [p for p in params if p.dim() == 1], "lr": lr / 2,
+               "weight_decay": weight_decay * 0.3}]
     opt = cls(groups, **kwargs)
     data = torch.Generator().manual_seed(1)
     out = []

@@ -185,7 +185,8 @@ class SOAP(Optimizer):
 
     - eigh and QR run in float32 for bf16/fp16 params, in the param's dtype otherwise (the
       authors': always float32, so float64 params get float64 eigenbases here), and ``GG`` has
-      the param's dtype (the authors': torch's default dtype);
+      the param's dtype (the authors': torch's default dtype, so their code runs only on params
+      of that dtype);
     - :math:`M'` is re-projected only when a basis changes (the authors project it back and
       forth after every step, which changes it by rounding only), and
       :math:`\mathrm{diag}(Q^\top L Q)` reuses the product :math:`L Q` of the power iteration;
