@@ -210,9 +210,11 @@ def test_state_and_first_step():
     assert opt.state[model.out.bias]["GG"].numel() == 0
     q = opt.state[model.out.weight]["Q"].view(3, 3)
     torch.testing.assert_close(q.T @ q, torch.eye(3, dtype=q.dtype))
+    opt.param_groups[0]["max_precond_dim"] = 100
+    state = {k: v.clone() for k, v in opt.state[model.conv.weight].items()}
     with pytest.raises(ValueError, match=r"max_precond_dim"):
-        opt.param_groups[0]["max_precond_dim"] = 100
         opt.step()
+    assert all(torch.equal(v, opt.state[model.conv.weight][k]) for k, v in state.items())   # nothing changed
 
 
 def test_shampoo_beta_is_minus_one_or_a_beta():

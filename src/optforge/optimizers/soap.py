@@ -242,16 +242,20 @@ class SOAP(Optimizer):
     def decay_lr(self, group: dict[str, Any], t: list[float]) -> float:
         return 0.0    # "decoupled": applied after the update (update()); the base's is a no-op
 
+    def prepare(self, group, b):
+        for x, st in zip(b.params, b.states):     # checked before the bucket's steps advance
+            if x.numel() and st["GG"].numel() != self.layout(group, x).factor_numel:
+                raise ValueError(f"SOAP: the preconditioner state of a parameter of shape {tuple(x.shape)} "
+                                 "does not fit max_precond_dim / merge_dims / precondition_1d / data_format: "
+                                 "they cannot change after the first step")
+        return super().prepare(group, b)
+
     def update(self, group, p, g, s, t):
         shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else group["betas"][1]
         for x, grad, m, v, gg, q, k in zip(p, g, s["exp_avg"], s["exp_avg_sq"], s["GG"], s["Q"], t):
             if x.numel() == 0:
                 continue
             layout = self.layout(group, x)
-            if gg.numel() != layout.factor_numel:
-                raise ValueError(f"SOAP: the preconditioner state of a parameter of shape {tuple(x.shape)} "
-                                 "does not fit max_precond_dim / merge_dims / precondition_1d / data_format: "
-                                 "they cannot change after the first step")
             factors, bases = layout.matrices(gg), layout.matrices(q)
             if k == 1:                                   # the preconditioner only: W stays
                 _accumulate(layout.view(grad), factors, shampoo_beta)
