@@ -63,6 +63,7 @@ def predicate(check):
         "integer_at_least": lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)
         and v >= args["low"],
         "one_of": lambda v: any(v == c and type(v) is type(c) for c in args["choices"]),
+        "beta_or_minus_one": lambda v: real(v, lambda x: x == -1 or 0 <= x < 1),   # SOAP's shampoo_beta
     }
     if kind not in preds:
         raise AssertionError(f"constraint {kind!r} unknown to the fuzzer: restate it in test_fuzz.py")
