@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .constraints import Constraint, boolean, non_negative, one_of
 from .fused import run_generated
-from .precision import LOW_PRECISION, float32_copies, write_back
+from .precision import LOW_PRECISION, float32_copies, restore_float32_state, write_back
 from .steps import advance_steps
 from .tensorlist import TensorList
 from .weight_decay import WEIGHT_DECAY_MODES, apply_weight_decay
@@ -256,8 +256,9 @@ class Optimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's ``load_state_dict``, after checks whose errors say what does not match: the
         number of param groups, of params in each, and each param's state (the tensors the
-        saved hyperparameters need, with the param's shape). With ``fp32_state``, bf16/fp16
-        params keep float32 state (torch would cast it to the param's dtype)."""
+        saved hyperparameters need, with the param's shape). State that bf16/fp16 params keep
+        in float32 stays float32 (torch would cast it to the param's dtype): see
+        :func:`optforge.precision.restore_float32_state`."""
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError("expected a dict with 'state' and 'param_groups', as optimizer.state_dict() "
                              "returns")
@@ -293,13 +294,9 @@ class Optimizer(torch.optim.Optimizer):
                                      f"{tuple(p.shape)})")
         super().load_state_dict(state_dict)
         for k, st in state_dict["state"].items():
-            if k not in where:
-                continue
-            p, group = where[k]
-            if p.dtype in LOW_PRECISION and group.get("fp32_state", self.defaults["fp32_state"]):
-                for n, x in st.items():
-                    if n != "step" and torch.is_tensor(x) and x.is_floating_point():
-                        self.state[p][n] = x.to(device=p.device, dtype=torch.float32)
+            if k in where:
+                p, group = where[k]
+                restore_float32_state(group, p, st, self.state[p])
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .tensorlist import TensorList
 
-__all__ = ["LOW_PRECISION", "float32_copies", "stochastic_round_", "write_back"]
+__all__ = ["LOW_PRECISION", "float32_copies", "restore_float32_state", "stochastic_round_", "write_back"]
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -63,3 +63,19 @@ def write_back(group: dict[str, Any], b: Any, p: TensorList, s: dict[str, Tensor
             stochastic_round_(x, y)
     else:
         torch._foreach_copy_(b.p, p)
+
+
+def restore_float32_state(group: dict[str, Any], p: Tensor, saved: dict[str, Any],
+                          state: dict[str, Any]) -> None:
+    """After ``load_state_dict`` cast a low-precision param's ``state`` to the param's dtype (as
+    torch does), give back float32 what the optimizer keeps in float32: every floating state
+    tensor with ``fp32_state``; with ``stochastic_rounding``, what was ``saved`` in float32 (an
+    iterate, such as Schedule-Free's ``z``, that would lose its small steps in bf16). Either
+    way the bucket's update runs in float32, so a resumed run continues bit for bit."""
+    all_float32 = group.get("fp32_state")
+    if p.dtype not in LOW_PRECISION or not (all_float32 or group.get("stochastic_rounding")):
+        return
+    for name, x in saved.items():
+        if (name != "step" and torch.is_tensor(x) and x.is_floating_point()
+                and (all_float32 or x.dtype == torch.float32)):
+            state[name] = x.to(device=p.device, dtype=torch.float32)
