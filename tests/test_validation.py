@@ -2,6 +2,7 @@
 param-group dicts and through add_param_group), bad param groups, unknown keywords, sparse
 gradients and complex parameters."""
 
+import copy
 import math
 import re
 
@@ -225,6 +226,54 @@ def test_sparse_gradients_are_refused(info):
     with pytest.raises(RuntimeError, match="sparse"):
         opt.step()
     assert torch.equal(emb.weight, before)
+
+
+def snapshot(opt):
+    return copy.deepcopy(opt.state_dict())
+
+
+def assert_same_snapshot(a, b):
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys(), {k: sorted(st) for k, st in a["state"].items()}
+    for k, st in a["state"].items():
+        assert st.keys() == b["state"][k].keys(), k
+        assert all(torch.equal(v, b["state"][k][n]) for n, v in st.items()), k
+
+
+@pytest.mark.parametrize("info", INFOS, ids=lambda i: i.name)
+def test_a_refused_step_changes_nothing(info):
+    """A sparse gradient after dense ones, in a later group: the step is refused before any
+    group is updated or any state is created (on the first step and mid-run), so the
+    optimizer is exactly as before: its state_dict loads, and it goes on as if the refused
+    step had never been tried."""
+    torch.manual_seed(0)
+    c, a = (torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64)) for _ in range(2))
+    emb = torch.nn.Embedding(5, 3, sparse=True).double()
+    opt = info.cls([{"params": [c]}, {"params": [a, emb.weight]}], **optimizer_kwargs(info.name))
+    twin = info.cls([{"params": [c.detach().clone().requires_grad_()]},
+                     {"params": [a.detach().clone().requires_grad_(), emb.weight.detach().clone()]}],
+                    **optimizer_kwargs(info.name))
+
+    def dense_step(o):                               # the sparse param has no gradient
+        (c_, ), (a_, e_) = (g["params"] for g in o.param_groups)
+        c_.grad, a_.grad, e_.grad = torch.cos(c_.detach()), torch.cos(a_.detach()), None
+        o.step()
+
+    for steps in range(2):                           # the first step, then mid-run
+        before, weights = snapshot(opt), [p.detach().clone() for p in (c, a, emb.weight)]
+        for p in (c, a):
+            p.grad = torch.cos(p.detach())
+        emb(torch.tensor([1, 3])).sum().backward()
+        with pytest.raises(RuntimeError, match="sparse"):
+            opt.step()
+        assert_same_snapshot(snapshot(opt), before)
+        for name, p, w in zip(("group 0's", "group 1's dense", "the sparse"), (c, a, emb.weight), weights):
+            assert torch.equal(p, w), f"{name} param moved by {(p - w).abs().max().item():.3g}"
+        info.cls([{"params": [c]}, {"params": [a, emb.weight]}], **optimizer_kwargs(info.name)
+                 ).load_state_dict(snapshot(opt))
+        dense_step(opt)
+        dense_step(twin)
+        assert_same_snapshot(snapshot(opt), snapshot(twin))
 
 
 def complex_loss(z, w):

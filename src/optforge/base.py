@@ -35,7 +35,8 @@ from torch import Tensor
 
 from .constraints import Constraint, boolean, non_negative, one_of
 from .fused import run_generated
-from .precision import LOW_PRECISION, float32_copies, restore_float32_state, write_back
+from .precision import (LOW_PRECISION, check_low_precision, float32_copies, restore_float32_state,
+                        write_back)
 from .steps import advance_steps
 from .tensorlist import TensorList
 from .weight_decay import WEIGHT_DECAY_MODES, apply_weight_decay
@@ -67,6 +68,8 @@ BASE_OPTIONS: dict[str, bool] = dict(
 BASE_OPTION_CONSTRAINTS: dict[str, Constraint] = {name: boolean for name in BASE_OPTIONS}
 
 _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+
+Entry = tuple[Tensor, Tensor, dict[str, Any] | None]   # (param, grad, state; None before its first step)
 
 
 def _step_dtype() -> torch.dtype:
@@ -337,10 +340,11 @@ class Optimizer(torch.optim.Optimizer):
         if any(group.get("skip_nonfinite") for group in self.param_groups) and not self._grads_finite():
             self.skipped_steps += 1
             return
-        for group in self.param_groups:
-            buckets = self._buckets(group)
-            if buckets:
-                self.step_group(group, buckets)
+        # Every check of every group comes first, so a refused step changes nothing at all.
+        todo = [(group, self._entries(group)) for group in self.param_groups]
+        for group, by_key in todo:
+            if by_key:
+                self.step_group(group, [self._bucket(group, key, entries) for key, entries in by_key.items()])
 
     def step_group(self, group: dict[str, Any], buckets: list[Bucket]) -> None:
         """One param group's step: each bucket fused, or prepared and updated eagerly.
@@ -403,9 +407,11 @@ class Optimizer(torch.optim.Optimizer):
             flags.append(flag.full_tensor() if hasattr(flag, "full_tensor") else flag)
         return all(bool(f) for f in flags)
 
-    def _buckets(self, group: dict[str, Any]) -> list[Bucket]:
-        """The params of a group that have gradients, bucketed by (device, dtype)."""
-        by_key: dict[tuple, list[tuple[Tensor, Tensor, dict[str, Any]]]] = {}
+    def _entries(self, group: dict[str, Any]) -> dict[tuple, list[Entry]]:
+        """The params of a group that have gradients, by (device, dtype), with their state
+        (None before their first step), after every check that can refuse the step: nothing
+        is created or changed here."""
+        by_key: dict[tuple, list[Entry]] = {}
         state_of = self.state
         for param in group["params"]:
             grad = param.grad
@@ -413,31 +419,30 @@ class Optimizer(torch.optim.Optimizer):
                 continue
             if grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            state = state_of[param]
-            if "step" not in state:
-                self._first_state(group, param, state)
+            state = state_of.get(param)
+            if state is None or "step" not in state:
+                self._check_new_param(group, param)
             key = (param.device, param.dtype)
             entries = by_key.get(key)
             if entries is None:
                 entries = by_key[key] = []
+                check_low_precision(group, key[1])
             entries.append((param, grad, state))
-        return [self._bucket(group, key, entries) for key, entries in by_key.items()]
+        return by_key
 
-    def _first_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
+    def _check_new_param(self, group: dict[str, Any], param: Tensor) -> None:
         if param.is_complex() and not self.supports_complex:
             raise ValueError(f"{type(self).__name__} does not support complex parameters "
                              f"(got one of dtype {param.dtype})")
         if type(param) not in _PLAIN_TENSOR_TYPES:
             self._check_tensor_subclass(group, param)
-        state["step"] = None          # set in _bucket, with the bucket's other new steps
 
-    def _bucket(self, group: dict[str, Any], key: tuple,
-                entries: list[tuple[Tensor, Tensor, dict[str, Any]]]) -> Bucket:
+    def _bucket(self, group: dict[str, Any], key: tuple, entries: list[Entry]) -> Bucket:
         names = self.state_names_for(group)
         b = Bucket(key)
         b.params = [e[0] for e in entries]
-        b.states = states = [e[2] for e in entries]
-        fresh = [st for st in states if st["step"] is None]
+        b.states = states = [self.state[p] if st is None else st for p, _, st in entries]
+        fresh = [st for st in states if "step" not in st]
         if fresh:
             # One tensor holds the new step counts (each state's "step" a 0-d view of it), so
             # advancing a bucket is one add_, not one kernel per parameter. torch's
