@@ -213,6 +213,32 @@ def test_bad_param_lists(info):
         opt.add_param_group([q])                # not a dict
 
 
+@pytest.mark.parametrize("info", INFOS, ids=lambda i: i.name)
+def test_a_parameter_listed_twice_is_refused_naming_it(info):
+    """torch only warns about a duplicate within a group, and then the foreach path updates
+    it twice and a fused kernel once: refused, at construction and in add_param_group, naming
+    both places; across groups too (torch refuses without saying which)."""
+    p, q = fresh_params()
+    r, s = (torch.nn.Parameter(torch.ones(2, 3)) for _ in range(2))
+    twice = r"parameter 2 of param group 0 \({}shape \(2, 3\)\) is parameter 0 of the same group again"
+    with pytest.raises(ValueError, match=twice.format("")):
+        info.cls([r, p, r])
+    with pytest.raises(ValueError, match=twice.format("'b', ")):
+        info.cls([("b", r), ("p", p), ("b", r)])
+    with pytest.raises(ValueError, match=r"parameter 1 of param group 1 \(shape \(2, 3\)\) is already "
+                                         r"parameter 0 of param group 0.*more than one parameter group"):
+        info.cls([{"params": [r]}, {"params": [q, r]}])
+    opt = info.cls([{"params": [r]}])
+    with pytest.raises(ValueError, match=twice.replace("group 0", "group 1").format("")):
+        opt.add_param_group({"params": iter([s, p, s])})
+    with pytest.raises(ValueError, match=r"parameter 0 of param group 1 \(shape \(2, 3\)\) is already "
+                                         r"parameter 0 of param group 0"):
+        opt.add_param_group({"params": r})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [p, q]})
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 2]
+
+
 # ---- sparse gradients and complex parameters ---------------------------------------------------
 
 

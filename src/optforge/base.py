@@ -35,6 +35,7 @@ from torch import Tensor
 
 from .constraints import Constraint, boolean, non_negative, one_of
 from .fused import run_generated
+from .param_groups import check_unique_params
 from .precision import (LOW_PRECISION, check_low_precision, float32_copies, restore_float32_state,
                         write_back)
 from .steps import advance_steps
@@ -254,6 +255,7 @@ class Optimizer(torch.optim.Optimizer):
         merged = {**self.defaults, **param_group}
         self._check_hyperparameters(merged)
         self.check_group(merged)
+        check_unique_params(param_group, self.param_groups)
         super().add_param_group(param_group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
