@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .constraints import Constraint, boolean, non_negative, one_of
+from .distributed import is_dtensor
 from .fused import run_generated
 from .param_groups import check_unique_params
 from .precision import (LOW_PRECISION, check_low_precision, float32_copies, restore_float32_state,
@@ -481,7 +482,7 @@ class Optimizer(torch.optim.Optimizer):
         update is exact on shards. The fused path's flat buffers cannot hold DTensors, and an
         optimizer the registry marks ``elementwise=False`` (norms, matrix structure) would see
         only its shard: both are refused rather than silently computed on the local shard."""
-        if not _is_dtensor(param):
+        if not is_dtensor(param):
             return
         name = type(self).__name__
         if group.get("fused"):
@@ -506,14 +507,6 @@ class Optimizer(torch.optim.Optimizer):
                                 if (p.device, p.dtype) == b.key and (p.requires_grad or p.grad is not None)):
             return False
         return run_generated(self, group, b)
-
-
-def _is_dtensor(x: Tensor) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(x, DTensor)
 
 
 def _registered_elementwise(cls: type) -> bool:
