@@ -101,7 +101,7 @@ def _case(results: dict, key: tuple, fn, *args) -> None:
         results[key] = "error: " + traceback.format_exc()
 
 
-def run_rank(rank: int, port: int, out: str, cases: list[tuple[str, dict, bool]]) -> None:
+def run_rank(rank: int, port: int, out: str, cases: list[tuple[str, dict, bool, bool]]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
@@ -130,11 +130,12 @@ def run_rank(rank: int, port: int, out: str, cases: list[tuple[str, dict, bool]]
         sharded = bool(state) and all(isinstance(v, DTensor) for v in state)
         return {"params": flat(model.parameters()), "state_sharded": sharded}
 
-    for name, kwargs, has_fused in cases:
+    for name, kwargs, has_fused, elementwise in cases:
         _case(results, ("ddp", name, False), ddp, name, kwargs, False)
         if has_fused:
             _case(results, ("ddp", name, True), ddp, name, kwargs, True)
-        _case(results, ("fsdp", name), fsdp, name, kwargs)
+        if elementwise:
+            _case(results, ("fsdp", name), fsdp, name, kwargs)
 
     def fsdp_wrapped(kind):
         model = _fsdp(make_model())
@@ -142,8 +143,14 @@ def run_rank(rank: int, port: int, out: str, cases: list[tuple[str, dict, bool]]
         slow = list(getattr(opt, "slow_weights", {}).values())
         return {"params": flat(model.parameters()), "slow_sharded": all(isinstance(v, DTensor) for v in slow)}
 
+    def ddp_wrapped(kind):
+        model = DDP(make_model())
+        train_wrapped(kind, model, x, y)
+        return {"params": flat(model.module.parameters())}
+
     for kind in WRAPPED:
         _case(results, ("wrapped", kind), fsdp_wrapped, kind)
+        _case(results, ("wrapped_ddp", kind), ddp_wrapped, kind)
 
     def misaligned_slow_weights():
         """Slow weights that are not sharded as their parameter (e.g. set from a full tensor)."""
