@@ -65,29 +65,31 @@ def nonfinite_section() -> str:
     return text.split("### Non-finite gradients")[1].split("\n#")[0]
 
 
+@pytest.mark.parametrize("shape", [(4, 5), (6,)], ids=["2d", "1d"])
 @pytest.mark.parametrize("info", [pytest.param(i, id=i.name) for i in INFOS if i.elementwise])
-def test_where_an_elementwise_optimizer_spreads_a_nan_is_documented(info):
+def test_where_an_elementwise_optimizer_spreads_a_nan_is_documented(info, shape):
     """docs/reliability.md: an elementwise optimizer keeps a NaN gradient in its element's
-    parameter and state; one that spreads it (gradient centralization mixes a row) must be
-    named there with the row it spreads along, and spread no further."""
+    parameter; one that spreads it (gradient centralization mixes a row, and the whole of a
+    1-D tensor) must be named there with where it spreads, and spread no further."""
     torch.manual_seed(0)
-    p = torch.nn.Parameter(torch.randn(4, 5, dtype=torch.float64))
+    p = torch.nn.Parameter(torch.randn(shape, dtype=torch.float64))
     opt = make(info, [p])
     for _ in range(3):
         p.grad = torch.cos(3 * p.detach())
         opt.step()
     p.grad = torch.cos(3 * p.detach())
-    p.grad[1, 2] = math.nan
+    at = (1, 2)[:len(shape)]
+    p.grad[at] = math.nan
     opt.step()
-    element, row = torch.zeros(4, 5, dtype=torch.bool), torch.zeros(4, 5, dtype=torch.bool)
-    element[1, 2], row[1] = True, True
+    element, row = torch.zeros(shape, dtype=torch.bool), torch.zeros(shape, dtype=torch.bool)
+    element[at], row[at[0] if len(shape) > 1 else ...] = True, True
     bad = ~p.isfinite()
     if torch.equal(bad, element):
         return
     assert torch.equal(bad, row), bad
-    section = nonfinite_section()
-    assert info.cls.__name__ in section and "row" in section, (
-        f"docs/reliability.md does not say that {info.cls.__name__} spreads a NaN along a row")
+    section, where = nonfinite_section(), "row" if len(shape) > 1 else "whole of a 1-D parameter"
+    assert info.cls.__name__ in section and where in section, (
+        f"docs/reliability.md does not say that {info.cls.__name__} spreads a NaN through the {where}")
 
 
 def test_torch_adam_propagates_too():
