@@ -164,6 +164,23 @@ def test_official_lr_schedule_scales_lr_1d():
           wrap=lambda opt: Scheduled(opt, decay))
 
 
+def test_official_coupled_decay_is_l2_per_tensor_kind():
+    """weight_decay_mode="coupled" adds weight_decay * p to the matrices' gradients and
+    weight_decay_1d * p to the others': the same path as those L2 terms in the loss."""
+    wd, wd_1d = 0.3, 0.7
+
+    def l2_loss(model, x, y):
+        l2 = sum((wd if p.dim() == 2 else wd_1d) / 2 * (p**2).sum() for p in model.parameters())
+        return ((model(x) - y) ** 2).mean() + l2
+
+    model_a, model_b = make_model(), make_model()
+    a = trajectory(model_a, of.MARS(model_a.parameters(), lr=1e-2, weight_decay=wd, weight_decay_1d=wd_1d,
+                                    weight_decay_mode="coupled"))
+    b = trajectory(model_b, of.MARS(model_b.parameters(), lr=1e-2, weight_decay_1d=0.0), loss_fn=l2_loss)
+    assert_moves(a)
+    assert_same_trajectory(a, b)
+
+
 # ---- variant="timm" --------------------------------------------------------------------------
 TIMM_CASES = [
     dict(),

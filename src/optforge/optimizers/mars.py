@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..base import Optimizer, ParamsT, Work
+from ..base import Bucket, Optimizer, ParamsT, Work
 from ..constraints import beta_tuple, boolean, non_negative, one_of
 from ..registry import register
 from ..tensorlist import TensorList
@@ -17,6 +17,12 @@ from ..weight_decay import apply_weight_decay
 
 #: ``variant="official"``: the authors' code; ``"timm"``: ``timm.optim.Mars``
 VARIANTS = ("official", "timm")
+#: (indices into a bucket, betas, lr, weight decay) of one kind of tensor
+Kind = tuple[list[int], tuple[float, float], float, float]
+
+
+def _pick(xs: list[Tensor], idx: list[int]) -> TensorList:
+    return TensorList(xs[i] for i in idx)
 
 
 class MARS(Optimizer):
@@ -28,7 +34,8 @@ class MARS(Optimizer):
     ``4831e28eba863a4e69d7e9474ff8e73bc1b410fe``, with its defaults (all of them are this
     class's defaults too), ``mars_type="mars-adamw"`` and the approximate gradient difference
     ``is_approx=True``. ``variant="timm"`` computes ``timm.optim.Mars``, which follows the
-    paper's Algorithm 1 on the first step.
+    paper's Algorithm 1 on the first step. ``amsgrad`` (the official code's option) works with
+    both.
 
     A *matrix* is a tensor with exactly 2 dims (official) or at least 2 dims (timm), or any
     tensor with ``optimize_1d=True``. For a matrix, with :math:`k = \gamma \beta_1 / (1 - \beta_1)`:
@@ -124,8 +131,8 @@ class MARS(Optimizer):
             return True
         return p.dim() == 2 if group["variant"] == "official" else p.dim() >= 2
 
-    def _kinds(self, group: dict[str, Any], matrix: list[bool]) -> Iterator[tuple[list[int], tuple, float, float]]:
-        """(indices, betas, lr, weight decay) of the matrices, then of the AdamW tensors."""
+    def _kinds(self, group: dict[str, Any], matrix: list[bool]) -> Iterator[Kind]:
+        """The matrices' (indices, betas, lr, weight decay), then the AdamW tensors'."""
         lr = float(group["lr"])
         for kind in (True, False):
             idx = [i for i, m in enumerate(matrix) if m is kind]
@@ -137,13 +144,13 @@ class MARS(Optimizer):
                 yield (idx, group["betas_1d"], lr * group["lr_1d"] / float(self.defaults["lr"]),
                        group["weight_decay_1d"])
 
-    def prepare(self, group: dict[str, Any], b: Any) -> Work:
+    def prepare(self, group: dict[str, Any], b: Bucket) -> Work:
         # the base, without its decay: each tensor kind decays with its own lr and lambda
         w = super().prepare({**group, "weight_decay": 0.0}, b)
         g = TensorList(w.g)
         for idx, _, lr, wd in self._kinds(group, [self._is_matrix(group, x) for x in w.p]):
-            decayed = apply_weight_decay(group["weight_decay_mode"], wd, TensorList(w.p[i] for i in idx),
-                                         TensorList(g[i] for i in idx), lr, grads_owned=False)
+            decayed = apply_weight_decay(group["weight_decay_mode"], wd, _pick(w.p, idx), _pick(g, idx), lr,
+                                         grads_owned=False)
             for i, x in zip(idx, decayed):
                 g[i] = x
         return w._replace(g=g)
@@ -152,9 +159,8 @@ class MARS(Optimizer):
         matrix = [self._is_matrix(group, x) for x in p]
         c = self._corrected(group, g, s["last_grad"], matrix, t)
         for idx, betas, lr, _ in self._kinds(group, matrix):
-            pick = lambda xs: TensorList(xs[i] for i in idx)       # noqa: E731
-            self._adam(group, betas, lr, pick(p), pick(c), {n: pick(x) for n, x in s.items()},
-                       [t[i] for i in idx])
+            self._adam(group, betas, lr, _pick(p, idx), _pick(c, idx),
+                       {n: _pick(x, idx) for n, x in s.items()}, [t[i] for i in idx])
 
     @staticmethod
     def _corrected(group, g, last, matrix, t):
