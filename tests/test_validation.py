@@ -56,6 +56,9 @@ EXTRA_FOR = {  # (optimizer name, hyperparameter): more bad values
     ("prodigy", "d_coef"): [(0.0, 0.0)],
     ("prodigy", "growth_rate"): [(0.0, 0.0), (-1.0, -1.0)],
     ("muon", "ns_coefficients"): [((3.4, NAN, 2.0), NAN), ((3.4, -4.7, INF), INF)],
+    ("mars", "gamma"): [(-0.1, -0.1)],
+    ("mars", "lr_1d"): [(-1e-3, -1e-3)],
+    ("mars", "weight_decay_1d"): [(-0.1, -0.1)],
 }
 # values bad_values() would offer that a hyperparameter accepts (an unlimited growth rate)
 VALID_FOR = {
