@@ -56,7 +56,8 @@ class MARS(Optimizer):
     and scalars) gets AdamW on :math:`g_t` (the same lines with :math:`\tilde{c}_t = g_t`):
 
     - official: with ``betas_1d``, ``weight_decay_1d`` (whatever the group's
-      ``weight_decay``: pass ``weight_decay_1d=0`` to leave biases undecayed) and the lr
+      ``weight_decay``: pass ``weight_decay_1d=0`` to leave biases undecayed;
+      ``create_optimizer``'s no-decay group sets it to 0 for you) and the lr
       :math:`\mathrm{lr}_t \cdot \mathrm{lr\_1d} / \mathrm{lr}`, where :math:`\mathrm{lr}_t` is
       the group's current lr and :math:`\mathrm{lr}` the constructor's: ``lr_1d`` is the 1-D
       lr at the constructor's lr, and an lr schedule, or a group's own lr, scales it alike.
@@ -194,4 +195,12 @@ class MARS(Optimizer):
         p.addcdiv_(m, denom, [-lr * x / (1 - b1**n) for x, n in zip(c2, t)])
 
 
-register(MARS, "MARS-AdamW: variance-reduced gradients in AdamW (Yuan et al., 2024)", elementwise=False)
+def _no_decay_groups_skip_1d_decay(model: Any, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``create_optimizer``'s no-decay group (biases, norms) gets no ``weight_decay_1d`` either:
+    without this, the tensors it exempts from decay would decay by the 1-D rate."""
+    return [{**g, "weight_decay_1d": 0.0} if g.get("weight_decay") == 0.0 and "weight_decay_1d" not in g
+            else g for g in groups]
+
+
+register(MARS, "MARS-AdamW: variance-reduced gradients in AdamW (Yuan et al., 2024)", elementwise=False,
+         prepare_groups=_no_decay_groups_skip_1d_decay)
