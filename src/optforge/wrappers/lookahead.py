@@ -126,6 +126,8 @@ class Lookahead(OptimizerWrapper):
         for p in group["params"]:
             slow = self.slow_weights.get(p)
             if slow is not None:
+                if p.is_complex():   # as (re, im) pairs, as the base optimizers step them
+                    p, slow = torch.view_as_real(p), torch.view_as_real(slow)
                 fast, slows = buckets.setdefault((p.device, p.dtype), ([], []))
                 fast.append(p)
                 slows.append(slow)

@@ -49,6 +49,8 @@ class SAM(OptimizerWrapper):
     on every parameter). ASAM wants a larger :math:`\rho` than SAM (reference defaults: 0.5
     vs 0.05). Parameters without a gradient are not perturbed; a group with
     ``maximize=True`` is perturbed towards *lower* objective (the worst case for a maximizer).
+    Complex parameters are perturbed as (real, imaginary) pairs, as the base optimizers step
+    them (ASAM's :math:`|w|` per part); sparse gradients are refused.
 
     Usage (the closure computes the loss and gradients at the perturbed weights; the
     wrapper zeroes the gradients before calling it and returns its loss)::
@@ -120,7 +122,11 @@ class SAM(OptimizerWrapper):
         return t
 
     def _params_with_grad(self) -> list[tuple[dict[str, Any], Tensor]]:
-        return [(group, p) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        pairs = [(group, p) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if any(p.grad.is_sparse for _, p in pairs):
+            raise RuntimeError("SAM does not support sparse gradients: its perturbation needs the norm of "
+                               "the dense gradient")
+        return pairs
 
     @torch.no_grad()
     def grad_norm(self) -> Tensor:
@@ -128,9 +134,10 @@ class SAM(OptimizerWrapper):
         first such parameter's device; no host synchronization)."""
         buckets: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
         for _, p in self._params_with_grad():
-            ws, gs = buckets.setdefault((p.grad.device, p.grad.dtype), ([], []))
-            ws.append(p)
-            gs.append(p.grad)
+            w, g = _real(p), _real(p.grad)
+            ws, gs = buckets.setdefault((g.device, g.dtype), ([], []))
+            ws.append(w)
+            gs.append(g)
         if not buckets:
             raise RuntimeError("SAM.first_step: no parameter has a gradient; compute the loss and call "
                                "loss.backward() at the current weights first")
@@ -159,9 +166,10 @@ class SAM(OptimizerWrapper):
         buckets: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
         for group, p in pairs:
             sign = -1.0 if group.get("maximize", False) else 1.0
-            ws, gs = buckets.setdefault((p.device, p.dtype, sign), ([], []))
-            ws.append(p)
-            gs.append(p.grad)
+            w = _real(p)
+            ws, gs = buckets.setdefault((w.device, w.dtype, sign), ([], []))
+            ws.append(w)
+            gs.append(_real(p.grad))
         for (device, dtype, sign), (ws, gs) in buckets.items():
             scale = (sign * self.rho / (norm + self.eps)).to(device=device, dtype=dtype)  # rho / ||T_w g||
             e = torch._foreach_mul(gs, scale)                                              # rho g / ||T_w g||
@@ -195,3 +203,8 @@ class SAM(OptimizerWrapper):
             scaler.step(self.base_optimizer)
         if zero_grad:
             self.zero_grad()
+
+
+def _real(x: Tensor) -> Tensor:
+    """A complex tensor as (re, im) pairs, as the base optimizers step it (ASAM's |w| per part)."""
+    return torch.view_as_real(x) if x.is_complex() else x
