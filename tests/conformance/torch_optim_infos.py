@@ -23,6 +23,9 @@ from helpers import OPTIMIZER_KWARGS, optimizer_infos
 
 co = pytest.importorskip("torch.testing._internal.common_optimizers",
                          reason="torch's optimizer test records need the expecttest package")
+# Importing torch's test utilities freezes torch.backends flags for the whole process (torch's
+# suite wants that); give them back, so that other tests in the same run may still set them.
+torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
 OptimizerInfo, OptimizerInput = co.OptimizerInfo, co.OptimizerInput
 ErrorOptimizerInput, OptimizerErrorEnum = co.ErrorOptimizerInput, co.OptimizerErrorEnum
 
