@@ -374,3 +374,19 @@ def test_argparse_accepts_lookahead_names():
     args = parser.parse_args(["--optimizer_type", "lookahead_adamw", "--optimizer_args", "lookahead_k=4"])
     opt = of.optimizer_from_args(nn.Linear(3, 2), args)
     assert type(opt) is of.Lookahead and opt.k == 4
+
+
+def test_complex_params_step_as_their_real_pairs():
+    """A complex parameter moves bitwise as its view_as_real copy, slow steps included (the
+    slow step must not run complex arithmetic, whose rounding differs)."""
+    torch.manual_seed(0)
+    z = torch.randn(4, 3, dtype=torch.complex64, requires_grad=True)
+    r = torch.view_as_real(z).detach().clone().requires_grad_()
+    opt_z = of.Lookahead(of.AdamW([z], lr=1e-2), k=2, alpha=0.8)
+    opt_r = of.Lookahead(of.AdamW([r], lr=1e-2), k=2, alpha=0.8)
+    for _ in range(6):
+        g = torch.randn_like(r)
+        r.grad, z.grad = g.clone(), torch.view_as_complex(g.clone())
+        opt_r.step()
+        opt_z.step()
+        assert torch.equal(torch.view_as_real(z), r)

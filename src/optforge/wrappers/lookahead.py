@@ -139,9 +139,12 @@ class Lookahead(OptimizerWrapper):
                 del self.slow_weights[p]
             elif slow is not None:
                 check_same_layout(p, slow)
+                p, slow = local(p), local(slow)      # elementwise: on DTensors, their local shards
+                if p.is_complex():   # as (re, im) pairs, as the base optimizers step them
+                    p, slow = torch.view_as_real(p), torch.view_as_real(slow)
                 fast, slows = buckets.setdefault((p.device, p.dtype), ([], []))
-                fast.append(local(p))           # elementwise: on DTensors, their local shards
-                slows.append(local(slow))
+                fast.append(p)
+                slows.append(slow)
         for fast, slow in buckets.values():
             torch._foreach_sub_(fast, slow)                        # theta - phi (theta is reset below)
             torch._foreach_add_(slow, fast, alpha=group[ALPHA])    # phi <- phi + alpha (theta - phi)

@@ -50,6 +50,8 @@ class SAM(OptimizerWrapper):
     on every parameter). ASAM wants a larger :math:`\rho` than SAM (reference defaults: 0.5
     vs 0.05). Parameters without a gradient are not perturbed; a group with
     ``maximize=True`` is perturbed towards *lower* objective (the worst case for a maximizer).
+    Complex parameters are perturbed as (real, imaginary) pairs, as the base optimizers step
+    them (ASAM's :math:`|w|` per part); sparse gradients are refused.
 
     Usage (the closure computes the loss and gradients at the perturbed weights; the
     wrapper zeroes the gradients before calling it and returns its loss)::
@@ -124,7 +126,11 @@ class SAM(OptimizerWrapper):
         return t
 
     def _params_with_grad(self) -> list[tuple[dict[str, Any], Tensor]]:
-        return [(group, p) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        pairs = [(group, p) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if any(p.grad.is_sparse for _, p in pairs):
+            raise RuntimeError("SAM does not support sparse gradients: its perturbation needs the norm of "
+                               "the dense gradient")
+        return pairs
 
     @torch.no_grad()
     def grad_norm(self) -> Tensor:
@@ -133,10 +139,10 @@ class SAM(OptimizerWrapper):
         buckets: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
         for _, p in self._params_with_grad():
             check_same_layout(p.grad, p)
-            key = (reduction_key(p.grad), p.grad.device, p.grad.dtype)
-            ws, gs = buckets.setdefault(key, ([], []))
-            ws.append(local(p))                 # DTensors: their local shards
-            gs.append(local(p.grad))
+            w, g = _real(local(p)), _real(local(p.grad))     # DTensors: their local shards
+            ws, gs = buckets.setdefault((reduction_key(p.grad), g.device, g.dtype), ([], []))
+            ws.append(w)
+            gs.append(g)
         if not buckets:
             raise RuntimeError("SAM.first_step: no parameter has a gradient; compute the loss and call "
                                "loss.backward() at the current weights first")
@@ -169,9 +175,10 @@ class SAM(OptimizerWrapper):
         buckets: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
         for group, p in pairs:
             sign = -1.0 if group.get("maximize", False) else 1.0
-            ws, gs = buckets.setdefault((p.device, p.dtype, sign), ([], []))
-            ws.append(local(p))
-            gs.append(local(p.grad))
+            w = _real(local(p))
+            ws, gs = buckets.setdefault((w.device, w.dtype, sign), ([], []))
+            ws.append(w)
+            gs.append(_real(local(p.grad)))
         for (device, dtype, sign), (ws, gs) in buckets.items():
             scale = (sign * self.rho / (norm + self.eps)).to(device=device, dtype=dtype)  # rho / ||T_w g||
             e = torch._foreach_mul(gs, scale)                                              # rho g / ||T_w g||
@@ -205,3 +212,8 @@ class SAM(OptimizerWrapper):
             scaler.step(self.base_optimizer)
         if zero_grad:
             self.zero_grad()
+
+
+def _real(x: Tensor) -> Tensor:
+    """A complex tensor as (re, im) pairs, as the base optimizers step it (ASAM's |w| per part)."""
+    return torch.view_as_real(x) if x.is_complex() else x
