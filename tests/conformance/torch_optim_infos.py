@@ -55,16 +55,21 @@ VARIANTS: dict[str, list[tuple[str, dict]]] = {
     "schedule_free_adamw": [("r, weight_lr_power", dict(r=0.5, weight_lr_power=1.0))],
     "schedule_free_sgd": [("r, weight_lr_power", dict(r=0.5, weight_lr_power=1.0))],
     "soap": [("shampoo_beta, eps", dict(shampoo_beta=0.9, eps=1e-6))],
+    "mars": [("timm variant", dict(variant="timm")), ("1-D hyperparameters",
+                                                         dict(lr_1d=1e-3, betas_1d=(0.8, 0.9), weight_decay_1d=0.0))],
     "lookahead": [("k=2, alpha=0.8", dict(k=2, alpha=0.8))],
     "sam": [("adaptive, eta, rho", dict(adaptive=True, eta=0.01, rho=0.5))],
 }
 # Options never flipped as "variants": cliquey flags and the ones covered by their own inputs.
 NOT_VARIANTS = {"maximize", "fused", "foreach", "differentiable", "capturable"}
+# Booleans with one valid value: MARS takes only the approximate gradient difference.
+ONE_VALUE = {"mars": {"is_approx"}}
 
 
 def _derived_inputs(name: str, defaults: dict, tuned: dict):
     """Inputs in torch's style from an optimizer's registry defaults (no cliquey kwargs)."""
-    flips = [k for k, v in defaults.items() if isinstance(v, bool) and k not in NOT_VARIANTS]
+    flips = [k for k, v in defaults.items()
+             if isinstance(v, bool) and k not in NOT_VARIANTS | ONE_VALUE.get(name, set())]
     other_mode = "coupled" if defaults.get("weight_decay_mode") == "decoupled" else "decoupled"
 
     def inputs(device, dtype=None):
