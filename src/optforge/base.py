@@ -33,11 +33,20 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from .constraints import Constraint, boolean, non_negative, one_of
+from .constraints import Constraint, boolean, non_negative, one_of, tensor_or
 from .fused import run_generated
 from .precision import LOW_PRECISION, float32_copies, write_back
 from .steps import advance_steps
 from .tensorlist import TensorList
+from .torch_compat import (
+    FLAG_CONSTRAINTS,
+    TORCH_FLAGS,
+    adopt_saved_group,
+    check_flags,
+    complete_loaded_state,
+    numbers_for_step,
+    resolve_decay_flag,
+)
 from .weight_decay import WEIGHT_DECAY_MODES, apply_weight_decay
 
 __all__ = ["Optimizer", "ParamsT"]
@@ -48,11 +57,11 @@ ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tens
 GROUP_METADATA = frozenset({"params", "param_names", "name", "initial_lr", "lr_scale", "layer_id"})
 
 COMMON_CONSTRAINTS: dict[str, Constraint] = dict(
-    lr=non_negative,
-    weight_decay=non_negative,
+    lr=tensor_or(non_negative),
+    weight_decay=tensor_or(non_negative),
     weight_decay_mode=one_of(*WEIGHT_DECAY_MODES),
     maximize=boolean,
-    fused=boolean,
+    **FLAG_CONSTRAINTS,        # torch.optim's foreach, fused, capturable, ... (optforge.torch_compat)
 )
 
 #: Options every optforge optimizer has, off by default, that are not part of any algorithm:
@@ -94,6 +103,9 @@ class Optimizer(torch.optim.Optimizer):
     #: Complex parameters are optimized as ``torch.view_as_real`` pairs (as torch.optim does).
     #: An optimizer whose update is not elementwise sets this to False to refuse them.
     supports_complex: ClassVar[bool] = True
+    #: Sparse gradients (``nn.Embedding(sparse=True)``) reach ``update`` as they are (buckets
+    #: holding one run eagerly); an optimizer whose update handles them sets this to True.
+    supports_sparse: ClassVar[bool] = False
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         checks = self._constraints()
@@ -103,6 +115,7 @@ class Optimizer(torch.optim.Optimizer):
         clash = sorted(set(defaults) & set(BASE_OPTIONS))
         if clash:
             raise TypeError(f"{type(self).__name__} declares {clash}, which the base class owns")
+        resolve_decay_flag(defaults)
         self._check_hyperparameters(defaults)
         #: steps skipped by ``skip_nonfinite`` (in this process: not saved in ``state_dict``)
         self.skipped_steps = 0
@@ -139,7 +152,7 @@ class Optimizer(torch.optim.Optimizer):
         (it changes every step: it reaches the kernel through ``scalars``) and the base's
         options, which are handled outside the kernel."""
         return {k: group[k] for k in self.defaults
-                if k in group and k not in ("lr", "fused") and k not in BASE_OPTIONS}
+                if k in group and k != "lr" and k not in TORCH_FLAGS and k not in BASE_OPTIONS}
 
     def transform_grads(self, group: dict[str, Any], g: TensorList) -> TensorList:
         """Reshape the raw gradients before maximize and weight decay (e.g. centralization).
@@ -186,6 +199,7 @@ class Optimizer(torch.optim.Optimizer):
         for name, value in values.items():
             if name in checks:
                 checks[name](name, value)
+        check_flags(type(self).__name__, values)
         if values.get("fused") and not (self.has_kernel() or self.native_fused(values)):
             raise ValueError(f"invalid fused=True: {type(self).__name__} has no fused path "
                              "(it defines update(), not scalars() + kernel())")
@@ -248,6 +262,7 @@ class Optimizer(torch.optim.Optimizer):
                     f"unknown hyperparameter {key!r} in a param group of {type(self).__name__}{hint} "
                     f"(valid: {', '.join(sorted(self.defaults))})"
                 )
+        resolve_decay_flag(param_group, self.defaults)
         merged = {**self.defaults, **param_group}
         self._check_hyperparameters(merged)
         self.check_group(merged)
@@ -273,14 +288,19 @@ class Optimizer(torch.optim.Optimizer):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"param group {i}: the loaded state dict has {len(saved['params'])} "
                                  f"parameter(s), this optimizer's group has {len(group['params'])}")
-            merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+            hyperparameters = {k: v for k, v in saved.items() if k != "params"}
+            adopt_saved_group(hyperparameters, self.defaults)     # torch.optim's decay flag
+            merged = {**group, **hyperparameters}
+            self._check_hyperparameters(merged)
             where.update((k, (p, merged)) for k, p in zip(saved["params"], group["params"]))
         for k, st in state_dict["state"].items():
             if k not in where or not st:
                 continue
             p, group = where[k]
             names = self.state_names_for(group)
-            lacking = [n for n in names if st.get(n) is None]
+            # entries that hold nothing (an unused factored entry) are created at the next step
+            lacking = [n for n in names
+                       if st.get(n) is None and not _is_empty(self.state_shape(group, p, n))]
             if lacking:
                 raise ValueError(f"the loaded state of parameter {k} (shape {tuple(p.shape)}) lacks "
                                  f"{lacking} (it has {sorted(st)}): was it saved by another optimizer, "
@@ -308,13 +328,14 @@ class Optimizer(torch.optim.Optimizer):
         # hyperparameters take this optimizer's defaults, integer steps become tensors.
         checked = self._constraints()
         for group in self.param_groups:
+            adopt_saved_group(group, self.defaults)
             for name, value in self.defaults.items():
-                if name in checked:   # not torch's own additions such as "differentiable"
+                if name in checked:
                     group.setdefault(name, value)
             for p in group["params"]:
                 st = self.state.get(p)
-                if st and "step" in st and not torch.is_tensor(st["step"]):
-                    st["step"] = torch.tensor(float(st["step"]), dtype=_step_dtype())
+                if st:
+                    complete_loaded_state(st, _step_dtype())
 
     # ---- the step -------------------------------------------------------------------------
     @torch.no_grad()
@@ -341,9 +362,10 @@ class Optimizer(torch.optim.Optimizer):
             self.skipped_steps += 1
             return
         for group in self.param_groups:
-            buckets = self._buckets(group)
-            if buckets:
-                self.step_group(group, buckets)
+            with numbers_for_step(group):    # a tensor lr / weight_decay, as a number
+                buckets = self._buckets(group)
+                if buckets:
+                    self.step_group(group, buckets)
 
     def step_group(self, group: dict[str, Any], buckets: list[Bucket]) -> None:
         """One param group's step: each bucket fused, or prepared and updated eagerly.
@@ -352,7 +374,7 @@ class Optimizer(torch.optim.Optimizer):
         all of them) overrides this: ``work = [self.prepare(group, b) for b in buckets]``, its
         update over every ``work`` item, then ``self.finish(group, w)`` for each."""
         for b in buckets:
-            if group.get("fused") and not b.low_precision and self._fused_step(group, b):
+            if group.get("fused") and not (b.low_precision or b.sparse) and self._fused_step(group, b):
                 continue
             w = self.prepare(group, b)
             self.update(group, w.p, w.g, w.s, w.t)
@@ -409,13 +431,17 @@ class Optimizer(torch.optim.Optimizer):
     def _buckets(self, group: dict[str, Any]) -> list[Bucket]:
         """The params of a group that have gradients, bucketed by (device, dtype)."""
         by_key: dict[tuple, list[tuple[Tensor, Tensor, dict[str, Any]]]] = {}
+        sparse: set[tuple] = set()
         state_of = self.state
         for param in group["params"]:
             grad = param.grad
             if grad is None:
                 continue
             if grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                if not self.supports_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
+                                       "(of the optforge optimizers, SGD does)")
+                sparse.add((param.device, param.dtype))
             state = state_of[param]
             if "step" not in state:
                 self._first_state(group, param, state)
@@ -424,7 +450,10 @@ class Optimizer(torch.optim.Optimizer):
             if entries is None:
                 entries = by_key[key] = []
             entries.append((param, grad, state))
-        return [self._bucket(group, key, entries) for key, entries in by_key.items()]
+        buckets = [self._bucket(group, key, entries) for key, entries in by_key.items()]
+        for b in buckets:
+            b.sparse = b.key in sparse
+        return buckets
 
     def _first_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
         if param.is_complex() and not self.supports_complex:
@@ -504,6 +533,11 @@ class Optimizer(torch.optim.Optimizer):
         return run_generated(self, group, b)
 
 
+def _is_empty(shape: tuple[int, ...] | None) -> bool:
+    """Whether a state entry of this shape holds nothing (a placeholder, created when absent)."""
+    return shape is not None and math.prod(shape) == 0
+
+
 def _is_dtensor(x: Tensor) -> bool:
     if not torch.distributed.is_available():
         return False
@@ -538,7 +572,7 @@ class Work(NamedTuple):
 class Bucket:
     """One (device, dtype) of a param group: TensorLists for the update, and what made them."""
 
-    __slots__ = ("key", "p", "g", "s", "steps", "params", "states", "is_complex", "low_precision")
+    __slots__ = ("key", "p", "g", "s", "steps", "params", "states", "is_complex", "low_precision", "sparse")
 
     def __init__(self, key: tuple) -> None:
         self.key = key
@@ -549,3 +583,4 @@ class Bucket:
         self.states: list[dict[str, Any]] = []
         self.is_complex = False
         self.low_precision = False              # fp32_state / stochastic_rounding applies
+        self.sparse = False                     # a gradient is sparse: the eager path runs it
