@@ -306,7 +306,7 @@ class Optimizer(torch.optim.Optimizer):
                                  f"{lacking} (it has {sorted(st)}): was it saved by another optimizer, "
                                  f"or with other options, than this {type(self).__name__}?")
             for n in names:
-                x, shape = st[n], self.state_shape(group, p, n)
+                x, shape = st.get(n), self.state_shape(group, p, n)
                 if shape is not None and torch.is_tensor(x) and tuple(x.shape) != shape:
                     raise ValueError(f"the loaded state {n!r} of parameter {k} has shape "
                                      f"{tuple(x.shape)}, expected {shape} (the parameter has shape "

@@ -149,7 +149,8 @@ def test_defaults_are_torchs():
     assert list(ours)[:len(theirs)] == list(theirs)
     assert all(ours[n].default == p.default for n, p in theirs.items())
     assert ours["eps_placement"].default == "clamp"     # torch's placement of eps1
-    assert ours["momentum"].default == 0.0 and ours["relative_step"].default and ours["scale_parameter"].default
+    assert ours["momentum"].default == 0.0
+    assert ours["relative_step"].default and ours["scale_parameter"].default
     assert ours["weight_decay_mode"].default == "decoupled"
 
 

@@ -107,11 +107,13 @@ class Muon(Optimizer):
     Jordan's reference uses lr 0.02 and no decay), then optforge's keyword-only options; the
     AdamW fallback's defaults are Jordan's (betas (0.9, 0.95), eps 1e-10), the iteration
     torch's (its eps, its ``addmm`` form). torch's Muon refuses parameters that are not
-    matrices; here they take the AdamW fallback (conv kernels are flattened, see below). Jordan's reference scales conv kernels by
-    their last two dims (kernel height / width); here :math:`A, B` are those of the flattened
-    matrix. State: ``step``, ``momentum_buffer`` (Muon), ``exp_avg``, ``exp_avg_sq`` (AdamW);
-    in a ``use_muon=None`` group holding both kinds, a param's unused entries are empty
-    tensors. Eager only (per-matrix iterations); ``fused=True`` is refused.
+    matrices; here vectors and scalars take the AdamW fallback, and conv kernels are Muon's.
+    Jordan's reference scales conv kernels by their last two dims (kernel height / width);
+    here :math:`A, B` are those of the flattened matrix. State: ``step``, ``momentum_buffer``
+    (Muon), ``exp_avg``, ``exp_avg_sq`` (AdamW); in a ``use_muon=None`` group holding both
+    kinds, a param's unused entries are empty tensors. State dicts move both ways with
+    torch.optim.Muon (whose state has no ``step``). Eager only (per-matrix iterations);
+    ``fused=True`` is refused.
     """
 
     constraints = dict(momentum=unit_interval, nesterov=boolean, ns_coefficients=real_tuple(3),

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..base import Optimizer, ParamsT
 from torch import Tensor
 
+from ..base import Optimizer, ParamsT
 from ..constraints import beta_tuple, boolean, non_negative
 from ..registry import register
 from ..torch_compat import DECOUPLED_WEIGHT_DECAY
