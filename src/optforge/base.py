@@ -322,7 +322,10 @@ class Optimizer(torch.optim.Optimizer):
                         self.state[p][n] = x.to(device=p.device, dtype=torch.float32)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        declared = set(state["defaults"] if "defaults" in state else self.defaults)
         super().__setstate__(state)
+        if "differentiable" not in declared:       # torch's base adds it to every optimizer
+            self.defaults.pop("differentiable", None)
         self.__dict__.setdefault("skipped_steps", 0)
         # Accept checkpoints written by torch.optim or older optforge versions: missing
         # hyperparameters take this optimizer's defaults, integer steps become tensors.

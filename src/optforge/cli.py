@@ -7,7 +7,9 @@ import sys
 
 
 def _format_defaults(defaults: dict) -> str:
-    skip = {"maximize"}
+    from .torch_compat import TORCH_FLAGS
+
+    skip = {"maximize", *TORCH_FLAGS}     # flags, not hyperparameters
     return ", ".join(f"{k}={v}" for k, v in defaults.items() if k not in skip)
 
 

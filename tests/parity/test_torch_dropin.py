@@ -92,7 +92,8 @@ def test_fused_and_foreach_true_together_are_refused():
 def test_decoupled_weight_decay_matches_torch(ours, theirs):
     model_a, model_b = make_model(), make_model()
     a = trajectory(model_a, ours(two_groups(model_a, 1e-2, 0.1), decoupled_weight_decay=True))
-    b = trajectory(model_b, theirs(two_groups(model_b, 1e-2, 0.1), decoupled_weight_decay=True, foreach=False))
+    b = trajectory(model_b, theirs(two_groups(model_b, 1e-2, 0.1), decoupled_weight_decay=True,
+                                   foreach=False))
     assert_moves(a)
     assert_same_trajectory(a, b)
 
@@ -107,7 +108,7 @@ def test_decoupled_weight_decay_is_weight_decay_mode_decoupled():
         group = cls([p], weight_decay_mode="absolute").param_groups[0]
         assert (group["weight_decay_mode"], group["decoupled_weight_decay"]) == ("absolute", False)
         for mode in ("coupled", "absolute"):
-            with pytest.raises(ValueError, match=rf"decoupled_weight_decay=True with weight_decay_mode='{mode}'"):
+            with pytest.raises(ValueError, match=rf"decoupled_weight_decay=True with .*mode='{mode}'"):
                 cls([p], decoupled_weight_decay=True, weight_decay_mode=mode)
     assert of.AdamW([p]).param_groups[0]["decoupled_weight_decay"] is True
     assert of.AdamW([p], weight_decay_mode="coupled").param_groups[0]["decoupled_weight_decay"] is False
@@ -148,7 +149,8 @@ RESUME = [  # (id, optforge factory, torch factory, model)
     ("AdamW-amsgrad", lambda ps: of.AdamW(ps, lr=1e-2, amsgrad=True),
      lambda ps: torch.optim.AdamW(ps, lr=1e-2, amsgrad=True, foreach=False), make_model),
     ("RAdam", lambda ps: of.RAdam(ps, lr=1e-2, betas=(0.9, 0.9), weight_decay=0.1),
-     lambda ps: torch.optim.RAdam(ps, lr=1e-2, betas=(0.9, 0.9), weight_decay=0.1, foreach=False), make_model),
+     lambda ps: torch.optim.RAdam(ps, lr=1e-2, betas=(0.9, 0.9), weight_decay=0.1, foreach=False),
+     make_model),
     ("Adafactor", lambda ps: of.Adafactor(ps, lr=3e-2, weight_decay=0.1),
      lambda ps: torch.optim.Adafactor(ps, lr=3e-2, weight_decay=0.1, foreach=False), make_model),
     ("Muon", lambda ps: of.Muon(ps, lr=2e-2, ns_dtype="param"),
@@ -198,8 +200,8 @@ def test_torch_state_dict_keys_load_and_stay():
     group = ours.param_groups[0]
     assert group["foreach"] is True and group["fused"] is None
     assert (group["weight_decay_mode"], group["decoupled_weight_decay"]) == ("decoupled", True)
-    saved = ours.state_dict()["param_groups"][0]
-    assert {k: saved[k] for k in theirs.state_dict()["param_groups"][0]} == theirs.state_dict()["param_groups"][0]
+    saved, written = ours.state_dict()["param_groups"][0], theirs.state_dict()["param_groups"][0]
+    assert {k: saved[k] for k in written} == written
 
 
 def test_a_torch_state_with_a_flag_optforge_lacks_is_refused_whole():
@@ -239,7 +241,8 @@ SPARSE_CASES = [dict(), dict(momentum=0.9), dict(momentum=0.9, dampening=0.3),
                 dict(momentum=0.9, nesterov=True), dict(momentum=0.8, maximize=True)]
 
 
-@pytest.mark.parametrize("kwargs", SPARSE_CASES, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()) or "plain")
+@pytest.mark.parametrize("kwargs", SPARSE_CASES,
+                         ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()) or "plain")
 def test_sgd_sparse_gradients_match_torch(kwargs):
     sign = -1.0 if kwargs.get("maximize") else 1.0
     a = embedding_run(lambda ps: of.SGD(ps, lr=0.1, **kwargs), sign=sign)
