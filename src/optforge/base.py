@@ -3,8 +3,9 @@
 An optimizer declares its hyperparameters (an explicit ``__init__`` signature passing a
 ``defaults`` dict), a constraint for each, its state tensors, and ONE ``update`` over the
 tensor lists of a (device, dtype) bucket. The base does the rest once for every optimizer:
-validation, param groups, state creation, closure, ``maximize``, weight decay, sparse and
-complex gradients, grouping by device/dtype, and torch-format ``state_dict``.
+validation, param groups, state creation, closure, ``maximize``, weight decay, complex
+parameters, the refusal of sparse gradients (``supports_sparse`` opts out), grouping by
+device/dtype, torch-format ``state_dict``, and torch.optim's flags (:mod:`optforge.torch_compat`).
 
 A complete optimizer::
 
@@ -328,7 +329,7 @@ class Optimizer(torch.optim.Optimizer):
             self.defaults.pop("differentiable", None)
         self.__dict__.setdefault("skipped_steps", 0)
         # Accept checkpoints written by torch.optim or older optforge versions: missing
-        # hyperparameters take this optimizer's defaults, integer steps become tensors.
+        # hyperparameters take this optimizer's defaults, steps are completed (torch_compat).
         checked = self._constraints()
         for group in self.param_groups:
             adopt_saved_group(group, self.defaults)
