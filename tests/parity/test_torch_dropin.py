@@ -45,7 +45,7 @@ def torch_flags(cls):
             if n in inspect.signature(cls).parameters]
 
 
-@pytest.mark.parametrize("ours,theirs", TWINS[:6], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("ours,theirs", TWINS, ids=lambda c: c.__name__)
 def test_param_groups_carry_torchs_keys(ours, theirs):
     """An optforge state dict has every key torch's param groups have (so torch reads it),
     with torch's values for the defaults."""

@@ -269,7 +269,7 @@ def muon_param_groups(model: nn.Module, groups: list[dict[str, Any]] | None = No
     return out
 
 
-# compare_lr: Jordan's lr (torch's default 1e-3 is for its decay-0.1 setting)
+# compare_lr: Jordan's lr 0.02 (the class default is torch's, 1e-3)
 register(Muon, "Muon: momentum orthogonalized by Newton-Schulz for matrices, AdamW for the rest "
          "(Jordan, 2024)", elementwise=False, compare_lr=0.02,
          prepare_groups=lambda model, groups: muon_param_groups(model, groups))
