@@ -93,6 +93,12 @@ OPTIMIZER_KWARGS: dict[str, dict] = {
 }
 
 
+# Optimizers whose param groups read the constructor's lr by design: MARS (as in the official
+# code, its 1-D tensors' lr is the group's lr times lr_1d / the constructor's lr). A group of
+# theirs equals a fresh optimizer with the same constructor lr and the group's lr in a group.
+READS_CONSTRUCTOR_LR = {"mars"}
+
+
 def optimizer_infos() -> list:
     """Registry records of every optforge optimizer (subclasses of ``optforge.Optimizer``)."""
     import optforge

@@ -2,6 +2,7 @@
 param-group dicts and through add_param_group), bad param groups, unknown keywords, sparse
 gradients and complex parameters."""
 
+import copy
 import math
 import re
 
@@ -59,6 +60,9 @@ EXTRA_FOR = {  # (optimizer name, hyperparameter): more bad values
     ("prodigy", "d_coef"): [(0.0, 0.0)],
     ("prodigy", "growth_rate"): [(0.0, 0.0), (-1.0, -1.0)],
     ("muon", "ns_coefficients"): [((3.4, NAN, 2.0), NAN), ((3.4, -4.7, INF), INF)],
+    ("mars", "gamma"): [(-0.1, -0.1)],
+    ("mars", "lr_1d"): [(-1e-3, -1e-3)],
+    ("mars", "weight_decay_1d"): [(-0.1, -0.1)],
     ("muon", "adjust_lr_fn"): [("l2", "l2"), ("", ""), (0, 0)],
 }
 # hyperparameters whose bad values are not the generic ones for their default's type
@@ -241,6 +245,32 @@ def test_bad_param_lists(info):
         opt.add_param_group([q])                # not a dict
 
 
+@pytest.mark.parametrize("info", INFOS, ids=lambda i: i.name)
+def test_a_parameter_listed_twice_is_refused_naming_it(info):
+    """torch only warns about a duplicate within a group, and then the foreach path updates
+    it twice and a fused kernel once: refused, at construction and in add_param_group, naming
+    both places; across groups too (torch refuses without saying which)."""
+    p, q = fresh_params()
+    r, s = (torch.nn.Parameter(torch.ones(2, 3)) for _ in range(2))
+    twice = r"parameter 2 of param group 0 \({}shape \(2, 3\)\) is parameter 0 of the same group again"
+    with pytest.raises(ValueError, match=twice.format("")):
+        info.cls([r, p, r])
+    with pytest.raises(ValueError, match=twice.format("'b', ")):
+        info.cls([("b", r), ("p", p), ("b", r)])
+    with pytest.raises(ValueError, match=r"parameter 1 of param group 1 \(shape \(2, 3\)\) is already "
+                                         r"parameter 0 of param group 0.*more than one parameter group"):
+        info.cls([{"params": [r]}, {"params": [q, r]}])
+    opt = info.cls([{"params": [r]}])
+    with pytest.raises(ValueError, match=twice.replace("group 0", "group 1").format("")):
+        opt.add_param_group({"params": iter([s, p, s])})
+    with pytest.raises(ValueError, match=r"parameter 0 of param group 1 \(shape \(2, 3\)\) is already "
+                                         r"parameter 0 of param group 0"):
+        opt.add_param_group({"params": r})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [p, q]})
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 2]
+
+
 # ---- sparse gradients and complex parameters ---------------------------------------------------
 
 
@@ -259,6 +289,54 @@ def test_sparse_gradients_are_refused(info):
 
 def test_only_sgd_takes_sparse_gradients():
     assert [i.name for i in INFOS if i.cls.supports_sparse] == ["sgd"]
+
+
+def snapshot(opt):
+    return copy.deepcopy(opt.state_dict())
+
+
+def assert_same_snapshot(a, b):
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys(), {k: sorted(st) for k, st in a["state"].items()}
+    for k, st in a["state"].items():
+        assert st.keys() == b["state"][k].keys(), k
+        assert all(torch.equal(v, b["state"][k][n]) for n, v in st.items()), k
+
+
+@pytest.mark.parametrize("info", [i for i in INFOS if not i.cls.supports_sparse], ids=lambda i: i.name)
+def test_a_refused_step_changes_nothing(info):
+    """A sparse gradient after dense ones, in a later group: the step is refused before any
+    group is updated or any state is created (on the first step and mid-run), so the
+    optimizer is exactly as before: its state_dict loads, and it goes on as if the refused
+    step had never been tried."""
+    torch.manual_seed(0)
+    c, a = (torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64)) for _ in range(2))
+    emb = torch.nn.Embedding(5, 3, sparse=True).double()
+    opt = info.cls([{"params": [c]}, {"params": [a, emb.weight]}], **optimizer_kwargs(info.name))
+    twin = info.cls([{"params": [c.detach().clone().requires_grad_()]},
+                     {"params": [a.detach().clone().requires_grad_(), emb.weight.detach().clone()]}],
+                    **optimizer_kwargs(info.name))
+
+    def dense_step(o):                               # the sparse param has no gradient
+        (c_, ), (a_, e_) = (g["params"] for g in o.param_groups)
+        c_.grad, a_.grad, e_.grad = torch.cos(c_.detach()), torch.cos(a_.detach()), None
+        o.step()
+
+    for steps in range(2):                           # the first step, then mid-run
+        before, weights = snapshot(opt), [p.detach().clone() for p in (c, a, emb.weight)]
+        for p in (c, a):
+            p.grad = torch.cos(p.detach())
+        emb(torch.tensor([1, 3])).sum().backward()
+        with pytest.raises(RuntimeError, match="sparse"):
+            opt.step()
+        assert_same_snapshot(snapshot(opt), before)
+        for name, p, w in zip(("group 0's", "group 1's dense", "the sparse"), (c, a, emb.weight), weights):
+            assert torch.equal(p, w), f"{name} param moved by {(p - w).abs().max().item():.3g}"
+        info.cls([{"params": [c]}, {"params": [a, emb.weight]}], **optimizer_kwargs(info.name)
+                 ).load_state_dict(snapshot(opt))
+        dense_step(opt)
+        dense_step(twin)
+        assert_same_snapshot(snapshot(opt), snapshot(twin))
 
 
 def complex_loss(z, w):

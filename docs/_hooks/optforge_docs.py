@@ -199,7 +199,7 @@ def papers(doc: str) -> str:
     arxiv = sorted(set(_ARXIV.findall(doc)))
     out = [f"- {rst_to_markdown(t)}" for t in lines]
     out += [f"- arXiv [{a}](https://arxiv.org/abs/{a})" for a in arxiv]
-    return "\n".join(out) if out else "No paper is cited in the docstring."
+    return "\n".join(out) if out else "No paper describes it: the description above names the code it follows."
 
 
 # ---- measured state memory --------------------------------------------------------------------

@@ -38,7 +38,8 @@ WHEN_TO_USE: dict[str, str] = {
     "adan": "Vision and language models where a Nesterov-style estimate helps; often tolerates "
             "larger lrs than AdamW. Costs four state tensors.",
     "mars": "Large-batch or language-model training where variance reduction of the gradient "
-            "speeds up AdamW; matrices get the corrected gradient, 1-D tensors plain AdamW.",
+            "speeds up AdamW; 2-D matrices get the corrected gradient, the other tensors AdamW "
+            "with their own lr_1d, betas_1d and weight_decay_1d (the authors' defaults).",
     "lamb": "Very large batches (BERT pre-training at 32k-64k): the per-tensor trust ratio keeps "
             "every layer's step proportional to its weight norm.",
     "schedule_free_adamw": "When you do not know the training length in advance: no lr schedule "

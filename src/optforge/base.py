@@ -35,8 +35,11 @@ import torch
 from torch import Tensor
 
 from .constraints import Constraint, boolean, non_negative, one_of, tensor_or
+from .distributed import is_dtensor
 from .fused import run_generated
-from .precision import LOW_PRECISION, float32_copies, write_back
+from .param_groups import check_unique_params
+from .precision import (LOW_PRECISION, check_low_precision, float32_copies, restore_float32_state,
+                        write_back)
 from .steps import advance_steps
 from .tensorlist import TensorList
 from .torch_compat import (
@@ -77,6 +80,8 @@ BASE_OPTIONS: dict[str, bool] = dict(
 BASE_OPTION_CONSTRAINTS: dict[str, Constraint] = {name: boolean for name in BASE_OPTIONS}
 
 _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+
+Entry = tuple[Tensor, Tensor, dict[str, Any] | None]   # (param, grad, state; None before its first step)
 
 
 def _step_dtype() -> torch.dtype:
@@ -267,13 +272,15 @@ class Optimizer(torch.optim.Optimizer):
         merged = {**self.defaults, **param_group}
         self._check_hyperparameters(merged)
         self.check_group(merged)
+        check_unique_params(param_group, self.param_groups)
         super().add_param_group(param_group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's ``load_state_dict``, after checks whose errors say what does not match: the
         number of param groups, of params in each, and each param's state (the tensors the
-        saved hyperparameters need, with the param's shape). With ``fp32_state``, bf16/fp16
-        params keep float32 state (torch would cast it to the param's dtype)."""
+        saved hyperparameters need, with the param's shape). State that bf16/fp16 params keep
+        in float32 stays float32 (torch would cast it to the param's dtype): see
+        :func:`optforge.precision.restore_float32_state`."""
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError("expected a dict with 'state' and 'param_groups', as optimizer.state_dict() "
                              "returns")
@@ -314,13 +321,9 @@ class Optimizer(torch.optim.Optimizer):
                                      f"{tuple(p.shape)})")
         super().load_state_dict(state_dict)
         for k, st in state_dict["state"].items():
-            if k not in where:
-                continue
-            p, group = where[k]
-            if p.dtype in LOW_PRECISION and group.get("fp32_state", self.defaults["fp32_state"]):
-                for n, x in st.items():
-                    if n != "step" and torch.is_tensor(x) and x.is_floating_point():
-                        self.state[p][n] = x.to(device=p.device, dtype=torch.float32)
+            if k in where:
+                p, group = where[k]
+                restore_float32_state(group, p, st, self.state[p])
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         declared = set(state["defaults"] if "defaults" in state else self.defaults)
@@ -365,11 +368,13 @@ class Optimizer(torch.optim.Optimizer):
         if any(group.get("skip_nonfinite") for group in self.param_groups) and not self._grads_finite():
             self.skipped_steps += 1
             return
-        for group in self.param_groups:
-            with numbers_for_step(group):    # a tensor lr / weight_decay, as a number
-                buckets = self._buckets(group)
-                if buckets:
-                    self.step_group(group, buckets)
+        # Every check of every group comes first, so a refused step changes nothing at all.
+        todo = [(group, self._entries(group)) for group in self.param_groups]
+        for group, by_key in todo:
+            if by_key:
+                with numbers_for_step(group):    # a tensor lr / weight_decay, as a number
+                    self.step_group(group, [self._bucket(group, key, entries)
+                                            for key, entries in by_key.items()])
 
     def step_group(self, group: dict[str, Any], buckets: list[Bucket]) -> None:
         """One param group's step: each bucket fused, or prepared and updated eagerly.
@@ -432,10 +437,11 @@ class Optimizer(torch.optim.Optimizer):
             flags.append(flag.full_tensor() if hasattr(flag, "full_tensor") else flag)
         return all(bool(f) for f in flags)
 
-    def _buckets(self, group: dict[str, Any]) -> list[Bucket]:
-        """The params of a group that have gradients, bucketed by (device, dtype)."""
-        by_key: dict[tuple, list[tuple[Tensor, Tensor, dict[str, Any]]]] = {}
-        sparse: set[tuple] = set()
+    def _entries(self, group: dict[str, Any]) -> dict[tuple, list[Entry]]:
+        """The params of a group that have gradients, by (device, dtype), with their state
+        (None before their first step), after every check that can refuse the step: nothing
+        is created or changed here."""
+        by_key: dict[tuple, list[Entry]] = {}
         state_of = self.state
         for param in group["params"]:
             grad = param.grad
@@ -445,35 +451,30 @@ class Optimizer(torch.optim.Optimizer):
                 if not self.supports_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
                                        "(of the optforge optimizers, SGD does)")
-                sparse.add((param.device, param.dtype))
-            state = state_of[param]
-            if "step" not in state:
-                self._first_state(group, param, state)
+            state = state_of.get(param)
+            if state is None or "step" not in state:
+                self._check_new_param(group, param)
             key = (param.device, param.dtype)
             entries = by_key.get(key)
             if entries is None:
                 entries = by_key[key] = []
+                check_low_precision(group, key[1])
             entries.append((param, grad, state))
-        buckets = [self._bucket(group, key, entries) for key, entries in by_key.items()]
-        for b in buckets:
-            b.sparse = b.key in sparse
-        return buckets
+        return by_key
 
-    def _first_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
+    def _check_new_param(self, group: dict[str, Any], param: Tensor) -> None:
         if param.is_complex() and not self.supports_complex:
             raise ValueError(f"{type(self).__name__} does not support complex parameters "
                              f"(got one of dtype {param.dtype})")
         if type(param) not in _PLAIN_TENSOR_TYPES:
             self._check_tensor_subclass(group, param)
-        state["step"] = None          # set in _bucket, with the bucket's other new steps
 
-    def _bucket(self, group: dict[str, Any], key: tuple,
-                entries: list[tuple[Tensor, Tensor, dict[str, Any]]]) -> Bucket:
+    def _bucket(self, group: dict[str, Any], key: tuple, entries: list[Entry]) -> Bucket:
         names = self.state_names_for(group)
         b = Bucket(key)
         b.params = [e[0] for e in entries]
-        b.states = states = [e[2] for e in entries]
-        fresh = [st for st in states if st["step"] is None]
+        b.states = states = [self.state[p] if st is None else st for p, _, st in entries]
+        fresh = [st for st in states if "step" not in st]
         if fresh:
             # One tensor holds the new step counts (each state's "step" a 0-d view of it), so
             # advancing a bucket is one add_, not one kernel per parameter. torch's
@@ -501,6 +502,7 @@ class Optimizer(torch.optim.Optimizer):
             b.s = {n: TensorList(torch.view_as_real(x) if x.is_complex() else x for x in xs)
                    for n, xs in b.s.items()}
         b.low_precision = bool(fp32_state or group.get("stochastic_rounding")) and key[1] in LOW_PRECISION
+        b.sparse = self.supports_sparse and any(g.is_sparse for g in b.g)
         return b
 
     def _check_tensor_subclass(self, group: dict[str, Any], param: Tensor) -> None:
@@ -510,7 +512,7 @@ class Optimizer(torch.optim.Optimizer):
         update is exact on shards. The fused path's flat buffers cannot hold DTensors, and an
         optimizer the registry marks ``elementwise=False`` (norms, matrix structure) would see
         only its shard: both are refused rather than silently computed on the local shard."""
-        if not _is_dtensor(param):
+        if not is_dtensor(param):
             return
         name = type(self).__name__
         if group.get("fused"):
@@ -540,14 +542,6 @@ class Optimizer(torch.optim.Optimizer):
 def _is_empty(shape: tuple[int, ...] | None) -> bool:
     """Whether a state entry of this shape holds nothing (a placeholder, created when absent)."""
     return shape is not None and math.prod(shape) == 0
-
-
-def _is_dtensor(x: Tensor) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(x, DTensor)
 
 
 def _registered_elementwise(cls: type) -> bool:

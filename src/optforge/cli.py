@@ -1,16 +1,47 @@
-"""The ``optforge`` command: ``optforge list``, ``optforge compare`` and ``optforge visualize``."""
+"""The ``optforge`` command (also ``python -m optforge``): ``list``, ``compare`` and ``visualize``."""
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
+import textwrap
+
+TABLE_WIDTH = 100   # the table fits a 100-column terminal; `optforge list NAME` has the details
 
 
-def _format_defaults(defaults: dict) -> str:
-    from .torch_compat import TORCH_FLAGS
+def _wrap(words: list[str], width: int) -> list[str]:
+    lines: list[str] = []
+    for w in words:
+        if lines and len(lines[-1]) + 2 + len(w) <= width:
+            lines[-1] += ", " + w
+        else:
+            lines.append(w)
+    return [line + "," for line in lines[:-1]] + lines[-1:] or [""]
 
-    skip = {"maximize", *TORCH_FLAGS}     # flags, not hyperparameters
-    return ", ".join(f"{k}={v}" for k, v in defaults.items() if k not in skip)
+
+def _table(infos: list) -> list[str]:
+    """name, aliases, description; long aliases and descriptions wrap onto more lines."""
+    name_w = max(len(i.name) for i in infos)
+    alias_w = max([len("aliases"), *(len(a) + 1 for i in infos for a in i.aliases)])
+    room = TABLE_WIDTH - name_w - alias_w - 4
+    out = [f"{'name'.ljust(name_w)}  {'aliases'.ljust(alias_w)}  description"]
+    for i in infos:
+        cells = itertools.zip_longest([i.name], _wrap(list(i.aliases), alias_w),
+                                      textwrap.wrap(i.description, room), fillvalue="")
+        out += [f"{a.ljust(name_w)}  {b.ljust(alias_w)}  {c}".rstrip() for a, b, c in cells]
+    return out
+
+
+def _details(info) -> list[str]:
+    aliases = f"  (aliases: {', '.join(info.aliases)})" if info.aliases else ""
+    fused = "fused=True available" if getattr(info.cls, "has_kernel", lambda: False)() else "no fused=True"
+    lines = [f"{info.name}{aliases}", f"  {info.description}",
+             f"  class: {info.cls.__module__.split('.')[0]}.{info.cls.__name__}",
+             f"  update: {'elementwise' if info.elementwise else 'needs whole tensors'}; {fused}",
+             "  defaults:"]
+    lines += [f"    {k} = {v!r}" for k, v in info.defaults.items()]
+    return lines
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -20,11 +51,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     if not infos:
         print(f"no optimizer matches {args.filter!r}", file=sys.stderr)
         return 2
-    rows = [(i.name, ", ".join(i.aliases), i.description, _format_defaults(i.defaults)) for i in infos]
-    head = ("name", "aliases", "description", "defaults")
-    widths = [max(len(r[c]) for r in [head, *rows]) for c in range(3)]
-    for r in [head, *rows]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r[:3], widths)) + "  " + r[3])
+    one_name = len(infos) == 1 and not any(ch in args.filter for ch in "*?[")
+    if getattr(args, "long", False) or one_name:
+        print("\n\n".join("\n".join(_details(i)) for i in infos))
+    else:
+        print("\n".join(_table(infos)))
+        print(f"\n{len(infos)} optimizers; `optforge list NAME` (or --long) shows one's defaults")
     return 0
 
 
@@ -34,9 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="optforge",
                                      description="PyTorch optimizers: list, compare and visualize.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"optforge {_version()}")
+    sub = parser.add_subparsers(dest="command")
     p_list = sub.add_parser("list", help="print the optimizer registry as a table")
-    p_list.add_argument("filter", nargs="?", default="*", help="wildcard on names/aliases, e.g. 'adam*'")
+    p_list.add_argument("filter", nargs="?", default="*",
+                        help="a name or alias (shows its details), or a wildcard, e.g. 'adam*'")
+    p_list.add_argument("--long", action="store_true", help="details (defaults) of every match")
     p_list.set_defaults(func=cmd_list)
     p_cmp = sub.add_parser("compare", help="train small models on real data with several optimizers",
                            description=compare_cli.__doc__)
@@ -50,8 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("optforge")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:        # plain `optforge`: say what it can do
+        parser.print_help()
+        return 0
     return args.func(args)
 
 

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conformance_cases import all_optimizers, make, make_model, mse, with_paths
+from conformance_cases import all_optimizers, flat, make, make_model, mse, via_torch_save, with_paths
 
 import optforge as of
 from helpers import batch
@@ -58,6 +58,41 @@ def test_bf16_with_fp32_state_and_stochastic_rounding_trains(info):
     for st, p in zip(saved["state"].values(), model.parameters()):
         for name, v in st.items():
             assert fresh.state[p][name].dtype == v.dtype and torch.equal(fresh.state[p][name], v), name
+
+
+@pytest.mark.parametrize("options", [dict(stochastic_rounding=True), dict(fp32_state=True),
+                                     dict(fp32_state=True, stochastic_rounding=True)],
+                         ids=["stochastic_rounding", "fp32_state", "both"])
+@pytest.mark.parametrize("info", all_optimizers())
+def test_bf16_resume_is_bit_exact(info, options):
+    """Save a bf16 run mid-way, load into a fresh optimizer, continue (with the same RNG state
+    for stochastic rounding): identical to the uninterrupted run. State the optimizer keeps
+    in float32 for a bf16 param (Schedule-Free's iterate z under stochastic_rounding, all of
+    it under fp32_state) stays float32 on load, where torch would cast it to bf16."""
+    torch.manual_seed(3)
+    model, opt, _ = train(info, torch.bfloat16, steps=3, **options)
+    saved_model = copy.deepcopy(model.state_dict())
+    saved = via_torch_save(opt.state_dict())
+    rng = torch.get_rng_state()
+    x, y = (t.to(torch.bfloat16) for t in batch(dtype=torch.float64))
+
+    def cont(m, o):
+        for _ in range(4):
+            o.zero_grad()
+            mse(m, x, y).backward()
+            o.step()
+        return flat(m.parameters())
+
+    want = cont(model, opt)
+    resumed = make_model(seed=5, dtype=torch.bfloat16)
+    resumed.load_state_dict(saved_model)
+    resumed_opt = make(info, resumed.parameters()).configure(**options)
+    resumed_opt.load_state_dict(saved)
+    for p, st in zip(resumed.parameters(), saved["state"].values()):
+        assert {k: v.dtype for k, v in resumed_opt.state[p].items()} == {k: v.dtype for k, v in st.items()}
+    torch.set_rng_state(rng)
+    got = cont(resumed, resumed_opt)
+    assert torch.equal(got, want), (got - want).abs().max().item()
 
 
 DECAY_NEEDS_GRADIENTS = {

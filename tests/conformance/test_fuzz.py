@@ -73,21 +73,25 @@ def predicate(check):
         "integer_at_least": lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)
         and v >= args["low"],
         "one_of": lambda v: any(v == c and type(v) is type(c) for c in args["choices"]),
+        "beta_or_minus_one": lambda v: real(v, lambda x: x == -1 or 0 <= x < 1),   # SOAP's shampoo_beta
     }
     if kind not in preds:
         raise AssertionError(f"constraint {kind!r} unknown to the fuzzer: restate it in test_fuzz.py")
     return preds[kind]
 
 
-# Rules that span hyperparameters (an optimizer's check_group), restated: a new optimizer with
-# a check_group fails test_invalid_values_raise until its rule is added here.
 def decay_flag_agrees(h):
     """torch's decoupled_weight_decay=True is weight_decay_mode "decoupled" (or None: derived)."""
     return not h["decoupled_weight_decay"] or h["weight_decay_mode"] in (None, "decoupled")
 
 
+# Rules that span hyperparameters (an optimizer's check_group), restated: a new optimizer with
+# a check_group fails test_invalid_values_raise until its rule is added here.
 CROSS_RULES = {
     "sgd": lambda h: not h["nesterov"] or (h["momentum"] > 0 and h["dampening"] == 0),
+    # only the approximate difference; the fuzzer's params include a 1-D tensor, whose official
+    # lr (lr_1d scaled by group lr / lr) needs a constructor lr other than 0
+    "mars": lambda h: h["is_approx"] is True and (h["lr"] != 0 or h["optimize_1d"] or h["variant"] == "timm"),
     "adam": decay_flag_agrees,
     "amsgrad": decay_flag_agrees,
     "radam": decay_flag_agrees,

@@ -18,7 +18,7 @@ from conformance_cases import (
 )
 from torch import nn
 
-from helpers import batch
+from helpers import READS_CONSTRUCTOR_LR, batch
 
 WD_MODES = ["coupled", "decoupled", "absolute"]
 
@@ -93,7 +93,11 @@ def test_groups_with_different_hyperparameters_are_independent(info, fused):
     a1, a2, b1, b2, c2 = (make_model(seed=s) for s in (0, 1, 0, 1, 1))
     both = make(info, [{"params": a1.parameters()}, {"params": a2.parameters(), **other}], fused=fused)
     first = make(info, b1.parameters(), fused=fused)
-    second = make(info, b2.parameters(), fused=fused, **other)
+    if info.name in READS_CONSTRUCTOR_LR:   # the same constructor lr, the other lr as a group's
+        second = make(info, [{"params": b2.parameters(), "lr": other["lr"]}], fused=fused,
+                      **{k: v for k, v in other.items() if k != "lr"})
+    else:
+        second = make(info, b2.parameters(), fused=fused, **other)
     table_only = make(info, c2.parameters(), fused=fused)
     x, y = batch()
     sign = -1.0                                   # the second group maximizes: give it -f

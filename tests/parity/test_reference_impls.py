@@ -26,12 +26,15 @@ from optforge.registry import get_optimizer_info
 
 
 class RefCompass(torch.optim.Optimizer):
-    """The seed's Compass (LodeW), one tensor at a time, without writing to p.grad."""
+    """The seed's Compass (LodeW), one tensor at a time, without writing to p.grad. Every
+    gradient is centralized over its dims but the first; a 1-D gradient's dims () mean all
+    of its entries. ``skip_1d`` is the gradient-centralization paper's rule (dim > 1 only)."""
 
-    def __init__(self, params, lr=1e-3, betas=(0.99, 0.999), amp_fac=2.0, eps=1e-8, weight_decay=0.0,
-                 centralization=0.0):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), amp_fac=2.0, eps=1e-8, weight_decay=0.0,
+                 centralization=0.0, skip_1d=False):
         super().__init__(params, dict(lr=lr, betas=betas, amp_fac=amp_fac, eps=eps,
                                       weight_decay=weight_decay, centralization=centralization))
+        self.skip_1d = skip_1d
 
     @torch.no_grad()
     def step(self):
@@ -47,7 +50,7 @@ class RefCompass(torch.optim.Optimizer):
                     st.update(t=0, ema=torch.zeros_like(p), ema_sq=torch.zeros_like(p))
                 st["t"] += 1
                 t = st["t"]
-                if c != 0 and g.dim() > 1:                        # gradient centralization
+                if c != 0 and not (self.skip_1d and g.dim() <= 1):      # gradient centralization
                     g = g - c * g.mean(dim=tuple(range(1, g.dim())), keepdim=True)
                 st["ema"] = b1 * st["ema"] + (1 - b1) * g         # ema of g
                 g2 = g + a * st["ema"]                            # g' = g + amp_fac * ema
@@ -141,6 +144,7 @@ COMPASS_CASES = [
     dict(centralization=0.5),
     dict(amp_fac=0.0),
     dict(amp_fac=5.0, centralization=1.0),
+    dict(betas=(0.99, 0.999)),          # lodestone-rock's original defaults
     dict(betas=(0.9, 0.99), eps=1e-6),
 ]
 
@@ -160,6 +164,16 @@ def test_compass_options_matter():
     for kwargs, wd in [(dict(centralization=1.0), 0.0), (dict(amp_fac=5.0), 0.0), ({}, 0.1)]:
         other = compare(of.Compass, RefCompass, kwargs, wd, lr=1e-3)
         assert (other[-1] - base[-1]).abs().max() > 1e-4, kwargs
+
+
+def test_compass_can_skip_1d_tensors_as_the_centralization_paper():
+    model_a, model_b = make_model(), make_model()
+    kw = dict(centralization=1.0)
+    a = trajectory(model_a, of.Compass(two_groups(model_a, 1e-3, 0.1), centralize_1d=False, **kw))
+    b = trajectory(model_b, RefCompass(two_groups(model_b, 1e-3, 0.1), skip_1d=True, **kw))
+    assert_same_trajectory(a, b)
+    every = compare(of.Compass, RefCompass, kw, 0.1, lr=1e-3)
+    assert (every[-1] - a[-1]).abs().max() > 1e-4      # the model's biases are centralized by default
 
 
 def test_lodew_is_compass():

@@ -1,5 +1,5 @@
 """Adam with an lr schedule inside the optimizer: AdamWarmup and Noam (labml's annotated
-implementations, which the seeds follow)."""
+implementations)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ class AdamWarmup(Adam):
     exactly as the annotated (labml) implementation defines it, including its :math:`10^{-8}`
     floor. Defaults follow it too: ``eps=1e-16`` and decoupled weight decay (scaled by the
     group lr, not the warmed-up one). Prefer :func:`optforge.schedules` warmups for new code;
-    this class exists so that code written against the seed keeps its exact numbers.
+    this class exists so that training code written with labml's AdamWarmup keeps its exact
+    numbers.
     """
 
     constraints = {**ADAM_CONSTRAINTS, "warmup": integer_at_least(0)}

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ..constraints import boolean, non_negative, positive
+from ..distributed import check_same_layout, global_sum, local, reduction_key
 from .base import OptimizerWrapper
 
 __all__ = ["SAM"]
@@ -79,6 +80,9 @@ class SAM(OptimizerWrapper):
         scaler.update()                                   # backs off on an inf in either pass
         opt.zero_grad()
 
+    DTensor parameters (FSDP2, tensor parallel): the perturbation is computed on each rank's
+    local shards, and the norm over every shard (one all-reduce per mesh layout).
+
     SAM has no state of its own between steps: ``state_dict`` is the base optimizer's, and
     ``rho`` / ``adaptive`` / ``eta`` / ``eps`` are the wrapper's arguments (not saved).
     """
@@ -128,16 +132,22 @@ class SAM(OptimizerWrapper):
         first such parameter's device; no host synchronization)."""
         buckets: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
         for _, p in self._params_with_grad():
-            ws, gs = buckets.setdefault((p.grad.device, p.grad.dtype), ([], []))
-            ws.append(p)
-            gs.append(p.grad)
+            check_same_layout(p.grad, p)
+            key = (reduction_key(p.grad), p.grad.device, p.grad.dtype)
+            ws, gs = buckets.setdefault(key, ([], []))
+            ws.append(local(p))                 # DTensors: their local shards
+            gs.append(local(p.grad))
         if not buckets:
             raise RuntimeError("SAM.first_step: no parameter has a gradient; compute the loss and call "
                                "loss.backward() at the current weights first")
         norms = []
-        for ws, gs in buckets.values():
+        for (mesh_key, _, _), (ws, gs) in buckets.items():
             scaled = torch._foreach_mul(self._t_w(ws), gs) if self.adaptive else gs   # T_w g
-            norms.extend(torch._foreach_norm(scaled, 2))
+            shard_norms = torch._foreach_norm(scaled, 2)
+            if mesh_key is None:
+                norms.extend(shard_norms)
+            else:       # the bucket's norm: its shards' sums of squares, added up over the mesh
+                norms.append(global_sum(torch.stack(shard_norms).square().sum(), mesh_key).sqrt())
         device = norms[0].device
         return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), 2)
 
@@ -160,8 +170,8 @@ class SAM(OptimizerWrapper):
         for group, p in pairs:
             sign = -1.0 if group.get("maximize", False) else 1.0
             ws, gs = buckets.setdefault((p.device, p.dtype, sign), ([], []))
-            ws.append(p)
-            gs.append(p.grad)
+            ws.append(local(p))
+            gs.append(local(p.grad))
         for (device, dtype, sign), (ws, gs) in buckets.items():
             scale = (sign * self.rho / (norm + self.eps)).to(device=device, dtype=dtype)  # rho / ||T_w g||
             e = torch._foreach_mul(gs, scale)                                              # rho g / ||T_w g||
@@ -185,8 +195,8 @@ class SAM(OptimizerWrapper):
         buckets: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
         for p, w in saved.items():
             ws, olds = buckets.setdefault((p.device, p.dtype), ([], []))
-            ws.append(p)
-            olds.append(w)
+            ws.append(local(p))
+            olds.append(local(w))
         for ws, olds in buckets.values():
             torch._foreach_copy_(ws, olds)             # back to w: the step starts from w, not w + e
         if scaler is None:

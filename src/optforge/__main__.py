@@ -1,0 +1,7 @@
+"""``python -m optforge``: the ``optforge`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
