@@ -11,7 +11,6 @@ import torch
 import optforge as of
 from helpers import (
     READS_CONSTRUCTOR_LR,
-    assert_same_trajectory,
     batch,
     make_model,
     optimizer_kwargs,
@@ -421,13 +420,3 @@ def test_a_hyperparameter_without_constraint_is_refused():
     with pytest.raises(TypeError, match="gamma"):
         Sloppy([torch.zeros(1, requires_grad=True)])
 
-
-@pytest.mark.parametrize("name", of.list_optimizers())
-def test_tensor_lr_follows_float_lr(name):
-    """A 0-d tensor lr (as torch accepts, e.g. for torch.compile) gives the float-lr path."""
-    cls = of.get_optimizer_info(name).cls
-    lr = 1.0 if name == "noam" else 1e-2
-    model_a, model_b = make_model(), make_model()
-    a = trajectory(model_a, cls(model_a.parameters(), lr=lr), steps=10)
-    b = trajectory(model_b, cls(model_b.parameters(), lr=torch.tensor(lr, dtype=torch.float64)), steps=10)
-    assert_same_trajectory(a, b, rtol=1e-12, atol=1e-14)

@@ -80,8 +80,8 @@ def other_hyperparameters(info) -> dict:
         out["betas"] = (kw["betas"][0] * 0.9, *(b * 0.99 for b in kw["betas"][1:]))
     if kw.get("momentum"):
         out["momentum"] = kw["momentum"] * 0.5
-    if "eps" in kw:
-        out["eps"] = 1e-5
+    if "eps" in kw:                   # (Adafactor's is torch's pair (eps1, eps2))
+        out["eps"] = (1e-5, kw["eps"][1]) if isinstance(kw["eps"], tuple) else 1e-5
     return out
 
 

@@ -75,8 +75,14 @@ def test_state_that_does_not_fit_is_refused(info):
     for name in names:
         sd = copy.deepcopy(before)
         del sd["state"][0][name]
-        with pytest.raises(ValueError, match=rf"state of parameter 0 .* lacks \['{name}'\]"):
+        if before["state"][0][name].numel() == 0:
+            # a placeholder (Adafactor's unused factored entry): torch's checkpoints lack it,
+            # so it may be missing; it is created again at the next step
             opt.load_state_dict(sd)
+            opt.load_state_dict(copy.deepcopy(before))
+        else:
+            with pytest.raises(ValueError, match=rf"state of parameter 0 .* lacks \['{name}'\]"):
+                opt.load_state_dict(sd)
         sd = copy.deepcopy(before)
         sd["state"][1][name] = torch.zeros(2, 2, dtype=torch.float64)
         with pytest.raises(ValueError, match=rf"state '{name}' of parameter 1 has shape \(2, 2\)"):
