@@ -95,9 +95,13 @@ def resolve_decay_flag(values: dict[str, Any], defaults: dict[str, Any] | None =
 
 def adopt_saved_group(group: dict[str, Any], defaults: dict[str, Any]) -> None:
     """A param group loaded from a torch.optim checkpoint has ``decoupled_weight_decay`` but no
-    ``weight_decay_mode``: give it the mode the flag means (before defaults fill the rest)."""
+    ``weight_decay_mode``: give it the mode the flag means (before defaults fill the rest). An
+    optimizer decoupled by default (AdamW) stays decoupled, as torch's AdamW does whatever a
+    loaded group says."""
     if "decoupled_weight_decay" in defaults and "weight_decay_mode" not in group \
             and "decoupled_weight_decay" in group:
+        if defaults["weight_decay_mode"] == "decoupled":
+            group["decoupled_weight_decay"] = True
         resolve_decay_flag(group, defaults)
 
 

@@ -39,8 +39,8 @@ TORCH_COUNTERPARTS = {
     "adafactor": (co.optim_inputs_func_adafactor, co.optim_error_inputs_func_adafactor),
     "muon": (co.optim_inputs_func_muon, co.optim_error_inputs_func_muon),
 }
-# torch.optim's optimizers that take sparse gradients (of those optforge has)
-SPARSE = {"sgd"}
+# torch's own infos, by class name: their settings for the sparse-gradient test
+TORCH_INFOS = {i.optim_cls.__name__.lower(): i for i in co.optim_db}
 
 # Settings the derived inputs cannot guess (non-boolean options), on top of the table kwargs.
 VARIANTS: dict[str, list[tuple[str, dict]]] = {
@@ -179,7 +179,9 @@ def registry_info(info) -> OptforgeInfo:
     impls = _impls(info.cls)
     return OptforgeInfo(info.name, info.cls, optim_inputs_func=inputs, optim_error_inputs_func=errors,
                         supported_impls=impls, supports_fused_on=("cpu",) if "fused" in impls else (),
-                        supports_sparse=info.name in SPARSE,
+                        supports_sparse=getattr(info.cls, "supports_sparse", False),
+                        metadata_for_sparse=(TORCH_INFOS[info.name].metadata_for_sparse
+                                             if info.name in TORCH_INFOS else ({}, [])),
                         supports_complex=getattr(info.cls, "supports_complex", True))
 
 
