@@ -38,8 +38,7 @@ from .constraints import Constraint, boolean, non_negative, one_of, tensor_or
 from .distributed import is_dtensor
 from .fused import run_generated
 from .param_groups import check_unique_params
-from .precision import (LOW_PRECISION, check_low_precision, float32_copies, restore_float32_state,
-                        write_back)
+from .precision import LOW_PRECISION, check_low_precision, float32_copies, restore_float32_state, write_back
 from .steps import advance_steps
 from .tensorlist import TensorList
 from .torch_compat import (
