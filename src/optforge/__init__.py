@@ -37,6 +37,7 @@ from .optimizers import (
     ScheduleFreeSGD,
     muon_param_groups,
 )
+from .optimizers import LBFGS, SparseAdam
 from .registry import OptimInfo, get_optimizer_info, list_optimizers, register
 from .schedules import create_scheduler, set_lr
 from .state_io import NameLoadReport, load_state_dict_by_name, state_dict_by_name
@@ -94,3 +95,4 @@ __all__ = [
     "set_lr",
     "state_dict_by_name",
 ]
+__all__ += ["SparseAdam", "LBFGS"]
