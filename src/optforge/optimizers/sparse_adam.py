@@ -12,7 +12,6 @@ from ..base import Optimizer, ParamsT, Work
 from ..constraints import beta_tuple, positive, tensor_or
 from ..precision import float32_copies
 from ..registry import register
-from ..steps import advance_steps
 
 
 class SparseAdam(Optimizer):
@@ -28,8 +27,8 @@ class SparseAdam(Optimizer):
     Entries the gradient does not hold keep their parameter and moments unchanged; ``t``
     counts the steps the parameter had a gradient (empty ones included). Made for
     ``nn.Embedding(sparse=True)``: dense gradients are refused (use :class:`Adam`), as are
-    sparse or complex parameters. No weight decay. State: ``step``, ``exp_avg`` (m),
-    ``exp_avg_sq`` (v), dense like the parameter.
+    sparse or complex parameters. No weight decay. State: ``step`` (an int, as torch's),
+    ``exp_avg`` (m), ``exp_avg_sq`` (v), dense like the parameter.
 
     torch's signature; no ``fused`` or ``foreach`` (torch has neither): the update indexes
     rows, which a fused elementwise kernel cannot express.
@@ -72,7 +71,12 @@ class SparseAdam(Optimizer):
     def step_group(self, group: dict[str, Any], buckets: list) -> None:
         for b in buckets:
             p, g, s = float32_copies(group, b) if b.low_precision else (b.p, b.g, b.s)
-            t = advance_steps(b.steps)
+            # torch's SparseAdam counts steps with a Python int and computes its step size
+            # from it: kept so, a state dict resumes in torch with the same float64 numbers
+            t = []
+            for st in b.states:
+                st["step"] = int(st["step"]) + 1
+                t.append(st["step"])
             for i in range(len(p)):
                 self._update_rows(group, p[i], g[i], s["exp_avg"][i], s["exp_avg_sq"][i], t[i])
             self.finish(group, Work(b, p, g, s, t))
