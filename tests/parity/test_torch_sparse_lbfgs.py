@@ -164,6 +164,8 @@ LBFGS_SETTINGS = [
     pytest.param(dict(lr=0.5, max_iter=4), id="plain-history100"),
     pytest.param(dict(line_search_fn="strong_wolfe", max_iter=4, history_size=2), id="wolfe-history2"),
     pytest.param(dict(line_search_fn="strong_wolfe", max_iter=6, max_eval=9), id="wolfe-max_eval"),
+    # a first trial step far too long: the zoom's safeguards (off the interval's ends) run
+    pytest.param(dict(line_search_fn="strong_wolfe", lr=30.0, max_iter=4, history_size=2), id="wolfe-lr30"),
     pytest.param(dict(lr=torch.tensor(0.3, dtype=torch.float64), max_iter=3, history_size=5, tolerance_change=1e-12),
                  id="tensor-lr"),
 ]
