@@ -59,6 +59,12 @@ class SparseAdam(Optimizer):
                     raise ValueError(what.format(hits))
         super().add_param_group(param_group)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for st in self.state.values():        # the base loads step counts as tensors
+            if "step" in st:
+                st["step"] = int(st["step"])
+
     def _entries(self, group: dict[str, Any]) -> dict[tuple, list]:
         # Refused with every other check of the step, before any group changes.
         by_key = super()._entries(group)
