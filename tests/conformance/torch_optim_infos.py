@@ -230,4 +230,4 @@ def wrapper_infos() -> list[OptforgeInfo]:
 
 
 #: every record the suite runs over: the registry's optforge optimizers, then the wrappers
-OPTIM_INFOS: list[OptforgeInfo] = [registry_info(i) for i in optimizer_infos()] + wrapper_infos()
+OPTIM_INFOS: list[OptforgeInfo] = [registry_info(i) for i in optimizer_infos(generic=False)] + wrapper_infos()
