@@ -200,6 +200,8 @@ class LBFGS(Optimizer):
         if unsupported:
             raise ValueError(f"LBFGS does not support the options {unsupported} (it steps all "
                              "parameters as one vector, outside the per-bucket update)")
+        for p in group["params"]:             # DTensor params are refused (elementwise=False)
+            self._check_new_param(group, p)
         with numbers_for_step(group):
             return self._iterate(group, torch.enable_grad()(closure))
 
