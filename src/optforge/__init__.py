@@ -14,6 +14,7 @@ from .optimizers import (
     ADOPT,
     CAME,
     LAMB,
+    LBFGS,
     MARS,
     SGD,
     SOAP,
@@ -35,9 +36,9 @@ from .optimizers import (
     RAdam,
     ScheduleFreeAdamW,
     ScheduleFreeSGD,
+    SparseAdam,
     muon_param_groups,
 )
-from .optimizers import LBFGS, SparseAdam
 from .registry import OptimInfo, get_optimizer_info, list_optimizers, register
 from .schedules import create_scheduler, set_lr
 from .state_io import NameLoadReport, load_state_dict_by_name, state_dict_by_name

@@ -49,7 +49,8 @@ CANNOT: list[tuple[str, str, str]] = [
      "loss of the first evaluation"),
     ("lbfgs", "complex_2d-float32", "L-BFGS on Rosenbrock amplifies float32 rounding of dot products "
      "summed in another order (torch loosens this check for its LBFGS); float64 is checked"),
-    ("sparse_adam", "param_groups_weight_decay*|weight_decay_pulls_to_zero*", "SparseAdam has no weight decay"),
+    ("sparse_adam", "param_groups_weight_decay*|weight_decay_pulls_to_zero*",
+     "SparseAdam has no weight decay"),
     ("sparse_adam", "param_groups_lr-*", "SparseAdam refuses lr=0 (as torch's constructor), which this "
      "check gives a group"),
 ]
@@ -357,7 +358,8 @@ def rosenbrock(t):
 
 
 @pytest.mark.parametrize("info,kwargs,dtype", cases("rosenbrock_sparse", impls=False, dtypes=(torch.float64,),
-                                                    where=lambda i: i.supports_sparse and not i.step_requires_closure))
+                                                    where=lambda i: i.supports_sparse
+                                                    and not i.step_requires_closure))
 def test_rosenbrock_sparse(info, kwargs, dtype):
     """Coordinate descent on Rosenbrock with uncoalesced sparse gradients equals the same
     steps with dense gradients, and gets closer to the minimum."""

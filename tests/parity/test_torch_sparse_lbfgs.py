@@ -119,8 +119,8 @@ class Rosen(nn.Module):
 def least_squares_problem():
     gen = torch.Generator().manual_seed(3)
     a = torch.randn(40, 6, dtype=torch.float64, generator=gen)
-    b = a @ torch.randn(6, 2, dtype=torch.float64, generator=gen) + 0.1 * torch.randn(40, 2, dtype=torch.float64,
-                                                                                        generator=gen)
+    noise = 0.1 * torch.randn(40, 2, dtype=torch.float64, generator=gen)
+    b = a @ torch.randn(6, 2, dtype=torch.float64, generator=gen) + noise
     model = nn.Linear(6, 2, dtype=torch.float64)
     return model, lambda m: ((m(a) - b) ** 2).mean()
 
@@ -130,7 +130,8 @@ def logistic_problem():
     a = torch.randn(60, 5, dtype=torch.float64, generator=gen)
     labels = (a @ torch.randn(5, 1, dtype=torch.float64, generator=gen) > 0).to(torch.float64)
     model = nn.Linear(5, 1, dtype=torch.float64)
-    return model, lambda m: nn.functional.binary_cross_entropy_with_logits(m(a), labels) + 1e-3 * m.weight.square().sum()
+    bce = nn.functional.binary_cross_entropy_with_logits
+    return model, lambda m: bce(m(a), labels) + 1e-3 * m.weight.square().sum()
 
 
 PROBLEMS = {"rosenbrock": lambda: (Rosen(), rosenbrock), "least_squares": least_squares_problem,
@@ -166,8 +167,8 @@ LBFGS_SETTINGS = [
     pytest.param(dict(line_search_fn="strong_wolfe", max_iter=6, max_eval=9), id="wolfe-max_eval"),
     # a first trial step far too long: the zoom's safeguards (off the interval's ends) run
     pytest.param(dict(line_search_fn="strong_wolfe", lr=30.0, max_iter=4, history_size=2), id="wolfe-lr30"),
-    pytest.param(dict(lr=torch.tensor(0.3, dtype=torch.float64), max_iter=3, history_size=5, tolerance_change=1e-12),
-                 id="tensor-lr"),
+    pytest.param(dict(lr=torch.tensor(0.3, dtype=torch.float64), max_iter=3, history_size=5,
+                      tolerance_change=1e-12), id="tensor-lr"),
 ]
 
 
@@ -222,7 +223,8 @@ def test_lbfgs_errors():
     with pytest.raises(ValueError, match="parameter groups"):
         of.LBFGS([{"params": [p]}, {"params": [nn.Parameter(torch.zeros(2))]}])
     for bad, shown in ((dict(lr=-1.0), "lr=-1.0"), (dict(max_iter=0), "max_iter=0"),
-                       (dict(history_size=0), "history_size=0"), (dict(tolerance_grad=-1.0), "tolerance_grad=-1.0"),
+                       (dict(history_size=0), "history_size=0"),
+                       (dict(tolerance_grad=-1.0), "tolerance_grad=-1.0"),
                        (dict(line_search_fn="armijo"), "line_search_fn='armijo'")):
         with pytest.raises(ValueError, match=re.escape(f"invalid {shown}")):
             of.LBFGS([p], **bad)

@@ -252,7 +252,7 @@ class LBFGS(Optimizer):
             if group["line_search_fn"] == "strong_wolfe":
                 start_x = [p.clone(memory_format=torch.contiguous_format) for p in self._params()]
 
-                def evaluate(step, start_x=start_x):
+                def evaluate(step, start_x=start_x, d=d):
                     self._move(step, d)
                     value = float(closure())
                     grad = self._flat_grad()
