@@ -131,8 +131,8 @@ class LBFGS(Optimizer):
     only, all parameters on one device (as torch). Complex parameters are optimized as real
     pairs; sparse gradients are used dense. State (on the first parameter, torch's names):
     ``func_evals``, ``n_iter``, ``d``, ``t``, ``old_dirs``, ``old_stps``, ``ro``, ``H_diag``,
-    ``prev_flat_grad``, ``prev_loss``, ``al``. Memory: ``2 * history_size + 3`` copies of the
-    parameters.
+    ``prev_flat_grad``, ``prev_loss``, ``al``. Memory: about ``2 * history_size + 3`` copies of
+    the parameters (the pairs s, y; the direction; two gradients), one more with the line search.
     """
 
     constraints = dict(max_iter=integer_at_least(1), max_eval=integer_at_least(1),
