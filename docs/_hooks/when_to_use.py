@@ -57,6 +57,13 @@ WHEN_TO_USE: dict[str, str] = {
             "norms, which get AdamW): orthogonalized momentum updates train faster per step.",
     "soap": "When compute per step is cheap relative to the model's quality: Shampoo's "
             "preconditioner with Adam run in its eigenbasis, often fewer steps than AdamW.",
+    "sparse_adam": "Large embedding tables trained with `nn.Embedding(sparse=True)`: only the rows "
+                   "a batch looks up are read and updated, with Adam's moments kept per row. Dense "
+                   "gradients are refused; pair it with another optimizer for the dense layers.",
+    "lbfgs": "Small, smooth, full-batch problems (curve fitting, logistic regression, style "
+             "transfer on one image) where a quasi-Newton step converges in far fewer iterations "
+             "than first-order methods. Use `line_search_fn=\"strong_wolfe\"` unless lr is tuned; "
+             "not for noisy mini-batch gradients.",
 }
 
 

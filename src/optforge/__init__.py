@@ -14,6 +14,7 @@ from .optimizers import (
     ADOPT,
     CAME,
     LAMB,
+    LBFGS,
     MARS,
     SGD,
     SOAP,
@@ -35,6 +36,7 @@ from .optimizers import (
     RAdam,
     ScheduleFreeAdamW,
     ScheduleFreeSGD,
+    SparseAdam,
     muon_param_groups,
 )
 from .registry import OptimInfo, get_optimizer_info, list_optimizers, register
@@ -94,3 +96,4 @@ __all__ = [
     "set_lr",
     "state_dict_by_name",
 ]
+__all__ += ["SparseAdam", "LBFGS"]

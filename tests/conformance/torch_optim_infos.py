@@ -38,6 +38,8 @@ TORCH_COUNTERPARTS = {
     "radam": (co.optim_inputs_func_radam, co.optim_error_inputs_func_radam),
     "adafactor": (co.optim_inputs_func_adafactor, co.optim_error_inputs_func_adafactor),
     "muon": (co.optim_inputs_func_muon, co.optim_error_inputs_func_muon),
+    "sparse_adam": (co.optim_inputs_func_sparseadam, co.optim_error_inputs_func_sparseadam),
+    "lbfgs": (co.optim_inputs_func_lbfgs, co.optim_error_inputs_func_lbfgs),
 }
 # torch's own infos, by class name: their settings for the sparse-gradient test
 TORCH_INFOS = {i.optim_cls.__name__.lower(): i for i in co.optim_db}
@@ -177,12 +179,18 @@ def registry_info(info) -> OptforgeInfo:
         inputs = _derived_inputs(info.name, info.defaults, tuned)
         errors = _derived_error_inputs(info.defaults, info.cls)
     impls = _impls(info.cls)
+    # torch's record of the same algorithm (by class name: SparseAdam is "sparse_adam" here)
+    same = TORCH_INFOS.get(info.cls.__name__.lower()) if info.name in TORCH_COUNTERPARTS else None
     return OptforgeInfo(info.name, info.cls, optim_inputs_func=inputs, optim_error_inputs_func=errors,
                         supported_impls=impls, supports_fused_on=("cpu",) if "fused" in impls else (),
                         supports_sparse=getattr(info.cls, "supports_sparse", False),
-                        metadata_for_sparse=(TORCH_INFOS[info.name].metadata_for_sparse
-                                             if info.name in TORCH_INFOS else ({}, [])),
-                        supports_complex=getattr(info.cls, "supports_complex", True))
+                        metadata_for_sparse=same.metadata_for_sparse if same else ({}, []),
+                        supports_complex=getattr(info.cls, "supports_complex", True),
+                        # the natures torch records: LBFGS needs a closure and one param group,
+                        # SparseAdam takes sparse gradients only
+                        step_requires_closure=bool(same and same.step_requires_closure),
+                        supports_param_groups=not same or same.supports_param_groups,
+                        only_supports_sparse_grads=bool(same and same.only_supports_sparse_grads))
 
 
 # ---- the wrappers, as constructors taking params ------------------------------------------------
@@ -222,4 +230,4 @@ def wrapper_infos() -> list[OptforgeInfo]:
 
 
 #: every record the suite runs over: the registry's optforge optimizers, then the wrappers
-OPTIM_INFOS: list[OptforgeInfo] = [registry_info(i) for i in optimizer_infos()] + wrapper_infos()
+OPTIM_INFOS: list[OptforgeInfo] = [registry_info(i) for i in optimizer_infos(generic=False)] + wrapper_infos()

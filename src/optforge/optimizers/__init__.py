@@ -9,6 +9,7 @@ from .adopt import ADOPT
 from .came import CAME
 from .compass import Compass, LodeW
 from .lamb import LAMB
+from .lbfgs import LBFGS
 from .lion import Lion
 from .mars import MARS
 from .muon import Muon, muon_param_groups
@@ -17,6 +18,7 @@ from .radam import RAdam
 from .schedule_free import ScheduleFreeAdamW, ScheduleFreeSGD
 from .sgd import SGD, MomentumSGD
 from .soap import SOAP
+from .sparse_adam import SparseAdam
 from .warmup import AdamWarmup, Noam
 
 __all__ = ["Adafactor", "CAME", "Muon", "muon_param_groups", "SOAP",
@@ -25,3 +27,4 @@ __all__ = ["Adafactor", "CAME", "Muon", "muon_param_groups", "SOAP",
            "ADOPT", "AdEMAMix", "Lion",
            "SGD", "AMSGrad", "AdaBelief", "Adam", "AdamW", "AdamWarmup", "Compass", "LodeW",
            "MomentumSGD", "Noam", "RAdam"]
+__all__ += ["SparseAdam", "LBFGS"]
