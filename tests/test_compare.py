@@ -120,7 +120,7 @@ def test_text_task_is_split_by_book(tmp_path):
     assert train_text[:40] == books[1][:40]                  # Genesis trains ...
     assert books[40][:200] in held_out and books[40][:200] not in "\n".join(
         books[b] for b in books if b not in text.TEST_BOOKS | text.VAL_BOOKS)   # ... Matthew does not
-    assert len(data.test) == len(data.val) == text.EVAL_WINDOWS
+    assert (len(data.test), len(data.val)) == (text.TEST_WINDOWS, text.VAL_WINDOWS)
     res = oc.run("text", model="small", optimizers="adamw", steps=4, seeds=1, eval_every=4)
     assert res["task"]["metric"] == "bits/char" and res["task"]["higher_is_better"] is False
     assert 3 < res["runs"][0]["final_test_metric"] < 7.5                      # ~log2(68) = 6.1 at start

@@ -149,11 +149,19 @@ def _decimals(width: float | None, res: float | None) -> int:
     return max(0, 1 - math.floor(math.log10(step)))
 
 
+def _fmt(v: float, d: int, signed: bool) -> str:
+    """``v`` with ``d`` decimals; a non-zero value that would print as 0 keeps one significant
+    digit, so an interval bound just off 0 does not read as 0."""
+    sign = "+" if signed else ""
+    if v != 0 and round(v, d) == 0:
+        return f"{v:{sign}.1g}"
+    return f"{v:{sign}.{d}f}"
+
+
 def _ci(s: dict[str, Any] | None, d: int, signed: bool = False) -> str:
     if s is None:
         return "-"
-    f = f"+.{d}f" if signed else f".{d}f"
-    return f"{s['mean']:{f}} [{s['low']:{f}}, {s['high']:{f}}]"
+    return f"{_fmt(s['mean'], d, signed)} [{_fmt(s['low'], d, signed)}, {_fmt(s['high'], d, signed)}]"
 
 
 def _num(v: float | None, fmt: str) -> str:

