@@ -421,6 +421,7 @@ BAD_INPUT = {
     "seeds": (["--seeds", "three"], "malformed --seeds"),
     "steps": (["--steps", "0"], "steps must be a positive integer"),
     "budget": (["--tune", "--budget", "0"], "budget must be a positive integer"),
+    "budget without tune": (["--budget", "4"], "--budget sets the trials of --tune"),
     "baseline": (["--baseline", "lion"], "baseline 'lion' is not among"),
     "task file": (["--task", "nofile.py:make"], "no file 'nofile.py'"),
     "task module": (["--task", "no_such_module:make"], "no module named 'no_such_module'"),

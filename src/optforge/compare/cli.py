@@ -71,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "without NAME: for every optimizer")
     add("--tune", action="store_true",
         help="tune every optimizer: --budget trials on the validation split, best retrained per seed")
-    add("--budget", type=int, default=8, help="trials per optimizer with --tune (default: 8)")
+    add("--budget", type=int, default=None, help="trials per optimizer with --tune (default: 8)")
     add("--schedule", default="constant", choices=("constant", "warmup_cosine"),
         help="lr schedule for every optimizer (default: constant)")
     add("--baseline", default=None, help="optimizer the others are compared with (default: the first)")
@@ -117,10 +117,13 @@ def _compare(args: argparse.Namespace) -> int:
 
     from .api import Interrupted, check_out, execute, prepare
 
+    if args.budget is not None and not args.tune:
+        return _error("--budget sets the trials of --tune; add --tune")
     try:
         p = prepare(args.task, model=args.model, optimizers=args.optimizers, steps=args.steps,
                     seeds=args.seeds, lr=args.lr, optimizer_args=args.optimizer_args, tune=args.tune,
-                    budget=args.budget, schedule=args.schedule, baseline=args.baseline,
+                    budget=8 if args.budget is None else args.budget, schedule=args.schedule,
+                    baseline=args.baseline,
                     target=args.target, batch_size=args.batch_size, eval_every=args.eval_every,
                     log_every=args.log_every, threads=args.threads,
                     out=args.out, imports=args.imports)

@@ -246,9 +246,6 @@ class Task:
                    loss or (_cross_entropy if classification else nn.functional.mse_loss),
                    metric or (ACCURACY if classification else MSE), **defaults)
 
-    def with_defaults(self, **changes: Any) -> Task:
-        return replace(self, **changes)
-
 
 @dataclass(frozen=True)
 class ModelSpec:
