@@ -119,6 +119,7 @@ class Session:
                 self.tuning[name] = tune(name, hps[name], dims, p.budget, s.steps, trial,
                                          task.metric.higher_is_better)
                 hps[name] = self.tuning[name]["chosen_hyperparameters"]
+                self._save(complete=False)
             for seed in p.seeds:
                 for name in p.optimizers:
                     describe(f"{name} seed {seed}")
