@@ -55,6 +55,15 @@ def git_commit(path: Path) -> str | None:
         return None
 
 
+def _optforge_commit() -> str | None:
+    """The commit of an optforge source checkout (``src/optforge`` in a git work tree), not of
+    whatever repository an installed copy happens to sit in."""
+    package = Path(__file__).resolve().parents[1]
+    if package.parent.name != "src" or not (package.parent.parent / ".git").exists():
+        return None
+    return git_commit(package)
+
+
 def environment(command: list[str] | None, task_source: dict[str, Any]) -> dict[str, Any]:
     """The ``provenance`` record of results.json (see docs/compare_schema.md)."""
     gpu = None
@@ -73,6 +82,6 @@ def environment(command: list[str] | None, task_source: dict[str, Any]) -> dict[
         "torch_threads": torch.get_num_threads(),
         "gpu": gpu,
         "packages": {p: _version(p) for p in PACKAGES},
-        "optforge_git_commit": git_commit(Path(__file__).resolve().parent),
+        "optforge_git_commit": _optforge_commit(),
         "task_source": source or None,
     }
