@@ -100,7 +100,7 @@ class Examples:
         for start in range(0, len(self), 4096):
             rows = torch.arange(start, min(start + 4096, len(self)))
             for t in _tensors(self.batch(rows)):
-                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+                h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())   # any dtype
 
 
 def _tensors(obj: Any) -> list[Tensor]:
