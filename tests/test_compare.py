@@ -512,3 +512,13 @@ def test_lr_label_says_untuned_or_tuned():
     cfg = {"tune": False, "budget": None, "lr_source": {"adam": "default"}}
     assert "UNTUNED" in session.lr_label(cfg)
     assert "tuned: 8 quasi-random" in session.lr_label({**cfg, "tune": True, "budget": 8})
+
+
+def test_optimizers_the_loop_cannot_train_are_named_or_left_out_of_wildcards():
+    """LBFGS needs a closure and SparseAdam sparse gradients: compare's loop gives neither."""
+    everything = parse_optimizers("*")
+    assert "lbfgs" not in everything and "sparse_adam" not in everything
+    assert set(everything) == set(list_optimizers()) - {"lbfgs", "sparse_adam"}
+    for name in ("lbfgs", "SparseAdam", "lookahead_lbfgs"):
+        with pytest.raises(ValueError, match="compare cannot train"):
+            parse_optimizers(f"adam,{name}")
