@@ -68,7 +68,7 @@ def test_pages_and_images_are_there(site):
         assert (site / page / "index.html").exists(), page
     for image in ("gallery/rosenbrock.png", "gallery/rastrigin.png", "gallery/saddle.png",
                   "compare/digits_curves.png", "compare/seed_set_digits_curves.png",
-                  "compare/text_curves.png"):
+                  "compare/text_curves.png", "compare/mnist1d_curves.png"):
         assert (site / image).read_bytes().startswith(b"\x89PNG"), image
     home = (site / "index.html").read_text()
     assert "optforge" in home and 'href="reliability/"' in home
