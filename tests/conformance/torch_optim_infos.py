@@ -38,6 +38,7 @@ TORCH_COUNTERPARTS = {
     "radam": (co.optim_inputs_func_radam, co.optim_error_inputs_func_radam),
     "adafactor": (co.optim_inputs_func_adafactor, co.optim_error_inputs_func_adafactor),
     "muon": (co.optim_inputs_func_muon, co.optim_error_inputs_func_muon),
+    "nadam": (co.optim_inputs_func_nadam, co.optim_error_inputs_func_nadam),
 }
 # torch's own infos, by class name: their settings for the sparse-gradient test
 TORCH_INFOS = {i.optim_cls.__name__.lower(): i for i in co.optim_db}

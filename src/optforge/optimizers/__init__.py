@@ -12,6 +12,7 @@ from .lamb import LAMB
 from .lion import Lion
 from .mars import MARS
 from .muon import Muon, muon_param_groups
+from .nadam import NAdam
 from .prodigy import Prodigy
 from .radam import RAdam
 from .schedule_free import ScheduleFreeAdamW, ScheduleFreeSGD
@@ -24,4 +25,4 @@ __all__ = ["Adafactor", "CAME", "Muon", "muon_param_groups", "SOAP",
            "ScheduleFreeAdamW", "ScheduleFreeSGD",
            "ADOPT", "AdEMAMix", "Lion",
            "SGD", "AMSGrad", "AdaBelief", "Adam", "AdamW", "AdamWarmup", "Compass", "LodeW",
-           "MomentumSGD", "Noam", "RAdam"]
+           "MomentumSGD", "NAdam", "Noam", "RAdam"]

