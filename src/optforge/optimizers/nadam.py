@@ -77,6 +77,18 @@ class NAdam(Optimizer):
             self.update(group, w.p, w.g, w.s, w.t)
             self.finish(group, w)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's load casts every state tensor but ``step`` to its param's dtype and device;
+        ``mu_product`` is kept as saved, as ``step`` is, so a resumed run rounds it as the
+        uninterrupted one does."""
+        saved = {k: st["mu_product"] for k, st in state_dict.get("state", {}).items()
+                 if isinstance(st, dict) and torch.is_tensor(st.get("mu_product"))}
+        super().load_state_dict(state_dict)
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            for k, p in zip(saved_group["params"], group["params"]):
+                if k in saved:
+                    self.state[p]["mu_product"] = saved[k].detach().clone()
+
     def _coefficients(self, group: dict[str, Any], t: float, mu_product: float) -> dict[str, float]:
         lr, b2 = group["lr"], group["betas"][1]
         mu, mu_next = self._mu(group, t), self._mu(group, t + 1)
