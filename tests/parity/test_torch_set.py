@@ -19,6 +19,7 @@ torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = 
 # (None: the default, which moves the small model enough)
 FAMILIES = {
     "nadam": (of.NAdam, torch.optim.NAdam, co.optim_inputs_func_nadam, None),
+    "rmsprop": (of.RMSprop, torch.optim.RMSprop, co.optim_inputs_func_rmsprop, None),
 }
 
 

@@ -15,6 +15,7 @@ from .muon import Muon, muon_param_groups
 from .nadam import NAdam
 from .prodigy import Prodigy
 from .radam import RAdam
+from .rmsprop import RMSprop
 from .schedule_free import ScheduleFreeAdamW, ScheduleFreeSGD
 from .sgd import SGD, MomentumSGD
 from .soap import SOAP
@@ -25,4 +26,4 @@ __all__ = ["Adafactor", "CAME", "Muon", "muon_param_groups", "SOAP",
            "ScheduleFreeAdamW", "ScheduleFreeSGD",
            "ADOPT", "AdEMAMix", "Lion",
            "SGD", "AMSGrad", "AdaBelief", "Adam", "AdamW", "AdamWarmup", "Compass", "LodeW",
-           "MomentumSGD", "NAdam", "Noam", "RAdam"]
+           "MomentumSGD", "NAdam", "Noam", "RAdam", "RMSprop"]
