@@ -63,6 +63,11 @@ def assert_moves(traj: list[torch.Tensor]) -> None:
     assert (traj[-1] - traj[0]).abs().max() > 1e-4
 
 
+#: Per-parameter state that is a 0-d number, not a tensor shaped like the parameter: the step
+#: count, and the scalars torch keeps as state (NAdam's mu_product, ASGD's eta and mu).
+SCALAR_STATE = frozenset({"step", "mu_product", "eta", "mu"})
+
+
 # ---- the optimizer table the suites are parametrized over ------------------------------------
 # kwargs (besides params) that make each optimizer exercise its state within a few steps; an
 # optimizer registered later without an entry here is still tested, with {"lr": 1e-2}.

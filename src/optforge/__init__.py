@@ -19,6 +19,7 @@ from .optimizers import (
     SOAP,
     AdaBelief,
     Adafactor,
+    Adagrad,
     Adam,
     AdamW,
     AdamWarmup,
@@ -50,6 +51,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adafactor",
+    "Adagrad",
     "CAME",
     "Adan",
     "MARS",

@@ -95,6 +95,7 @@ CROSS_RULES = {
     "adam": decay_flag_agrees,
     "amsgrad": decay_flag_agrees,
     "radam": decay_flag_agrees,
+    "nadam": decay_flag_agrees,
 }
 
 

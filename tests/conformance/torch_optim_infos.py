@@ -40,6 +40,7 @@ TORCH_COUNTERPARTS = {
     "muon": (co.optim_inputs_func_muon, co.optim_error_inputs_func_muon),
     "nadam": (co.optim_inputs_func_nadam, co.optim_error_inputs_func_nadam),
     "rmsprop": (co.optim_inputs_func_rmsprop, co.optim_error_inputs_func_rmsprop),
+    "adagrad": (co.optim_inputs_func_adagrad, co.optim_error_inputs_func_adagrad),
 }
 # torch's own infos, by class name: their settings for the sparse-gradient test
 TORCH_INFOS = {i.optim_cls.__name__.lower(): i for i in co.optim_db}

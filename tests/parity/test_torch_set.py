@@ -20,6 +20,7 @@ torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = 
 FAMILIES = {
     "nadam": (of.NAdam, torch.optim.NAdam, co.optim_inputs_func_nadam, None),
     "rmsprop": (of.RMSprop, torch.optim.RMSprop, co.optim_inputs_func_rmsprop, None),
+    "adagrad": (of.Adagrad, torch.optim.Adagrad, co.optim_inputs_func_adagrad, None),
 }
 
 

@@ -2,6 +2,7 @@
 
 from .adabelief import AdaBelief
 from .adafactor import Adafactor
+from .adagrad import Adagrad
 from .adam import Adam, AdamW, AMSGrad
 from .adan import Adan
 from .ademamix import AdEMAMix
@@ -21,7 +22,7 @@ from .sgd import SGD, MomentumSGD
 from .soap import SOAP
 from .warmup import AdamWarmup, Noam
 
-__all__ = ["Adafactor", "CAME", "Muon", "muon_param_groups", "SOAP",
+__all__ = ["Adafactor", "Adagrad", "CAME", "Muon", "muon_param_groups", "SOAP",
            "LAMB", "Adan", "MARS", "Prodigy",
            "ScheduleFreeAdamW", "ScheduleFreeSGD",
            "ADOPT", "AdEMAMix", "Lion",

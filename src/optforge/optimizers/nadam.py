@@ -58,14 +58,11 @@ class NAdam(Optimizer):
 
     def step_group(self, group: dict[str, Any], buckets: list) -> None:
         for b in buckets:
-            if any("mu_product" not in st and float(st["step"]) > 0 for st in b.states):
-                raise ValueError("a NAdam state that has taken steps lacks 'mu_product': was it saved "
-                                 "by another optimizer?")
-        for b in buckets:
             products = []
             for st in b.states:
-                if "mu_product" not in st:
-                    st["mu_product"] = torch.tensor(1.0, dtype=_step_dtype())
+                known = st.get("mu_product")
+                if not torch.is_tensor(known):    # a new param, or a number (older torch checkpoints)
+                    st["mu_product"] = torch.tensor(1.0 if known is None else float(known), dtype=_step_dtype())
                 st["mu_product"].mul_(self._mu(group, float(st["step"]) + 1))   # Pi_t = Pi_{t-1} mu_t
                 products.append(float(st["mu_product"]))
             self._mu_products = products
@@ -81,8 +78,15 @@ class NAdam(Optimizer):
         """torch's load casts every state tensor but ``step`` to its param's dtype and device;
         ``mu_product`` is kept as saved, as ``step`` is, so a resumed run rounds it as the
         uninterrupted one does."""
-        saved = {k: st["mu_product"] for k, st in state_dict.get("state", {}).items()
-                 if isinstance(st, dict) and torch.is_tensor(st.get("mu_product"))}
+        states = state_dict.get("state", {}) if isinstance(state_dict, dict) else {}
+        for k, st in states.items():
+            if st and "mu_product" not in st:
+                raise ValueError(f"the loaded state of parameter {k} lacks ['mu_product'] (it has "
+                                 f"{sorted(st)}): was it saved by another optimizer than NAdam?")
+            if st and torch.is_tensor(st["mu_product"]) and st["mu_product"].dim() != 0:
+                raise ValueError(f"the loaded state 'mu_product' of parameter {k} has shape "
+                                 f"{tuple(st['mu_product'].shape)}, expected () (a number)")
+        saved = {k: st["mu_product"] for k, st in states.items() if st and torch.is_tensor(st["mu_product"])}
         super().load_state_dict(state_dict)
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
             for k, p in zip(saved_group["params"], group["params"]):
