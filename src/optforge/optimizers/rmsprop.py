@@ -7,7 +7,7 @@ from typing import Any
 from torch import Tensor
 
 from ..base import Optimizer, ParamsT
-from ..constraints import boolean, non_negative
+from ..constraints import boolean, non_negative, unit_interval
 from ..registry import register
 
 
@@ -27,11 +27,16 @@ class RMSprop(Optimizer):
     Weight decay is coupled L2 by default. State: ``step``, ``square_avg`` (v),
     ``momentum_buffer`` (b, momentum > 0), ``grad_avg`` (:math:`\bar g`, centered).
 
+    ``alpha`` must lie in [0, 1), where torch takes any alpha >= 0: at 1 the average never
+    sees a gradient (with ``eps=0`` the step divides by zero), above 1 it weighs
+    :math:`g^2` negatively and its square root turns NaN. For the same reason ``centered`` with
+    ``alpha=0`` and ``eps=0`` is refused (the centered variance is then always 0).
+
     torch's signature (``foreach``, ``capturable``, ``differentiable``: see
     :mod:`optforge.torch_compat`), and ``fused``, which torch's RMSprop has not.
     """
 
-    constraints = dict(alpha=non_negative, eps=non_negative, momentum=non_negative, centered=boolean)
+    constraints = dict(alpha=unit_interval, eps=non_negative, momentum=non_negative, centered=boolean)
 
     def __init__(self, params: ParamsT, lr: float | Tensor = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False,
@@ -42,6 +47,11 @@ class RMSprop(Optimizer):
                                       momentum=momentum, centered=centered, capturable=capturable,
                                       foreach=foreach, maximize=maximize, differentiable=differentiable,
                                       weight_decay_mode=weight_decay_mode, fused=fused))
+
+    def check_group(self, group: dict[str, Any]) -> None:
+        if group["centered"] and group["alpha"] == 0 and group["eps"] == 0:
+            raise ValueError("invalid centered=True with alpha=0 and eps=0: the centered variance "
+                             "v - g_bar^2 is then 0, and every step divides by it")
 
     def state_names_for(self, group: dict[str, Any]) -> tuple[str, ...]:
         return (("square_avg",) + (("momentum_buffer",) if group["momentum"] > 0 else ())
