@@ -21,6 +21,7 @@ FAMILIES = {
     "nadam": (of.NAdam, torch.optim.NAdam, co.optim_inputs_func_nadam, None),
     "rmsprop": (of.RMSprop, torch.optim.RMSprop, co.optim_inputs_func_rmsprop, None),
     "adagrad": (of.Adagrad, torch.optim.Adagrad, co.optim_inputs_func_adagrad, None),
+    "adamax": (of.Adamax, torch.optim.Adamax, co.optim_inputs_func_adamax, None),
 }
 
 

@@ -4,6 +4,7 @@ from .adabelief import AdaBelief
 from .adafactor import Adafactor
 from .adagrad import Adagrad
 from .adam import Adam, AdamW, AMSGrad
+from .adamax import Adamax
 from .adan import Adan
 from .ademamix import AdEMAMix
 from .adopt import ADOPT
@@ -26,5 +27,5 @@ __all__ = ["Adafactor", "Adagrad", "CAME", "Muon", "muon_param_groups", "SOAP",
            "LAMB", "Adan", "MARS", "Prodigy",
            "ScheduleFreeAdamW", "ScheduleFreeSGD",
            "ADOPT", "AdEMAMix", "Lion",
-           "SGD", "AMSGrad", "AdaBelief", "Adam", "AdamW", "AdamWarmup", "Compass", "LodeW",
+           "SGD", "AMSGrad", "AdaBelief", "Adam", "Adamax", "AdamW", "AdamWarmup", "Compass", "LodeW",
            "MomentumSGD", "NAdam", "Noam", "RAdam", "RMSprop"]
