@@ -81,3 +81,31 @@ def test_torch_state_loads_into_optforge(ours, theirs, kwargs):
 @pytest.mark.parametrize("ours,theirs,kwargs", _cases())
 def test_optforge_state_loads_into_torch(ours, theirs, kwargs):
     assert_same_trajectory(*_resumed(ours, _torch(theirs), kwargs))
+
+
+@pytest.mark.parametrize("kwargs", [dict(lr=0.1), dict(lr=0.1, lr_decay=0.05, initial_accumulator_value=0.2,
+                                                          maximize=True)])
+def test_adagrad_sparse_gradients_match_torch(kwargs):
+    """A sparse embedding (rows repeat within a batch) next to a dense layer in one group:
+    the sparse rows update as torch's sparse path computes, the others stay untouched."""
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.ModuleList([torch.nn.Embedding(10, 3, sparse=True), torch.nn.Linear(3, 1)]).double()
+
+    def run(net, opt):
+        out = []
+        g = torch.Generator().manual_seed(2)
+        for _ in range(30):
+            idx = torch.randint(0, 6, (8,), generator=g)       # rows 6..9 never get a gradient
+            opt.zero_grad()
+            net[1](net[0](idx)).pow(2).mean().backward()
+            opt.step()
+            out.append(torch.cat([p.detach().flatten() for p in net.parameters()]).clone())
+        return out
+
+    net_a, net_b = model(), model()
+    a = run(net_a, of.Adagrad(net_a.parameters(), **kwargs))
+    b = run(net_b, torch.optim.Adagrad(net_b.parameters(), foreach=False, **kwargs))
+    assert_moves(a)
+    assert torch.equal(a[-1][18:30], a[0][18:30])                # rows 6..9: untouched
+    assert_same_trajectory(a, b)
