@@ -18,6 +18,7 @@ from .optimizers import (
     SGD,
     SOAP,
     AdaBelief,
+    Adadelta,
     Adafactor,
     Adagrad,
     Adam,
@@ -51,6 +52,7 @@ from .wrappers import SAM, Lookahead
 __version__ = "0.1.0"
 
 __all__ = [
+    "Adadelta",
     "Adafactor",
     "Adagrad",
     "CAME",

@@ -22,6 +22,7 @@ FAMILIES = {
     "rmsprop": (of.RMSprop, torch.optim.RMSprop, co.optim_inputs_func_rmsprop, None),
     "adagrad": (of.Adagrad, torch.optim.Adagrad, co.optim_inputs_func_adagrad, None),
     "adamax": (of.Adamax, torch.optim.Adamax, co.optim_inputs_func_adamax, None),
+    "adadelta": (of.Adadelta, torch.optim.Adadelta, co.optim_inputs_func_adadelta, None),
 }
 
 

@@ -1,6 +1,7 @@
 """The optimizers, one algorithm family per file."""
 
 from .adabelief import AdaBelief
+from .adadelta import Adadelta
 from .adafactor import Adafactor
 from .adagrad import Adagrad
 from .adam import Adam, AdamW, AMSGrad
@@ -23,7 +24,7 @@ from .sgd import SGD, MomentumSGD
 from .soap import SOAP
 from .warmup import AdamWarmup, Noam
 
-__all__ = ["Adafactor", "Adagrad", "CAME", "Muon", "muon_param_groups", "SOAP",
+__all__ = ["Adadelta", "Adafactor", "Adagrad", "CAME", "Muon", "muon_param_groups", "SOAP",
            "LAMB", "Adan", "MARS", "Prodigy",
            "ScheduleFreeAdamW", "ScheduleFreeSGD",
            "ADOPT", "AdEMAMix", "Lion",
