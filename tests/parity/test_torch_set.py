@@ -23,6 +23,7 @@ FAMILIES = {
     "adagrad": (of.Adagrad, torch.optim.Adagrad, co.optim_inputs_func_adagrad, None),
     "adamax": (of.Adamax, torch.optim.Adamax, co.optim_inputs_func_adamax, None),
     "adadelta": (of.Adadelta, torch.optim.Adadelta, co.optim_inputs_func_adadelta, None),
+    "rprop": (of.Rprop, torch.optim.Rprop, co.optim_inputs_func_rprop, None),
 }
 
 

@@ -19,6 +19,7 @@ from .nadam import NAdam
 from .prodigy import Prodigy
 from .radam import RAdam
 from .rmsprop import RMSprop
+from .rprop import Rprop
 from .schedule_free import ScheduleFreeAdamW, ScheduleFreeSGD
 from .sgd import SGD, MomentumSGD
 from .soap import SOAP
@@ -29,4 +30,4 @@ __all__ = ["Adadelta", "Adafactor", "Adagrad", "CAME", "Muon", "muon_param_group
            "ScheduleFreeAdamW", "ScheduleFreeSGD",
            "ADOPT", "AdEMAMix", "Lion",
            "SGD", "AMSGrad", "AdaBelief", "Adam", "Adamax", "AdamW", "AdamWarmup", "Compass", "LodeW",
-           "MomentumSGD", "NAdam", "Noam", "RAdam", "RMSprop"]
+           "MomentumSGD", "NAdam", "Noam", "RAdam", "RMSprop", "Rprop"]
