@@ -11,6 +11,7 @@ from ..base import Optimizer, ParamsT, _step_dtype
 from ..constraints import beta_tuple, non_negative
 from ..registry import register
 from ..torch_compat import DECOUPLED_WEIGHT_DECAY
+from .scalar_state import as_scalar_tensor, load_keeping_scalars
 
 
 class NAdam(Optimizer):
@@ -60,9 +61,7 @@ class NAdam(Optimizer):
         for b in buckets:
             products = []
             for st in b.states:
-                known = st.get("mu_product")
-                if not torch.is_tensor(known):    # a new param, or a number (older torch checkpoints)
-                    st["mu_product"] = torch.tensor(1.0 if known is None else float(known), dtype=_step_dtype())
+                st["mu_product"] = as_scalar_tensor(st.get("mu_product", 1.0), _step_dtype())
                 st["mu_product"].mul_(self._mu(group, float(st["step"]) + 1))   # Pi_t = Pi_{t-1} mu_t
                 products.append(float(st["mu_product"]))
             self._mu_products = products
@@ -75,23 +74,8 @@ class NAdam(Optimizer):
             self.finish(group, w)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's load casts every state tensor but ``step`` to its param's dtype and device;
-        ``mu_product`` is kept as saved, as ``step`` is, so a resumed run rounds it as the
-        uninterrupted one does."""
-        states = state_dict.get("state", {}) if isinstance(state_dict, dict) else {}
-        for k, st in states.items():
-            if st and "mu_product" not in st:
-                raise ValueError(f"the loaded state of parameter {k} lacks ['mu_product'] (it has "
-                                 f"{sorted(st)}): was it saved by another optimizer than NAdam?")
-            if st and torch.is_tensor(st["mu_product"]) and st["mu_product"].dim() != 0:
-                raise ValueError(f"the loaded state 'mu_product' of parameter {k} has shape "
-                                 f"{tuple(st['mu_product'].shape)}, expected () (a number)")
-        saved = {k: st["mu_product"] for k, st in states.items() if st and torch.is_tensor(st["mu_product"])}
-        super().load_state_dict(state_dict)
-        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
-            for k, p in zip(saved_group["params"], group["params"]):
-                if k in saved:
-                    self.state[p]["mu_product"] = saved[k].detach().clone()
+        """See :func:`optforge.optimizers.scalar_state.load_keeping_scalars`."""
+        load_keeping_scalars(self, state_dict, ("mu_product",), super().load_state_dict)
 
     def _coefficients(self, group: dict[str, Any], t: float, mu_product: float) -> dict[str, float]:
         lr, b2 = group["lr"], group["betas"][1]
