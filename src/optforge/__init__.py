@@ -12,6 +12,7 @@ from .factory import (
 )
 from .optimizers import (
     ADOPT,
+    ASGD,
     CAME,
     LAMB,
     MARS,
@@ -60,6 +61,7 @@ __all__ = [
     "Adan",
     "MARS",
     "ADOPT",
+    "ASGD",
     "SGD",
     "AdEMAMix",
     "Lion",

@@ -44,6 +44,7 @@ TORCH_COUNTERPARTS = {
     "adamax": (co.optim_inputs_func_adamax, co.optim_error_inputs_func_adamax),
     "adadelta": (co.optim_inputs_func_adadelta, co.optim_error_inputs_func_adadelta),
     "rprop": (co.optim_inputs_func_rprop, co.optim_error_inputs_func_rprop),
+    "asgd": (co.optim_inputs_func_asgd, co.optim_error_inputs_func_asgd),
 }
 # torch's own infos, by class name: their settings for the sparse-gradient test
 TORCH_INFOS = {i.optim_cls.__name__.lower(): i for i in co.optim_db}

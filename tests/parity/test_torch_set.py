@@ -24,6 +24,7 @@ FAMILIES = {
     "adamax": (of.Adamax, torch.optim.Adamax, co.optim_inputs_func_adamax, None),
     "adadelta": (of.Adadelta, torch.optim.Adadelta, co.optim_inputs_func_adadelta, None),
     "rprop": (of.Rprop, torch.optim.Rprop, co.optim_inputs_func_rprop, None),
+    "asgd": (of.ASGD, torch.optim.ASGD, co.optim_inputs_func_asgd, None),
 }
 
 
@@ -111,3 +112,18 @@ def test_adagrad_sparse_gradients_match_torch(kwargs):
     assert_moves(a)
     assert torch.equal(a[-1][18:30], a[0][18:30])                # rows 6..9: untouched
     assert_same_trajectory(a, b)
+
+
+@pytest.mark.parametrize("kwargs", [dict(t0=5), dict(t0=20, lambd=0.1, alpha=0.5, weight_decay=0.1)])
+def test_asgd_average_matches_torch(kwargs):
+    """ASGD's average ``ax`` (not part of the parameter trajectory) after 50 steps, with
+    averaging from step t0 on, and its eta and mu."""
+    model_a, model_b = make_model(), make_model()
+    opt_a = of.ASGD(_groups(model_a, {"lr": 1e-2}), lr=1e-2, **kwargs)
+    opt_b = torch.optim.ASGD(_groups(model_b, {"lr": 1e-2}), lr=1e-2, foreach=False, **kwargs)
+    assert_same_trajectory(trajectory(model_a, opt_a), trajectory(model_b, opt_b))
+    for p, q in zip(model_a.parameters(), model_b.parameters()):
+        a, b = opt_a.state[p], opt_b.state[q]
+        assert not torch.equal(a["ax"], p)               # the average is not the last iterate
+        torch.testing.assert_close(a["ax"], b["ax"], rtol=1e-10, atol=1e-12)
+        assert torch.equal(a["eta"], b["eta"]) and torch.equal(a["mu"], b["mu"])

@@ -9,6 +9,7 @@ from .adamax import Adamax
 from .adan import Adan
 from .ademamix import AdEMAMix
 from .adopt import ADOPT
+from .asgd import ASGD
 from .came import CAME
 from .compass import Compass, LodeW
 from .lamb import LAMB
@@ -28,6 +29,6 @@ from .warmup import AdamWarmup, Noam
 __all__ = ["Adadelta", "Adafactor", "Adagrad", "CAME", "Muon", "muon_param_groups", "SOAP",
            "LAMB", "Adan", "MARS", "Prodigy",
            "ScheduleFreeAdamW", "ScheduleFreeSGD",
-           "ADOPT", "AdEMAMix", "Lion",
+           "ADOPT", "ASGD", "AdEMAMix", "Lion",
            "SGD", "AMSGrad", "AdaBelief", "Adam", "Adamax", "AdamW", "AdamWarmup", "Compass", "LodeW",
            "MomentumSGD", "NAdam", "Noam", "RAdam", "RMSprop", "Rprop"]
