@@ -95,6 +95,7 @@ OPTIMIZER_KWARGS: dict[str, dict] = {
     "soap": dict(lr=1e-2, betas=(0.9, 0.95), precondition_frequency=3, max_precond_dim=4),
     "muon": dict(lr=1e-2, momentum=0.9),  # the 1-D params take the AdamW fallback
     "prodigy": dict(lr=1.0, d0=1e-3),
+    "adadelta": dict(lr=1.0),  # its step is lr times a ratio of running RMS values
 }
 
 
