@@ -29,7 +29,8 @@ class ASGD(Optimizer):
     keeps them), ``ax``.
 
     torch's signature (``foreach``, ``differentiable``, ``capturable``: see
-    :mod:`optforge.torch_compat`). The averaging branches on ``mu``, so there is no fused kernel.
+    :mod:`optforge.torch_compat`). The averaging branches on ``mu``, so there is no fused kernel
+    (``fused=True`` is a ValueError).
     """
 
     constraints = dict(lambd=non_negative, alpha=non_negative, t0=non_negative)
@@ -38,10 +39,10 @@ class ASGD(Optimizer):
     def __init__(self, params: ParamsT, lr: float | Tensor = 1e-2, lambd: float = 1e-4, alpha: float = 0.75,
                  t0: float = 1e6, weight_decay: float = 0.0, foreach: bool | None = None,
                  maximize: bool = False, differentiable: bool = False, capturable: bool = False, *,
-                 weight_decay_mode: str = "coupled") -> None:
+                 weight_decay_mode: str = "coupled", fused: bool = False) -> None:
         super().__init__(params, dict(lr=lr, lambd=lambd, alpha=alpha, t0=t0, weight_decay=weight_decay,
                                       foreach=foreach, maximize=maximize, differentiable=differentiable,
-                                      capturable=capturable, weight_decay_mode=weight_decay_mode))
+                                      capturable=capturable, weight_decay_mode=weight_decay_mode, fused=fused))
         self._etas: list[float] = []   # the current bucket's eta_{t-1} and mu_{t-1}, one per param
         self._mus: list[float] = []
 

@@ -32,7 +32,8 @@ class Rprop(Optimizer):
 
     torch's signature (``foreach``, ``capturable``, ``differentiable``: see
     :mod:`optforge.torch_compat`); ``weight_decay`` (coupled, default 0), which torch's Rprop
-    has not, is optforge's. The update selects per coordinate, so it has no fused kernel.
+    has not, is optforge's. The update selects per coordinate, so it has no fused kernel
+    (``fused=True`` is a ValueError).
     """
 
     constraints = dict(etas=real_tuple(2), step_sizes=real_tuple(2))
@@ -41,10 +42,11 @@ class Rprop(Optimizer):
     def __init__(self, params: ParamsT, lr: float | Tensor = 1e-2, etas: tuple[float, float] = (0.5, 1.2),
                  step_sizes: tuple[float, float] = (1e-6, 50), *, capturable: bool = False,
                  foreach: bool | None = None, maximize: bool = False, differentiable: bool = False,
-                 weight_decay: float = 0.0, weight_decay_mode: str = "coupled") -> None:
+                 weight_decay: float = 0.0, weight_decay_mode: str = "coupled", fused: bool = False) -> None:
         super().__init__(params, dict(lr=lr, etas=etas, step_sizes=step_sizes, capturable=capturable,
                                       foreach=foreach, maximize=maximize, differentiable=differentiable,
-                                      weight_decay=weight_decay, weight_decay_mode=weight_decay_mode))
+                                      weight_decay=weight_decay, weight_decay_mode=weight_decay_mode,
+                                      fused=fused))
 
     def check_group(self, group: dict[str, Any]) -> None:
         minus, plus = group["etas"]
