@@ -70,6 +70,10 @@ DIFFERENCES: list[tuple[str, str, str]] = [
     ("mars:1-D hyperparameters|amsgrad flipped|default|maximize|nonzero weight_decay|table kwargs|"
      "weight_decay_mode=coupled", "param_groups_lr-*", "MARS (as its authors' code) scales the 1-D "
      "tensors' lr by (group lr) / (constructor lr): a constructor lr of 0 is refused"),
+    ("asgd", "step_for_zero_grads-*|weight_decay_pulls_to_zero-*", "ASGD (as torch's) decays the params "
+     "by (1 - lambd eta) every step, gradients or not: zero gradients without weight decay still move them"),
+    ("rprop", "param_groups_lr-*", "Rprop's lr is only its initial step size (as torch's), clamped into "
+     "step_sizes at once: a group with lr=0 moves by step_sizes[0] per step"),
 ]
 
 
