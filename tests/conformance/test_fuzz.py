@@ -97,6 +97,7 @@ CROSS_RULES = {
     "radam": decay_flag_agrees,
     "nadam": decay_flag_agrees,
     "rmsprop": lambda h: not (h["centered"] and h["alpha"] == 0 and h["eps"] == 0),
+    "rprop": lambda h: 0 < h["etas"][0] < 1 < h["etas"][1],
 }
 
 
@@ -171,6 +172,8 @@ SANE_FOR = {
 # polynomial, few converge): the values the fuzzer draws from.
 SANE_CHOICES = {
     ("muon", "ns_coefficients"): [(3.4445, -4.7750, 2.0315), (1.5, -0.5, 0.0), (2.0, -1.5, 0.5)],
+    ("rprop", "etas"): [(0.5, 1.2), (0.1, 3.0), (0.99, 1.01)],
+    ("rprop", "step_sizes"): [(1e-6, 50.0), (1e-3, 1.0), (0.0, 10.0)],
 }
 
 

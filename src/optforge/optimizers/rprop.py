@@ -67,13 +67,13 @@ class Rprop(Optimizer):
         minus, plus = group["etas"]
         low, high = group["step_sizes"]
         for param, grad, prev, step_size in zip(p, g, s["prev"], s["step_size"]):
+            # out of place (torch.where), so DTensor shards take it too; a NaN sign stays NaN
             factor = grad.mul(prev).sign()
-            factor[factor.gt(0)] = plus
-            factor[factor.lt(0)] = minus
-            factor[factor.eq(0)] = 1
+            factor = torch.where(factor.gt(0), plus, factor)
+            factor = torch.where(factor.lt(0), minus, factor)
+            factor = torch.where(factor.eq(0), 1, factor)
             step_size.mul_(factor).clamp_(low, high)
-            grad = grad.clone(memory_format=torch.preserve_format)
-            grad[factor.eq(minus)] = 0            # a flipped sign: no move, and no flip next time
+            grad = torch.where(factor.eq(minus), 0, grad)   # a flipped sign: no move, no flip next time
             param.addcmul_(grad.sign(), step_size, value=-1)
             prev.copy_(grad)
 
