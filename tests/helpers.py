@@ -96,6 +96,7 @@ OPTIMIZER_KWARGS: dict[str, dict] = {
     "muon": dict(lr=1e-2, momentum=0.9),  # the 1-D params take the AdamW fallback
     "prodigy": dict(lr=1.0, d0=1e-3),
     "adadelta": dict(lr=1.0),  # its step is lr times a ratio of running RMS values
+    "asgd": dict(lr=0.05, lambd=1.0, t0=3),  # eta decays and averaging starts within a few steps
 }
 
 
