@@ -96,7 +96,7 @@ CROSS_RULES = {
     "amsgrad": decay_flag_agrees,
     "radam": decay_flag_agrees,
     "nadam": decay_flag_agrees,
-    "rmsprop": lambda h: not (h["centered"] and h["alpha"] == 0 and h["eps"] == 0),
+    "rmsprop": lambda h: not (h["centered"] and h["alpha"] == 0),
     "rprop": lambda h: 0 < h["etas"][0] < 1 < h["etas"][1],
 }
 
