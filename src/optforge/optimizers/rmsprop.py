@@ -29,9 +29,9 @@ class RMSprop(Optimizer):
 
     ``alpha`` must lie in [0, 1), where torch takes any alpha >= 0: at 1 the average never
     sees a gradient (with ``eps=0`` the step divides by zero), above 1 it weighs
-    :math:`g^2` negatively and its square root turns NaN. For the same reason ``centered`` with
-    ``alpha=0`` is refused (the centered variance is then zero up to rounding, which can make
-    it negative).
+    :math:`g^2` negatively and its square root turns NaN. Centered, as in torch, the variance
+    :math:`v_t - \bar g_t^2` of a gradient that stops changing goes to 0, and rounding can make
+    it negative: its square root is then NaN (with ``alpha=0`` at once).
 
     torch's signature (``foreach``, ``capturable``, ``differentiable``: see
     :mod:`optforge.torch_compat`), and ``fused``, which torch's RMSprop has not.
@@ -48,12 +48,6 @@ class RMSprop(Optimizer):
                                       momentum=momentum, centered=centered, capturable=capturable,
                                       foreach=foreach, maximize=maximize, differentiable=differentiable,
                                       weight_decay_mode=weight_decay_mode, fused=fused))
-
-    def check_group(self, group: dict[str, Any]) -> None:
-        if group["centered"] and group["alpha"] == 0:
-            raise ValueError("invalid centered=True with alpha=0: the centered variance v - g_bar^2 "
-                             "is then g^2 - g^2, zero up to rounding, and its square root NaN where "
-                             "rounding makes it negative")
 
     def state_names_for(self, group: dict[str, Any]) -> tuple[str, ...]:
         return (("square_avg",) + (("momentum_buffer",) if group["momentum"] > 0 else ())
