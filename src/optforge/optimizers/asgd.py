@@ -42,7 +42,8 @@ class ASGD(Optimizer):
                  weight_decay_mode: str = "coupled", fused: bool = False) -> None:
         super().__init__(params, dict(lr=lr, lambd=lambd, alpha=alpha, t0=t0, weight_decay=weight_decay,
                                       foreach=foreach, maximize=maximize, differentiable=differentiable,
-                                      capturable=capturable, weight_decay_mode=weight_decay_mode, fused=fused))
+                                      capturable=capturable, weight_decay_mode=weight_decay_mode,
+                                      fused=fused))
         self._etas: list[float] = []   # the current bucket's eta_{t-1} and mu_{t-1}, one per param
         self._mus: list[float] = []
 
