@@ -63,6 +63,11 @@ def assert_moves(traj: list[torch.Tensor]) -> None:
     assert (traj[-1] - traj[0]).abs().max() > 1e-4
 
 
+#: Per-parameter state that is a 0-d number, not a tensor shaped like the parameter: the step
+#: count, and the scalars torch keeps as state (NAdam's mu_product, ASGD's eta and mu).
+SCALAR_STATE = frozenset({"step", "mu_product", "eta", "mu"})
+
+
 # ---- the optimizer table the suites are parametrized over ------------------------------------
 # kwargs (besides params) that make each optimizer exercise its state within a few steps; an
 # optimizer registered later without an entry here is still tested, with {"lr": 1e-2}.
@@ -90,6 +95,8 @@ OPTIMIZER_KWARGS: dict[str, dict] = {
     "soap": dict(lr=1e-2, betas=(0.9, 0.95), precondition_frequency=3, max_precond_dim=4),
     "muon": dict(lr=1e-2, momentum=0.9),  # the 1-D params take the AdamW fallback
     "prodigy": dict(lr=1.0, d0=1e-3),
+    "adadelta": dict(lr=1.0),  # its step is lr times a ratio of running RMS values
+    "asgd": dict(lr=0.05, lambd=1.0, t0=3),  # eta decays and averaging starts within a few steps
 }
 
 

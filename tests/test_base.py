@@ -11,6 +11,7 @@ import torch
 import optforge as of
 from helpers import (
     READS_CONSTRUCTOR_LR,
+    SCALAR_STATE,
     batch,
     make_model,
     optimizer_kwargs,
@@ -366,7 +367,9 @@ def test_state_format(cls, kwargs, dtype):
         assert torch.is_tensor(step) and step.dtype == torch.float32 and step.dim() == 0
         assert step.item() == 2
         for name, s in st.items():
-            if name != "step":
+            if name in SCALAR_STATE and name != "step":   # torch's 0-d numbers, in the step's dtype
+                assert s.dim() == 0 and s.dtype == step.dtype, name
+            elif name != "step":
                 shape = opt.state_shape(group, p, name)     # factored state (Adafactor) has its own
                 assert s.dtype == p.dtype and s.device == p.device, name
                 assert shape is None or tuple(s.shape) == shape, (name, tuple(s.shape), shape)

@@ -70,6 +70,10 @@ BAD_FOR = {
     ("adafactor", "eps"): [((-1e-30, 1e-3), -1e-30), ((None, -1.0), -1.0), ((None, NAN), NAN),
                            ((INF, 1e-3), INF), ((1e-30,), (1e-30,)), (("ab", 1e-3), "ab"),
                            ((None, None), None), ((1e-30, 1e-3, 1.0), (1e-30, 1e-3, 1.0))],
+    ("rprop", "etas"): [((1.0, 1.2), 1.0), ((0.5, 1.0), 1.0), ((0.0, 1.2), 0.0), ((-0.5, 1.2), -0.5),
+                        ((NAN, 1.2), NAN), ((0.5, INF), INF), ((0.5,), (0.5,)), ("ab", "ab"), (None, None)],
+    ("rprop", "step_sizes"): [((NAN, 50.0), NAN), ((1e-6, INF), INF), ((1e-6,), (1e-6,)), ("ab", "ab"),
+                              (None, None)],
 }
 # optional flags (None: torch's "not chosen"), and Adam's / RAdam's mode (None: as
 # decoupled_weight_decay says): their bad values are the generic ones of their kind

@@ -55,6 +55,21 @@ WHEN_TO_USE: dict[str, str] = {
             "as stable as Adam on large language models.",
     "muon": "Hidden weight matrices of transformers and CNNs (not embeddings, heads, biases or "
             "norms, which get AdamW): orthogonalized momentum updates train faster per step.",
+    "nadam": "Adam with a Nesterov look-ahead on the momentum: often slightly faster early "
+             "progress than Adam at the same lr; `decoupled_weight_decay=True` is NAdamW.",
+    "rmsprop": "Recurrent networks and reinforcement learning (A3C/DQN-style setups) that were "
+               "tuned with RMSprop; `centered=True` divides by a variance estimate instead.",
+    "adagrad": "Sparse features (embeddings, linear models on bag-of-words): rarely-seen "
+               "coordinates keep large steps. Supports sparse gradients. The step only shrinks, "
+               "so long runs stall.",
+    "adamax": "Adam with an infinity-norm second moment: steps bounded by lr, robust to rare "
+              "very large gradients (embeddings).",
+    "adadelta": "When you want no lr to tune: the step is a ratio of running RMS values (keep "
+                "`lr=1`).",
+    "rprop": "Full-batch training of small networks: only gradient signs matter, each "
+             "coordinate adapts its own step. Not for minibatches (noisy signs).",
+    "asgd": "Convex or near-convex problems where an averaged iterate (`state['ax']`, set "
+            "`t0` to when averaging starts) generalizes better than the last one.",
     "soap": "When compute per step is cheap relative to the model's quality: Shampoo's "
             "preconditioner with Adam run in its eigenbasis, often fewer steps than AdamW.",
     "sparse_adam": "Large embedding tables trained with `nn.Embedding(sparse=True)`: only the rows "

@@ -15,6 +15,7 @@ from torch import nn
 WORLD = 2
 STEPS = 5
 ROWS = 8                     # the full batch; rank r trains on rows [4r, 4r + 4)
+SCALAR_STATE = {"step", "mu_product", "eta", "mu"}   # 0-d state, not param-shaped (as tests/helpers.py)
 
 
 def make_model() -> nn.Module:
@@ -126,7 +127,7 @@ def run_rank(rank: int, port: int, out: str, cases: list[tuple[str, dict, bool, 
         model = _fsdp(make_model())
         opt = of.get_optimizer_info(name).cls(model.parameters(), **kwargs)
         train(model, opt, x, y)
-        state = [v for st in opt.state.values() for k, v in st.items() if k != "step"]
+        state = [v for st in opt.state.values() for k, v in st.items() if k not in SCALAR_STATE]
         sharded = bool(state) and all(isinstance(v, DTensor) for v in state)
         return {"params": flat(model.parameters()), "state_sharded": sharded}
 

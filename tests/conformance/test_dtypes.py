@@ -9,7 +9,7 @@ import torch
 from conformance_cases import all_optimizers, flat, make, make_model, mse, via_torch_save, with_paths
 
 import optforge as of
-from helpers import batch
+from helpers import SCALAR_STATE, batch
 from optforge.precision import stochastic_round_
 
 DTYPES = [pytest.param(d, id=str(d)[6:]) for d in (torch.float64, torch.float32, torch.bfloat16)]
@@ -38,7 +38,8 @@ def test_trains_in_every_dtype(info, fused, dtype):
     assert all(p.isfinite().all() for p in model.parameters())
     assert all(v.isfinite().all() for st in opt.state.values() for v in st.values())
     assert min(losses[-5:]) < 0.8 * losses[0], losses[::8]
-    assert all(v.dtype == p.dtype for p in model.parameters() for k, v in opt.state[p].items() if k != "step")
+    assert all(v.dtype == p.dtype for p in model.parameters()
+               for k, v in opt.state[p].items() if k not in SCALAR_STATE)
 
 
 @pytest.mark.parametrize("info", all_optimizers())
@@ -51,7 +52,7 @@ def test_bf16_with_fp32_state_and_stochastic_rounding_trains(info):
     assert min(losses[-5:]) < 0.8 * losses[0], losses[::8]
     assert min(losses[-5:]) < ref[-1] + 0.1 * (ref[0] - ref[-1]), (losses[-1], ref[-1])
     for p in model.parameters():
-        assert all(v.dtype == torch.float32 for k, v in opt.state[p].items() if k != "step")
+        assert all(v.dtype == torch.float32 for k, v in opt.state[p].items() if k not in SCALAR_STATE)
     saved = copy.deepcopy(opt.state_dict())
     fresh = make(info, model.parameters()).configure(fp32_state=True)
     fresh.load_state_dict(saved)
@@ -97,6 +98,8 @@ def test_bf16_resume_is_bit_exact(info, options):
 
 DECAY_NEEDS_GRADIENTS = {
     "prodigy": "decay is scaled by the step size D, which zero gradients never estimate (no step at all)",
+    "asgd": "ASGD's own (1 - lambd eta) shrink (lambd=1.0 in its table kwargs) dwarfs the decay "
+            "measured here",
 }
 
 

@@ -46,6 +46,11 @@ def bad_step(model, opt, x, y, value, which=2):
     return opt.step()
 
 
+# Optimizers that, as their torch.optim twin, read a gradient only through sign(g * prev), and
+# torch.sign(nan) is 0: a NaN gradient entry leaves its parameter where it is (docs/reliability.md).
+SIGN_ONLY = {"rprop"}
+
+
 @pytest.mark.parametrize("info,fused", with_paths())
 def test_by_default_a_nan_gradient_propagates_as_in_torch(info, fused):
     model = make_model()
@@ -55,6 +60,9 @@ def test_by_default_a_nan_gradient_propagates_as_in_torch(info, fused):
         good_step(model, opt, x, y)
     bad_step(model, opt, x, y, math.nan)
     params = list(model.parameters())
+    if info.name in SIGN_ONLY:
+        assert all(p.isfinite().all() for p in params)
+        return
     assert not params[2].isfinite().all()
     assert all(p.isfinite().all() for i, p in enumerate(params) if i != 2)   # no update mixes tensors
     assert opt.skipped_steps == 0
@@ -84,6 +92,9 @@ def test_where_an_elementwise_optimizer_spreads_a_nan_is_documented(info, shape)
     element, row = torch.zeros(shape, dtype=torch.bool), torch.zeros(shape, dtype=torch.bool)
     element[at], row[at[0] if len(shape) > 1 else ...] = True, True
     bad = ~p.isfinite()
+    if info.name in SIGN_ONLY:
+        assert not bad.any() and info.cls.__name__ in nonfinite_section()
+        return
     if torch.equal(bad, element):
         return
     assert torch.equal(bad, row), bad

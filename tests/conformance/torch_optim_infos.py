@@ -40,6 +40,13 @@ TORCH_COUNTERPARTS = {
     "muon": (co.optim_inputs_func_muon, co.optim_error_inputs_func_muon),
     "sparse_adam": (co.optim_inputs_func_sparseadam, co.optim_error_inputs_func_sparseadam),
     "lbfgs": (co.optim_inputs_func_lbfgs, co.optim_error_inputs_func_lbfgs),
+    "nadam": (co.optim_inputs_func_nadam, co.optim_error_inputs_func_nadam),
+    "rmsprop": (co.optim_inputs_func_rmsprop, co.optim_error_inputs_func_rmsprop),
+    "adagrad": (co.optim_inputs_func_adagrad, co.optim_error_inputs_func_adagrad),
+    "adamax": (co.optim_inputs_func_adamax, co.optim_error_inputs_func_adamax),
+    "adadelta": (co.optim_inputs_func_adadelta, co.optim_error_inputs_func_adadelta),
+    "rprop": (co.optim_inputs_func_rprop, co.optim_error_inputs_func_rprop),
+    "asgd": (co.optim_inputs_func_asgd, co.optim_error_inputs_func_asgd),
 }
 # torch's own infos, by class name: their settings for the sparse-gradient test
 TORCH_INFOS = {i.optim_cls.__name__.lower(): i for i in co.optim_db}
