@@ -34,6 +34,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
+from . import lowbit
 from .constraints import Constraint, boolean, non_negative, one_of, tensor_or
 from .distributed import is_dtensor
 from .fused import run_generated
@@ -70,13 +71,15 @@ COMMON_CONSTRAINTS: dict[str, Constraint] = dict(
 #: Options every optforge optimizer has, off by default, that are not part of any algorithm:
 #: the base adds them to ``defaults`` (so every param group carries them, they are checked,
 #: saved in ``state_dict`` and may differ per group). Set them with :meth:`Optimizer.configure`
-#: or in a param-group dict. See docs/reliability.md.
-BASE_OPTIONS: dict[str, bool] = dict(
+#: or in a param-group dict. See docs/reliability.md and docs/memory.md.
+_BASE_FLAGS: dict[str, bool] = dict(
     skip_nonfinite=False,        # a step with an inf/NaN gradient changes nothing (counted)
     fp32_state=False,            # bf16/fp16 params: float32 state, update computed in float32
     stochastic_rounding=False,   # bf16 params: update computed in float32, stochastically rounded
 )
-BASE_OPTION_CONSTRAINTS: dict[str, Constraint] = {name: boolean for name in BASE_OPTIONS}
+BASE_OPTIONS: dict[str, Any] = {**_BASE_FLAGS, **lowbit.OPTIONS}   # + state_precision (optforge.lowbit)
+BASE_OPTION_CONSTRAINTS: dict[str, Constraint] = {**{name: boolean for name in _BASE_FLAGS},
+                                                  **lowbit.OPTION_CONSTRAINTS}
 
 _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
 
@@ -98,6 +101,8 @@ class Optimizer(torch.optim.Optimizer):
       ``maximize`` are checked by default.
     - ``state_names``: per-parameter state tensors (torch's names), created by ``init_state``
       (zeros like the parameter unless overridden). ``step`` is kept by the base.
+    - ``state_kinds``: for low-bit state (``state_precision``), which states are
+      non-negative, sign-only or kept in full precision (others are signed).
     - ``update(group, p, g, s, t)``: the algorithm, over :class:`TensorList` s of one
       (device, dtype) bucket. ``g`` is read-only (it may be the user's ``p.grad``); ``s`` maps a
       state name to its list; ``t`` is the list of step counts (1 on the first step).
@@ -105,6 +110,9 @@ class Optimizer(torch.optim.Optimizer):
 
     constraints: ClassVar[dict[str, Constraint]] = {}
     state_names: ClassVar[tuple[str, ...]] = ()
+    #: How ``state_precision`` may store each state (see :mod:`optforge.lowbit`): "signed"
+    #: (the default), "non_negative", "sign" (only its sign matters) or "full" (never lowered).
+    state_kinds: ClassVar[dict[str, str]] = {}
     #: Complex parameters are optimized as ``torch.view_as_real`` pairs (as torch.optim does).
     #: An optimizer whose update is not elementwise sets this to False to refuse them.
     supports_complex: ClassVar[bool] = True
@@ -208,6 +216,7 @@ class Optimizer(torch.optim.Optimizer):
         if values.get("fused") and not (self.has_kernel() or self.native_fused(values)):
             raise ValueError(f"invalid fused=True: {type(self).__name__} has no fused path "
                              "(it defines update(), not scalars() + kernel())")
+        lowbit.check_supported(type(self), values)
 
     def _expand_scalars(self, group: dict[str, Any], t: list[float]) -> dict[str, Any]:
         """``scalars`` for each tensor: plain numbers when all steps agree (the usual case)."""
@@ -218,7 +227,8 @@ class Optimizer(torch.optim.Optimizer):
         return {name: [per_step[k][name] for k in t] for name in per_step[t[0]]}
 
     def configure(self, *, skip_nonfinite: bool | None = None, fp32_state: bool | None = None,
-                  stochastic_rounding: bool | None = None) -> Optimizer:
+                  stochastic_rounding: bool | None = None, state_precision: Any = ...,
+                  min_quantized_size: int | None = None) -> Optimizer:
         """Turn the base options on or off for every param group (and groups added later);
         returns the optimizer, so ``opt = AdamW(params).configure(skip_nonfinite=True)``.
 
@@ -233,14 +243,23 @@ class Optimizer(torch.optim.Optimizer):
           written back with stochastic rounding (unbiased: updates smaller than half a bf16 ulp
           survive in expectation instead of being rounded away). Uses torch's default RNG.
 
+        - ``state_precision``: ``"bf16"``, ``"int8"``, ``"int4"`` or ``"fp8"`` stores the state
+          of tensors with at least ``min_quantized_size`` entries (default 4096) in fewer bits;
+          ``None`` is full precision. State that exists is converted now (docs/memory.md).
+
         Buckets that use ``fp32_state`` or ``stochastic_rounding`` run the eager path even
         with ``fused=True``. Options can also be set per group (``{"params": ..., "fp32_state":
-        True}``); ``None`` leaves an option as it is.
+        True}``); ``None`` leaves an option as it is (``...`` for ``state_precision``, whose
+        ``None`` turns it off).
         """
         given = {k: v for k, v in dict(skip_nonfinite=skip_nonfinite, fp32_state=fp32_state,
-                                       stochastic_rounding=stochastic_rounding).items() if v is not None}
+                                       stochastic_rounding=stochastic_rounding,
+                                       min_quantized_size=min_quantized_size).items() if v is not None}
+        if state_precision is not ...:
+            given["state_precision"] = state_precision
         for name, value in given.items():
             BASE_OPTION_CONSTRAINTS[name](name, value)
+        lowbit.check_configure(self, given)
         self.defaults.update(given)
         for group in self.param_groups:
             group.update(given)
@@ -250,7 +269,13 @@ class Optimizer(torch.optim.Optimizer):
                     for name, x in st.items():
                         if name != "step" and torch.is_tensor(x) and x.dtype in LOW_PRECISION:
                             st[name] = x.float()
+        if given.keys() & lowbit.OPTIONS.keys():
+            lowbit.convert_state(self)
         return self
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's ``state_dict``; low-bit state entries are dicts of codes and scales."""
+        return lowbit.export_state(super().state_dict())
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "skipped_steps": self.skipped_steps}
@@ -279,7 +304,9 @@ class Optimizer(torch.optim.Optimizer):
         number of param groups, of params in each, and each param's state (the tensors the
         saved hyperparameters need, with the param's shape). State that bf16/fp16 params keep
         in float32 stays float32 (torch would cast it to the param's dtype): see
-        :func:`optforge.precision.restore_float32_state`."""
+        :func:`optforge.precision.restore_float32_state`. ``state_precision`` and
+        ``min_quantized_size`` stay this optimizer's: low-bit state loads bit for bit, and is
+        encoded or decoded where they differ from the checkpoint's."""
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError("expected a dict with 'state' and 'param_groups', as optimizer.state_dict() "
                              "returns")
@@ -295,7 +322,7 @@ class Optimizer(torch.optim.Optimizer):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"param group {i}: the loaded state dict has {len(saved['params'])} "
                                  f"parameter(s), this optimizer's group has {len(group['params'])}")
-            hyperparameters = {k: v for k, v in saved.items() if k != "params"}
+            hyperparameters = {k: v for k, v in saved.items() if k != "params" and k not in lowbit.OPTIONS}
             adopt_saved_group(hyperparameters, self.defaults)     # torch.optim's decay flag
             merged = {**group, **hyperparameters}
             self._check_hyperparameters(merged)
@@ -318,7 +345,13 @@ class Optimizer(torch.optim.Optimizer):
                     raise ValueError(f"the loaded state {n!r} of parameter {k} has shape "
                                      f"{tuple(x.shape)}, expected {shape} (the parameter has shape "
                                      f"{tuple(p.shape)})")
+        low_bit = lowbit.plan_load(self, state_dict, where)     # torch would cast codes to floats
+        kept = [{k: group[k] for k in lowbit.OPTIONS} for group in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, options in zip(self.param_groups, kept):    # memory layout is this process's choice
+            group.update(options)
+        for p, entries in low_bit.items():
+            self.state[p].update(entries)
         for k, st in state_dict["state"].items():
             if k in where:
                 p, group = where[k]
@@ -382,6 +415,9 @@ class Optimizer(torch.optim.Optimizer):
         all of them) overrides this: ``work = [self.prepare(group, b) for b in buckets]``, its
         update over every ``work`` item, then ``self.finish(group, w)`` for each."""
         for b in buckets:
+            if group.get("state_precision") and lowbit.holds(b):
+                lowbit.step(self, group, b)
+                continue
             if group.get("fused") and not (b.low_precision or b.sparse) and self._fused_step(group, b):
                 continue
             w = self.prepare(group, b)
@@ -490,16 +526,16 @@ class Optimizer(torch.optim.Optimizer):
                 for i, (param, st) in enumerate(zip(b.params, states)):
                     if column[i] is None:
                         x = self.init_state(group, param, name)
-                        st[name] = column[i] = (x.float() if fp32_state and x.dtype in LOW_PRECISION
-                                                else x)
+                        x = x.float() if fp32_state and x.dtype in LOW_PRECISION else x
+                        st[name] = column[i] = lowbit.stored(self, group, param, name, x)
             b.s[name] = TensorList(column)
         b.p = TensorList(b.params)
         b.g = TensorList(e[1] for e in entries)
         b.is_complex = key[1].is_complex
         if b.is_complex:
             b.p, b.g = (TensorList(torch.view_as_real(x) for x in xs) for xs in (b.p, b.g))
-            b.s = {n: TensorList(torch.view_as_real(x) if x.is_complex() else x for x in xs)
-                   for n, xs in b.s.items()}
+            b.s = {n: TensorList(torch.view_as_real(x) if isinstance(x, Tensor) and x.is_complex() else x
+                                 for x in xs) for n, xs in b.s.items()}
         b.low_precision = bool(fp32_state or group.get("stochastic_rounding")) and key[1] in LOW_PRECISION
         b.sparse = self.supports_sparse and any(g.is_sparse for g in b.g)
         return b
@@ -514,6 +550,7 @@ class Optimizer(torch.optim.Optimizer):
         if not is_dtensor(param):
             return
         name = type(self).__name__
+        lowbit.refuse_distributed(name, group)
         if group.get("fused"):
             raise ValueError(f"{name}(fused=True) does not support DTensor parameters (FSDP2, tensor "
                              "parallel): use fused=False, whose foreach path supports them")

@@ -258,6 +258,13 @@ def _accepted_args(cls: type) -> list[str] | None:
     return [n for n, p in params.items() if n not in ("self", "params") and p.kind is not p.VAR_POSITIONAL]
 
 
+def _base_options(info: OptimInfo) -> tuple[str, ...]:
+    """The base options (``Optimizer.configure``) an optforge optimizer takes as keywords here."""
+    from .base import BASE_OPTIONS, Optimizer
+
+    return tuple(BASE_OPTIONS) if issubclass(info.cls, Optimizer) else ()
+
+
 def _check_kwargs(info: OptimInfo, kwargs: dict[str, Any], lookahead: bool = False) -> None:
     valid = _accepted_args(info.cls)
     if valid is None:
@@ -265,7 +272,7 @@ def _check_kwargs(info: OptimInfo, kwargs: dict[str, Any], lookahead: bool = Fal
     unknown = [k for k in kwargs if k not in valid]
     if unknown:
         hints = []
-        options = [*_FACTORY_OPTIONS, *(_LOOKAHEAD_OPTIONS if lookahead else ())]
+        options = [*_FACTORY_OPTIONS, *_base_options(info), *(_LOOKAHEAD_OPTIONS if lookahead else ())]
         for k in unknown:
             close = difflib.get_close_matches(k, [*valid, *options], n=1)
             hints.append(f"{k!r} (did you mean {close[0]!r}?)" if close else repr(k))
@@ -294,7 +301,8 @@ def create_optimizer(model_or_params: nn.Module | Iterable[Any], name: str, lr: 
       ``lr_scale`` but no ``lr`` gets ``lr * lr_scale``.
     - ``**kwargs`` go to the optimizer. A name it does not accept raises ``ValueError`` naming
       it and the valid ones (nothing is silently dropped); an unknown optimizer name raises
-      ``ValueError`` with close matches.
+      ``ValueError`` with close matches. The base options of optforge optimizers
+      (``state_precision``, ``skip_nonfinite``, ``fp32_state``, ...) go to its ``configure``.
     - ``"lookahead_" + name`` (``"lookahead_adamw"``, ``"Lookahead_LodeW"``) returns that
       optimizer wrapped in :class:`optforge.Lookahead`; ``lookahead_k`` / ``lookahead_alpha``
       (default 5 / 0.5) set its ``k`` / ``alpha`` and are refused without the prefix.
@@ -313,7 +321,15 @@ def create_optimizer(model_or_params: nn.Module | Iterable[Any], name: str, lr: 
         kwargs["lr"] = lr
     if weight_decay is not None:
         kwargs["weight_decay"] = weight_decay
+    options = {k: kwargs.pop(k) for k in _base_options(info) if k in kwargs}
     _check_kwargs(info, kwargs, lookahead)
+    if options:
+        from .base import BASE_OPTION_CONSTRAINTS
+        from .lowbit import check_supported
+
+        for key, value in options.items():
+            BASE_OPTION_CONSTRAINTS[key](key, value)
+        check_supported(info.cls, options)
     wd = kwargs.get("weight_decay", info.defaults.get("weight_decay", 0.0))
     base_lr = kwargs.get("lr", info.defaults.get("lr"))
 
@@ -343,6 +359,8 @@ def create_optimizer(model_or_params: nn.Module | Iterable[Any], name: str, lr: 
                   if isinstance(g, dict) and "lr_scale" in g and "lr" not in g else g
                   for g in model_or_params]
     optimizer = info.cls(params, **kwargs)
+    if options:
+        optimizer.configure(**options)
     return Lookahead(optimizer, **lookahead_args) if lookahead else optimizer
 
 

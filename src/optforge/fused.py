@@ -257,8 +257,9 @@ def _frozen(x: Any) -> Any:
     return x
 
 
-def compiled_step(cls: type, variant: Any = ()) -> Callable:
-    """The compiled fused entry for an optimizer class and a ``variant`` (hashable).
+def compiled_step(cls: type, variant: Any = (), entry: Callable = _fused_entry) -> Callable:
+    """The compiled ``entry`` (by default the fused step above) for an optimizer class and a
+    ``variant`` (hashable).
 
     Each (class, variant) gets its own copy of the entry's code object, so torch.compile's
     per-code cache and its recompile limit (8; with ``fullgraph=True`` exceeding it is an
@@ -266,10 +267,10 @@ def compiled_step(cls: type, variant: Any = ()) -> Callable:
     decay...) and the dtype are compile-time constants, and a sweep over them in one process
     must not run out of recompiles.
     """
-    key = (cls, _frozen(variant))
+    key = (cls, entry, _frozen(variant))
     if key not in _COMPILED:
-        code = _fused_entry.__code__.replace(co_name=f"_fused_{cls.__name__}")
-        fn = types.FunctionType(code, _fused_entry.__globals__, code.co_name)
+        code = entry.__code__.replace(co_name=f"{entry.__name__}_{cls.__name__}")
+        fn = types.FunctionType(code, entry.__globals__, code.co_name)
         _COMPILED[key] = torch.compile(fn, dynamic=True, fullgraph=True)
     return _COMPILED[key]
 

@@ -96,10 +96,13 @@ def assert_same_state(a: dict, b: dict) -> None:
         assert sorted(sa) == sorted(sb), k
         for name in sa:
             x, y = sa[name], sb[name]
-            if torch.is_tensor(x):
-                assert x.dtype == y.dtype and torch.equal(x, y), (k, name)
-            else:
-                assert x == y, (k, name)
+            pairs = ([(f"{name}.{f}", x[f], y[f]) for f in x] if isinstance(x, dict) and x.keys() == y.keys()
+                     else [(name, x, y)])                    # low-bit state: a dict of codes, scales
+            for what, u, v in pairs:
+                if torch.is_tensor(u):
+                    assert u.dtype == v.dtype and torch.equal(u, v), (k, what)
+                else:
+                    assert u == v, (k, what)
 
 
 def via_torch_save(obj):

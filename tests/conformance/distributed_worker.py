@@ -179,6 +179,8 @@ def run_rank(rank: int, port: int, out: str, cases: list[tuple[str, dict, bool, 
         return {"error": None}
 
     _case(results, ("refuse", "fused"), lambda: refused(lambda ps: of.AdamW(ps, fused=True)))
+    _case(results, ("refuse", "state_precision"),
+          lambda: refused(lambda ps: of.AdamW([{"params": list(ps), "state_precision": "int8"}])))
 
     class NormSGD(of.SGD):    # stands for an optimizer that needs whole-tensor norms
         pass

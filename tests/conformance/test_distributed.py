@@ -4,8 +4,9 @@
   parameters of one process training on the full batch, and the replicas stay identical;
 - FSDP2 (``fully_shard``, DTensor parameters and sharded state): every elementwise optimizer
   gives the unsharded result, and so do Lookahead, SAM and ASAM around AdamW;
-- refused with a clear error, before any change: ``fused=True`` with DTensor parameters, and
-  DTensor parameters for an optimizer the registry marks ``elementwise=False``;
+- refused with a clear error, before any change: ``fused=True`` or ``state_precision`` with
+  DTensor parameters, and DTensor parameters for an optimizer the registry marks
+  ``elementwise=False``;
 - ``skip_nonfinite`` decides alike on every rank (a NaN in one rank's shard skips the step
   everywhere)."""
 
@@ -92,6 +93,7 @@ def test_fsdp2_lookahead_refuses_slow_weights_sharded_otherwise(results):
 
 @pytest.mark.parametrize("case,message", [
     ("fused", r"AdamW\(fused=True\) does not support DTensor parameters.*use fused=False"),
+    ("state_precision", r"AdamW\(state_precision='int8'\) does not support DTensor parameters"),
     ("not_elementwise", r"NormSGD does not support DTensor parameters.*elementwise=False"),
     ("not_elementwise_child", r"NormSGDChild does not support DTensor parameters"),
 ])

@@ -108,8 +108,9 @@ def state_bytes_per_param(opt: torch.optim.Optimizer, n_params: int) -> float:
     total = 0
     for st in opt.state_dict()["state"].values():
         for v in st.values():
-            if torch.is_tensor(v):
-                total += v.numel() * v.element_size()
+            for x in v.values() if isinstance(v, dict) else (v,):    # low-bit state: codes, scales
+                if torch.is_tensor(x):
+                    total += x.numel() * x.element_size()
     return total / max(n_params, 1)
 
 

@@ -35,6 +35,7 @@ class AdaBelief(Optimizer):
 
     constraints = dict(betas=beta_tuple(2), eps=non_negative, amsgrad=boolean, rectify=boolean,
                        degenerated_to_sgd=boolean)
+    state_kinds = dict(exp_avg_var="non_negative", max_exp_avg_var="non_negative")
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-16, weight_decay: float = 0.0, amsgrad: bool = False,

@@ -37,6 +37,7 @@ class Adam(Optimizer):
     """
 
     constraints = dict(betas=beta_tuple(2), eps=non_negative, amsgrad=boolean, **DECOUPLED_WEIGHT_DECAY)
+    state_kinds = dict(exp_avg_sq="non_negative", max_exp_avg_sq="non_negative")
 
     def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *,

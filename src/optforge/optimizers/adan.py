@@ -38,6 +38,7 @@ class Adan(Optimizer):
 
     constraints = dict(betas=beta_tuple(3), eps=non_negative, no_prox=boolean)
     state_names = ("exp_avg", "exp_avg_diff", "exp_avg_sq", "pre_grad")
+    state_kinds = dict(exp_avg_sq="non_negative")
 
     def __init__(self, params: ParamsT, lr: float = 1e-3,
                  betas: tuple[float, float, float] = (0.98, 0.92, 0.99), eps: float = 1e-8,

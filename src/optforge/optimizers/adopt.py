@@ -63,6 +63,7 @@ class ADOPT(Optimizer):
 
     constraints = dict(betas=beta_tuple(2), eps=non_negative, clip=boolean, clip_exponent=non_negative)
     state_names = ("exp_avg", "exp_avg_sq")
+    state_kinds = dict(exp_avg_sq="non_negative")
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.9999),
                  eps: float = 1e-6, clip: bool = True, clip_exponent: float = 0.25,

@@ -60,6 +60,7 @@ class Compass(Optimizer):
     constraints = dict(betas=beta_tuple(2), amp_fac=non_negative, eps=non_negative,
                        centralization=real, centralize_1d=boolean)
     state_names = ("ema", "ema_squared")
+    state_kinds = dict(ema_squared="non_negative")
     supports_complex = False
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),

@@ -28,6 +28,7 @@ class Lion(Optimizer):
 
     constraints = dict(betas=beta_tuple(2))
     state_names = ("exp_avg",)
+    state_kinds = dict(exp_avg="sign")    # only the sign of the interpolation reaches the update
 
     def __init__(self, params: ParamsT, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, weight_decay_mode: str = "decoupled",

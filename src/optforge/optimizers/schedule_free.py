@@ -46,6 +46,8 @@ class _ScheduleFree(Optimizer):
     """
 
     _beta_key: str = "momentum"
+    # z is the iterate itself, not a statistic: low-bit state would round the parameters' path
+    state_kinds = dict(z="full", exp_avg_sq="non_negative")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)

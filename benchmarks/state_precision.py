@@ -1,0 +1,350 @@
+#!/usr/bin/env python
+"""Low-bit optimizer state (``state_precision``): memory, fidelity, training quality, speed.
+
+Sections (each prints a Markdown table; docs/memory.md shows the results):
+
+- ``bytes``: optimizer state bytes per parameter, every elementwise optimizer and precision
+  (SGD with momentum 0.9),
+  on a 1,180,800-parameter model (Linear(1024, 1024) + Linear(1024, 128)), after one step.
+  Every storage reachable from the state counts once, so a view into a larger buffer counts
+  the whole buffer.
+- ``fidelity``: AdamW (lr 1e-3, weight decay 0.01) for 200 minibatch steps on a regression
+  task (an MLP 256-512-64 fitting a random teacher network); the distance of the final
+  parameters to float32 AdamW's, relative to how far float32 AdamW moved them. With
+  bitsandbytes' and torchao's 8-bit, 4-bit and FP8 AdamW on the same run when installed.
+- ``quality``: the compare digits task (the 64-128-10 MLP, batch 64), AdamW, Lion, AdEMAMix,
+  Adan, ADOPT, AdaBelief and Compass with float32, int8 and int4 state, every tensor's state
+  low-bit (``min_quantized_size=0``), 3 seeds: final train loss and test accuracy.
+- ``codes``: the measurements behind the codes optforge picks: the fidelity of int8 and int4
+  AdamW with other codes for the first and second moment (power 1 is a linear code, power 2
+  spends the levels near zero; SR is stochastic rounding), and the digits quality of int4
+  with nearest and stochastic rounding of the signed states.
+- ``speed``: ``opt.step()`` time on one 4096 x 4096 float32 tensor (16.8M parameters),
+  2 threads, a fixed random gradient; entries interleaved in rounds, the median step of each
+  as a ratio to optforge AdamW ``fused=True`` (torch's fused kernel) in float32, and the peak
+  resident memory a step adds (Linux: the high-water mark, reset before each step).
+
+    python benchmarks/state_precision.py bytes fidelity        # a few minutes on 2 cores
+    python benchmarks/state_precision.py quality --steps 1000
+    python benchmarks/state_precision.py speed --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import optforge as of
+from optforge.lowbit import PRECISIONS, LowBitState, formats
+from optforge.lowbit.codes import Code, PowerCode
+
+THREADS = 2
+ALL = (None, *PRECISIONS)
+
+
+def label(precision: str | None) -> str:
+    return precision or "float32"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def elementwise() -> list[str]:
+    """Registered optimizers that low-bit state supports (elementwise, scalars + kernel)."""
+    return [i.name for i in of.list_optimizers(with_info=True) if i.elementwise and i.cls.has_kernel()]
+
+
+# ---- bytes ----------------------------------------------------------------------------------
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    seen, total = set(), 0
+    for st in opt.state.values():
+        for x in st.values():
+            parts = [x.codes, x.scales] if isinstance(x, LowBitState) else [x]
+            for t in parts:
+                if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in seen:
+                    seen.add(t.untyped_storage().data_ptr())
+                    total += t.untyped_storage().nbytes()
+    return total
+
+
+def bytes_section(_: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, 1024), nn.Linear(1024, 128))
+    n = sum(p.numel() for p in model.parameters())
+    model(torch.randn(4, 1024)).sum().backward()
+    rows = []
+    for name in elementwise():
+        row = [name]
+        for precision in ALL:
+            params = [nn.Parameter(p.detach().clone()) for p in model.parameters()]
+            for p, q in zip(params, model.parameters()):
+                p.grad = q.grad.clone()
+            kwargs = dict(momentum=0.9) if name == "sgd" else {}   # SGD keeps no state without momentum
+            opt = of.create_optimizer(params, name, state_precision=precision, **kwargs)
+            opt.step()
+            row.append(f"{state_bytes(opt) / n:.3f}")
+        rows.append(row)
+    print(f"state bytes per parameter ({n:,} parameters, default min_quantized_size)\n")
+    print(table(["optimizer", *map(label, ALL)], rows))
+
+
+# ---- fidelity -------------------------------------------------------------------------------
+def regression_task(steps: int) -> tuple[Callable[[], nn.Module], Callable[[int], tuple]]:
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 64))
+
+    torch.manual_seed(123)
+    teacher = nn.Sequential(nn.Linear(256, 128), nn.Tanh(), nn.Linear(128, 64))
+
+    def batch(t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(t)
+        x = torch.randn(64, 256, generator=g)
+        with torch.no_grad():
+            return x, teacher(x) + 0.1 * torch.randn(64, 64, generator=g)
+
+    return model, batch
+
+
+def train_params(model: nn.Module, opt: torch.optim.Optimizer, batch, steps: int) -> tuple[torch.Tensor, float]:
+    for t in range(1, steps + 1):
+        x, y = batch(t)
+        opt.zero_grad()
+        loss = (model(x) - y).square().mean()
+        loss.backward()
+        opt.step()
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), loss.item()
+
+
+def reference_adamw() -> dict[str, Callable]:
+    """bitsandbytes' and torchao's low-bit AdamW, where installed."""
+    out: dict[str, Callable] = {}
+    if importlib.util.find_spec("bitsandbytes"):
+        import bitsandbytes as bnb
+
+        out["bitsandbytes AdamW8bit"] = bnb.optim.AdamW8bit
+    if importlib.util.find_spec("torchao"):
+        from torchao.optim import AdamW4bit, AdamW8bit, AdamWFp8
+
+        out.update({"torchao AdamW8bit": AdamW8bit, "torchao AdamW4bit": AdamW4bit,
+                    "torchao AdamWFp8": AdamWFp8})
+    return out
+
+
+def fidelity_section(args: argparse.Namespace) -> None:
+    make, batch = regression_task(args.fidelity_steps)
+    start = torch.cat([p.detach().reshape(-1) for p in make().parameters()])
+    kw = dict(lr=1e-3, weight_decay=0.01)
+    model = make()
+    ref, ref_loss = train_params(model, torch.optim.AdamW(model.parameters(), **kw), batch, args.fidelity_steps)
+    entries: dict[str, Callable] = {f"optforge AdamW {label(p)}": (
+        lambda ps, p=p: of.AdamW(ps, **kw).configure(state_precision=p)) for p in ALL}
+    entries.update({k: (lambda ps, cls=cls: cls(ps, **kw)) for k, cls in reference_adamw().items()})
+    rows = []
+    for name, build in entries.items():
+        model = make()
+        params, loss = train_params(model, build(model.parameters()), batch, args.fidelity_steps)
+        distance = ((params - ref).norm() / (ref - start).norm()).item()
+        rows.append([name, f"{distance:.4f}", f"{loss:.4f}"])
+    print(f"distance to float32 torch AdamW after {args.fidelity_steps} steps (its final loss {ref_loss:.4f})\n")
+    print(table(["optimizer", "relative distance", "final loss"], rows))
+
+
+# ---- quality --------------------------------------------------------------------------------
+QUALITY_OPTIMIZERS = ("adamw", "lion", "ademamix", "adan", "adopt", "adabelief", "compass")
+
+
+def quality_section(args: argparse.Namespace) -> None:
+    from optforge.compare.runner import Settings, train_run
+    from optforge.compare.tasks import get_task
+
+    task = get_task("digits")
+    data = task.load()
+    settings = Settings(steps=args.steps, batch_size=64, log_every=50, eval_every=args.steps, target_loss=None)
+    rows = []
+    for name in QUALITY_OPTIMIZERS:
+        info = of.get_optimizer_info(name)
+        lr = info.compare_lr or info.defaults.get("lr", 1e-3)
+        row, base = [name], None
+        for precision in (None, "int8", "int4"):
+            runs = [train_run(task, "mlp", data, name, lr, dict(state_precision=precision, min_quantized_size=0),
+                              seed, settings) for seed in range(args.seeds)]
+            loss = statistics.mean(r.final_train_loss for r in runs)
+            acc = statistics.mean(r.final_test_acc for r in runs)
+            base = base or (loss, acc)
+            row.append(f"{acc:.2f} / {loss:.4f}" if precision is None else
+                       f"{acc:.2f} ({acc - base[1]:+.2f}) / {loss:.4f}")
+        rows.append(row)
+        print(f"  {name} done", flush=True)
+    print(f"\ndigits MLP, {args.steps} steps, {args.seeds} seeds: test accuracy % (vs float32) / final "
+          "train loss\n")
+    print(table(["optimizer", "float32", "int8", "int4"], rows))
+
+
+# ---- speed ----------------------------------------------------------------------------------
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+def peak_added_mib(step: Callable[[], None]) -> float:
+    """Resident memory a call adds at its peak (Linux: reset the high-water mark first)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return float("nan")
+    before = _rss_kib("VmRSS")
+    step()
+    return (_rss_kib("VmHWM") - before) / 1024
+
+
+def speed_section(args: argparse.Namespace) -> None:
+    torch.set_num_threads(THREADS)
+    shape = (4096, 4096)
+    builders: dict[str, Callable] = {
+        "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, fused=True),
+        "optforge AdamW eager float32": lambda ps: of.AdamW(ps),
+        "optforge AdamW fused float32": lambda ps: of.AdamW(ps, fused=True),
+    }
+    for p in PRECISIONS:
+        builders[f"optforge AdamW eager {p}"] = lambda ps, p=p: of.AdamW(ps).configure(state_precision=p)
+        builders[f"optforge AdamW fused {p}"] = lambda ps, p=p: of.AdamW(ps, fused=True).configure(state_precision=p)
+    refs = reference_adamw()
+    for name in ("bitsandbytes AdamW8bit", "torchao AdamW8bit"):
+        if name in refs:
+            builders[name] = lambda ps, cls=refs[name]: cls(ps)
+    g = torch.Generator().manual_seed(0)
+    entries = {}
+    for name, build in builders.items():
+        w = nn.Parameter(torch.randn(shape, generator=g))
+        w.grad = torch.randn(shape, generator=g)
+        opt = build([w])
+        for _ in range(2):   # warm-up: state, compiles
+            opt.step()
+        entries[name] = (opt, [], [])
+    names = list(entries)
+    for r in range(args.rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            opt, times, peaks = entries[name]
+            t0 = time.perf_counter()
+            peaks.append(peak_added_mib(opt.step))
+            times.append(time.perf_counter() - t0)
+    base = statistics.median(entries["optforge AdamW fused float32"][1])
+    eager_base = statistics.median(entries["optforge AdamW eager float32"][1])
+    rows = []
+    for name, (opt, times, peaks) in entries.items():
+        t = statistics.median(times)
+        rows.append([name, f"{t * 1e3:.0f}", f"{t / base:.2f}", f"{t / eager_base:.2f}", f"{max(peaks):.0f}"])
+    n = shape[0] * shape[1]
+    print(f"opt.step() on one {shape[0]} x {shape[1]} tensor ({n / 1e6:.1f}M parameters), {THREADS} threads, "
+          f"{args.rounds} rounds\n")
+    print(table(["entry", "median ms", "vs optforge fused float32", "vs optforge eager float32",
+                 "peak MiB added by a step"], rows))
+
+
+# ---- codes ----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def codes_as(precision: str, signed: Code, non_negative: Code):
+    """Low-bit state of ``precision`` coded with other codes, for the duration."""
+    kinds = formats.CODES[precision]
+    saved = dict(kinds)
+    kinds.update(signed=signed, sign=signed, non_negative=non_negative)
+    try:
+        yield
+    finally:
+        kinds.update(saved)
+
+
+def power_code(bits: int, block: int, power: int, signed: bool, stochastic: bool = False) -> Code:
+    scale = torch.bfloat16 if bits == 4 and block < 128 else torch.float32
+    name = f"int{bits}-{'s' if signed else 'u'}-p{power}-b{block}{'-sr' if stochastic else ''}"
+    return PowerCode(name, bits, block, power, signed, stochastic, scale_dtype=scale)
+
+
+def same(a: Code, b: Code) -> bool:
+    def key(c: Code) -> tuple:
+        return c.bits, c.block, c.power, c.signed, c.stochastic, c.scale_dtype
+    return key(a) == key(b)
+
+
+def codes_section(args: argparse.Namespace) -> None:
+    make, batch = regression_task(args.fidelity_steps)
+    start = torch.cat([p.detach().reshape(-1) for p in make().parameters()])
+    kw = dict(lr=1e-3, weight_decay=0.01)
+    model = make()
+    ref, _ = train_params(model, torch.optim.AdamW(model.parameters(), **kw), batch, args.fidelity_steps)
+    variants = [("int8", power_code(8, 256, pm, True, sr), power_code(8, 256, pv, False))
+                for pm, sr in ((1, False), (2, False), (1, True)) for pv in (1, 2, 4)]
+    variants += [("int4", power_code(4, block, pm, True, sr), power_code(4, block, pv, False))
+                 for block in (128, 64) for pm in (1, 2) for sr in (False, True) for pv in (2, 4)]
+    rows = []
+    for precision, signed, non_negative in variants:
+        with codes_as(precision, signed, non_negative):
+            model = make()
+            opt = of.AdamW(model.parameters(), **kw).configure(state_precision=precision)
+            params, _ = train_params(model, opt, batch, args.fidelity_steps)
+        distance = ((params - ref).norm() / (ref - start).norm()).item()
+        chosen = formats.CODES[precision]
+        mark = " (optforge)" if same(signed, chosen["signed"]) and same(non_negative, chosen["non_negative"]) else ""
+        rows.append([precision + mark, signed.name, non_negative.name, f"{distance:.4f}"])
+    print(f"AdamW fidelity with other codes (distance to float32 after {args.fidelity_steps} steps)\n")
+    print(table(["precision", "first moment", "second moment", "relative distance"], rows))
+
+    from optforge.compare.runner import Settings, train_run
+    from optforge.compare.tasks import get_task
+
+    task = get_task("digits")
+    data = task.load()
+    settings = Settings(steps=args.steps, batch_size=64, log_every=50, eval_every=args.steps, target_loss=None)
+    rows = []
+    for name in ("adamw", "lion", "adan", "compass"):
+        info = of.get_optimizer_info(name)
+        lr = info.compare_lr or info.defaults.get("lr", 1e-3)
+        row = [name]
+        for stochastic in (None, False, True):
+            signed = power_code(4, 64, 1, True, bool(stochastic))
+            with codes_as("int4", signed, formats.CODES["int4"]["non_negative"]):
+                runs = [train_run(task, "mlp", data, name, lr,
+                                  dict(state_precision=None if stochastic is None else "int4",
+                                       min_quantized_size=0), seed, settings) for seed in range(args.seeds)]
+            row.append(f"{statistics.mean(r.final_test_acc for r in runs):.2f} / "
+                       f"{statistics.mean(r.final_train_loss for r in runs):.4f}")
+        rows.append(row)
+    print(f"\nint4 signed states rounded to nearest or stochastically: digits MLP, {args.steps} steps, "
+          f"{args.seeds} seeds, test accuracy % / final train loss\n")
+    print(table(["optimizer", "float32", "int4 nearest", "int4 stochastic"], rows))
+
+
+SECTIONS = dict(bytes=bytes_section, fidelity=fidelity_section, quality=quality_section, codes=codes_section,
+                speed=speed_section)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sections", nargs="+", choices=list(SECTIONS))
+    parser.add_argument("--fidelity-steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=1000, help="quality: training steps")
+    parser.add_argument("--seeds", type=int, default=3, help="quality: seeds")
+    parser.add_argument("--rounds", type=int, default=5, help="speed: timed rounds")
+    args = parser.parse_args()
+    for name in args.sections:
+        SECTIONS[name](args)
+        print()
+
+
+if __name__ == "__main__":
+    main()

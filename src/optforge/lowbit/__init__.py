@@ -1,0 +1,114 @@
+"""Low-bit optimizer state for every elementwise optimizer: ``state_precision``.
+
+Optimizer state is often the largest memory cost of training (AdamW: 8 bytes per float32
+parameter). The base option ``state_precision`` stores it in fewer bits, for any optimizer
+whose update is elementwise (``scalars`` + ``kernel``), a user's own included::
+
+    opt = optforge.AdamW(model.parameters(), lr=1e-3).configure(state_precision="int8")
+
+- ``"bf16"``: bfloat16, rounded stochastically (2 bytes per entry);
+- ``"int8"``: one byte per entry, a scale per block of 256;
+- ``"fp8"``: float8 e4m3, a scale per block of 256;
+- ``"int4"``: half a byte per entry, a scale per block of 128, signed states rounded
+  stochastically.
+
+Each state is coded by its kind, which the optimizer declares in ``state_kinds`` (undeclared
+states are ``"signed"``): ``"signed"`` (a first moment), ``"non_negative"`` (a second moment:
+positive values never round to zero), ``"sign"`` (only its sign matters downstream, Lion's
+momentum), or ``"full"`` (kept in full precision: an iterate such as Schedule-Free's ``z``).
+Tensors with fewer than ``min_quantized_size`` entries (default 4096: biases, norms) keep
+full-precision state: they cost little memory and are where rounding hurts most.
+
+The step decodes a chunk of entries, runs the optimizer's update on it, and encodes it back
+(:mod:`optforge.lowbit.step`); ``fused=True`` does the three in one compiled pass per chunk.
+``state_dict()`` holds the codes and scales (:class:`LowBitState.to_dict`); a full-precision
+checkpoint loads into a low-bit optimizer (encoded on load) and a low-bit one into a
+full-precision optimizer (decoded). See docs/memory.md.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..constraints import integer_at_least, one_of
+from .checkpoint import convert_state, export_state, plan_load
+from .formats import CODES, KINDS, PRECISIONS, code_for
+from .state import LowBitState, noise_seed
+from .step import fused_applies, step_eager, step_fused
+
+__all__ = ["CODES", "KINDS", "OPTIONS", "OPTION_CONSTRAINTS", "PRECISIONS", "LowBitState", "check_configure",
+           "check_supported", "code_for", "convert_state", "export_state", "holds", "plan_load",
+           "refuse_distributed", "step", "stored"]
+
+#: The base options this module adds to every optforge optimizer (see ``Optimizer.configure``).
+OPTIONS: dict[str, Any] = dict(state_precision=None, min_quantized_size=4096)
+OPTION_CONSTRAINTS = dict(state_precision=one_of(None, *PRECISIONS),
+                          min_quantized_size=integer_at_least(0))
+
+
+def check_supported(cls: type, values: dict[str, Any]) -> None:
+    """ValueError if ``values`` ask for low-bit state from an optimizer whose update is not
+    elementwise (chunks of a tensor could not be updated apart)."""
+    precision = values.get("state_precision")
+    if precision is None:
+        return
+    from ..base import _registered_elementwise
+
+    if not (cls.has_kernel() and _registered_elementwise(cls)):
+        raise ValueError(f"invalid state_precision={precision!r}: {cls.__name__}'s update is not "
+                         "elementwise (it needs whole tensors: norms, factored or matrix state), so "
+                         "its state cannot be stored in low precision")
+    for name, kind in getattr(cls, "state_kinds", {}).items():
+        if kind not in KINDS:
+            raise ValueError(f"{cls.__name__}.state_kinds[{name!r}] is {kind!r}, expected one of "
+                             + ", ".join(map(repr, KINDS)))
+
+
+def refuse_distributed(optimizer_name: str, group: dict[str, Any]) -> None:
+    """ValueError for a DTensor parameter (FSDP2, tensor parallel) in a low-bit group."""
+    if group.get("state_precision") is not None:
+        raise ValueError(f"{optimizer_name}(state_precision={group['state_precision']!r}) does not support "
+                         "DTensor parameters (FSDP2, tensor parallel) yet: use state_precision=None "
+                         "for them (plain parameters, DDP included, are supported)")
+
+
+def check_configure(opt: Any, given: dict[str, Any]) -> None:
+    """The checks of ``configure(**given)`` that look at the parameters (before it changes anything)."""
+    check_supported(type(opt), given)
+    if given.get("state_precision") is not None:
+        for p in (p for group in opt.param_groups for p in group["params"]):
+            if type(p) not in (Tensor, torch.nn.Parameter) and hasattr(p, "device_mesh"):
+                refuse_distributed(type(opt).__name__, given)
+
+
+def stored(opt: Any, group: dict[str, Any], param: Tensor, name: str, x: Tensor) -> Any:
+    """What ``state[param][name]`` holds for a new state tensor ``x``: ``x`` itself, or its
+    low-bit form when ``group``'s ``state_precision`` asks for one."""
+    if group.get("state_precision") is None or not torch.is_tensor(x):
+        return x
+    real = torch.view_as_real(x) if x.is_complex() else x
+    code = code_for(opt, group, name, real.shape)
+    return x if code is None else LowBitState.quantize(code, real, noise_seed(0, 0, name))
+
+
+def holds(b: Any) -> bool:
+    """Whether bucket ``b`` has a low-bit state entry."""
+    return any(isinstance(x, LowBitState) for xs in b.s.values() for x in xs)
+
+
+def step(opt: Any, group: dict[str, Any], b: Any) -> None:
+    """One step of a bucket with low-bit state: ``prepare`` (steps, gradient transforms,
+    maximize, weight decay) on the whole bucket, the update chunk by chunk, ``finish``;
+    with ``fused=True``, one compiled pass per chunk (:func:`step_fused`)."""
+    if group.get("fused") and opt.has_kernel() and fused_applies(b):
+        step_fused(opt, group, b)
+        return
+    stateless = copy.copy(b)
+    stateless.s = {}               # prepare's float32 copies would not know low-bit state
+    w = opt.prepare(group, stateless)
+    step_eager(opt, group, b, w)
+    opt.finish(group, w)

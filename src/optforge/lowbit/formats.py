@@ -1,0 +1,53 @@
+"""Which code stores which state: the table behind ``state_precision``, by state kind."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .codes import Bf16Code, Code, Fp8Code, PowerCode
+
+__all__ = ["CODES", "KINDS", "PRECISIONS", "code_for", "code_named", "kind_of"]
+
+PRECISIONS = ("bf16", "int8", "int4", "fp8")
+KINDS = ("signed", "non_negative", "sign", "full")
+
+_BF16 = Bf16Code()
+_INT8_SIGNED = PowerCode("int8-signed", 8, 256, power=2, signed=True, stochastic=False)
+_INT4_SIGNED = PowerCode("int4-signed-sr", 4, 64, power=1, signed=True, stochastic=True,
+                         scale_dtype=torch.bfloat16)
+_FP8_SIGNED = Fp8Code("fp8-signed", 256, signed=True)
+#: precision -> state kind -> code (docs/memory.md has the measurements behind each choice)
+CODES: dict[str, dict[str, Code]] = {
+    "bf16": dict(signed=_BF16, non_negative=_BF16, sign=_BF16),
+    "int8": dict(signed=_INT8_SIGNED, sign=_INT8_SIGNED,
+                 non_negative=PowerCode("int8-unsigned", 8, 256, power=2, signed=False, stochastic=False)),
+    "int4": dict(signed=_INT4_SIGNED, sign=_INT4_SIGNED,
+                 non_negative=PowerCode("int4-unsigned", 4, 64, power=2, signed=False, stochastic=False,
+                                        scale_dtype=torch.bfloat16)),
+    "fp8": dict(signed=_FP8_SIGNED, sign=_FP8_SIGNED, non_negative=Fp8Code("fp8-unsigned", 256, signed=False)),
+}
+_BY_NAME: dict[str, Code] = {c.name: c for kinds in CODES.values() for c in kinds.values()}
+
+
+def kind_of(cls: type, name: str) -> str:
+    """The declared kind of state ``name`` (``cls.state_kinds``; "signed" if undeclared)."""
+    return getattr(cls, "state_kinds", {}).get(name, "signed")
+
+
+def code_for(opt: Any, group: dict[str, Any], name: str, shape: torch.Size) -> Code | None:
+    """The code of state ``name`` of a (real) parameter of ``shape`` in ``group``; None keeps
+    it in full precision."""
+    precision = group.get("state_precision")
+    if precision is None:
+        return None
+    kind = kind_of(type(opt), name)
+    if kind == "full" or math.prod(shape) < group["min_quantized_size"]:
+        return None
+    return CODES[precision][kind]
+
+
+def code_named(name: str) -> Code | None:
+    return _BY_NAME.get(name)
