@@ -413,16 +413,21 @@ class Optimizer(torch.optim.Optimizer):
 
         An optimizer whose update couples the tensors of a group (Prodigy's D estimate sums over
         all of them) overrides this: ``work = [self.prepare(group, b) for b in buckets]``, its
-        update over every ``work`` item, then ``self.finish(group, w)`` for each."""
+        update over every ``work`` item, then ``self.finish(group, w)`` for each. One that only
+        needs per-bucket bookkeeping first overrides this and calls ``step_bucket``."""
         for b in buckets:
-            if group.get("state_precision") and lowbit.holds(b):
-                lowbit.step(self, group, b)
-                continue
-            if group.get("fused") and not (b.low_precision or b.sparse) and self._fused_step(group, b):
-                continue
-            w = self.prepare(group, b)
-            self.update(group, w.p, w.g, w.s, w.t)
-            self.finish(group, w)
+            self.step_bucket(group, b)
+
+    def step_bucket(self, group: dict[str, Any], b: Bucket) -> None:
+        """One bucket's step: with low-bit state, fused, or prepared and updated eagerly."""
+        if group.get("state_precision") and lowbit.holds(b):
+            lowbit.step(self, group, b)
+            return
+        if group.get("fused") and not (b.low_precision or b.sparse) and self._fused_step(group, b):
+            return
+        w = self.prepare(group, b)
+        self.update(group, w.p, w.g, w.s, w.t)
+        self.finish(group, w)
 
     def prepare(self, group: dict[str, Any], b: Bucket) -> Work:
         """Advance a bucket's steps and make the gradients the update sees: ``transform_grads``,

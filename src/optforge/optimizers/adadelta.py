@@ -30,6 +30,7 @@ class Adadelta(Optimizer):
 
     constraints = dict(rho=unit_interval, eps=non_negative)
     state_names = ("square_avg", "acc_delta")
+    state_kinds = dict(square_avg="non_negative", acc_delta="non_negative")
 
     def __init__(self, params: ParamsT, lr: float | Tensor = 1.0, rho: float = 0.9, eps: float = 1e-6,
                  weight_decay: float = 0.0, foreach: bool | None = None, *, capturable: bool = False,

@@ -35,6 +35,7 @@ class Adagrad(Optimizer):
 
     constraints = dict(lr_decay=non_negative, initial_accumulator_value=non_negative, eps=non_negative)
     state_names = ("sum",)
+    state_kinds = dict(sum="non_negative")
     supports_sparse = True
 
     def __init__(self, params: ParamsT, lr: float | Tensor = 1e-2, lr_decay: float = 0.0,

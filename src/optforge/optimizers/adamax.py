@@ -28,6 +28,7 @@ class Adamax(Optimizer):
 
     constraints = dict(betas=beta_tuple(2), eps=non_negative)
     state_names = ("exp_avg", "exp_inf")
+    state_kinds = dict(exp_inf="non_negative")
 
     def __init__(self, params: ParamsT, lr: float | Tensor = 2e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, foreach: bool | None = None, *,

@@ -35,6 +35,7 @@ class ASGD(Optimizer):
 
     constraints = dict(lambd=non_negative, alpha=non_negative, t0=non_negative)
     state_names = ("ax",)
+    state_kinds = dict(ax="full")       # an average of iterates, not a moment
 
     def __init__(self, params: ParamsT, lr: float | Tensor = 1e-2, lambd: float = 1e-4, alpha: float = 0.75,
                  t0: float = 1e6, weight_decay: float = 0.0, foreach: bool | None = None,

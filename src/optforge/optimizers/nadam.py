@@ -39,6 +39,7 @@ class NAdam(Optimizer):
     constraints = dict(betas=beta_tuple(2), eps=non_negative, momentum_decay=non_negative,
                        **DECOUPLED_WEIGHT_DECAY)
     state_names = ("exp_avg", "exp_avg_sq")
+    state_kinds = dict(exp_avg_sq="non_negative")
 
     def __init__(self, params: ParamsT, lr: float | Tensor = 2e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, momentum_decay: float = 4e-3,
@@ -64,13 +65,13 @@ class NAdam(Optimizer):
                 st["mu_product"].mul_(self._mu(group, float(st["step"]) + 1))   # Pi_t = Pi_{t-1} mu_t
                 products.append(float(st["mu_product"]))
             self._mu_products = products
-            # one fused kernel takes one Pi_t: params with differing products step eagerly
-            if group.get("fused") and len(set(products)) == 1 and not (b.low_precision or b.sparse) \
-                    and self._fused_step(group, b):
-                continue
-            w = self.prepare(group, b)
-            self.update(group, w.p, w.g, w.s, w.t)
-            self.finish(group, w)
+            # updates over part of the bucket (low-bit state runs it in chunks) find Pi_t by step
+            self._mu_by_step = dict(zip((float(st["step"]) + 1 for st in b.states), products))
+            self.step_bucket(group, b)
+
+    def _fused_step(self, group: dict[str, Any], b: Any) -> bool:
+        # one fused kernel takes one Pi_t: params with differing products step eagerly
+        return len(set(self._mu_products)) == 1 and super()._fused_step(group, b)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """See :func:`optforge.optimizers.scalar_state.load_keeping_scalars`."""
@@ -86,7 +87,9 @@ class NAdam(Optimizer):
         return self._coefficients(group, t, self._mu_products[0])
 
     def update(self, group, p, g, s, t) -> None:
-        per_param = [self._coefficients(group, ti, pi) for ti, pi in zip(t, self._mu_products)]
+        products = (self._mu_products if len(t) == len(self._mu_products)
+                    else [self._mu_by_step[ti] for ti in t])
+        per_param = [self._coefficients(group, ti, pi) for ti, pi in zip(t, products)]
         c = {k: [x[k] for x in per_param] for k in per_param[0]}
         c = {k: v[0] if len(set(v)) == 1 else v for k, v in c.items()}
         self.kernel(group, p, g, s, c)

@@ -49,6 +49,8 @@ class RMSprop(Optimizer):
                                       foreach=foreach, maximize=maximize, differentiable=differentiable,
                                       weight_decay_mode=weight_decay_mode, fused=fused))
 
+    state_kinds = dict(square_avg="non_negative")
+
     def state_names_for(self, group: dict[str, Any]) -> tuple[str, ...]:
         return (("square_avg",) + (("momentum_buffer",) if group["momentum"] > 0 else ())
                 + (("grad_avg",) if group["centered"] else ()))

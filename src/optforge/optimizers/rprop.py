@@ -38,6 +38,7 @@ class Rprop(Optimizer):
 
     constraints = dict(etas=real_tuple(2), step_sizes=real_tuple(2))
     state_names = ("prev", "step_size")
+    state_kinds = dict(step_size="non_negative")
 
     def __init__(self, params: ParamsT, lr: float | Tensor = 1e-2, etas: tuple[float, float] = (0.5, 1.2),
                  step_sizes: tuple[float, float] = (1e-6, 50), *, capturable: bool = False,
