@@ -196,7 +196,7 @@ class LBFGS(Optimizer):
                             "step): opt.step(closure), with a closure that zeroes the gradients, "
                             "computes the loss, calls backward() and returns the loss")
         group = self.param_groups[0]
-        unsupported = sorted(k for k in BASE_OPTIONS if group.get(k))
+        unsupported = sorted(k for k, off in BASE_OPTIONS.items() if group.get(k, off) != off)
         if unsupported:
             raise ValueError(f"LBFGS does not support the options {unsupported} (it steps all "
                              "parameters as one vector, outside the per-bucket update)")
