@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import optforge as of
-from helpers import assert_same_trajectory, optimizer_infos, optimizer_kwargs, optimizer_params
+from helpers import NOT_GENERIC, assert_same_trajectory, optimizer_infos, optimizer_kwargs, optimizer_params
+from optforge.registry import list_optimizers
 
 INFOS = optimizer_infos()
 NAN, INF = math.nan, math.inf
@@ -21,7 +22,9 @@ def test_every_exported_optimizer_is_registered():
     exported = {getattr(of, n) for n in of.__all__}
     classes = {c for c in exported if isinstance(c, type) and issubclass(c, of.Optimizer)
                and c is not of.Optimizer}
-    assert classes <= {i.cls for i in INFOS}
+    # SparseAdam and LBFGS leave the generic tables for a stated reason (helpers.NOT_GENERIC)
+    generic_out = {info.cls for info in list_optimizers(with_info=True) if info.name in NOT_GENERIC}
+    assert classes <= {i.cls for i in INFOS} | generic_out
     assert len(INFOS) >= 10
 
 
@@ -291,8 +294,8 @@ def test_sparse_gradients_are_refused(info):
     assert torch.equal(emb.weight, before)
 
 
-def test_only_sgd_takes_sparse_gradients():
-    assert [i.name for i in INFOS if i.cls.supports_sparse] == ["sgd"]
+def test_only_torchs_sparse_optimizers_take_sparse_gradients():
+    assert [i.name for i in INFOS if i.cls.supports_sparse] == ["adagrad", "sgd"]   # as torch.optim's
 
 
 def snapshot(opt):
@@ -326,7 +329,7 @@ def test_a_refused_step_changes_nothing(info):
         c_.grad, a_.grad, e_.grad = torch.cos(c_.detach()), torch.cos(a_.detach()), None
         o.step()
 
-    for steps in range(2):                           # the first step, then mid-run
+    for _ in range(2):                              # the first step, then mid-run
         before, weights = snapshot(opt), [p.detach().clone() for p in (c, a, emb.weight)]
         for p in (c, a):
             p.grad = torch.cos(p.detach())
