@@ -63,6 +63,11 @@ def assert_moves(traj: list[torch.Tensor]) -> None:
     assert (traj[-1] - traj[0]).abs().max() > 1e-4
 
 
+#: Per-parameter state that is a 0-d number, not a tensor shaped like the parameter: the step
+#: count, and the scalars torch keeps as state (NAdam's mu_product, ASGD's eta and mu).
+SCALAR_STATE = frozenset({"step", "mu_product", "eta", "mu"})
+
+
 # ---- the optimizer table the suites are parametrized over ------------------------------------
 # kwargs (besides params) that make each optimizer exercise its state within a few steps; an
 # optimizer registered later without an entry here is still tested, with {"lr": 1e-2}.
@@ -90,15 +95,34 @@ OPTIMIZER_KWARGS: dict[str, dict] = {
     "soap": dict(lr=1e-2, betas=(0.9, 0.95), precondition_frequency=3, max_precond_dim=4),
     "muon": dict(lr=1e-2, momentum=0.9),  # the 1-D params take the AdamW fallback
     "prodigy": dict(lr=1.0, d0=1e-3),
+    "adadelta": dict(lr=1.0),  # its step is lr times a ratio of running RMS values
+    "asgd": dict(lr=0.05, lambd=1.0, t0=3),  # eta decays and averaging starts within a few steps
 }
 
 
-def optimizer_infos() -> list:
-    """Registry records of every optforge optimizer (subclasses of ``optforge.Optimizer``)."""
+# Optimizers whose param groups read the constructor's lr by design: MARS (as in the official
+# code, its 1-D tensors' lr is the group's lr times lr_1d / the constructor's lr). A group of
+# theirs equals a fresh optimizer with the same constructor lr and the group's lr in a group.
+READS_CONSTRUCTOR_LR = {"mars"}
+
+
+# Optimizers the generic tables leave out, and why: their checks train with dense gradients and
+# a plain ``step()``, over several param groups. These two are checked against torch.optim's by
+# tests/parity/test_torch_sparse_lbfgs.py and by torch's own checks (test_torch_optiminfo.py).
+NOT_GENERIC = {
+    "sparse_adam": "takes sparse gradients only (nn.Embedding(sparse=True)), has no weight decay",
+    "lbfgs": "its step needs a closure that it evaluates several times; one param group only",
+}
+
+
+def optimizer_infos(generic: bool = True) -> list:
+    """Registry records of every optforge optimizer (subclasses of ``optforge.Optimizer``);
+    ``generic``: only those the generic tables can train (not ``NOT_GENERIC``)."""
     import optforge
     from optforge.registry import list_optimizers
 
-    return [i for i in list_optimizers(with_info=True) if issubclass(i.cls, optforge.Optimizer)]
+    return [i for i in list_optimizers(with_info=True) if issubclass(i.cls, optforge.Optimizer)
+            and not (generic and i.name in NOT_GENERIC)]
 
 
 def optimizer_kwargs(name: str) -> dict:

@@ -63,10 +63,12 @@ def test_math_is_rendered_not_raw_rest(site):
 
 
 def test_pages_and_images_are_there(site):
-    for page in ("tutorial", "gallery", "compare", "benchmarks", "reliability", "distributed", "api"):
+    for page in ("tutorial", "gallery", "compare", "compare_schema", "benchmarks", "reliability",
+                 "distributed", "api"):
         assert (site / page / "index.html").exists(), page
     for image in ("gallery/rosenbrock.png", "gallery/rastrigin.png", "gallery/saddle.png",
-                  "compare/digits_curves.png", "compare/mnist1d_curves.png"):
+                  "compare/digits_curves.png", "compare/seed_set_digits_curves.png",
+                  "compare/text_curves.png", "compare/mnist1d_curves.png"):
         assert (site / image).read_bytes().startswith(b"\x89PNG"), image
     home = (site / "index.html").read_text()
     assert "optforge" in home and 'href="reliability/"' in home

@@ -403,3 +403,20 @@ def test_train_digits_example_runs_and_learns():
     assert "optimizer: Compass" in proc.stdout
     accuracy = float(re.search(r"test accuracy: ([0-9.]+)", proc.stdout).group(1))
     assert accuracy > 0.9, proc.stdout
+
+
+def test_mars_no_decay_group_gets_no_1d_decay_either():
+    """MARS decays non-matrix tensors by ``weight_decay_1d`` (0.1 by default); the factory's
+    no-decay group (biases, norms) must not decay through it."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+    opt = of.create_optimizer(model, "mars", lr=1e-2, weight_decay=0.1)
+    by_decay = {g["weight_decay"]: g for g in opt.param_groups}
+    assert by_decay[0.0]["weight_decay_1d"] == 0.0
+    assert by_decay[0.1]["weight_decay_1d"] == opt.defaults["weight_decay_1d"] == 0.1
+    before = [p.detach().clone() for p in by_decay[0.0]["params"]]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()                       # zero gradients: only decay could move a parameter
+    assert all(torch.equal(a, p) for a, p in zip(before, by_decay[0.0]["params"]))
+    explicit = of.create_optimizer(model, "mars", weight_decay=0.1, weight_decay_1d=0.05)
+    assert {g["weight_decay_1d"] for g in explicit.param_groups} == {0.0, 0.05}

@@ -171,6 +171,36 @@ def test_slow_weights_are_taken_at_the_first_step_from_the_weights_then():
     assert torch.equal(opt.slow_weights[model[0].weight], trained[0].weight.detach())
 
 
+@pytest.mark.parametrize("make_sgd", [torch.optim.SGD, of.SGD], ids=["torch_sgd", "sgd"])
+def test_a_param_frozen_mid_cycle_is_left_where_it_is(make_sgd):
+    """Frozen after the base moved it (requires_grad off, grad None): the slow step leaves it
+    alone (the paper's rule would pull it towards its slow weights). Unfrozen, it takes fresh
+    slow weights from where it is. SGD steps of 0.25 on weights of 1, k=2, alpha=0.5: exact."""
+    a = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    b = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = of.Lookahead(make_sgd([a, b], lr=0.25), k=2, alpha=0.5)
+
+    def step():
+        for w in (a, b):
+            w.grad = torch.ones_like(w) if w.requires_grad else None
+        opt.step()
+
+    step(), step()                              # theta 0.75, 0.5; sync: phi = theta = 0.75
+    step()                                      # theta 0.5: b moved since the sync
+    b.requires_grad_(False)
+    step()                                      # sync: a <- 0.75 + 0.5 (0.25 - 0.75) = 0.5
+    assert torch.equal(a.detach(), torch.full_like(a, 0.5))
+    assert torch.equal(b.detach(), torch.full_like(b, 0.5))   # not 0.75 + 0.5 (0.5 - 0.75)
+    assert b not in opt.slow_weights            # no copy kept for a frozen param
+    step(), step()
+    assert torch.equal(b.detach(), torch.full_like(b, 0.5))
+    b.requires_grad_(True)
+    step()                                      # phi_0 = 0.5, theta 0.25
+    assert torch.equal(opt.slow_weights[b], torch.full_like(b, 0.5))
+    step()                                      # theta 0; sync: b <- 0.5 + 0.5 (0 - 0.5)
+    assert torch.equal(b.detach(), torch.full_like(b, 0.25))
+
+
 def test_a_group_added_later_has_its_own_cycle_and_alpha():
     torch.manual_seed(0)
     a = nn.Parameter(torch.randn(4, dtype=torch.float64))
@@ -323,7 +353,7 @@ def test_factory_lookahead_names():
 
 
 @pytest.mark.parametrize("name,kwargs,message", [
-    ("lookahead_adamx", {}, r"unknown optimizer 'lookahead_adamx'; did you mean 'lookahead_adam'"),
+    ("lookahead_adamx", {}, r"unknown optimizer 'lookahead_adamx'; did you mean .*'lookahead_adam'"),
     ("lookahead", {}, r"'lookahead_<optimizer>', e.g. 'lookahead_adamw'"),
     ("adamw", dict(lookahead_k=3), r"lookahead_k configure Lookahead.*'lookahead_adamw'"),
     ("lookahead_adamw", dict(lookahead_k=0), r"invalid lookahead_k=0"),
@@ -344,3 +374,19 @@ def test_argparse_accepts_lookahead_names():
     args = parser.parse_args(["--optimizer_type", "lookahead_adamw", "--optimizer_args", "lookahead_k=4"])
     opt = of.optimizer_from_args(nn.Linear(3, 2), args)
     assert type(opt) is of.Lookahead and opt.k == 4
+
+
+def test_complex_params_step_as_their_real_pairs():
+    """A complex parameter moves bitwise as its view_as_real copy, slow steps included (the
+    slow step must not run complex arithmetic, whose rounding differs)."""
+    torch.manual_seed(0)
+    z = torch.randn(4, 3, dtype=torch.complex64, requires_grad=True)
+    r = torch.view_as_real(z).detach().clone().requires_grad_()
+    opt_z = of.Lookahead(of.AdamW([z], lr=1e-2), k=2, alpha=0.8)
+    opt_r = of.Lookahead(of.AdamW([r], lr=1e-2), k=2, alpha=0.8)
+    for _ in range(6):
+        g = torch.randn_like(r)
+        r.grad, z.grad = g.clone(), torch.view_as_complex(g.clone())
+        opt_r.step()
+        opt_z.step()
+        assert torch.equal(torch.view_as_real(z), r)

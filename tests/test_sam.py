@@ -287,3 +287,31 @@ def test_gradscaler_pattern_with_cpu_autocast_learns():
     for _ in range(30):
         amp_step(model, opt, scaler, x, y, autocast=True)
     assert loss_of(model, x, y).item() < 0.5 * start
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_complex_params_are_perturbed_as_their_real_pairs(adaptive):
+    """A complex parameter steps bitwise as its view_as_real copy (ASAM's |w| per part), as
+    the base optimizers treat complex parameters."""
+    torch.manual_seed(0)
+    z = torch.randn(4, 3, dtype=torch.complex64, requires_grad=True)
+    r = torch.view_as_real(z).detach().clone().requires_grad_()
+    opts = [of.SAM(of.AdamW([p], lr=1e-2), rho=0.5, adaptive=adaptive) for p in (z, r)]
+    target = torch.randn_like(r)
+    for _ in range(4):
+        for p, opt in zip((z, r), opts):
+            def closure(p=p):
+                loss = ((torch.view_as_real(p) if p.is_complex() else p) - target).pow(2).sum()
+                loss.backward()
+                return loss
+            closure()
+            opt.step(closure)
+        assert torch.equal(torch.view_as_real(z), r)
+
+
+def test_sparse_gradients_are_refused_clearly():
+    w = nn.Parameter(torch.randn(3, 2))
+    w.grad = torch.randn(3, 2).to_sparse()
+    opt = of.SAM(of.SGD([w], lr=0.1))
+    with pytest.raises(RuntimeError, match="SAM does not support sparse gradients"):
+        opt.step(lambda: torch.zeros(()))

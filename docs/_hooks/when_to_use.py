@@ -38,7 +38,8 @@ WHEN_TO_USE: dict[str, str] = {
     "adan": "Vision and language models where a Nesterov-style estimate helps; often tolerates "
             "larger lrs than AdamW. Costs four state tensors.",
     "mars": "Large-batch or language-model training where variance reduction of the gradient "
-            "speeds up AdamW; matrices get the corrected gradient, 1-D tensors plain AdamW.",
+            "speeds up AdamW; 2-D matrices get the corrected gradient, the other tensors AdamW "
+            "with their own lr_1d, betas_1d and weight_decay_1d (the authors' defaults).",
     "lamb": "Very large batches (BERT pre-training at 32k-64k): the per-tensor trust ratio keeps "
             "every layer's step proportional to its weight norm.",
     "schedule_free_adamw": "When you do not know the training length in advance: no lr schedule "
@@ -54,8 +55,30 @@ WHEN_TO_USE: dict[str, str] = {
             "as stable as Adam on large language models.",
     "muon": "Hidden weight matrices of transformers and CNNs (not embeddings, heads, biases or "
             "norms, which get AdamW): orthogonalized momentum updates train faster per step.",
+    "nadam": "Adam with a Nesterov look-ahead on the momentum: often slightly faster early "
+             "progress than Adam at the same lr; `decoupled_weight_decay=True` is NAdamW.",
+    "rmsprop": "Recurrent networks and reinforcement learning (A3C/DQN-style setups) that were "
+               "tuned with RMSprop; `centered=True` divides by a variance estimate instead.",
+    "adagrad": "Sparse features (embeddings, linear models on bag-of-words): rarely-seen "
+               "coordinates keep large steps. Supports sparse gradients. The step only shrinks, "
+               "so long runs stall.",
+    "adamax": "Adam with an infinity-norm second moment: steps bounded by lr, robust to rare "
+              "very large gradients (embeddings).",
+    "adadelta": "When you want no lr to tune: the step is a ratio of running RMS values (keep "
+                "`lr=1`).",
+    "rprop": "Full-batch training of small networks: only gradient signs matter, each "
+             "coordinate adapts its own step. Not for minibatches (noisy signs).",
+    "asgd": "Convex or near-convex problems where an averaged iterate (`state['ax']`, set "
+            "`t0` to when averaging starts) generalizes better than the last one.",
     "soap": "When compute per step is cheap relative to the model's quality: Shampoo's "
             "preconditioner with Adam run in its eigenbasis, often fewer steps than AdamW.",
+    "sparse_adam": "Large embedding tables trained with `nn.Embedding(sparse=True)`: only the rows "
+                   "a batch looks up are read and updated, with Adam's moments kept per row. Dense "
+                   "gradients are refused; pair it with another optimizer for the dense layers.",
+    "lbfgs": "Small, smooth, full-batch problems (curve fitting, logistic regression, style "
+             "transfer on one image) where a quasi-Newton step converges in far fewer iterations "
+             "than first-order methods. Use `line_search_fn=\"strong_wolfe\"` unless lr is tuned; "
+             "not for noisy mini-batch gradients.",
 }
 
 

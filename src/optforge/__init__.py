@@ -12,14 +12,19 @@ from .factory import (
 )
 from .optimizers import (
     ADOPT,
+    ASGD,
     CAME,
     LAMB,
+    LBFGS,
     MARS,
     SGD,
     SOAP,
     AdaBelief,
+    Adadelta,
     Adafactor,
+    Adagrad,
     Adam,
+    Adamax,
     AdamW,
     AdamWarmup,
     Adan,
@@ -30,11 +35,15 @@ from .optimizers import (
     LodeW,
     MomentumSGD,
     Muon,
+    NAdam,
     Noam,
     Prodigy,
     RAdam,
+    RMSprop,
+    Rprop,
     ScheduleFreeAdamW,
     ScheduleFreeSGD,
+    SparseAdam,
     muon_param_groups,
 )
 from .registry import OptimInfo, get_optimizer_info, list_optimizers, register
@@ -47,11 +56,14 @@ from .wrappers import SAM, Lookahead
 __version__ = "0.1.0"
 
 __all__ = [
+    "Adadelta",
     "Adafactor",
+    "Adagrad",
     "CAME",
     "Adan",
     "MARS",
     "ADOPT",
+    "ASGD",
     "SGD",
     "AdEMAMix",
     "Lion",
@@ -59,6 +71,7 @@ __all__ = [
     "AMSGrad",
     "AdaBelief",
     "Adam",
+    "Adamax",
     "AdamW",
     "AdamWarmup",
     "Compass",
@@ -68,6 +81,7 @@ __all__ = [
     "LodeW",
     "MomentumSGD",
     "Muon",
+    "NAdam",
     "muon_param_groups",
     "SOAP",
     "NameLoadReport",
@@ -75,6 +89,8 @@ __all__ = [
     "Prodigy",
     "Optimizer",
     "RAdam",
+    "RMSprop",
+    "Rprop",
     "ScheduleFreeAdamW",
     "ScheduleFreeSGD",
     "TensorList",
@@ -94,3 +110,4 @@ __all__ = [
     "set_lr",
     "state_dict_by_name",
 ]
+__all__ += ["SparseAdam", "LBFGS"]

@@ -3,8 +3,9 @@
 An optimizer declares its hyperparameters (an explicit ``__init__`` signature passing a
 ``defaults`` dict), a constraint for each, its state tensors, and ONE ``update`` over the
 tensor lists of a (device, dtype) bucket. The base does the rest once for every optimizer:
-validation, param groups, state creation, closure, ``maximize``, weight decay, sparse and
-complex gradients, grouping by device/dtype, and torch-format ``state_dict``.
+validation, param groups, state creation, closure, ``maximize``, weight decay, complex
+parameters, the refusal of sparse gradients (``supports_sparse`` opts out), grouping by
+device/dtype, torch-format ``state_dict``, and torch.optim's flags (:mod:`optforge.torch_compat`).
 
 A complete optimizer::
 
@@ -34,11 +35,22 @@ import torch
 from torch import Tensor
 
 from . import lowbit
-from .constraints import Constraint, boolean, non_negative, one_of
+from .constraints import Constraint, boolean, non_negative, one_of, tensor_or
+from .distributed import is_dtensor
 from .fused import run_generated
-from .precision import LOW_PRECISION, float32_copies, write_back
+from .param_groups import check_unique_params
+from .precision import LOW_PRECISION, check_low_precision, float32_copies, restore_float32_state, write_back
 from .steps import advance_steps
 from .tensorlist import TensorList
+from .torch_compat import (
+    FLAG_CONSTRAINTS,
+    TORCH_FLAGS,
+    adopt_saved_group,
+    check_flags,
+    complete_loaded_state,
+    numbers_for_step,
+    resolve_decay_flag,
+)
 from .weight_decay import WEIGHT_DECAY_MODES, apply_weight_decay
 
 __all__ = ["Optimizer", "ParamsT"]
@@ -49,11 +61,11 @@ ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tens
 GROUP_METADATA = frozenset({"params", "param_names", "name", "initial_lr", "lr_scale", "layer_id"})
 
 COMMON_CONSTRAINTS: dict[str, Constraint] = dict(
-    lr=non_negative,
-    weight_decay=non_negative,
+    lr=tensor_or(non_negative),
+    weight_decay=tensor_or(non_negative),
     weight_decay_mode=one_of(*WEIGHT_DECAY_MODES),
     maximize=boolean,
-    fused=boolean,
+    **FLAG_CONSTRAINTS,        # torch.optim's foreach, fused, capturable, ... (optforge.torch_compat)
 )
 
 #: Options every optforge optimizer has, off by default, that are not part of any algorithm:
@@ -70,6 +82,8 @@ BASE_OPTION_CONSTRAINTS: dict[str, Constraint] = {**{name: boolean for name in _
                                                   **lowbit.OPTION_CONSTRAINTS}
 
 _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+
+Entry = tuple[Tensor, Tensor, dict[str, Any] | None]   # (param, grad, state; None before its first step)
 
 
 def _step_dtype() -> torch.dtype:
@@ -102,6 +116,9 @@ class Optimizer(torch.optim.Optimizer):
     #: Complex parameters are optimized as ``torch.view_as_real`` pairs (as torch.optim does).
     #: An optimizer whose update is not elementwise sets this to False to refuse them.
     supports_complex: ClassVar[bool] = True
+    #: Sparse gradients (``nn.Embedding(sparse=True)``) reach ``update`` as they are (buckets
+    #: holding one run eagerly); an optimizer whose update handles them sets this to True.
+    supports_sparse: ClassVar[bool] = False
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         checks = self._constraints()
@@ -111,6 +128,7 @@ class Optimizer(torch.optim.Optimizer):
         clash = sorted(set(defaults) & set(BASE_OPTIONS))
         if clash:
             raise TypeError(f"{type(self).__name__} declares {clash}, which the base class owns")
+        resolve_decay_flag(defaults)
         self._check_hyperparameters(defaults)
         #: steps skipped by ``skip_nonfinite`` (in this process: not saved in ``state_dict``)
         self.skipped_steps = 0
@@ -147,7 +165,7 @@ class Optimizer(torch.optim.Optimizer):
         (it changes every step: it reaches the kernel through ``scalars``) and the base's
         options, which are handled outside the kernel."""
         return {k: group[k] for k in self.defaults
-                if k in group and k not in ("lr", "fused") and k not in BASE_OPTIONS}
+                if k in group and k != "lr" and k not in TORCH_FLAGS and k not in BASE_OPTIONS}
 
     def transform_grads(self, group: dict[str, Any], g: TensorList) -> TensorList:
         """Reshape the raw gradients before maximize and weight decay (e.g. centralization).
@@ -194,6 +212,7 @@ class Optimizer(torch.optim.Optimizer):
         for name, value in values.items():
             if name in checks:
                 checks[name](name, value)
+        check_flags(type(self).__name__, values)
         if values.get("fused") and not (self.has_kernel() or self.native_fused(values)):
             raise ValueError(f"invalid fused=True: {type(self).__name__} has no fused path "
                              "(it defines update(), not scalars() + kernel())")
@@ -273,17 +292,20 @@ class Optimizer(torch.optim.Optimizer):
                     f"unknown hyperparameter {key!r} in a param group of {type(self).__name__}{hint} "
                     f"(valid: {', '.join(sorted(self.defaults))})"
                 )
+        resolve_decay_flag(param_group, self.defaults)
         merged = {**self.defaults, **param_group}
         self._check_hyperparameters(merged)
         self.check_group(merged)
+        check_unique_params(param_group, self.param_groups)
         super().add_param_group(param_group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's ``load_state_dict``, after checks whose errors say what does not match: the
         number of param groups, of params in each, and each param's state (the tensors the
-        saved hyperparameters need, with the param's shape). With ``fp32_state``, bf16/fp16
-        params keep float32 state (torch would cast it to the param's dtype). ``state_precision``
-        and ``min_quantized_size`` stay this optimizer's: low-bit state loads bit for bit, and is
+        saved hyperparameters need, with the param's shape). State that bf16/fp16 params keep
+        in float32 stays float32 (torch would cast it to the param's dtype): see
+        :func:`optforge.precision.restore_float32_state`. ``state_precision`` and
+        ``min_quantized_size`` stay this optimizer's: low-bit state loads bit for bit, and is
         encoded or decoded where they differ from the checkpoint's."""
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError("expected a dict with 'state' and 'param_groups', as optimizer.state_dict() "
@@ -300,21 +322,25 @@ class Optimizer(torch.optim.Optimizer):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"param group {i}: the loaded state dict has {len(saved['params'])} "
                                  f"parameter(s), this optimizer's group has {len(group['params'])}")
-            merged = {**group, **{k: v for k, v in saved.items()
-                                  if k != "params" and k not in lowbit.OPTIONS}}
+            hyperparameters = {k: v for k, v in saved.items() if k != "params" and k not in lowbit.OPTIONS}
+            adopt_saved_group(hyperparameters, self.defaults)     # torch.optim's decay flag
+            merged = {**group, **hyperparameters}
+            self._check_hyperparameters(merged)
             where.update((k, (p, merged)) for k, p in zip(saved["params"], group["params"]))
         for k, st in state_dict["state"].items():
             if k not in where or not st:
                 continue
             p, group = where[k]
             names = self.state_names_for(group)
-            lacking = [n for n in names if st.get(n) is None]
+            # entries that hold nothing (an unused factored entry) are created at the next step
+            lacking = [n for n in names
+                       if st.get(n) is None and not _is_empty(self.state_shape(group, p, n))]
             if lacking:
                 raise ValueError(f"the loaded state of parameter {k} (shape {tuple(p.shape)}) lacks "
                                  f"{lacking} (it has {sorted(st)}): was it saved by another optimizer, "
                                  f"or with other options, than this {type(self).__name__}?")
             for n in names:
-                x, shape = st[n], self.state_shape(group, p, n)
+                x, shape = st.get(n), self.state_shape(group, p, n)
                 if shape is not None and torch.is_tensor(x) and tuple(x.shape) != shape:
                     raise ValueError(f"the loaded state {n!r} of parameter {k} has shape "
                                      f"{tuple(x.shape)}, expected {shape} (the parameter has shape "
@@ -327,28 +353,28 @@ class Optimizer(torch.optim.Optimizer):
         for p, entries in low_bit.items():
             self.state[p].update(entries)
         for k, st in state_dict["state"].items():
-            if k not in where:
-                continue
-            p, group = where[k]
-            if p.dtype in LOW_PRECISION and group.get("fp32_state", self.defaults["fp32_state"]):
-                for n, x in st.items():
-                    if n != "step" and torch.is_tensor(x) and x.is_floating_point():
-                        self.state[p][n] = x.to(device=p.device, dtype=torch.float32)
+            if k in where:
+                p, group = where[k]
+                restore_float32_state(group, p, st, self.state[p])
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        declared = set(state["defaults"] if "defaults" in state else self.defaults)
         super().__setstate__(state)
+        if "differentiable" not in declared:       # torch's base adds it to every optimizer
+            self.defaults.pop("differentiable", None)
         self.__dict__.setdefault("skipped_steps", 0)
         # Accept checkpoints written by torch.optim or older optforge versions: missing
-        # hyperparameters take this optimizer's defaults, integer steps become tensors.
+        # hyperparameters take this optimizer's defaults, steps are completed (torch_compat).
         checked = self._constraints()
         for group in self.param_groups:
+            adopt_saved_group(group, self.defaults)
             for name, value in self.defaults.items():
-                if name in checked:   # not torch's own additions such as "differentiable"
+                if name in checked:
                     group.setdefault(name, value)
             for p in group["params"]:
                 st = self.state.get(p)
-                if st and "step" in st and not torch.is_tensor(st["step"]):
-                    st["step"] = torch.tensor(float(st["step"]), dtype=_step_dtype())
+                if st:
+                    complete_loaded_state(st, _step_dtype())
 
     # ---- the step -------------------------------------------------------------------------
     @torch.no_grad()
@@ -374,26 +400,34 @@ class Optimizer(torch.optim.Optimizer):
         if any(group.get("skip_nonfinite") for group in self.param_groups) and not self._grads_finite():
             self.skipped_steps += 1
             return
-        for group in self.param_groups:
-            buckets = self._buckets(group)
-            if buckets:
-                self.step_group(group, buckets)
+        # Every check of every group comes first, so a refused step changes nothing at all.
+        todo = [(group, self._entries(group)) for group in self.param_groups]
+        for group, by_key in todo:
+            if by_key:
+                with numbers_for_step(group):    # a tensor lr / weight_decay, as a number
+                    self.step_group(group, [self._bucket(group, key, entries)
+                                            for key, entries in by_key.items()])
 
     def step_group(self, group: dict[str, Any], buckets: list[Bucket]) -> None:
         """One param group's step: each bucket fused, or prepared and updated eagerly.
 
         An optimizer whose update couples the tensors of a group (Prodigy's D estimate sums over
         all of them) overrides this: ``work = [self.prepare(group, b) for b in buckets]``, its
-        update over every ``work`` item, then ``self.finish(group, w)`` for each."""
+        update over every ``work`` item, then ``self.finish(group, w)`` for each. One that only
+        needs per-bucket bookkeeping first overrides this and calls ``step_bucket``."""
         for b in buckets:
-            if group.get("state_precision") and lowbit.holds(b):
-                lowbit.step(self, group, b)
-                continue
-            if group.get("fused") and not b.low_precision and self._fused_step(group, b):
-                continue
-            w = self.prepare(group, b)
-            self.update(group, w.p, w.g, w.s, w.t)
-            self.finish(group, w)
+            self.step_bucket(group, b)
+
+    def step_bucket(self, group: dict[str, Any], b: Bucket) -> None:
+        """One bucket's step: with low-bit state, fused, or prepared and updated eagerly."""
+        if group.get("state_precision") and lowbit.holds(b):
+            lowbit.step(self, group, b)
+            return
+        if group.get("fused") and not (b.low_precision or b.sparse) and self._fused_step(group, b):
+            return
+        w = self.prepare(group, b)
+        self.update(group, w.p, w.g, w.s, w.t)
+        self.finish(group, w)
 
     def prepare(self, group: dict[str, Any], b: Bucket) -> Work:
         """Advance a bucket's steps and make the gradients the update sees: ``transform_grads``,
@@ -443,41 +477,44 @@ class Optimizer(torch.optim.Optimizer):
             flags.append(flag.full_tensor() if hasattr(flag, "full_tensor") else flag)
         return all(bool(f) for f in flags)
 
-    def _buckets(self, group: dict[str, Any]) -> list[Bucket]:
-        """The params of a group that have gradients, bucketed by (device, dtype)."""
-        by_key: dict[tuple, list[tuple[Tensor, Tensor, dict[str, Any]]]] = {}
+    def _entries(self, group: dict[str, Any]) -> dict[tuple, list[Entry]]:
+        """The params of a group that have gradients, by (device, dtype), with their state
+        (None before their first step), after every check that can refuse the step: nothing
+        is created or changed here."""
+        by_key: dict[tuple, list[Entry]] = {}
         state_of = self.state
         for param in group["params"]:
             grad = param.grad
             if grad is None:
                 continue
             if grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            state = state_of[param]
-            if "step" not in state:
-                self._first_state(group, param, state)
+                if not self.supports_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
+                                       "(of the optforge optimizers, SGD does)")
+            state = state_of.get(param)
+            if state is None or "step" not in state:
+                self._check_new_param(group, param)
             key = (param.device, param.dtype)
             entries = by_key.get(key)
             if entries is None:
                 entries = by_key[key] = []
+                check_low_precision(group, key[1])
             entries.append((param, grad, state))
-        return [self._bucket(group, key, entries) for key, entries in by_key.items()]
+        return by_key
 
-    def _first_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
+    def _check_new_param(self, group: dict[str, Any], param: Tensor) -> None:
         if param.is_complex() and not self.supports_complex:
             raise ValueError(f"{type(self).__name__} does not support complex parameters "
                              f"(got one of dtype {param.dtype})")
         if type(param) not in _PLAIN_TENSOR_TYPES:
             self._check_tensor_subclass(group, param)
-        state["step"] = None          # set in _bucket, with the bucket's other new steps
 
-    def _bucket(self, group: dict[str, Any], key: tuple,
-                entries: list[tuple[Tensor, Tensor, dict[str, Any]]]) -> Bucket:
+    def _bucket(self, group: dict[str, Any], key: tuple, entries: list[Entry]) -> Bucket:
         names = self.state_names_for(group)
         b = Bucket(key)
         b.params = [e[0] for e in entries]
-        b.states = states = [e[2] for e in entries]
-        fresh = [st for st in states if st["step"] is None]
+        b.states = states = [self.state[p] if st is None else st for p, _, st in entries]
+        fresh = [st for st in states if "step" not in st]
         if fresh:
             # One tensor holds the new step counts (each state's "step" a 0-d view of it), so
             # advancing a bucket is one add_, not one kernel per parameter. torch's
@@ -505,6 +542,7 @@ class Optimizer(torch.optim.Optimizer):
             b.s = {n: TensorList(torch.view_as_real(x) if isinstance(x, Tensor) and x.is_complex() else x
                                  for x in xs) for n, xs in b.s.items()}
         b.low_precision = bool(fp32_state or group.get("stochastic_rounding")) and key[1] in LOW_PRECISION
+        b.sparse = self.supports_sparse and any(g.is_sparse for g in b.g)
         return b
 
     def _check_tensor_subclass(self, group: dict[str, Any], param: Tensor) -> None:
@@ -514,7 +552,7 @@ class Optimizer(torch.optim.Optimizer):
         update is exact on shards. The fused path's flat buffers cannot hold DTensors, and an
         optimizer the registry marks ``elementwise=False`` (norms, matrix structure) would see
         only its shard: both are refused rather than silently computed on the local shard."""
-        if not _is_dtensor(param):
+        if not is_dtensor(param):
             return
         name = type(self).__name__
         lowbit.refuse_distributed(name, group)
@@ -542,12 +580,9 @@ class Optimizer(torch.optim.Optimizer):
         return run_generated(self, group, b)
 
 
-def _is_dtensor(x: Tensor) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(x, DTensor)
+def _is_empty(shape: tuple[int, ...] | None) -> bool:
+    """Whether a state entry of this shape holds nothing (a placeholder, created when absent)."""
+    return shape is not None and math.prod(shape) == 0
 
 
 def _registered_elementwise(cls: type) -> bool:
@@ -576,7 +611,7 @@ class Work(NamedTuple):
 class Bucket:
     """One (device, dtype) of a param group: TensorLists for the update, and what made them."""
 
-    __slots__ = ("key", "p", "g", "s", "steps", "params", "states", "is_complex", "low_precision")
+    __slots__ = ("key", "p", "g", "s", "steps", "params", "states", "is_complex", "low_precision", "sparse")
 
     def __init__(self, key: tuple) -> None:
         self.key = key
@@ -587,3 +622,4 @@ class Bucket:
         self.states: list[dict[str, Any]] = []
         self.is_complex = False
         self.low_precision = False              # fp32_state / stochastic_rounding applies
+        self.sparse = False                     # a gradient is sparse: the eager path runs it

@@ -95,11 +95,13 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:        # plain `optforge`: say what it can do
         parser.print_help()
         return 0
+    args.argv = argv                      # the command line, for compare's provenance
     return args.func(args)
 
 

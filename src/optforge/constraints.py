@@ -1,7 +1,8 @@
 """Hyperparameter constraints: small checks an optimizer declares, run by the base class.
 
 Each constraint is called as ``check(name, value)`` and raises ``ValueError`` naming the
-hyperparameter and the offending value. Nothing is clamped.
+hyperparameter and the offending value. Nothing is clamped. Numbers are Python numbers: a
+tensor is accepted only where a constraint says so (``tensor_or``: lr and weight_decay).
 """
 
 from __future__ import annotations
@@ -20,12 +21,16 @@ __all__ = [
     "boolean",
     "integer_at_least",
     "non_negative",
+    "non_positive",
     "one_of",
+    "only_false",
     "optional",
     "positive",
     "positive_or_inf",
     "real_tuple",
     "real",
+    "tensor_or",
+    "tuple_of",
     "unit_interval",
     "beta_tuple",
 ]
@@ -36,8 +41,9 @@ def _fail(name: str, value: Any, expected: str) -> None:
 
 
 def _as_real(name: str, value: Any, expected: str) -> float:
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
-        return float(value.item())
+    if isinstance(value, torch.Tensor):
+        _fail(name, value, f"{expected}, as a Python number (of the hyperparameters, only lr and "
+                           "weight_decay may be tensors)")
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         _fail(name, value, expected)
     try:
@@ -57,6 +63,13 @@ def non_negative(name: str, value: Any) -> None:
     x = _as_real(name, value, "a real number >= 0")
     if not (0.0 <= x < math.inf):
         _fail(name, value, "a finite real number >= 0")
+
+
+def non_positive(name: str, value: Any) -> None:
+    """A finite real number <= 0."""
+    x = _as_real(name, value, "a real number <= 0")
+    if not (-math.inf < x <= 0.0):
+        _fail(name, value, "a finite real number <= 0")
 
 
 def positive(name: str, value: Any) -> None:
@@ -104,10 +117,51 @@ def real_tuple(n: int) -> Constraint:
     return check
 
 
+def tuple_of(*checks: Constraint) -> Constraint:
+    """A tuple (or list) with one entry per check, each accepted by its check."""
+
+    def check(name: str, value: Any) -> None:
+        if not isinstance(value, (tuple, list)) or len(value) != len(checks):
+            _fail(name, value, f"a tuple of {len(checks)} values")
+        for i, (x, each) in enumerate(zip(value, checks)):
+            each(f"{name}[{i}]", x)
+
+    return check
+
+
+def tensor_or(check: Constraint) -> Constraint:
+    """A value ``check`` accepts, or a real tensor of one element (any shape: ``[]``, ``[1]``,
+    ``[1, 1]``) holding one, as torch.optim accepts for lr. The base reads it as a number at
+    each step, so changing it in place (``lr.fill_(x)``) takes effect at the next step."""
+
+    def tensor_or_check(name: str, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+                _fail(name, value, "a number or a real tensor with one element")
+            check(name, value.item())
+        else:
+            check(name, value)
+
+    inner = (check.__doc__ or "a value it accepts").strip().rstrip(".")
+    tensor_or_check.__doc__ = f"{inner}, or a one-element tensor holding one."
+    return tensor_or_check
+
+
 def boolean(name: str, value: Any) -> None:
     """True or False."""
     if not isinstance(value, bool):
         _fail(name, value, "True or False")
+
+
+def only_false(reason: str) -> Constraint:
+    """False: an option optforge does not have (torch.optim's ``capturable=True``, ...),
+    accepted so that torch's signatures carry over; ``reason`` says why True is refused."""
+
+    def check(name: str, value: Any) -> None:
+        if value is not False:
+            _fail(name, value, f"False ({reason})")
+
+    return check
 
 
 def integer_at_least(low: int) -> Constraint:

@@ -5,7 +5,7 @@ elementwise ``kernel`` (TensorList methods only) gets ``fused=True`` for free:
 
 - the bucket's parameters and state live in one flat buffer each; ``p.data`` and the state
   entries become views into them (so ``state_dict``, checkpoints and the model see the same
-  tensors), and gradients are gathered into a flat buffer unless they already are views of it;
+  tensors); each step copies the gradients into a flat buffer (``p.grad`` is left alone);
 - the kernel runs on :class:`FlatList` s (a single flat tensor) with the per-step scalars as
   0-d tensors, under ``torch.compile``, which fuses every line of the kernel, ``maximize`` and
   weight decay into one pass over memory. Hyperparameters that the kernel reads from the group
@@ -222,21 +222,11 @@ class FlatBucket:
         step_size = self.flat_step.element_size()
         return all(st["step"].data_ptr() == step_base + i * step_size for i, st in enumerate(states))
 
-    def gather_grads(self, transformed: Sequence[Tensor] | None = None) -> Tensor:
-        """The flat gradient. Grads that are not yet views of it are copied in and re-pointed,
-        so a backward that accumulates into them (zero_grad(set_to_none=False)) needs no copy.
-        ``transformed`` grads (e.g. centralized) are copied in every step, leaving p.grad be."""
-        if transformed is not None:
-            torch._foreach_copy_(self.grad_views, list(transformed))
-            return self.flat_grad
-        size = self.flat_grad.element_size()
-        base = self.flat_grad.data_ptr()
-        stale = [(p, view) for p, view, o in zip(self.params, self.grad_views, self.offsets)
-                 if p.grad.data_ptr() != base + o * size]
-        if stale:
-            torch._foreach_copy_([v for _, v in stale], [p.grad for p, _ in stale])
-            for p, view in stale:
-                p.grad = view
+    def gather_grads(self, grads: Sequence[Tensor]) -> Tensor:
+        """The flat gradient: ``grads`` (the params' ``.grad``, or transformed ones) copied in.
+        Copied every step, so ``p.grad`` stays the user's tensor (the same object, memory and
+        autograd accumulation as without ``fused``)."""
+        torch._foreach_copy_(self.grad_views, list(grads))
         return self.flat_grad
 
 
@@ -301,8 +291,7 @@ def run_generated(opt: Any, group: dict[str, Any], bucket: Any) -> bool:
     if step is None:
         return False
     t = step + 1
-    transformed = opt.transform_grads(group, bucket.g)
-    g = flat.gather_grads(None if transformed is bucket.g else transformed)
+    g = flat.gather_grads(opt.transform_grads(group, bucket.g))
     c = opt.scalars(group, t)
     if group["weight_decay"] != 0 and group["weight_decay_mode"] == "decoupled":
         lr = opt.decay_lr(group, [t])

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .tensorlist import TensorList
 
-__all__ = ["LOW_PRECISION", "float32_copies", "stochastic_round_", "write_back"]
+__all__ = ["LOW_PRECISION", "check_low_precision", "float32_copies", "restore_float32_state", "stochastic_round_", "write_back"]
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -38,12 +38,16 @@ def stochastic_round_(dst: Tensor, src: Tensor) -> Tensor:
     return dst.copy_(torch.where(torch.isfinite(src), rounded, src))     # keep inf/NaN as they are
 
 
+def check_low_precision(group: dict[str, Any], dtype: torch.dtype) -> None:
+    """Refuse, before a step changes anything, a dtype the group's options cannot serve."""
+    if group.get("stochastic_rounding") and dtype in LOW_PRECISION and dtype != torch.bfloat16:
+        raise ValueError(f"stochastic_rounding supports bfloat16 parameters, got {dtype} "
+                         "(use fp32_state for float16)")
+
+
 def float32_copies(group: dict[str, Any], b: Any) -> tuple[TensorList, TensorList, dict[str, TensorList]]:
     """Float32 (params, grads, state) of a low-precision bucket, for ``write_back`` later.
     State already in float32 (``fp32_state``) is used as it is."""
-    if group.get("stochastic_rounding") and b.key[1] != torch.bfloat16:
-        raise ValueError(f"stochastic_rounding supports bfloat16 parameters, got {b.key[1]} "
-                         "(use fp32_state for float16)")
     f32 = torch.float32
     p = TensorList(x.to(f32) for x in b.p)
     g = TensorList(x.to(f32) for x in b.g)
@@ -63,3 +67,19 @@ def write_back(group: dict[str, Any], b: Any, p: TensorList, s: dict[str, Tensor
             stochastic_round_(x, y)
     else:
         torch._foreach_copy_(b.p, p)
+
+
+def restore_float32_state(group: dict[str, Any], p: Tensor, saved: dict[str, Any],
+                          state: dict[str, Any]) -> None:
+    """After ``load_state_dict`` cast a low-precision param's ``state`` to the param's dtype (as
+    torch does), give back float32 what the optimizer keeps in float32: every floating state
+    tensor with ``fp32_state``; with ``stochastic_rounding``, what was ``saved`` in float32 (an
+    iterate, such as Schedule-Free's ``z``, that would lose its small steps in bf16). Either
+    way the bucket's update runs in float32, so a resumed run continues bit for bit."""
+    all_float32 = group.get("fp32_state")
+    if p.dtype not in LOW_PRECISION or not (all_float32 or group.get("stochastic_rounding")):
+        return
+    for name, x in saved.items():
+        if (name != "step" and torch.is_tensor(x) and x.is_floating_point()
+                and (all_float32 or x.dtype == torch.float32)):
+            state[name] = x.to(device=p.device, dtype=torch.float32)

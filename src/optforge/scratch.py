@@ -74,7 +74,10 @@ class ScratchPool:
         be pooled: contiguous plain CPU tensors of at least MIN_BYTES."""
         if MIN_BYTES is None:
             return []
-        big = [i for i, t in enumerate(tensors) if t.nbytes >= MIN_BYTES]   # cheap test first
+        try:
+            big = [i for i, t in enumerate(tensors) if t.nbytes >= MIN_BYTES]   # cheap test first
+        except RuntimeError:   # a sparse tensor (no nbytes): never pooled
+            big = [i for i, t in enumerate(tensors) if t.layout == torch.strided and t.nbytes >= MIN_BYTES]
         return [i for i in big if type(tensors[i]) in _PLAIN and tensors[i].device.type == "cpu"
                 and tensors[i].is_contiguous()]
 

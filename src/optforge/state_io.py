@@ -11,6 +11,7 @@ momentum. These two functions key the state by the parameter's name instead::
     report.missing      # names of this optimizer's params the checkpoint has nothing for
     report.unexpected   # names in the checkpoint that this optimizer does not have
     report.mismatched   # names whose shape changed (their state is not loaded)
+    report.hyperparameters_from   # per param group: the saved group its lr, betas, ... came from
 
 They work for any ``torch.optim.Optimizer``, optforge's or torch's. Names come from the model
 (``named_parameters()``; a shared parameter is known by its first name), from an iterable of
@@ -33,11 +34,15 @@ NamedParams = nn.Module | Iterable[tuple[str, Tensor]] | None
 
 
 class NameLoadReport(NamedTuple):
-    """What :func:`load_state_dict_by_name` could not match (each a sorted list of names)."""
+    """What :func:`load_state_dict_by_name` did: the names it could not match (each a sorted
+    list), and where each param group's hyperparameters came from."""
 
     missing: list[str]       # this optimizer's params with no entry in the checkpoint (fresh state)
     unexpected: list[str]    # checkpoint entries for names this optimizer does not have (ignored)
     mismatched: list[str]    # names in both whose parameter shape differs (fresh state)
+    #: for each of the optimizer's param groups, the saved group whose hyperparameters it took
+    #: (the one that held its parameters), or None where it kept its own
+    hyperparameters_from: list[int | None]
 
 
 def _names(optimizer: torch.optim.Optimizer, model: NamedParams) -> list[list[str]]:
@@ -99,10 +104,14 @@ def load_state_dict_by_name(optimizer: torch.optim.Optimizer, model: NamedParams
     ``ValueError`` listing them and nothing is loaded; with ``strict=False`` the matching names
     are loaded and the lists are returned.
 
-    Hyperparameters (``lr``, betas, ...) are restored group by group, as ``load_state_dict``
-    does, when the checkpoint has as many param groups as the optimizer; otherwise the
-    optimizer keeps its own. State tensors are cast as ``load_state_dict`` casts them (to the
-    parameter's device, and floating ones to its dtype).
+    Hyperparameters (``lr``, betas, ...) follow the names too: each param group takes those
+    of the saved group that held its parameters, whatever the order of the groups (a group
+    split in two gives both halves its values). A group with only new parameters keeps its
+    own. A group whose parameters were saved in several groups cannot take both: with
+    ``strict=True`` that is a ``ValueError`` naming them (nothing loaded), with
+    ``strict=False`` the group keeps its own hyperparameters. ``hyperparameters_from`` in the
+    report says which saved group each group took them from. State tensors are cast as
+    ``load_state_dict`` casts them (to the parameter's device, and floating ones to its dtype).
     """
     if not isinstance(state_dict, dict) or state_dict.get("format") != FORMAT:
         raise ValueError("not a state_dict_by_name() checkpoint (no 'format': "
@@ -116,20 +125,24 @@ def load_state_dict_by_name(optimizer: torch.optim.Optimizer, model: NamedParams
     unexpected = sorted(set(saved_shapes) - set(current))
     mismatched = sorted(n for n in set(current) & set(saved_shapes)
                         if list(current[n].shape) != list(saved_shapes[n]))
-    if strict and (missing or unexpected or mismatched):
+    saved_groups = state_dict["param_groups"]
+    sources, mixed = _group_sources(names, saved_groups)
+    if strict and (missing or unexpected or mismatched or mixed):
         parts = [f"{label}: {', '.join(found)}" for label, found in
                  (("missing (no saved state)", missing), ("unexpected (not in this optimizer)", unexpected),
                   ("shape changed", mismatched)) if found]
+        parts += [f"param group {i} holds parameters of saved param groups {' and '.join(map(str, js))} "
+                  f"({', '.join(examples)}), whose hyperparameters cannot both apply"
+                  for i, js, examples in mixed]
         raise ValueError("optimizer state does not match the parameters by name; " + "; ".join(parts)
-                         + " (strict=False loads the names that match)")
+                         + " (strict=False loads the names that match"
+                         + (", and such a group keeps its own hyperparameters)" if mixed else ")"))
     skip = set(mismatched)
 
     # Rebuild a positional state dict for this optimizer and let load_state_dict cast it.
-    saved_groups = state_dict["param_groups"]
-    same_groups = len(saved_groups) == len(optimizer.param_groups)
     positional_state, groups, index = {}, [], 0
     for i, (group, group_names) in enumerate(zip(optimizer.param_groups, names)):
-        base = saved_groups[i] if same_groups else group
+        base = group if sources[i] is None else saved_groups[sources[i]]
         hyper = {k: v for k, v in base.items() if k not in ("params", "param_names")}
         if "param_names" in group:
             hyper["param_names"] = group["param_names"]
@@ -140,4 +153,24 @@ def load_state_dict_by_name(optimizer: torch.optim.Optimizer, model: NamedParams
             if name in saved_state and name not in skip:
                 positional_state[k] = saved_state[name]
     optimizer.load_state_dict({"state": positional_state, "param_groups": groups})
-    return NameLoadReport(missing, unexpected, mismatched)
+    return NameLoadReport(missing, unexpected, mismatched, sources)
+
+
+def _group_sources(names: list[list[str]], saved_groups: list[dict[str, Any]],
+                   ) -> tuple[list[int | None], list[tuple[int, list[int], list[str]]]]:
+    """For each param group (its parameter names), the saved group that held them (None: no
+    saved name); and the groups whose names were in several saved groups, with those groups
+    and one name from each."""
+    saved_group_of = {name: j for j, g in enumerate(saved_groups) for name in g["params"]}
+    sources: list[int | None] = []
+    mixed = []
+    for i, group_names in enumerate(names):
+        first_name: dict[int, str] = {}
+        for name in group_names:
+            if name in saved_group_of:
+                first_name.setdefault(saved_group_of[name], name)
+        found = sorted(first_name)
+        sources.append(found[0] if len(found) == 1 else None)
+        if len(found) > 1:
+            mixed.append((i, found, [first_name[j] for j in found]))
+    return sources, mixed

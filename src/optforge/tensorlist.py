@@ -70,7 +70,15 @@ class TensorList(list):
 
     def add(self, other: Operand, alpha: Scalar = 1) -> TensorList:
         if _is_tensors(other):
-            return self._new(torch._foreach_add, torch.add, other, alpha=alpha)
+            try:
+                return self._new(torch._foreach_add, torch.add, other, alpha=alpha)
+            except RuntimeError:
+                if not any(x.is_sparse for x in self):
+                    raise
+            # a sparse gradient plus a dense tensor (coupled weight decay, Nesterov): ATen has
+            # add(dense, sparse) only, so alpha * other + self, a dense result
+            return TensorList(o.mul(alpha).add_(x) if x.is_sparse and not o.is_sparse
+                              else x.add(o, alpha=alpha) for x, o in zip(self, other))
         return self._new(torch._foreach_add, torch.add, other)
 
     def sub(self, other: Operand, alpha: Scalar = 1) -> TensorList:

@@ -15,6 +15,7 @@ from torch import nn
 WORLD = 2
 STEPS = 5
 ROWS = 8                     # the full batch; rank r trains on rows [4r, 4r + 4)
+SCALAR_STATE = {"step", "mu_product", "eta", "mu"}   # 0-d state, not param-shaped (as tests/helpers.py)
 
 
 def make_model() -> nn.Module:
@@ -56,6 +57,35 @@ def reference(name: str, kwargs: dict) -> torch.Tensor:
     return flat(model.parameters())
 
 
+WRAPPED = ("lookahead", "sam", "asam")
+
+
+def train_wrapped(kind: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """AdamW in Lookahead, SAM or ASAM (the closure's gradient at the perturbed weights)."""
+    import optforge as of
+
+    base = of.AdamW(model.parameters(), lr=1e-2)
+    opt = (of.Lookahead(base, k=2, alpha=0.5) if kind == "lookahead"
+           else of.SAM(base, rho=0.5, adaptive=True) if kind == "asam" else of.SAM(base, rho=0.05))
+
+    def closure():
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        return loss
+
+    for _ in range(STEPS):
+        opt.zero_grad()
+        closure()
+        opt.step() if kind == "lookahead" else opt.step(closure)
+    return opt
+
+
+def wrapped_reference(kind: str) -> torch.Tensor:
+    model = make_model()
+    train_wrapped(kind, model, *data())
+    return flat(model.parameters())
+
+
 def _fsdp(model: nn.Module) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
@@ -72,7 +102,7 @@ def _case(results: dict, key: tuple, fn, *args) -> None:
         results[key] = "error: " + traceback.format_exc()
 
 
-def run_rank(rank: int, port: int, out: str, cases: list[tuple[str, dict, bool]]) -> None:
+def run_rank(rank: int, port: int, out: str, cases: list[tuple[str, dict, bool, bool]]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
@@ -97,7 +127,7 @@ def run_rank(rank: int, port: int, out: str, cases: list[tuple[str, dict, bool]]
         model = _fsdp(make_model())
         opt = of.get_optimizer_info(name).cls(model.parameters(), **kwargs)
         train(model, opt, x, y)
-        state = [v for st in opt.state.values() for k, v in st.items() if k != "step"]
+        state = [v for st in opt.state.values() for k, v in st.items() if k not in SCALAR_STATE]
         sharded = bool(state) and all(isinstance(v, DTensor) for v in state)
         return {"params": flat(model.parameters()), "state_sharded": sharded}
 
@@ -111,11 +141,42 @@ def run_rank(rank: int, port: int, out: str, cases: list[tuple[str, dict, bool]]
         return {"params": params, "replicas_equal": all(torch.equal(r, params) for r in replicas)}
 
     _case(results, ("ddp_low_bit", "int4"), ddp_low_bit, "int4")
-    for name, kwargs, has_fused in cases:
+    for name, kwargs, has_fused, elementwise in cases:
         _case(results, ("ddp", name, False), ddp, name, kwargs, False)
         if has_fused:
             _case(results, ("ddp", name, True), ddp, name, kwargs, True)
-        _case(results, ("fsdp", name), fsdp, name, kwargs)
+        if elementwise:
+            _case(results, ("fsdp", name), fsdp, name, kwargs)
+
+    def fsdp_wrapped(kind):
+        model = _fsdp(make_model())
+        opt = train_wrapped(kind, model, x, y)
+        slow = list(getattr(opt, "slow_weights", {}).values())
+        return {"params": flat(model.parameters()), "slow_sharded": all(isinstance(v, DTensor) for v in slow)}
+
+    def ddp_wrapped(kind):
+        model = DDP(make_model())
+        train_wrapped(kind, model, x, y)
+        return {"params": flat(model.module.parameters())}
+
+    for kind in WRAPPED:
+        _case(results, ("wrapped", kind), fsdp_wrapped, kind)
+        _case(results, ("wrapped_ddp", kind), ddp_wrapped, kind)
+
+    def misaligned_slow_weights():
+        """Slow weights that are not sharded as their parameter (e.g. set from a full tensor)."""
+        model = _fsdp(make_model())
+        opt = of.Lookahead(of.AdamW(model.parameters(), lr=1e-2), k=2)
+        train(model, opt, x, y, steps=1)
+        p = next(model.parameters())
+        opt.slow_weights[p] = opt.slow_weights[p].full_tensor()
+        try:
+            train(model, opt, x, y, steps=1)
+        except ValueError as err:
+            return {"error": str(err)}
+        return {"error": None}
+
+    _case(results, ("wrapped", "misaligned"), misaligned_slow_weights)
 
     def refused(make_opt):
         model = _fsdp(make_model())

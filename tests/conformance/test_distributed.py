@@ -1,15 +1,17 @@
 """torch.distributed with the gloo backend, 2 CPU ranks (spawned once for the whole module):
 
-- DDP: every elementwise optimizer (foreach and fused), and AdamW with int4 state, gives the
-  parameters of one process training on the full batch, and the replicas stay identical;
+- DDP: every registered optimizer (foreach and fused), AdamW with int4 state, and Lookahead,
+  SAM and ASAM, give the parameters of one process training on the full batch, and the
+  replicas stay identical;
 - FSDP2 (``fully_shard``, DTensor parameters and sharded state): every elementwise optimizer
-  gives the unsharded result;
+  gives the unsharded result, and so do Lookahead, SAM and ASAM around AdamW;
 - refused with a clear error, before any change: ``fused=True`` or ``state_precision`` with
   DTensor parameters, and DTensor parameters for an optimizer the registry marks
   ``elementwise=False``;
 - ``skip_nonfinite`` decides alike on every rank (a NaN in one rank's shard skips the step
   everywhere)."""
 
+import re
 import socket
 import time
 
@@ -17,13 +19,13 @@ import pytest
 import torch
 import torch.distributed as dist
 from conformance_cases import INFOS, has_fused, optimizer_kwargs
-from distributed_worker import reference, run_rank
+from distributed_worker import WRAPPED, flat, make_model, reference, run_rank, wrapped_reference
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
 
 ELEMENTWISE = [i for i in INFOS if i.elementwise]
-CASES = [(i.name, optimizer_kwargs(i.name), has_fused(i)) for i in ELEMENTWISE]
+CASES = [(i.name, optimizer_kwargs(i.name), has_fused(i), i.elementwise) for i in INFOS]
 
 
 def free_port() -> int:
@@ -53,14 +55,14 @@ def close(a, b):
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
-@pytest.mark.parametrize("info", [pytest.param(i, id=i.name) for i in ELEMENTWISE])
+@pytest.mark.parametrize("info", [pytest.param(i, id=i.name) for i in INFOS])
 def test_ddp_equals_one_process_on_the_full_batch(results, info, fused):
     if fused and not has_fused(info):
         pytest.skip("no fused path")
     got = ok(results[("ddp", info.name, fused)])
     assert got["replicas_equal"]
     expected = reference(info.name, optimizer_kwargs(info.name))
-    assert (expected - reference(info.name, {**optimizer_kwargs(info.name), "lr": 0.0})).abs().max() > 1e-3
+    assert (expected - flat(make_model().parameters())).abs().max() > 1e-3   # it trained
     close(got["params"], expected)
 
 
@@ -84,6 +86,25 @@ def test_fsdp2_equals_unsharded(results, info):
     close(got["params"], reference(info.name, optimizer_kwargs(info.name)))
 
 
+@pytest.mark.parametrize("kind", WRAPPED)
+def test_lookahead_and_sam_under_fsdp2_and_ddp_equal_one_process(results, kind):
+    """FSDP2: Lookahead's slow step runs on local shards (its slow weights are sharded like
+    the params); SAM's perturbation too, scaled by the gradient norm over every shard."""
+    got = ok(results[("wrapped", kind)])
+    assert got["slow_sharded"]
+    expected = wrapped_reference(kind)
+    assert (expected - reference("adamw", {"lr": 1e-2})).abs().max() > 1e-4     # not the bare AdamW
+    close(got["params"], expected)
+    close(ok(results[("wrapped_ddp", kind)])["params"], expected)
+
+
+def test_fsdp2_lookahead_refuses_slow_weights_sharded_otherwise(results):
+    got = ok(results[("wrapped", "misaligned")])
+    assert got["error"] and re.search(r"a plain tensor beside one laid out as a DTensor with placements "
+                                      r"\(Shard\(dim=0\),\) \(shape \(8, 6\)\): their local shards do "
+                                      r"not line up", got["error"]), got["error"]
+
+
 @pytest.mark.parametrize("case,message", [
     ("fused", r"AdamW\(fused=True\) does not support DTensor parameters.*use fused=False"),
     ("state_precision", r"AdamW\(state_precision='int8'\) does not support DTensor parameters"),
@@ -91,8 +112,6 @@ def test_fsdp2_equals_unsharded(results, info):
     ("not_elementwise_child", r"NormSGDChild does not support DTensor parameters"),
 ])
 def test_fsdp2_refusals_are_clear(results, case, message):
-    import re
-
     got = ok(results[("refuse", case)])
     assert got["error"] and re.search(message, got["error"]), got["error"]
     assert got["unchanged"]

@@ -8,10 +8,12 @@ in ``opt.skipped_steps``; the next finite step continues as if it had never happ
 import copy
 import math
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
 from conformance_cases import (
+    INFOS,
     all_optimizers,
     assert_identical,
     assert_same_state,
@@ -44,6 +46,11 @@ def bad_step(model, opt, x, y, value, which=2):
     return opt.step()
 
 
+# Optimizers that, as their torch.optim twin, read a gradient only through sign(g * prev), and
+# torch.sign(nan) is 0: a NaN gradient entry leaves its parameter where it is (docs/reliability.md).
+SIGN_ONLY = {"rprop"}
+
+
 @pytest.mark.parametrize("info,fused", with_paths())
 def test_by_default_a_nan_gradient_propagates_as_in_torch(info, fused):
     model = make_model()
@@ -53,9 +60,47 @@ def test_by_default_a_nan_gradient_propagates_as_in_torch(info, fused):
         good_step(model, opt, x, y)
     bad_step(model, opt, x, y, math.nan)
     params = list(model.parameters())
+    if info.name in SIGN_ONLY:
+        assert all(p.isfinite().all() for p in params)
+        return
     assert not params[2].isfinite().all()
-    assert all(p.isfinite().all() for i, p in enumerate(params) if i != 2)   # elementwise: contained
+    assert all(p.isfinite().all() for i, p in enumerate(params) if i != 2)   # no update mixes tensors
     assert opt.skipped_steps == 0
+
+
+def nonfinite_section() -> str:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "reliability.md").read_text()
+    return text.split("### Non-finite gradients")[1].split("\n#")[0]
+
+
+@pytest.mark.parametrize("shape", [(4, 5), (6,)], ids=["2d", "1d"])
+@pytest.mark.parametrize("info", [pytest.param(i, id=i.name) for i in INFOS if i.elementwise])
+def test_where_an_elementwise_optimizer_spreads_a_nan_is_documented(info, shape):
+    """docs/reliability.md: an elementwise optimizer keeps a NaN gradient in its element's
+    parameter; one that spreads it (gradient centralization mixes a row, and the whole of a
+    1-D tensor) must be named there with where it spreads, and spread no further."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(shape, dtype=torch.float64))
+    opt = make(info, [p])
+    for _ in range(3):
+        p.grad = torch.cos(3 * p.detach())
+        opt.step()
+    p.grad = torch.cos(3 * p.detach())
+    at = (1, 2)[:len(shape)]
+    p.grad[at] = math.nan
+    opt.step()
+    element, row = torch.zeros(shape, dtype=torch.bool), torch.zeros(shape, dtype=torch.bool)
+    element[at], row[at[0] if len(shape) > 1 else ...] = True, True
+    bad = ~p.isfinite()
+    if info.name in SIGN_ONLY:
+        assert not bad.any() and info.cls.__name__ in nonfinite_section()
+        return
+    if torch.equal(bad, element):
+        return
+    assert torch.equal(bad, row), bad
+    section, where = nonfinite_section(), "row" if len(shape) > 1 else "whole of a 1-D parameter"
+    assert info.cls.__name__ in section and where in section, (
+        f"docs/reliability.md does not say that {info.cls.__name__} spreads a NaN through the {where}")
 
 
 def test_torch_adam_propagates_too():

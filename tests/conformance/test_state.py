@@ -25,7 +25,7 @@ from conformance_cases import (
 from torch import nn
 
 import optforge as of
-from helpers import two_groups
+from helpers import SCALAR_STATE, two_groups
 
 # ---- checkpoints that do not fit -----------------------------------------------------------
 
@@ -70,13 +70,19 @@ def test_state_that_does_not_fit_is_refused(info):
     model = make_model()
     opt = stepped(info, model.parameters(), model=model)
     before = state_snapshot(opt)
-    names = [n for n in before["state"][0] if n != "step"]
+    names = [n for n in before["state"][0] if n not in SCALAR_STATE]
     assert names, "every optimizer in the table keeps some state"
     for name in names:
         sd = copy.deepcopy(before)
         del sd["state"][0][name]
-        with pytest.raises(ValueError, match=rf"state of parameter 0 .* lacks \['{name}'\]"):
+        if before["state"][0][name].numel() == 0:
+            # a placeholder (Adafactor's unused factored entry): torch's checkpoints lack it,
+            # so it may be missing; it is created again at the next step
             opt.load_state_dict(sd)
+            opt.load_state_dict(copy.deepcopy(before))
+        else:
+            with pytest.raises(ValueError, match=rf"state of parameter 0 .* lacks \['{name}'\]"):
+                opt.load_state_dict(sd)
         sd = copy.deepcopy(before)
         sd["state"][1][name] = torch.zeros(2, 2, dtype=torch.float64)
         with pytest.raises(ValueError, match=rf"state '{name}' of parameter 1 has shape \(2, 2\)"):
@@ -132,7 +138,7 @@ def test_resume_across_a_dtype_cast(info, src, dst):
     for p in resumed.parameters():
         st = resumed_opt.state[p]
         assert st["step"].dtype == torch.float32 and st["step"].item() == k
-        assert all(v.dtype == dst for name, v in st.items() if name != "step")
+        assert all(v.dtype == dst for name, v in st.items() if name not in SCALAR_STATE)
     dtype_run(info, dst, n, resumed, resumed_opt)
 
     restarted = make_model(seed=5, dtype=dst)
@@ -221,12 +227,68 @@ def test_by_name_survives_reordered_parameters(info):
     reordered = list(reversed(list(fresh.parameters())))
     fresh_opt = make(info, reordered)
     report = of.load_state_dict_by_name(fresh_opt, fresh, saved)
-    assert report == of.NameLoadReport([], [], [])
+    assert report == of.NameLoadReport([], [], [], [0])
     train(fresh, fresh_opt, 5)
     if couples_group(info):   # group-wide sums now add the tensors in another order
         torch.testing.assert_close(flat(fresh.parameters()), flat(model.parameters()), rtol=1e-5, atol=1e-7)
     else:
         assert torch.equal(flat(fresh.parameters()), flat(model.parameters()))
+
+
+def layer_groups(model, lr, names_and_decay):
+    """One param group per ``(layer names, weight decay)``; the second group at half the lr."""
+    return [{"params": [p for k in names for p in model.layers[k].parameters()], "weight_decay": wd,
+             "lr": lr * (1.0 if i == 0 else 0.5)} for i, (names, wd) in enumerate(names_and_decay)]
+
+
+@pytest.mark.parametrize("info", all_optimizers())
+def test_by_name_hyperparameters_follow_the_names_of_reordered_groups(info):
+    """Groups built in another order: each takes the hyperparameters of the saved group that
+    held its parameters (positionally, weight decay and lr would be swapped), and the run
+    continues as the uninterrupted one."""
+    spec = {"a": (3, 4), "b": (4, 4), "c": (4, 2)}
+    lr = optimizer_kwargs(info.name)["lr"]
+    model = Layers(spec)
+    opt = make(info, layer_groups(model, lr, [("a", 0.1), ("bc", 0.0)]))
+    train(model, opt, 3)
+    saved = via_torch_save(of.state_dict_by_name(opt, model))
+    saved_model = copy.deepcopy(model.state_dict())
+    train(model, opt, 4)
+
+    fresh = Layers(spec, seed=9)
+    fresh.load_state_dict(saved_model)
+    fresh_opt = make(info, layer_groups(fresh, lr, [("bc", 0.3), ("a", 0.2)]))
+    report = of.load_state_dict_by_name(fresh_opt, fresh, saved)
+    assert report.hyperparameters_from == [1, 0]
+    assert [g["weight_decay"] for g in fresh_opt.param_groups] == [0.0, 0.1]
+    assert [g["lr"] for g in fresh_opt.param_groups] == [lr * 0.5, lr]
+    train(fresh, fresh_opt, 4)
+    for k in spec:
+        got, want = layer_params(fresh, k), layer_params(model, k)
+        if couples_group(info):   # group-wide sums now add the tensors in another order
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+        else:
+            assert torch.equal(got, want), k
+
+
+def test_by_name_groups_that_mix_saved_groups_are_refused_or_reported():
+    """A group holding parameters saved in two groups (with other hyperparameters) cannot take
+    both: strict refuses, naming them, and loads nothing; strict=False loads the state, keeps
+    that group's own hyperparameters and says so."""
+    spec = {"a": (3, 4), "b": (4, 4), "c": (4, 2)}
+    model = Layers(spec)
+    opt = of.AdamW(layer_groups(model, 1e-2, [("a", 0.1), ("bc", 0.0)]))
+    train(model, opt, 3)
+    saved = via_torch_save(of.state_dict_by_name(opt, model))
+    merged_opt = of.AdamW(layer_groups(model, 1e-2, [("ab", 0.3), ("c", 0.2)]))
+    before = state_snapshot(merged_opt)
+    with pytest.raises(ValueError, match=r"param group 0 .* saved param groups 0 and 1"):
+        of.load_state_dict_by_name(merged_opt, model, saved)
+    assert_same_state(state_snapshot(merged_opt), before)
+    report = of.load_state_dict_by_name(merged_opt, model, saved, strict=False)
+    assert report.hyperparameters_from == [None, 1]
+    assert [g["weight_decay"] for g in merged_opt.param_groups] == [0.3, 0.0]
+    assert merged_opt.state[model.layers["a"].weight]["step"].item() == 3
 
 
 @pytest.mark.parametrize("info", all_optimizers())
@@ -303,6 +365,6 @@ def test_by_name_works_for_torch_optimizers():
     train(model, opt, 3)
     saved = copy.deepcopy(of.state_dict_by_name(opt, model))
     fresh_opt = torch.optim.AdamW(list(reversed(list(model.parameters()))), lr=1e-2)
-    assert of.load_state_dict_by_name(fresh_opt, model, saved) == ([], [], [])
+    assert of.load_state_dict_by_name(fresh_opt, model, saved) == ([], [], [], [0])
     for p in model.parameters():
         assert torch.equal(fresh_opt.state[p]["exp_avg"], opt.state[p]["exp_avg"])

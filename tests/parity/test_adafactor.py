@@ -1,7 +1,7 @@
 """Float64 parity of optforge's Adafactor (50 steps, two param groups, 4-D, 2-D and 1-D params):
 
-- with ``torch.optim.Adafactor`` (torch's variant: ``eps_placement="clamp"``), both its
-  for-loop and foreach paths, and its loading of optforge's state;
+- with ``torch.optim.Adafactor``, given the same arguments (its defaults are optforge's), both
+  its for-loop and foreach paths, and state dicts moving both ways;
 - with a per-tensor reference written here from the paper's algorithm boxes: Shazeer & Stern,
   2018, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost", arXiv:1804.04235,
   Algorithm 4 (matrices) and Algorithm 5 (vectors), for the options torch lacks (absolute step,
@@ -17,13 +17,7 @@ import torch
 import optforge as of
 from helpers import assert_moves, assert_same_trajectory, make_model, trajectory, two_groups
 
-F64_EPS = torch.finfo(torch.float64).eps
-
-
-def torch_config(beta2_decay=-0.8, eps=(None, 1e-3), d=1.0):
-    """optforge's kwargs for torch.optim.Adafactor's (the names and signs differ)."""
-    return dict(beta2_exponent=-beta2_decay, eps=F64_EPS if eps[0] is None else eps[0], eps_scale=eps[1],
-                clip_threshold=d, eps_placement="clamp")
+PAPER = dict(eps=(1e-30, 1e-3), eps_placement="add")      # the paper's settings, torch's otherwise
 
 
 @pytest.mark.parametrize("foreach", [False, True], ids=["for-loop", "foreach"])
@@ -37,7 +31,7 @@ def test_matches_torch_adafactor(lr, weight_decay, kwargs, foreach):
     ref = trajectory(model_a, torch.optim.Adafactor(two_groups(model_a, lr, weight_decay), lr=lr,
                                                     foreach=foreach, **kwargs))
     ours = trajectory(model_b, of.Adafactor(two_groups(model_b, lr, weight_decay), lr=lr,
-                                            **torch_config(**kwargs)))
+                                            foreach=foreach, **kwargs))
     assert_moves(ours)
     assert_same_trajectory(ours, ref)
 
@@ -46,17 +40,17 @@ def test_maximize_matches_torch():
     model_a, model_b = make_model(), make_model()
     ref = trajectory(model_a, torch.optim.Adafactor(two_groups(model_a, 1e-2, 0.1), maximize=True),
                      loss_fn=lambda m, x, y: -((m(x) - y) ** 2).mean())
-    ours = trajectory(model_b, of.Adafactor(two_groups(model_b, 1e-2, 0.1), maximize=True, **torch_config()),
+    ours = trajectory(model_b, of.Adafactor(two_groups(model_b, 1e-2, 0.1), maximize=True),
                       loss_fn=lambda m, x, y: -((m(x) - y) ** 2).mean())
     assert_same_trajectory(ours, ref)
 
 
 def test_torch_loads_our_state_and_continues_alike():
     """Our per-parameter state has torch's names and shapes (row_var (..., n, 1), col_var
-    (..., 1, m), variance); torch ignores the empty entries a tensor does not use. (The param
-    groups' hyperparameters are named differently: torch keeps its own.)"""
+    (..., 1, m), variance); torch ignores the empty entries a tensor does not use, and reads
+    the param groups (torch's names)."""
     model = make_model()
-    ours = of.Adafactor(two_groups(model, 1e-2, 0.1), **torch_config())
+    ours = of.Adafactor(two_groups(model, 1e-2, 0.1))
     trajectory(model, ours, steps=10)
     probe = make_model()
     own = torch.optim.Adafactor(probe.parameters())
@@ -65,9 +59,8 @@ def test_torch_loads_our_state_and_continues_alike():
         for name, x in own.state[q].items():
             assert ours.state[p][name].shape == x.shape, name
     model_t = copy.deepcopy(model)
-    theirs = torch.optim.Adafactor(two_groups(model_t, 1e-2, 0.1))
-    saved = copy.deepcopy(ours.state_dict())
-    theirs.load_state_dict({"state": saved["state"], "param_groups": theirs.state_dict()["param_groups"]})
+    theirs = torch.optim.Adafactor(two_groups(model_t, 5e-2, 0.3))    # hyperparameters loaded too
+    theirs.load_state_dict(copy.deepcopy(ours.state_dict()))
     assert_same_trajectory(trajectory(model_t, theirs, steps=10), trajectory(model, ours, steps=10))
 
 
@@ -128,13 +121,13 @@ class RefAdafactor(torch.optim.Optimizer):
 
 
 PAPER_CASES = [  # (lr, optforge kwargs, reference kwargs)
-    (1e-2, dict(), dict()),                                                        # the paper's defaults
-    (0.15, dict(), dict()),                                                        # 1/sqrt(t) binds from t=45
-    (1e-3, dict(relative_step=False), dict(relative_step=False)),                  # absolute step
-    (1e-3, dict(relative_step=False, scale_parameter=False),
+    (1e-2, PAPER, dict()),                                                         # the paper's defaults
+    (0.15, PAPER, dict()),                                                         # 1/sqrt(t) binds from t=45
+    (1e-3, dict(PAPER, relative_step=False), dict(relative_step=False)),           # absolute step
+    (1e-3, dict(PAPER, relative_step=False, scale_parameter=False),
      dict(relative_step=False, scale_parameter=False)),
-    (1e-2, dict(momentum=0.9), dict(beta1=0.9)),                                   # first moment (t2t)
-    (3e-2, dict(clip_threshold=0.3, beta2_exponent=0.5, eps=1e-12, eps_scale=1e-2),  # clipping binds
+    (1e-2, dict(PAPER, momentum=0.9), dict(beta1=0.9)),                            # first moment (t2t)
+    (3e-2, dict(d=0.3, beta2_decay=-0.5, eps=(1e-12, 1e-2), eps_placement="add"),  # clipping binds
      dict(d=0.3, c=0.5, eps1=1e-12, eps2=1e-2)),
 ]
 
@@ -150,14 +143,28 @@ def test_matches_paper_reference(lr, ours, ref, weight_decay):
     assert_same_trajectory(a, b)
 
 
-def test_defaults_are_the_papers():
-    defaults = {n: p.default for n, p in inspect.signature(of.Adafactor).parameters.items()}
-    assert defaults["lr"] == 1e-2                 # rho_t = min(1e-2, 1/sqrt(t))
-    assert defaults["beta2_exponent"] == 0.8      # beta2_t = 1 - t^-0.8
-    assert defaults["eps"] == 1e-30 and defaults["eps_placement"] == "add"
-    assert defaults["eps_scale"] == 1e-3 and defaults["clip_threshold"] == 1.0
-    assert defaults["momentum"] == 0.0 and defaults["relative_step"] and defaults["scale_parameter"]
-    assert defaults["weight_decay_mode"] == "decoupled"
+def test_defaults_are_torchs():
+    ours = inspect.signature(of.Adafactor).parameters
+    theirs = inspect.signature(torch.optim.Adafactor).parameters
+    assert list(ours)[:len(theirs)] == list(theirs)
+    assert all(ours[n].default == p.default for n, p in theirs.items())
+    assert ours["eps_placement"].default == "clamp"     # torch's placement of eps1
+    assert ours["momentum"].default == 0.0
+    assert ours["relative_step"].default and ours["scale_parameter"].default
+    assert ours["weight_decay_mode"].default == "decoupled"
+
+
+def test_earlier_names_still_work():
+    """beta2_exponent / a number eps with eps_scale / clip_threshold: optforge's earlier names."""
+    p = torch.nn.Parameter(torch.randn(3, 2))
+    old = of.Adafactor([p], beta2_exponent=0.5, eps=1e-12, eps_scale=1e-2, clip_threshold=0.3)
+    new = of.Adafactor([p], beta2_decay=-0.5, eps=(1e-12, 1e-2), d=0.3)
+    assert old.defaults == new.defaults
+    assert of.Adafactor([p], eps=1e-30).defaults["eps"] == (1e-30, 1e-3)
+    with pytest.raises(ValueError, match=r"clip_threshold=2\.0 with d=3\.0"):
+        of.Adafactor([p], d=3.0, clip_threshold=2.0)
+    with pytest.raises(ValueError, match=r"beta2_exponent=-0\.5"):
+        of.Adafactor([p], beta2_exponent=-0.5)
 
 
 def test_no_first_moment_state_by_default():

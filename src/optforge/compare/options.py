@@ -13,6 +13,7 @@ import torch
 
 from ..factory import LOOKAHEAD_PREFIX, base_option_names, create_optimizer, resolve_optimizer_name
 from ..factory import parse_optimizer_args as parse_kwargs
+from ..registry import list_optimizers
 
 __all__ = ["canonical_name", "default_lr", "parse_lrs", "parse_optimizer_args",
            "parse_optimizers", "parse_seeds", "check_optimizer"]
@@ -35,15 +36,43 @@ def default_lr(name: str) -> float:
     return float(info.defaults.get("lr", 1e-3))
 
 
+#: Registered optimizers compare's training loop (``loss.backward(); opt.step()`` on dense
+#: gradients) cannot run, and why; wildcards leave them out, naming them is an error.
+NOT_COMPARABLE = {
+    "lbfgs": "it needs opt.step(closure), re-evaluating the loss several times per step",
+    "sparse_adam": "it takes sparse gradients only (nn.Embedding(sparse=True)); the models here give "
+                   "dense ones",
+}
+
+
+def _expand(part: str) -> list[str]:
+    """One ``--optimizers`` entry: a name, or a wildcard (``adam*``, ``lookahead_adam*``) on
+    registered names and aliases, as ``optforge list`` matches them."""
+    if not any(c in part for c in "*?["):
+        name = canonical_name(part)                  # ValueError for an unknown name
+        base = name.removeprefix(LOOKAHEAD_PREFIX)
+        if base in NOT_COMPARABLE:
+            raise ValueError(f"--optimizers {part.strip()!r}: compare cannot train {base}: "
+                             f"{NOT_COMPARABLE[base]}")
+        return [name]
+    key = part.strip().lower()
+    prefix = LOOKAHEAD_PREFIX if key.startswith(LOOKAHEAD_PREFIX) else ""
+    hits = [h for h in list_optimizers(key[len(prefix):]) if h not in NOT_COMPARABLE]
+    if not hits:
+        raise ValueError(f"--optimizers {part.strip()!r} matches no optimizer (see optforge list)")
+    return [prefix + h for h in hits]
+
+
 def parse_optimizers(spec: str) -> list[str]:
-    """``"sgd,Adam,lodew"`` -> canonical names in order, duplicates (and aliases of one) dropped."""
+    """``"sgd,Adam,lodew,ada*"`` -> canonical names in order, wildcards expanded (sorted),
+    duplicates (and aliases of one) dropped."""
     names: list[str] = []
     for part in spec.split(","):
         if not part.strip():
             continue
-        name = canonical_name(part)                 # ValueError for an unknown name
-        if name not in names:
-            names.append(name)
+        for name in _expand(part):
+            if name not in names:
+                names.append(name)
     if not names:
         raise ValueError(f"--optimizers {spec!r} names no optimizer")
     return names

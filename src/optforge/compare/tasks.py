@@ -1,26 +1,31 @@
-"""Compare tasks: a data set that ships in a package, its fixed splits, and its models.
+"""What a comparison trains on: a :class:`Task` is a model factory, data with fixed train /
+validation / test splits, a training loss and a test metric.
 
-A :class:`Task` knows how to load its data (:class:`Dataset`: train / validation / test
-tensors, always the same split) and how to build each of its models. Nothing is downloaded:
+Build your own with :meth:`Task.from_tensors` (data that fits in tensors) or
+:meth:`Task.from_datasets` (any ``torch.utils.data.Dataset``)::
 
-- ``linear``: the seed toy, y = 5x + 10, fitted by ``Linear(1, 1)`` with MSE.
-- ``digits``: scikit-learn's 8x8 ``load_digits`` (1,797 images), an MLP or a small CNN.
-- ``mnist1d``: MNIST-1D generated locally (``make_dataset(get_dataset_args())``), with the
-  paper's logistic regression, MLP and CNN (its ``notebooks/models.py``).
+    def make_task():
+        return Task.from_tensors("my-task", lambda: nn.Linear(20, 3),
+                                 (x_train, y_train), (x_test, y_test), classification=True)
 
-The validation split is carved out of the training split (stratified, fixed seed); ``--tune``
-trains on the rest of the training split and scores on it, so the test split is never seen
-while choosing an lr.
+and run it with ``optforge compare --task my_tasks.py:make_task`` (a file) or
+``--task my_pkg.tasks:make_task`` (a module). The built-in tasks (``linear``, ``digits``,
+``mnist1d``, ``text``) are Tasks too (:mod:`.builtin`, :mod:`.text`).
+
+Without an explicit validation split, one is carved out of the training data (20 %, per class
+for classification, fixed seed). Every run trains on the rest: validation data is never
+trained on, so ``--tune`` and the time to a validation target use it, and the test split is
+evaluated once, at the end of each run.
 """
 
 from __future__ import annotations
 
-import difflib
-import functools
-import os
-import random
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import hashlib
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,252 +33,323 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Dataset", "Task", "TASKS", "get_task"]
+__all__ = ["Data", "Examples", "Metric", "Task", "get_task", "load_task"]
 
 SPLIT_SEED = 0          # the one seed behind every fixed split
-VAL_FRACTION = 0.2      # of the training split, for --tune
+VAL_FRACTION = 0.2      # of the training data, when no validation split is given
 
 
 @dataclass(frozen=True)
-class Dataset:
-    """Fixed splits of one task, as float32 inputs and int64 (or float32) targets."""
-
-    x_train: Tensor
-    y_train: Tensor
-    x_val: Tensor
-    y_val: Tensor
-    x_test: Tensor
-    y_test: Tensor
-    classification: bool
-    val_index: Tensor            # rows of the training split that form x_val / y_val
-
-    def for_tuning(self) -> Dataset:
-        """Train on the training split minus validation; evaluate on validation."""
-        keep = torch.ones(len(self.x_train), dtype=torch.bool)
-        keep[self.val_index] = False
-        empty = self.val_index[:0]
-        return Dataset(self.x_train[keep], self.y_train[keep], self.x_val, self.y_val,
-                       self.x_val, self.y_val, self.classification, empty)
-
-
-def _stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (kept, held out): ``fraction`` of each class held out, fixed by ``seed``."""
-    rng = np.random.default_rng(seed)
-    held = []
-    for c in np.unique(y):
-        idx = np.flatnonzero(y == c)
-        rng.shuffle(idx)
-        held.append(idx[: int(round(fraction * len(idx)))])
-    held_out = np.sort(np.concatenate(held))
-    kept = np.setdiff1d(np.arange(len(y)), held_out)
-    return kept, held_out
-
-
-def _make_dataset(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
-                  classification: bool) -> Dataset:
-    if classification:
-        _, val = _stratified_split(y_train, VAL_FRACTION, SPLIT_SEED + 1)
-    else:
-        rng = np.random.default_rng(SPLIT_SEED + 1)
-        val = np.sort(rng.permutation(len(y_train))[: int(round(VAL_FRACTION * len(y_train)))])
-    ytype = torch.int64 if classification else torch.float32
-    xt = torch.as_tensor(x_train, dtype=torch.float32)
-    yt = torch.as_tensor(y_train, dtype=ytype)
-    vi = torch.as_tensor(val, dtype=torch.int64)
-    return Dataset(xt, yt, xt[vi], yt[vi], torch.as_tensor(x_test, dtype=torch.float32),
-                   torch.as_tensor(y_test, dtype=ytype), classification, vi)
-
-
-# ---- data loaders (cached per process) --------------------------------------------------------
-@functools.cache
-def load_linear() -> Dataset:
-    """y = 5x + 10 on x ~ U(-1, 1): 1,000 train points, 200 test points, no noise."""
-    g = torch.Generator().manual_seed(SPLIT_SEED)
-    x = torch.rand(1200, 1, generator=g) * 2 - 1
-    y = 5 * x + 10
-    return _make_dataset(x[:1000].numpy(), y[:1000].numpy(), x[1000:].numpy(), y[1000:].numpy(),
-                         classification=False)
-
-
-@functools.cache
-def load_digits() -> Dataset:
-    """scikit-learn's digits, pixels scaled to [0, 1]; a stratified 80/20 train/test split
-    (1,438 / 359 images; 287 of the training images form the validation split)."""
-    from sklearn.datasets import load_digits as sk_load_digits
-
-    x, y = sk_load_digits(return_X_y=True)
-    x = x.astype(np.float32) / 16.0
-    train, test = _stratified_split(y, 0.2, SPLIT_SEED)
-    return _make_dataset(x[train], y[train], x[test], y[test], classification=True)
-
-
-def cache_dir() -> Path:
-    """``$OPTFORGE_CACHE_DIR``, else ``$XDG_CACHE_HOME/optforge``, else ``~/.cache/optforge``."""
-    if os.environ.get("OPTFORGE_CACHE_DIR"):
-        return Path(os.environ["OPTFORGE_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "optforge"
-
-
-@functools.cache
-def load_mnist1d() -> Dataset:
-    """MNIST-1D's standard split (4,000 train, 1,000 test), generated locally.
-
-    Generating takes a few seconds, so the arrays are cached as an ``.npz`` under
-    :func:`cache_dir` (keyed by the generator's arguments); a cache that cannot be written
-    or read is simply regenerated.
-    """
-    from mnist1d.data import get_dataset_args
-
-    args = get_dataset_args(as_dict=True)
-    key = {k: v for k, v in args.items() if k != "url"}
-    path = cache_dir() / f"mnist1d-{_stable_tag(key)}.npz"
-    arrays = None
-    try:
-        with np.load(path) as z:
-            arrays = {k: z[k] for k in ("x", "y", "x_test", "y_test")}
-    except (OSError, ValueError, KeyError):
-        arrays = None
-    if arrays is None:
-        arrays = _generate_mnist1d()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-            np.savez(tmp, **arrays)
-            os.replace(tmp, path)
-        except OSError:
-            pass
-    return _make_dataset(arrays["x"], arrays["y"], arrays["x_test"], arrays["y_test"],
-                         classification=True)
-
-
-def _stable_tag(key: dict[str, Any]) -> str:
-    import hashlib
-
-    return hashlib.sha256(repr(sorted(key.items())).encode()).hexdigest()[:12]
-
-
-def _generate_mnist1d() -> dict[str, np.ndarray]:
-    from mnist1d.data import get_dataset_args, make_dataset
-
-    np_state, py_state = np.random.get_state(), random.getstate()   # make_dataset reseeds both
-    try:
-        d = make_dataset(get_dataset_args())
-    finally:
-        np.random.set_state(np_state)
-        random.setstate(py_state)
-    return {"x": d["x"].astype(np.float32), "y": d["y"].astype(np.int64),
-            "x_test": d["x_test"].astype(np.float32), "y_test": d["y_test"].astype(np.int64)}
-
-
-# ---- models ----------------------------------------------------------------------------------
-class DigitsCNN(nn.Module):
-    """Two 3x3 convolutions (16, 32 channels), a 2x2 max-pool and a linear classifier."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
-        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
-        self.linear = nn.Linear(32 * 4 * 4, 10)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = x.view(-1, 1, 8, 8)
-        h = self.conv1(h).relu()
-        h = nn.functional.max_pool2d(self.conv2(h).relu(), 2)
-        return self.linear(h.flatten(1))
-
-
-class ResidualMLP(nn.Module):
-    """MNIST-1D's ``MLPBase``: two hidden layers with a residual connection on the second.
-
-    ``hidden=256`` is the paper's ``get_model_args()['hidden_size']`` (its ``train.py``)."""
-
-    def __init__(self, n_in: int, n_out: int, hidden: int = 256) -> None:
-        super().__init__()
-        self.linear1 = nn.Linear(n_in, hidden)
-        self.linear2 = nn.Linear(hidden, hidden)
-        self.linear3 = nn.Linear(hidden, n_out)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.linear1(x).relu()
-        h = h + self.linear2(h).relu()
-        return self.linear3(h)
-
-
-class MNIST1DCNN(nn.Module):
-    """MNIST-1D's ``ConvBase``: three strided 1-D convolutions (25 channels) and a linear layer."""
-
-    def __init__(self, channels: int = 25, n_out: int = 10) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv1d(1, channels, 5, stride=2, padding=1)
-        self.conv2 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
-        self.conv3 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
-        self.linear = nn.Linear(channels * 5, n_out)   # 40 -> 19 -> 10 -> 5 positions
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = x.view(-1, 1, x.shape[-1])
-        h = self.conv1(h).relu()
-        h = self.conv2(h).relu()
-        h = self.conv3(h).relu()
-        return self.linear(h.flatten(1))
-
-
-def _digits_mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
-
-
-# ---- the task table --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Task:
-    """A data set with its models and the defaults a comparison on it starts from."""
+class Metric:
+    """A test metric: ``fn(output, target)`` gives one value per example (a 1-D tensor); the
+    metric of a split is their mean. ``resolution_per_example``: the value one example adds
+    or takes away from the mean times the split size (100 for accuracy in %), or None for a
+    continuous metric."""
 
     name: str
+    fn: Callable[[Tensor, Tensor], Tensor]
+    higher_is_better: bool = True
+    resolution_per_example: float | None = None
+
+
+def _correct_percent(out: Tensor, y: Tensor) -> Tensor:
+    return (out.argmax(-1) == y).to(torch.float32) * 100
+
+
+def _squared_error(out: Tensor, y: Tensor) -> Tensor:
+    return (out - y).pow(2).reshape(len(out), -1).mean(1)
+
+
+ACCURACY = Metric("accuracy %", _correct_percent, True, 100.0)
+MSE = Metric("mse", _squared_error, False)
+
+
+class Examples:
+    """One split: ``len()`` examples, fetched as a batch ``(inputs, targets)`` by index."""
+
+    def __init__(self, x: Tensor | None = None, y: Tensor | None = None,
+                 dataset: torch.utils.data.Dataset | None = None,
+                 index: Tensor | None = None) -> None:
+        self.x, self.y, self.dataset = x, y, dataset
+        self.index = index          # rows of x / dataset that belong to this split (None: all)
+
+    def __len__(self) -> int:
+        if self.index is not None:
+            return len(self.index)
+        return len(self.x) if self.x is not None else len(self.dataset)  # type: ignore[arg-type]
+
+    def subset(self, rows: Tensor) -> Examples:
+        index = rows if self.index is None else self.index[rows]
+        return Examples(self.x, self.y, self.dataset, index)
+
+    def batch(self, rows: Tensor) -> tuple[Any, Tensor]:
+        index = rows if self.index is None else self.index[rows]
+        if self.x is not None:
+            return self.x[index], self.y[index]
+        items = [self.dataset[int(i)] for i in index]  # type: ignore[index]
+        return torch.utils.data.default_collate(items)
+
+    def targets(self) -> Tensor | None:
+        """All targets (for a stratified split), or None when they are not one tensor."""
+        if self.y is not None:
+            return self.y if self.index is None else self.y[self.index]
+        return None
+
+    def sha256(self, h: Any) -> None:
+        """Feed every example's bytes, in order, to the hash ``h``."""
+        for start in range(0, len(self), 4096):
+            rows = torch.arange(start, min(start + 4096, len(self)))
+            for t in _tensors(self.batch(rows)):
+                h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())   # any dtype
+
+
+def _tensors(obj: Any) -> list[Tensor]:
+    if torch.is_tensor(obj):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for k in sorted(obj) for t in _tensors(obj[k])]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors(v)]
+    return [torch.as_tensor(np.asarray(obj))]
+
+
+@dataclass(frozen=True)
+class Data:
+    """The fixed splits of a task: ``train`` (what every run trains on), ``val``, ``test``."""
+
+    train: Examples
+    val: Examples
+    test: Examples
+
+    def sha256(self) -> str:
+        h = hashlib.sha256()
+        for split in (self.train, self.val, self.test):
+            h.update(str(len(split)).encode())
+            split.sha256(h)
+        return h.hexdigest()
+
+
+def _split_off_val(train: Examples, stratify: bool) -> tuple[Examples, Examples]:
+    """(train minus validation, validation): VAL_FRACTION of ``train``, per class when
+    ``stratify`` and the targets are one integer tensor."""
+    n = len(train)
+    rng = np.random.default_rng(SPLIT_SEED + 1)
+    y = train.targets()
+    if stratify and y is not None and y.dim() == 1 and not y.is_floating_point():
+        labels = y.cpu().numpy()
+        held = []
+        for c in np.unique(labels):
+            idx = np.flatnonzero(labels == c)
+            rng.shuffle(idx)
+            held.append(idx[: int(round(VAL_FRACTION * len(idx)))])
+        val = np.sort(np.concatenate(held))
+    else:
+        val = np.sort(rng.permutation(n)[: int(round(VAL_FRACTION * n))])
+    keep = np.setdiff1d(np.arange(n), val)
+    if len(val) == 0 or len(keep) == 0:
+        raise ValueError(f"the training split has {n} example(s): too few to carve out a validation split")
+    return train.subset(torch.as_tensor(keep)), train.subset(torch.as_tensor(val))
+
+
+def _tensor_pair(pair: Any, what: str) -> tuple[Tensor, Tensor]:
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+        raise TypeError(f"{what} must be a pair (inputs, targets), got {type(pair).__name__}")
+    x, y = (torch.as_tensor(v) for v in pair)
+    if len(x) != len(y):
+        raise ValueError(f"{what}: {len(x)} inputs but {len(y)} targets")
+    if len(x) == 0:
+        raise ValueError(f"{what} is empty")
+    return x, y
+
+
+def _cross_entropy(out: Tensor, y: Tensor) -> Tensor:
+    return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+@dataclass(frozen=True)
+class Task:
+    """A model factory, data (loaded when first needed), a loss and a metric, and the defaults
+    a comparison on it starts from. Build one with :meth:`from_tensors` or :meth:`from_datasets`.
+    """
+
+    name: str
+    model_fn: Callable[[], nn.Module]       # called after seeding: a fresh model per run
+    load: Callable[[], Data]
+    loss: Callable[[Any, Tensor], Tensor]   # (model output, targets) -> scalar training loss
+    metric: Metric
+    steps: int = 1000
+    batch_size: int = 64
+    target: float | None = None             # validation metric for "steps to target"
+    eval_batch_size: int = 1024
+    description: str = ""
+    model_description: str = ""
+    default_optimizers: str | None = None   # a comma list for --optimizers when not given
+    source: dict[str, Any] = field(default_factory=dict)   # where a user's task came from
+
+    @classmethod
+    def from_tensors(cls, name: str, model_fn: Callable[[], nn.Module], train: Sequence[Tensor],
+                     test: Sequence[Tensor], *, val: Sequence[Tensor] | None = None,
+                     classification: bool = True, loss: Callable[[Any, Tensor], Tensor] | None = None,
+                     metric: Metric | None = None, **defaults: Any) -> Task:
+        """A task on ``(inputs, targets)`` tensor pairs. ``classification``: targets are class
+        indices, the loss is cross-entropy and the metric accuracy; otherwise MSE for both.
+        ``loss`` / ``metric`` replace those. ``defaults``: ``steps``, ``batch_size``,
+        ``target``, ``eval_batch_size``, ``description``, ``model_description``."""
+        pairs = [_tensor_pair(train, "train"), _tensor_pair(test, "test")]
+        if val is not None:
+            pairs.append(_tensor_pair(val, "val"))
+        return tensor_task(name, model_fn, lambda: pairs, classification, loss, metric, **defaults)
+
+    @classmethod
+    def from_datasets(cls, name: str, model_fn: Callable[[], nn.Module],
+                      train: torch.utils.data.Dataset, test: torch.utils.data.Dataset, *,
+                      val: torch.utils.data.Dataset | None = None, classification: bool = True,
+                      loss: Callable[[Any, Tensor], Tensor] | None = None,
+                      metric: Metric | None = None, **defaults: Any) -> Task:
+        """A task on map-style ``torch.utils.data.Dataset`` s whose items are ``(input,
+        target)``; batches are put together with ``default_collate``. Otherwise as
+        :meth:`from_tensors` (the validation split is random, not per class, unless given)."""
+        for ds, what in ((train, "train"), (test, "test"), (val, "val")):
+            if ds is None:
+                continue
+            if not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")):
+                raise TypeError(f"{what} must be a map-style Dataset (with __getitem__ and __len__), "
+                                f"got {type(ds).__name__}")
+            if len(ds) == 0:
+                raise ValueError(f"{what} is empty")
+
+        def load() -> Data:
+            tr = Examples(dataset=train)
+            va = Examples(dataset=val) if val is not None else None
+            if va is None:
+                tr, va = _split_off_val(tr, False)
+            return Data(tr, va, Examples(dataset=test))
+
+        return cls._make(name, model_fn, load, classification, loss, metric, defaults)
+
+    @classmethod
+    def _make(cls, name, model_fn, load, classification, loss, metric, defaults) -> Task:
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"a task needs a name, got {name!r}")
+        if not callable(model_fn):
+            raise TypeError(f"model_fn must be callable (it builds a fresh nn.Module), got {model_fn!r}")
+        unknown = set(defaults) - {"steps", "batch_size", "target", "eval_batch_size", "description",
+                                   "model_description", "default_optimizers"}
+        if unknown:
+            raise TypeError(f"unknown Task option(s) {sorted(unknown)}")
+        for key in ("steps", "batch_size", "eval_batch_size"):
+            if key in defaults and not (isinstance(defaults[key], int) and defaults[key] >= 1):
+                raise ValueError(f"{key} must be a positive integer, got {defaults[key]!r}")
+        if metric is not None and not isinstance(metric, Metric):
+            raise TypeError(f"metric must be an optforge.compare.Metric, got {type(metric).__name__}")
+        return cls(name.strip(), model_fn, _cached(load),
+                   loss or (_cross_entropy if classification else nn.functional.mse_loss),
+                   metric or (ACCURACY if classification else MSE), **defaults)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A built-in task's model: its factory, a description, its validation target."""
+
+    build: Callable[[], nn.Module]
     description: str
-    load: Callable[[], Dataset]
-    models: dict[str, Callable[[], nn.Module]]
-    default_model: str
-    steps: int                  # default --steps
-    batch_size: int             # default --batch-size
-    target_loss: float          # default --target-loss (train loss)
-    model_help: dict[str, str] = field(default_factory=dict)
-
-    def build_model(self, model: str) -> nn.Module:
-        return self.models[model]()
-
-    def check_model(self, model: str | None) -> str:
-        """The model name to use (the default when ``None``); ValueError when unknown."""
-        if model is None:
-            return self.default_model
-        key = model.strip().lower()
-        if key not in self.models:
-            raise ValueError(f"unknown model {model!r} for task {self.name!r} "
-                             f"(choose from: {', '.join(self.models)})")
-        return key
+    target: float | None
 
 
-TASKS: dict[str, Task] = {
-    t.name: t for t in (
-        Task("linear", "y = 5x + 10, Linear(1, 1), MSE (the seed toy)", load_linear,
-             {"linear": lambda: nn.Linear(1, 1)}, "linear", steps=300, batch_size=32,
-             target_loss=1e-3, model_help={"linear": "Linear(1, 1)"}),
-        Task("digits", "scikit-learn 8x8 digits (1,438 train / 359 test)", load_digits,
-             {"mlp": _digits_mlp, "cnn": DigitsCNN}, "mlp", steps=2000, batch_size=64,
-             target_loss=0.05,
-             model_help={"mlp": "64-128-10 ReLU MLP", "cnn": "2 conv layers + max-pool + linear"}),
-        Task("mnist1d", "MNIST-1D (4,000 train / 1,000 test), generated locally", load_mnist1d,
-             {"logistic": lambda: nn.Linear(40, 10), "mlp": lambda: ResidualMLP(40, 10),
-              "cnn": MNIST1DCNN}, "cnn", steps=8000, batch_size=100, target_loss=0.3,
-             model_help={"logistic": "Linear(40, 10)", "mlp": "the paper's MLPBase (hidden 256)",
-                         "cnn": "the paper's ConvBase (25 channels)"}),
-    )
-}
+def tensor_task(name: str, model_fn: Callable[[], nn.Module],
+                load_pairs: Callable[[], Sequence[tuple[Tensor, Tensor]]], classification: bool,
+                loss: Callable[[Any, Tensor], Tensor] | None = None, metric: Metric | None = None,
+                **defaults: Any) -> Task:
+    """A tensor task whose ``load_pairs()`` (called on first use) gives ``[train, test]`` or
+    ``[train, test, val]`` as ``(inputs, targets)`` pairs."""
+
+    def load() -> Data:
+        pairs = load_pairs()
+        tr, te = Examples(*pairs[0]), Examples(*pairs[1])
+        if len(pairs) == 2:
+            tr, va = _split_off_val(tr, classification)
+        else:
+            va = Examples(*pairs[2])
+        return Data(tr, va, te)
+
+    return Task._make(name, model_fn, load, classification, loss, metric, defaults)
 
 
-def get_task(name: str) -> Task:
-    """The task called ``name``; ValueError naming the choices when unknown."""
-    key = name.strip().lower()
-    if key in TASKS:
-        return TASKS[key]
-    close = difflib.get_close_matches(key, sorted(TASKS), n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"unknown task {name!r}{hint} (choose from: {', '.join(TASKS)})")
+def _cached(load: Callable[[], Data]) -> Callable[[], Data]:
+    box: list[Data] = []
+
+    def cached() -> Data:
+        if not box:
+            box.append(load())
+        return box[0]
+
+    return cached
+
+
+# ---- finding a task by name, file or module ------------------------------------------------
+def load_task(spec: str) -> Task:
+    """``path/to/file.py:function`` or ``package.module:function``: call the function (no
+    arguments) and return the :class:`Task` it builds."""
+    where, _, fn_name = spec.rpartition(":")
+    if not where or not fn_name.isidentifier():
+        raise ValueError(f"--task {spec!r}: expected a built-in name, FILE.py:FUNCTION or MODULE:FUNCTION")
+    module = import_user_code(where, f"--task {spec!r}")
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise ValueError(f"--task {spec!r}: {where} has no function {fn_name!r}")
+    task = fn()
+    if not isinstance(task, Task):
+        raise TypeError(f"--task {spec!r}: {fn_name}() returned {type(task).__name__}, not an "
+                        f"optforge.compare.Task (build one with Task.from_tensors or Task.from_datasets)")
+    source: dict[str, Any] = {"spec": spec}
+    path = getattr(module, "__file__", None)
+    if path:
+        source["file"] = str(Path(path).resolve())
+        source["file_sha256"] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return replace(task, source=source)
+
+
+def import_user_code(where: str, what: str) -> Any:
+    """Import a ``.py`` file (once per path) or a module (the current directory on the path,
+    as ``python -m`` has it). ValueError naming ``what`` when it cannot be found."""
+    if where.endswith(".py") or "/" in where or "\\" in where:
+        path = Path(where).expanduser().resolve()
+        if not path.is_file():
+            raise ValueError(f"{what}: no file {where!r}")
+        key = "optforge_user_" + hashlib.sha256(str(path).encode()).hexdigest()[:12]
+        if key in sys.modules:
+            return sys.modules[key]
+        spec = importlib.util.spec_from_file_location(key, path)
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        sys.modules[key] = module
+        try:
+            spec.loader.exec_module(module)  # type: ignore[union-attr]
+        except BaseException:
+            del sys.modules[key]
+            raise
+        return module
+    added = "" not in sys.path and str(Path.cwd()) not in sys.path
+    if added:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        return importlib.import_module(where)
+    except ModuleNotFoundError as e:
+        if e.name and where.split(".")[0] == e.name.split(".")[0]:
+            raise ValueError(f"{what}: no module named {where!r}") from None
+        raise
+    finally:
+        if added:
+            sys.path.remove(str(Path.cwd()))
+
+
+def get_task(spec: str, model: str | None = None) -> Task:
+    """A built-in task (with ``model``, or its default model) or a user's ``FILE:FN`` /
+    ``MODULE:FN`` task. ValueError for an unknown name or a model that does not fit."""
+    from .builtin import builtin_task
+
+    if ":" in spec:
+        if model is not None:
+            raise ValueError(f"--model applies to built-in tasks; --task {spec!r} builds its own model")
+        return load_task(spec)
+    return builtin_task(spec, model)
+

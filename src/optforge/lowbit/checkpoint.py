@@ -25,8 +25,8 @@ __all__ = ["convert_state", "export_state", "plan_load"]
 def export_state(state_dict: dict[str, Any]) -> dict[str, Any]:
     """``state_dict`` (torch's, freshly packed) with low-bit entries as plain dicts."""
     state = state_dict["state"]
-    for k, st in state.items():
-        if any(isinstance(x, LowBitState) for x in st.values()):
+    for k, st in state.items():      # a state_dict hook may have put anything there
+        if isinstance(st, dict) and any(isinstance(x, LowBitState) for x in st.values()):
             state[k] = {n: x.to_dict() if isinstance(x, LowBitState) else x for n, x in st.items()}
     return state_dict
 

@@ -1,27 +1,37 @@
 """The optimizers, one algorithm family per file."""
 
 from .adabelief import AdaBelief
+from .adadelta import Adadelta
 from .adafactor import Adafactor
+from .adagrad import Adagrad
 from .adam import Adam, AdamW, AMSGrad
+from .adamax import Adamax
 from .adan import Adan
 from .ademamix import AdEMAMix
 from .adopt import ADOPT
+from .asgd import ASGD
 from .came import CAME
 from .compass import Compass, LodeW
 from .lamb import LAMB
+from .lbfgs import LBFGS
 from .lion import Lion
 from .mars import MARS
 from .muon import Muon, muon_param_groups
+from .nadam import NAdam
 from .prodigy import Prodigy
 from .radam import RAdam
+from .rmsprop import RMSprop
+from .rprop import Rprop
 from .schedule_free import ScheduleFreeAdamW, ScheduleFreeSGD
 from .sgd import SGD, MomentumSGD
 from .soap import SOAP
+from .sparse_adam import SparseAdam
 from .warmup import AdamWarmup, Noam
 
-__all__ = ["Adafactor", "CAME", "Muon", "muon_param_groups", "SOAP",
+__all__ = ["Adadelta", "Adafactor", "Adagrad", "CAME", "Muon", "muon_param_groups", "SOAP",
            "LAMB", "Adan", "MARS", "Prodigy",
            "ScheduleFreeAdamW", "ScheduleFreeSGD",
-           "ADOPT", "AdEMAMix", "Lion",
-           "SGD", "AMSGrad", "AdaBelief", "Adam", "AdamW", "AdamWarmup", "Compass", "LodeW",
-           "MomentumSGD", "Noam", "RAdam"]
+           "ADOPT", "ASGD", "AdEMAMix", "Lion",
+           "SGD", "AMSGrad", "AdaBelief", "Adam", "Adamax", "AdamW", "AdamWarmup", "Compass", "LodeW",
+           "MomentumSGD", "NAdam", "Noam", "RAdam", "RMSprop", "Rprop"]
+__all__ += ["SparseAdam", "LBFGS"]

@@ -9,7 +9,16 @@ import torch
 from torch import Tensor
 
 from ..base import Optimizer, ParamsT
-from ..constraints import boolean, non_negative, one_of, positive, unit_interval
+from ..constraints import (
+    boolean,
+    non_negative,
+    non_positive,
+    one_of,
+    optional,
+    positive,
+    tuple_of,
+    unit_interval,
+)
 from ..registry import register
 from ..tensorlist import TensorList
 
@@ -39,6 +48,32 @@ def mean_square(g: Tensor, dim: int) -> Tensor:
     return torch.linalg.vector_norm(g, dim=dim, keepdim=True).square_().div_(g.shape[dim])
 
 
+def _torch_names(beta2_decay: Any, eps: Any, d: Any, beta2_exponent: Any, eps_scale: Any,
+                 clip_threshold: Any) -> tuple[Any, Any, Any]:
+    """torch's ``(beta2_decay, eps, d)``, given optforge's earlier names where they are used
+    (``beta2_exponent=c`` is ``beta2_decay=-c``, a number ``eps=e1`` with ``eps_scale=e2`` is
+    ``eps=(e1, e2)``, ``clip_threshold`` is ``d``). A value given both ways is a ValueError."""
+
+    def either(name: str, value: Any, default: Any, old_name: str, old: Any) -> Any:
+        if old is None:
+            return value
+        if value != default:
+            raise ValueError(f"invalid {old_name}={old!r} with {name}={value!r}: {old_name} is an "
+                             f"earlier name of {name}; give one of them")
+        return old
+
+    if beta2_exponent is not None:
+        non_negative("beta2_exponent", beta2_exponent)
+        beta2_exponent = -beta2_exponent
+    beta2_decay = either("beta2_decay", beta2_decay, -0.8, "beta2_exponent", beta2_exponent)
+    d = either("d", d, 1.0, "clip_threshold", clip_threshold)
+    if not isinstance(eps, (tuple, list)):
+        eps = (eps, 1e-3)                                    # eps=e1: optforge's earlier form
+    if eps_scale is not None and len(eps) == 2:              # (another length: the check says so)
+        eps = (eps[0], either("eps[1]", eps[1], 1e-3, "eps_scale", eps_scale))
+    return beta2_decay, eps, d
+
+
 class FactoredOptimizer(Optimizer):
     """Base of optimizers with factored state (Adafactor, CAME): every parameter has the same
     state names, but not every entry has the parameter's shape. ``state_shape`` says which
@@ -58,61 +93,57 @@ class FactoredOptimizer(Optimizer):
 
 class Adafactor(FactoredOptimizer):
     r"""Adafactor (Shazeer & Stern, 2018, "Adafactor: Adaptive Learning Rates with Sublinear
-    Memory Cost", arXiv:1804.04235, Algorithms 4 (matrices) and 5 (vectors)), with the options
-    of the authors' code (tensor2tensor's ``AdafactorOptimizer``) and of ``torch.optim.Adafactor``.
+    Memory Cost", arXiv:1804.04235, Algorithms 4 (matrices) and 5 (vectors)), with
+    ``torch.optim.Adafactor``'s signature and defaults, and the options of the authors' code
+    (tensor2tensor's ``AdafactorOptimizer``).
 
     For a matrix :math:`X \in \mathbb{R}^{n \times m}` (a tensor with more dims: each matrix of
-    its last two dims), with :math:`\hat\beta_{2,t} = 1 - t^{-c}` (``c = beta2_exponent``):
+    its last two dims), with :math:`\hat\beta_{2,t} = 1 - t^{\tau}` (:math:`\tau` = ``beta2_decay``),
+    ``eps`` :math:`= (\epsilon_1, \epsilon_2)` and ``d`` the clipping threshold:
 
     .. math::
         \rho_t &= \min(\mathrm{lr}, 1/\sqrt{t}) \quad (\texttt{relative\_step}; \text{ else lr}), \qquad
         \alpha_t = \max(\epsilon_2, \mathrm{RMS}(X_{t-1}))\, \rho_t
             \quad (\texttt{scale\_parameter}; \text{ else } \rho_t) \\
-        R_t &= \hat\beta_{2,t} R_{t-1} + (1 - \hat\beta_{2,t})\, \mathrm{mean}_{cols}(G_t^2 + \epsilon_1) \\
-        C_t &= \hat\beta_{2,t} C_{t-1} + (1 - \hat\beta_{2,t})\, \mathrm{mean}_{rows}(G_t^2 + \epsilon_1) \\
-        \hat V_t &= R_t C_t / \mathrm{mean}(R_t), \qquad U_t = G_t / \sqrt{\hat V_t}, \qquad
+        R_t &= \hat\beta_{2,t} R_{t-1} + (1 - \hat\beta_{2,t})\, \mathrm{mean}_{cols}(G_t^2) \\
+        C_t &= \hat\beta_{2,t} C_{t-1} + (1 - \hat\beta_{2,t})\, \mathrm{mean}_{rows}(G_t^2) \\
+        \hat V_t &= R_t C_t / \max(\mathrm{mean}(R_t), \epsilon_1), \qquad
+        U_t = G_t / \max(\sqrt{\hat V_t}, \epsilon_1), \qquad
         \hat U_t = U_t / \max(1, \mathrm{RMS}(U_t) / d) \\
         m_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, \alpha_t \hat U_t, \qquad X_t = X_{t-1} - m_t
             \qquad (\beta_1 = \texttt{momentum}; \text{ at } 0: m_t = \alpha_t \hat U_t)
 
     A vector (or scalar) keeps :math:`\hat V_t = \hat\beta_{2,t} \hat V_{t-1} + (1 - \hat\beta_{2,t})
-    (G_t^2 + \epsilon_1)` in full. Means instead of the paper's sums give the same
-    :math:`\hat V_t`. :math:`d` is ``clip_threshold``, :math:`\epsilon_1` ``eps``,
-    :math:`\epsilon_2` ``eps_scale``.
+    G_t^2` in full. Means instead of the paper's sums give the same :math:`\hat V_t`.
 
-    Defaults are the paper's settings (:math:`\rho_t = \min(10^{-2}, 1/\sqrt t)`, :math:`c = 0.8`,
-    :math:`\epsilon_1 = 10^{-30}` added to :math:`G^2`, :math:`\epsilon_2 = 10^{-3}`, :math:`d = 1`,
-    no first moment), which are also tensor2tensor's and HF transformers'. With ε1 added, a
-    factored :math:`U_t` is computed as :math:`G_t (R_t / \mathrm{mean}(R_t))^{-1/2} C_t^{-1/2}`
-    (:math:`R_t C_t` underflows in float32 where a gradient row and column are zero).
+    Defaults are torch's (lr 1e-2, :math:`\tau = -0.8`, ``eps=(None, 1e-3)``, ``d=1``, no
+    decay), and with them and the options at their defaults this is torch's algorithm (tested to
+    float64 rounding; ``foreach`` is accepted and changes nothing). :math:`\epsilon_1` None is the
+    dtype's machine epsilon, as in torch (2.2e-16 in float64, 1.2e-7 in float32, 7.8e-3 in
+    bfloat16 — there it damps every gradient below that RMS). Options torch has not:
 
-    How ``torch.optim.Adafactor`` (torch 2.13) differs from the paper, and the configuration of
-    this class that reproduces it (tested to float64 rounding):
-
-    - ε1 placement: torch does not add ε1 to :math:`G^2`; it floors the denominators instead,
-      :math:`\hat V_t = R_t C_t / \max(\mathrm{mean}(R_t), \epsilon_1)` and
-      :math:`U_t = G_t / \max(\sqrt{\hat V_t}, \epsilon_1)`: ``eps_placement="clamp"``. Torch's
-      ε1 defaults to the dtype's machine epsilon (``eps=None``; 2.2e-16 in float64, 1.2e-7 in
-      float32, 7.8e-3 in bfloat16 — there it damps every gradient below that RMS): pass it
-      here as a number, ``eps=torch.finfo(dtype).eps``.
-    - Relative step: torch's :math:`\rho_t = \min(\mathrm{lr}, 1/\sqrt t)`, the paper's with
-      :math:`10^{-2}` replaced by lr (the same with the default lr): as here. Torch has no
-      absolute step (``relative_step=False``: :math:`\rho_t = \mathrm{lr}`, the user's schedule),
-      nor a step without parameter scaling (``scale_parameter=False``: :math:`\alpha_t = \rho_t`),
-      nor a first moment (``momentum`` :math:`= \beta_1 > 0`, an EMA of the scaled, clipped
-      update, as in tensor2tensor (the authors' code, ``beta1``) and optax (``momentum``); the
-      paper's algorithms have none, its experiments compare :math:`\beta_1 = 0.9` with 0).
-    - Names: torch's ``beta2_decay=-0.8`` is ``beta2_exponent=0.8`` here, ``eps=(eps1, eps2)`` is
-      ``eps=eps1, eps_scale=eps2``, ``d`` is ``clip_threshold`` (torch requires d >= 1; any
-      d > 0 is accepted here, a large one turns clipping off).
-    - Update clipping (:math:`\hat U_t`) and the :math:`\hat\beta_{2,t}` schedule are the same in
-      the paper, torch and here.
+    - ``eps_placement="add"``: the paper's (and tensor2tensor's, HF transformers') placement of
+      :math:`\epsilon_1`, added to :math:`G_t^2` in :math:`R_t, C_t, \hat V_t` instead of
+      flooring the denominators (torch's, ``"clamp"``). The paper's settings are
+      ``eps=(1e-30, 1e-3), eps_placement="add"``. With ε1 added, a factored :math:`U_t` is
+      computed as :math:`G_t (R_t / \mathrm{mean}(R_t))^{-1/2} C_t^{-1/2}` (:math:`R_t C_t`
+      underflows in float32 where a gradient row and column are zero).
+    - ``relative_step=False``: :math:`\rho_t = \mathrm{lr}` (an absolute step: the user's
+      schedule). ``scale_parameter=False``: :math:`\alpha_t = \rho_t`.
+    - ``momentum`` :math:`= \beta_1 > 0`: a first moment, an EMA of the scaled, clipped update, as
+      in tensor2tensor (the authors' code, ``beta1``) and optax (``momentum``); the paper's
+      algorithms have none, its experiments compare :math:`\beta_1 = 0.9` with 0.
+    - ``d``: torch requires d >= 1; any d > 0 is accepted here (a large one turns clipping off).
     - Weight decay is not in the paper. Torch decays :math:`X \leftarrow X (1 - \mathrm{lr}\,\lambda)`
       with the group lr (the cap of :math:`\rho_t`, not :math:`\alpha_t`), and takes
       :math:`\mathrm{RMS}(X_{t-1})` before the decay: here ``weight_decay_mode="decoupled"``
       (the default; the base class decays with the group lr) and the RMS of the decayed
       parameter divided by the decay factor. ``"coupled"`` adds :math:`\lambda X` to
       :math:`G_t`; ``"absolute"`` multiplies :math:`X` by :math:`1 - \lambda`.
+
+    Earlier optforge names keep working as keywords: ``beta2_exponent=c`` is
+    ``beta2_decay=-c``, ``eps=e1`` (a number) with ``eps_scale=e2`` is ``eps=(e1, e2)``,
+    ``clip_threshold`` is ``d``; param groups hold torch's names.
 
     How lr acts: with ``relative_step=True`` (default) lr caps the relative step, so
     :math:`\rho_t = \mathrm{lr}` until :math:`t = \mathrm{lr}^{-2}` (10,000 steps at 1e-2) and
@@ -121,28 +152,30 @@ class Adafactor(FactoredOptimizer):
 
     State: ``step``; a tensor with 2+ dims ``row_var`` (shape ``(..., n, 1)``) and ``col_var``
     (``(..., 1, m)``), anything else ``variance`` (its shape); the entry a tensor does not use is
-    empty (0 elements), so every parameter has the same names. torch.optim.Adafactor loads
-    these state tensors as they are (not the param groups: their hyperparameters are named
-    differently). ``exp_avg`` (m, parameter-sized) only with ``momentum > 0``.
+    empty (0 elements), so every parameter has the same names (a torch checkpoint, which lacks
+    them, loads). State dicts move both ways with torch.optim.Adafactor. ``exp_avg``
+    (m, parameter-sized) only with ``momentum > 0``.
     Eager only (per-tensor RMS and factored statistics): ``fused=True`` is refused.
     """
 
-    constraints = dict(beta2_exponent=non_negative, eps=non_negative, eps_scale=non_negative,
-                       clip_threshold=positive, momentum=unit_interval, relative_step=boolean,
+    constraints = dict(beta2_decay=non_positive, eps=tuple_of(optional(non_negative), non_negative),
+                       d=positive, momentum=unit_interval, relative_step=boolean,
                        scale_parameter=boolean, eps_placement=one_of("add", "clamp"))
     state_names = ("row_var", "col_var", "variance", "exp_avg")
 
-    def __init__(self, params: ParamsT, lr: float = 1e-2, beta2_exponent: float = 0.8, eps: float = 1e-30,
-                 eps_scale: float = 1e-3, clip_threshold: float = 1.0, weight_decay: float = 0.0,
-                 momentum: float = 0.0, relative_step: bool = True, scale_parameter: bool = True,
-                 eps_placement: str = "add", *, weight_decay_mode: str = "decoupled",
-                 maximize: bool = False, fused: bool = False) -> None:
-        super().__init__(params, dict(lr=lr, beta2_exponent=beta2_exponent, eps=eps, eps_scale=eps_scale,
-                                      clip_threshold=clip_threshold, weight_decay=weight_decay,
-                                      momentum=momentum,
+    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-2, beta2_decay: float = -0.8,
+                 eps: tuple[float | None, float] = (None, 1e-3), d: float = 1.0, weight_decay: float = 0.0,
+                 *, foreach: bool | None = None, maximize: bool = False, momentum: float = 0.0,
+                 relative_step: bool = True, scale_parameter: bool = True, eps_placement: str = "clamp",
+                 weight_decay_mode: str = "decoupled", fused: bool = False,
+                 beta2_exponent: float | None = None, eps_scale: float | None = None,
+                 clip_threshold: float | None = None) -> None:
+        beta2_decay, eps, d = _torch_names(beta2_decay, eps, d, beta2_exponent, eps_scale, clip_threshold)
+        super().__init__(params, dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay,
+                                      foreach=foreach, maximize=maximize, momentum=momentum,
                                       relative_step=relative_step, scale_parameter=scale_parameter,
                                       eps_placement=eps_placement, weight_decay_mode=weight_decay_mode,
-                                      maximize=maximize, fused=fused))
+                                      fused=fused))
 
     def state_names_for(self, group: dict[str, Any]) -> tuple[str, ...]:
         return self.state_names if group["momentum"] > 0 else self.state_names[:3]
@@ -170,8 +203,10 @@ class Adafactor(FactoredOptimizer):
     def second_moment_step(self, group: dict[str, Any], x: Tensor, g: Tensor, s: dict[str, Tensor],
                            k: float) -> Tensor:
         """Update one tensor's second moment; return U_t = G_t / sqrt(V_t) (a new tensor)."""
-        eps, clamp = group["eps"], group["eps_placement"] == "clamp"
-        mix = k ** -group["beta2_exponent"]                     # 1 - beta2_t = t^-c
+        eps, clamp = group["eps"][0], group["eps_placement"] == "clamp"
+        if eps is None:                                          # torch's default: the dtype's
+            eps = torch.finfo(x.dtype).eps
+        mix = k ** group["beta2_decay"]                          # 1 - beta2_t = t^tau
         added = 0.0 if clamp else eps                            # paper: G^2 + eps1
         if is_factored(x):
             row, col = s["row_var"], s["col_var"]
@@ -198,13 +233,13 @@ class Adafactor(FactoredOptimizer):
                        for i, (x, gx, k) in enumerate(zip(p, g, t)))
         sqrt_n = rms_scale(p)
         # max(1, RMS(U_t) / d), per tensor
-        clip = (torch.stack(u.norm()) / sqrt_n).div_(group["clip_threshold"]).clamp_(min=1.0)
+        clip = (torch.stack(u.norm()) / sqrt_n).div_(group["d"]).clamp_(min=1.0)
         rho = [min(lr, 1 / k**0.5) if group["relative_step"] else lr for k in t]                # rho_t
         alpha = torch.tensor(rho, dtype=clip.dtype, device=clip.device)
         if group["scale_parameter"]:
             # RMS(X_{t-1}) before this step's weight decay (the base decayed p already)
             rms_x = torch.stack(p.norm()).div_(sqrt_n).div_(self._decay_factor(group, t))
-            alpha = rms_x.clamp_(min=group["eps_scale"]).mul_(alpha)                         # alpha_t
+            alpha = rms_x.clamp_(min=group["eps"][1]).mul_(alpha)                            # alpha_t
         step = alpha.div_(clip)                                                               # alpha_t / clip
         if group["momentum"] > 0:
             u.mul_(list(step.unbind()))                          # alpha_t U^_t

@@ -6,10 +6,12 @@ import math
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from ..base import Optimizer, ParamsT
 from ..constraints import beta_tuple, boolean, non_negative
 from ..registry import register
+from ..torch_compat import DECOUPLED_WEIGHT_DECAY
 
 
 class Adam(Optimizer):
@@ -25,19 +27,28 @@ class Adam(Optimizer):
                    \cdot \frac{m_t}{\sqrt{\hat{v}_t} / \sqrt{1 - \beta_2^t} + \epsilon}
 
     ``lr_t`` is the group lr (:class:`AdamWarmup` and :class:`Noam` schedule it per step).
-    Weight decay is coupled L2 by default (``weight_decay_mode="decoupled"`` is AdamW).
-    State: ``step``, ``exp_avg`` (m), ``exp_avg_sq`` (v), ``max_exp_avg_sq`` (amsgrad).
+    Weight decay is coupled L2 by default; ``decoupled_weight_decay=True`` (torch's name) or
+    ``weight_decay_mode="decoupled"`` is AdamW. State: ``step``, ``exp_avg`` (m),
+    ``exp_avg_sq`` (v), ``max_exp_avg_sq`` (amsgrad).
+
+    torch's signature (``foreach``, ``capturable``, ``differentiable``, ``fused``: see
+    :mod:`optforge.torch_compat`); ``betas`` are Python numbers (torch also takes tensors, for
+    capturable steps, which optforge does not have).
     """
 
-    constraints = dict(betas=beta_tuple(2), eps=non_negative, amsgrad=boolean)
+    constraints = dict(betas=beta_tuple(2), eps=non_negative, amsgrad=boolean, **DECOUPLED_WEIGHT_DECAY)
     state_kinds = dict(exp_avg_sq="non_negative", max_exp_avg_sq="non_negative")
 
-    def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *,
-                 weight_decay_mode: str = "coupled", maximize: bool = False, fused: bool = False) -> None:
+                 foreach: bool | None = None, maximize: bool = False, capturable: bool = False,
+                 differentiable: bool = False, fused: bool | None = None,
+                 decoupled_weight_decay: bool = False, weight_decay_mode: str | None = None) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      amsgrad=amsgrad, weight_decay_mode=weight_decay_mode,
-                                      maximize=maximize, fused=fused))
+                                      amsgrad=amsgrad, foreach=foreach, maximize=maximize,
+                                      capturable=capturable, differentiable=differentiable, fused=fused,
+                                      decoupled_weight_decay=decoupled_weight_decay,
+                                      weight_decay_mode=weight_decay_mode))
 
     def state_names_for(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
@@ -79,24 +90,32 @@ class Adam(Optimizer):
 class AdamW(Adam):
     r"""AdamW (Loshchilov & Hutter, 2019): Adam with decoupled weight decay,
     :math:`\theta \leftarrow \theta (1 - \mathrm{lr} \cdot \lambda)` before the Adam step,
-    as ``torch.optim.AdamW`` computes it. Same state as :class:`Adam`."""
+    as ``torch.optim.AdamW`` computes it (and its signature). Same state as :class:`Adam`."""
 
-    def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
-                 weight_decay_mode: str = "decoupled", maximize: bool = False, fused: bool = False) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad,
-                         weight_decay_mode=weight_decay_mode, maximize=maximize, fused=fused)
+                 maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
+                 differentiable: bool = False, fused: bool | None = None,
+                 weight_decay_mode: str | None = "decoupled") -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=weight_decay_mode in (None, "decoupled"),
+                         weight_decay_mode=weight_decay_mode)
 
 
 class AMSGrad(Adam):
     """AMSGrad (Reddi et al., 2018): :class:`Adam` with ``amsgrad=True``, a running maximum of
-    the second moment so the effective step size never grows."""
+    the second moment so the effective step size never grows (``torch.optim.Adam(amsgrad=True)``,
+    whose signature it takes)."""
 
-    def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = True, *,
-                 weight_decay_mode: str = "coupled", maximize: bool = False, fused: bool = False) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad,
-                         weight_decay_mode=weight_decay_mode, maximize=maximize, fused=fused)
+                 foreach: bool | None = None, maximize: bool = False, capturable: bool = False,
+                 differentiable: bool = False, fused: bool | None = None,
+                 decoupled_weight_decay: bool = False, weight_decay_mode: str | None = None) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=decoupled_weight_decay, weight_decay_mode=weight_decay_mode)
 
 register(Adam, "Adam (Kingma & Ba, 2015); L2 weight decay; amsgrad option")
 register(AdamW, "AdamW: Adam with decoupled weight decay (Loshchilov & Hutter, 2019)")

@@ -61,7 +61,7 @@ def orthogonalize(x: Tensor, coefficients: tuple[float, float, float] = NS_COEFF
     return y.T if tall else y
 
 
-def _lr_ratio(adjust_lr_fn: str, rows: int, cols: int) -> float:
+def _lr_ratio(adjust_lr_fn: str | None, rows: int, cols: int) -> float:
     if adjust_lr_fn == "match_rms_adamw":
         return 0.2 * math.sqrt(max(rows, cols))            # Moonshot: update RMS ~ AdamW's 0.2
     return math.sqrt(max(1.0, rows / cols))                 # Jordan: sqrt(max(1, A/B))
@@ -82,7 +82,7 @@ class Muon(Optimizer):
             \quad (\text{see } :func:`orthogonalize`) \\
         W_t &= W_{t-1}(1 - \mathrm{lr}\,\lambda) - \mathrm{lr}\,\rho(A, B)\, O_t
 
-    with :math:`\rho = \sqrt{\max(1, A/B)}` (``adjust_lr_fn="original"``, Jordan's; torch's None) or
+    with :math:`\rho = \sqrt{\max(1, A/B)}` (``adjust_lr_fn="original"`` or None, Jordan's) or
     :math:`\rho = 0.2\sqrt{\max(A, B)}` (``"match_rms_adamw"``, Liu et al., 2025, "Muon is
     Scalable for LLM Training": lr and decay tuned for AdamW carry over).
 
@@ -103,27 +103,31 @@ class Muon(Optimizer):
     ``ns_dtype``: the dtype the Newton-Schulz iteration runs in: ``"bfloat16"`` (the default,
     as Jordan's and torch's: it is stable in bf16 and fast on accelerators), ``"float32"``,
     ``"float64"``, or ``"param"``: the parameter's dtype (exact float64 runs, for parity tests).
-    Defaults are Jordan's (lr 0.02, no decay; AdamW betas (0.9, 0.95), eps 1e-10), the
-    iteration torch's (its eps, its ``addmm`` form). Jordan's reference scales conv kernels by
-    their last two dims (kernel height / width); here :math:`A, B` are those of the flattened
-    matrix. State: ``step``, ``momentum_buffer`` (Muon), ``exp_avg``, ``exp_avg_sq`` (AdamW);
-    in a ``use_muon=None`` group holding both kinds, a param's unused entries are empty
-    tensors. Eager only (per-matrix iterations); ``fused=True`` is refused.
+    The signature is ``torch.optim.Muon``'s, with its defaults (lr 1e-3, weight decay 0.1;
+    Jordan's reference uses lr 0.02 and no decay), then optforge's keyword-only options; the
+    AdamW fallback's defaults are Jordan's (betas (0.9, 0.95), eps 1e-10), the iteration
+    torch's (its eps, its ``addmm`` form). torch's Muon refuses parameters that are not
+    matrices; here vectors and scalars take the AdamW fallback, and conv kernels are Muon's.
+    Jordan's reference scales conv kernels by their last two dims (kernel height / width);
+    here :math:`A, B` are those of the flattened matrix. State: ``step``, ``momentum_buffer``
+    (Muon), ``exp_avg``, ``exp_avg_sq`` (AdamW); in a ``use_muon=None`` group holding both
+    kinds, a param's unused entries are empty tensors. State dicts move both ways with
+    torch.optim.Muon (whose state has no ``step``). Eager only (per-matrix iterations);
+    ``fused=True`` is refused.
     """
 
     constraints = dict(momentum=unit_interval, nesterov=boolean, ns_coefficients=real_tuple(3),
                        ns_steps=integer_at_least(1), eps=non_negative,
-                       adjust_lr_fn=one_of("original", "match_rms_adamw"),
+                       adjust_lr_fn=optional(one_of("original", "match_rms_adamw")),
                        ns_dtype=one_of(*NS_DTYPES), use_muon=optional(boolean),
                        adamw_betas=beta_tuple(2), adamw_eps=non_negative)
     supports_complex = False
 
-    def __init__(self, params: ParamsT, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
-                 weight_decay: float = 0.0,
-                 ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS, ns_steps: int = 5,
-                 eps: float = 1e-7,
-                 adjust_lr_fn: str = "original", ns_dtype: str = "bfloat16",
-                 adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-10, *,
+    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, weight_decay: float = 0.1,
+                 momentum: float = 0.95, nesterov: bool = True,
+                 ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS, eps: float = 1e-7,
+                 ns_steps: int = 5, adjust_lr_fn: str | None = None, *, ns_dtype: str = "bfloat16",
+                 adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-10,
                  weight_decay_mode: str = "decoupled", maximize: bool = False, fused: bool = False) -> None:
         super().__init__(params, dict(
             lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
@@ -265,6 +269,7 @@ def muon_param_groups(model: nn.Module, groups: list[dict[str, Any]] | None = No
     return out
 
 
+# compare_lr: Jordan's lr 0.02 (the class default is torch's, 1e-3)
 register(Muon, "Muon: momentum orthogonalized by Newton-Schulz for matrices, AdamW for the rest "
-         "(Jordan, 2024)", elementwise=False,
+         "(Jordan, 2024)", elementwise=False, compare_lr=0.02,
          prepare_groups=lambda model, groups: muon_param_groups(model, groups))

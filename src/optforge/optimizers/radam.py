@@ -5,9 +5,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from torch import Tensor
+
 from ..base import Optimizer, ParamsT
 from ..constraints import beta_tuple, boolean, non_negative
 from ..registry import register
+from ..torch_compat import DECOUPLED_WEIGHT_DECAY
 
 
 class RAdam(Optimizer):
@@ -26,18 +29,27 @@ class RAdam(Optimizer):
     SGD with momentum, :math:`\theta_t = \theta_{t-1} - \mathrm{lr}\, m_t / (1 - \beta_1^t)`,
     as torch and the paper's reference do; ``degenerated_to_sgd=False`` skips those steps
     instead (the reference's other option). State: ``step``, ``exp_avg``, ``exp_avg_sq``.
+
+    torch's signature (``decoupled_weight_decay=True`` is ``weight_decay_mode="decoupled"``;
+    ``foreach``, ``capturable``, ``differentiable``: see :mod:`optforge.torch_compat`), and
+    ``fused``, which torch's RAdam has not.
     """
 
-    constraints = dict(betas=beta_tuple(2), eps=non_negative, degenerated_to_sgd=boolean)
+    constraints = dict(betas=beta_tuple(2), eps=non_negative, degenerated_to_sgd=boolean,
+                       **DECOUPLED_WEIGHT_DECAY)
     state_names = ("exp_avg", "exp_avg_sq")
     state_kinds = dict(exp_avg_sq="non_negative")
 
-    def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, degenerated_to_sgd: bool = True, *,
-                 weight_decay_mode: str = "coupled", maximize: bool = False, fused: bool = False) -> None:
+    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, decoupled_weight_decay: bool = False, *,
+                 foreach: bool | None = None, maximize: bool = False, capturable: bool = False,
+                 differentiable: bool = False, degenerated_to_sgd: bool = True,
+                 weight_decay_mode: str | None = None, fused: bool = False) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      decoupled_weight_decay=decoupled_weight_decay, foreach=foreach,
+                                      maximize=maximize, capturable=capturable, differentiable=differentiable,
                                       degenerated_to_sgd=degenerated_to_sgd,
-                                      weight_decay_mode=weight_decay_mode, maximize=maximize, fused=fused))
+                                      weight_decay_mode=weight_decay_mode, fused=fused))
 
     def scalars(self, group: dict[str, Any], t: float) -> dict[str, float]:
         (b1, b2), lr = group["betas"], group["lr"]

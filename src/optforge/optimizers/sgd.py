@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from ..base import Optimizer, ParamsT
 from ..constraints import boolean, non_negative, unit_interval
@@ -22,16 +23,25 @@ class SGD(Optimizer):
 
     (with :math:`\mu = 0`, :math:`d_t = g_t`). State: ``step``, ``momentum_buffer`` (b, only
     when momentum > 0). Weight decay is coupled L2 by default.
+
+    torch's signature (``foreach``, ``differentiable``, ``fused``: see :mod:`optforge.torch_compat`).
+    Sparse gradients (``nn.Embedding(sparse=True)``) are supported as in torch: the update is
+    the same, eager (``fused=True`` runs such a step eagerly). Unlike torch, whose momentum
+    buffer of a sparse gradient is a sparse tensor that accumulates entries, the buffer is dense
+    (the same values), and coupled weight decay works (torch raises): it makes the gradient dense.
     """
 
     constraints = dict(momentum=non_negative, dampening=non_negative, nesterov=boolean)
+    supports_sparse = True
 
-    def __init__(self, params: ParamsT, lr: float = 1e-3, momentum: float = 0.0,
-                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
-                 weight_decay_mode: str = "coupled", maximize: bool = False, fused: bool = False) -> None:
+    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, momentum: float = 0.0,
+                 dampening: float = 0.0, weight_decay: float | Tensor = 0.0, nesterov: bool = False, *,
+                 maximize: bool = False, foreach: bool | None = None, differentiable: bool = False,
+                 fused: bool | None = None, weight_decay_mode: str = "coupled") -> None:
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
-                                      weight_decay=weight_decay, nesterov=nesterov,
-                                      weight_decay_mode=weight_decay_mode, maximize=maximize, fused=fused))
+                                      weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+                                      foreach=foreach, differentiable=differentiable, fused=fused,
+                                      weight_decay_mode=weight_decay_mode))
 
     def check_group(self, group: dict[str, Any]) -> None:
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):

@@ -1,26 +1,26 @@
-"""SOAP: Adam in the eigenbasis of Shampoo's preconditioner."""
+"""SOAP: Adam in the eigenbasis of Shampoo's preconditioner, as the authors' code runs it."""
 
 from __future__ import annotations
 
-import math
-from typing import Any
+import numbers
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from ..base import Optimizer, ParamsT
-from ..constraints import beta_tuple, boolean, integer_at_least, non_negative, unit_interval
+from ..constraints import beta_tuple, boolean, integer_at_least, non_negative, one_of, unit_interval
 from ..precision import LOW_PRECISION
 from ..registry import register
 
 __all__ = ["SOAP"]
 
-Layout = tuple[list[int], list[bool]]     # the shape preconditioned, and which of its dims are
+DATA_FORMATS = ("channels_first", "channels_last")
 
 
 def merged_shape(shape: list[int], max_precond_dim: int) -> list[int]:
-    """The reference's ``merge_dims``: neighbouring dims multiplied together while the product
-    stays <= ``max_precond_dim`` (a (64, 32, 3, 3) kernel -> (64, 288))."""
+    """The authors' ``merge_dims``: neighbouring dims multiplied together while the product
+    stays <= ``max_precond_dim`` (a (64, 32, 3, 3) kernel -> (64, 288)); dims of size 1 vanish."""
     out, run = [], 1
     for d in shape:
         if run * d > max_precond_dim:
@@ -37,26 +37,49 @@ def merged_shape(shape: list[int], max_precond_dim: int) -> list[int]:
     return out
 
 
-def _matrices(flat: Tensor, layout: Layout) -> list[Tensor | None]:
-    """Views of one state tensor as the (d, d) matrix of each preconditioned dim (None: not)."""
-    out, at = [], 0
-    for d, on in zip(*layout):
-        out.append(flat[at:at + d * d].view(d, d) if on else None)
-        at += d * d if on else 0
-    return out
+class Layout(NamedTuple):
+    """How a parameter is preconditioned: viewed as ``shape`` (a channels-last 4-D tensor first
+    permuted to channels-first, then dims merged), with a Shampoo factor for each dim where
+    ``rotated`` is True."""
+
+    shape: tuple[int, ...]
+    rotated: tuple[bool, ...]
+    channels_last: bool = False
+
+    def view(self, x: Tensor) -> Tensor:
+        return (x.permute(0, 3, 1, 2) if self.channels_last else x).reshape(self.shape)
+
+    def restore(self, y: Tensor, like: Tensor) -> Tensor:
+        """``y``, in this layout's shape, back in the shape (and dim order) of ``like``."""
+        if self.channels_last:
+            n, h, w, c = like.shape
+            return y.reshape(n, c, h, w).permute(0, 2, 3, 1)
+        return y.reshape(like.shape)
+
+    @property
+    def factor_numel(self) -> int:
+        return sum(d * d for d, on in zip(self.shape, self.rotated) if on)
+
+    def matrices(self, flat: Tensor) -> list[Tensor | None]:
+        """Views of a flat state tensor as the (d, d) matrix of each rotated dim (None: not)."""
+        out, at = [], 0
+        for d, on in zip(self.shape, self.rotated):
+            out.append(flat[at:at + d * d].view(d, d) if on else None)
+            at += d * d if on else 0
+        return out
 
 
 def _project(x: Tensor, qs: list[Tensor | None], layout: Layout, back: bool = False) -> Tensor:
     """:math:`x \\times_1 Q_1^\\top \\cdots \\times_k Q_k^\\top` (``back``: :math:`Q_i`), in
     ``x``'s shape: each step contracts the leading dim and appends the result as the last.
-    Always a new tensor (the callers update it in place)."""
+    ``x`` itself where nothing is rotated, a new tensor otherwise."""
     if all(q is None for q in qs):
-        return x.clone()
-    y = x.reshape(layout[0])
+        return x
+    y = layout.view(x)
     for q in qs:
         y = (y.permute(*range(1, y.dim()), 0) if q is None
              else torch.tensordot(y, q, dims=([0], [1 if back else 0])))
-    return y.reshape(x.shape)
+    return layout.restore(y, x)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -70,145 +93,199 @@ def _eigenbasis(gram: Tensor) -> Tensor:
     try:
         q = torch.linalg.eigh(m + 1e-30 * eye)[1]
     except RuntimeError:
-        q = torch.linalg.eigh(m.double() + 1e-30 * eye.double())[1]
+        q = torch.linalg.eigh(m.double() + 1e-30 * eye.double())[1].to(m.dtype)
     return q.flip(1)
+
+
+def _accumulate(grad: Tensor, factors: list[Tensor | None], beta: float) -> None:
+    """:math:`L_i \\leftarrow \\beta L_i + (1 - \\beta) G_{(i)} G_{(i)}^\\top` for each factor
+    (``grad`` in the layout's shape; :math:`G_{(i)}`: dim i by all the others)."""
+    for i, f in enumerate(factors):
+        if f is not None:
+            others = [j for j in range(grad.dim()) if j != i]
+            f.lerp_(torch.tensordot(grad, grad, dims=(others, others)), 1 - beta)
+
+
+def _power_iteration(factors: list[Tensor | None], bases: list[Tensor | None], v: Tensor,
+                     layout: Layout) -> None:
+    """One power iteration per factor, :math:`Q \\leftarrow \\mathrm{QR}(L Q)`, with Q's columns
+    first ordered by the estimated eigenvalues :math:`\\mathrm{diag}(Q^\\top L Q)`, largest
+    first; V's entries follow their columns."""
+    v_rot = layout.view(v)
+    for i, (f, b) in enumerate(zip(factors, bases)):
+        if f is None:
+            continue
+        dtype = _compute_dtype(f)
+        q = b.to(dtype)
+        lq = f.to(dtype) @ q
+        order = torch.argsort((q * lq).sum(0), descending=True)      # diag(Q^T L Q), reusing L Q
+        v_rot = v_rot.index_select(i, order)
+        b.copy_(torch.linalg.qr(lq.index_select(1, order))[0])
+    v.copy_(layout.restore(v_rot, v))
+
+
+def beta_or_minus_one(name: str, value: Any) -> None:
+    """-1 (``shampoo_beta``: use ``betas[1]``, the authors' default) or a real number in [0, 1)."""
+    if not isinstance(value, bool) and isinstance(value, numbers.Real) and value == -1:
+        return
+    try:
+        unit_interval(name, value)
+    except ValueError:
+        raise ValueError(f"invalid {name}={value!r}: expected -1 (use betas[1]) or a real number "
+                         "in [0, 1)") from None
 
 
 class SOAP(Optimizer):
     r"""SOAP (Vyas et al., 2024, "SOAP: Improving and Stabilizing Shampoo using Adam",
-    Algorithm 3; defaults of the authors' code, nikhilvyas/SOAP).
+    Algorithm 3), as the authors' code runs it: nikhilvyas/SOAP ``soap.py`` at commit
+    a1e553530fde97d0e6b307d7c82ac6d38b072340, with its keyword names and defaults.
 
-    For a matrix gradient :math:`G_t` (a tensor: one factor per dim, the same way), with
-    Shampoo's factors :math:`L, R` and their eigenbases :math:`Q_L, Q_R`:
+    For a matrix gradient :math:`G` (a tensor: one factor per dim, the same way), Shampoo's
+    factors :math:`L, R` and their eigenbases :math:`Q_L, Q_R`: the first step only sets the
+    preconditioner, :math:`L = (1 - \beta_s) G G^\top`, :math:`R = (1 - \beta_s) G^\top G`,
+    :math:`Q_L, Q_R` their eigenvectors by decreasing eigenvalue (``eigh``), and leaves the
+    parameter alone, so a gradient never enters its own projection. Then, with :math:`t`
+    counting the steps after the first:
 
     .. math::
         G'_t &= Q_L^\top G_t Q_R, \qquad
-        M_t = \beta_1 M_{t-1} + (1 - \beta_1) G_t, \qquad M'_t = Q_L^\top M_t Q_R \\
-        V_t &= \beta_2 V_{t-1} + (1 - \beta_2) G'_t \odot G'_t \\
-        W_t &= W_{t-1} - \mathrm{lr}\, \frac{\sqrt{1 - \beta_2^t}}{1 - \beta_1^t}\,
-            Q_L \frac{M'_t}{\sqrt{V_t} + \epsilon} Q_R^\top, \qquad
-            W_t \leftarrow (1 - \mathrm{lr}\,\lambda) W_t \\
-        L_t &= \beta_s L_{t-1} + (1 - \beta_s) G_t G_t^\top, \qquad
-        R_t = \beta_s R_{t-1} + (1 - \beta_s) G_t^\top G_t
+        M'_t = \beta_1 M'_{t-1} + (1 - \beta_1) G'_t, \qquad
+        V_t = \beta_2 V_{t-1} + (1 - \beta_2)\, G'_t \odot G'_t \\
+        N_t &= Q_L \frac{M'_t}{\sqrt{V_t} + \epsilon} Q_R^\top, \qquad
+        W_t = W_{t-1} - \mathrm{lr}\, \frac{\sqrt{1 - \beta_2^t}}{1 - \beta_1^t}\, N_t, \qquad
+        W_t \leftarrow W_t - \mathrm{lr}\, \lambda\, W_t \\
+        L &\leftarrow \beta_s L + (1 - \beta_s) G_t G_t^\top, \qquad
+        R \leftarrow \beta_s R + (1 - \beta_s) G_t^\top G_t
 
-    with :math:`\beta_s` = ``shampoo_beta``. Every ``precondition_frequency`` steps each
-    :math:`Q` is refreshed by one power iteration, :math:`Q \leftarrow \mathrm{QR}(L Q)`, its
-    columns first sorted by the estimated eigenvalues :math:`\mathrm{diag}(Q^\top L Q)` (and
-    :math:`V`'s entries with them). The first step only accumulates :math:`L, R` and sets
-    :math:`Q` by ``eigh`` (the current gradient never enters its own projection); :math:`t`
-    above counts the steps after it. Dims larger than ``max_precond_dim`` are not rotated;
-    ``merge_dims`` first merges neighbouring dims while their product is <= it; 1-D params
-    are plain Adam unless ``precondition_1d``; ``normalize_grads`` divides the update by its
-    RMS; ``correct_bias=False`` drops the bias corrections.
+    :math:`M'` and :math:`V` live in the eigenbasis. When :math:`t` is a multiple of
+    ``precondition_frequency`` each :math:`Q` is refreshed by one power iteration: its columns
+    are ordered by the estimated eigenvalues :math:`\mathrm{diag}(Q^\top L Q)`, largest first
+    (:math:`V`'s entries with them), then :math:`Q \leftarrow \mathrm{QR}(L Q)`, and
+    :math:`M'` moves to the new basis, :math:`M' \leftarrow Q_{L,new}^\top Q_{L,old} M'
+    Q_{R,old}^\top Q_{R,new}`.
 
-    Weight decay: ``"decoupled"`` (the default) multiplies by :math:`1 - \mathrm{lr}\,\lambda`
-    after the update, as the reference; ``"coupled"`` / ``"absolute"`` as the base class.
-    Eigen- and QR decompositions run in float32 for bf16/fp16 params (as the reference), in
-    the param's dtype otherwise (the reference's QR is always float32). ``shampoo_beta`` is a
-    number, default 0.95 = the default :math:`\beta_2` (the reference's -1 means "beta2").
-    State: ``step``, ``exp_avg`` (M), ``exp_avg_sq`` (V, in the eigenbasis), ``GG`` (the
-    factors L, R, ... flattened into one tensor), ``Q`` (their eigenbases, the same way).
-    Eager only (per-tensor decompositions); ``fused=True`` is refused.
+    Options (the authors'): ``shampoo_beta`` is :math:`\beta_s`, -1 meaning :math:`\beta_2`;
+    ``correct_bias=False`` drops the factor :math:`\sqrt{1 - \beta_2^t} / (1 - \beta_1^t)`;
+    ``normalize_grads`` divides :math:`N_t` by :math:`10^{-30} + \mathrm{RMS}(N_t)`; dims
+    larger than ``max_precond_dim`` get no factor (not rotated); ``merge_dims`` first merges
+    neighbouring dims while their product is <= ``max_precond_dim`` (dims of size 1 vanish),
+    a 4-D tensor being permuted (0, 3, 1, 2) first when ``data_format="channels_last"``
+    (``data_format`` matters only then); 1-D params are plain Adam (with the first step
+    skipped too) unless ``precondition_1d``. The decay :math:`W \leftarrow W - \mathrm{lr}\,
+    \lambda W` applies only when :math:`\lambda > 0`, after the update, as in the authors' code
+    (``weight_decay_mode="decoupled"``, the default); ``"coupled"`` / ``"absolute"`` are the
+    base class's. ``maximize`` negates the gradient first.
+
+    State: ``step`` (counting the first step too: :math:`t` = ``step`` - 1), ``exp_avg``
+    (:math:`M'`, in the eigenbasis), ``exp_avg_sq`` (:math:`V`), ``GG`` (the factors, flattened
+    into one tensor) and ``Q`` (their eigenbases, the same way). Eager only (per-tensor
+    decompositions); ``fused=True`` is refused.
+
+    Differences from the authors' code, none of which changes the algorithm:
+
+    - eigh and QR run in float32 for bf16/fp16 params, in the param's dtype otherwise (the
+      authors': always float32, so float64 params get float64 eigenbases here), and ``GG`` has
+      the param's dtype (the authors': torch's default dtype, so their code runs only on params
+      of that dtype);
+    - :math:`M'` is re-projected only when a basis changes (the authors project it back and
+      forth after every step, which changes it by rounding only), and
+      :math:`\mathrm{diag}(Q^\top L Q)` reuses the product :math:`L Q` of the power iteration;
+    - ``GG`` and ``Q`` are flat tensors (the authors': lists of matrices), a 0-dim param has
+      no factor (the authors' ``merge_dims`` gives it a 1 x 1 one, which rotates nothing), and
+      ``data_format`` is a hyperparameter of each param group;
+    - ``shampoo_beta`` must be -1 or in [0, 1) (the authors take any negative value for -1).
     """
 
-    constraints = dict(betas=beta_tuple(2), shampoo_beta=unit_interval, eps=non_negative,
+    constraints = dict(betas=beta_tuple(2), shampoo_beta=beta_or_minus_one, eps=non_negative,
                        precondition_frequency=integer_at_least(1), max_precond_dim=integer_at_least(1),
                        merge_dims=boolean, precondition_1d=boolean, normalize_grads=boolean,
-                       correct_bias=boolean)
+                       data_format=one_of(*DATA_FORMATS), correct_bias=boolean)
     state_names = ("exp_avg", "exp_avg_sq", "GG", "Q")
     supports_complex = False
 
     def __init__(self, params: ParamsT, lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.95),
-                 shampoo_beta: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.01,
+                 shampoo_beta: float = -1.0, eps: float = 1e-8, weight_decay: float = 0.01,
                  precondition_frequency: int = 10, max_precond_dim: int = 10000, merge_dims: bool = False,
-                 precondition_1d: bool = False, normalize_grads: bool = False, correct_bias: bool = True, *,
+                 precondition_1d: bool = False, normalize_grads: bool = False,
+                 data_format: str = "channels_first", correct_bias: bool = True, *,
                  weight_decay_mode: str = "decoupled", maximize: bool = False, fused: bool = False) -> None:
         super().__init__(params, dict(
             lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
             precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim,
             merge_dims=merge_dims, precondition_1d=precondition_1d, normalize_grads=normalize_grads,
-            correct_bias=correct_bias, weight_decay_mode=weight_decay_mode, maximize=maximize, fused=fused))
+            data_format=data_format, correct_bias=correct_bias, weight_decay_mode=weight_decay_mode,
+            maximize=maximize, fused=fused))
 
     @staticmethod
     def layout(group: dict[str, Any], p: Tensor) -> Layout:
         """The shape a param is preconditioned in, and which of its dims get a factor."""
-        shape, top = list(p.shape), group["max_precond_dim"]
+        shape, top = tuple(p.shape), group["max_precond_dim"]
         if p.dim() <= 1:
-            return shape, [group["precondition_1d"] and d <= top for d in shape]
+            return Layout(shape, tuple(group["precondition_1d"] and d <= top for d in shape))
+        channels_last = group["merge_dims"] and group["data_format"] == "channels_last" and p.dim() == 4
+        if channels_last:
+            shape = (shape[0], shape[3], shape[1], shape[2])
         if group["merge_dims"]:
-            shape = merged_shape(shape, top)
-        return shape, [d <= top for d in shape]
-
-    def _factor_size(self, group: dict[str, Any], p: Tensor) -> int:
-        shape, on = self.layout(group, p)
-        return sum(d * d for d, o in zip(shape, on) if o)
+            shape = tuple(merged_shape(list(shape), top))
+        return Layout(shape, tuple(d <= top for d in shape), channels_last)
 
     def init_state(self, group: dict[str, Any], p: Tensor, name: str) -> Tensor:
         if name in ("GG", "Q") and p.numel():
-            return p.new_zeros(self._factor_size(group, p))
+            return p.new_zeros(self.layout(group, p).factor_numel)
         return torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def state_shape(self, group: dict[str, Any], p: Tensor, name: str) -> tuple[int, ...]:
         if name in ("GG", "Q") and p.numel():
-            return (self._factor_size(group, p),)
+            return (self.layout(group, p).factor_numel,)
         return tuple(p.shape)
 
     def decay_lr(self, group: dict[str, Any], t: list[float]) -> float:
         return 0.0    # "decoupled": applied after the update (update()); the base's is a no-op
 
+    def prepare(self, group, b):
+        for x, st in zip(b.params, b.states):     # checked before the bucket's steps advance
+            if x.numel() and st["GG"].numel() != self.layout(group, x).factor_numel:
+                raise ValueError(f"SOAP: the preconditioner state of a parameter of shape {tuple(x.shape)} "
+                                 "does not fit max_precond_dim / merge_dims / precondition_1d / data_format: "
+                                 "they cannot change after the first step")
+        return super().prepare(group, b)
+
     def update(self, group, p, g, s, t):
+        shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else group["betas"][1]
         for x, grad, m, v, gg, q, k in zip(p, g, s["exp_avg"], s["exp_avg_sq"], s["GG"], s["Q"], t):
             if x.numel() == 0:
                 continue
             layout = self.layout(group, x)
-            if gg.numel() != sum(d * d for d, on in zip(*layout) if on):
-                raise ValueError(f"SOAP: the preconditioner state of a parameter of shape {tuple(x.shape)} "
-                                 "does not fit max_precond_dim / merge_dims / precondition_1d: they cannot "
-                                 "change after the first step")
-            factors, bases = _matrices(gg, layout), _matrices(q, layout)
-            if k > 1:
-                self._adam_in_eigenbasis(group, x, grad, m, v, bases, layout, int(k) - 1)
-            self._accumulate(grad.reshape(layout[0]), factors, group["shampoo_beta"])
-            if k == 1:
+            factors, bases = layout.matrices(gg), layout.matrices(q)
+            if k == 1:                                   # the preconditioner only: W stays
+                _accumulate(layout.view(grad), factors, shampoo_beta)
                 for f, b in zip(factors, bases):
                     if f is not None:
-                        b.copy_(_eigenbasis(f))                        # Q from eigh, once
-            elif (int(k) - 1) % group["precondition_frequency"] == 0:
-                self._refresh(factors, bases, v, layout)
+                        b.copy_(_eigenbasis(f))
+                continue
+            n = int(k) - 1
+            self._adam_in_eigenbasis(group, x, grad, m, v, bases, layout, n)
+            _accumulate(layout.view(grad), factors, shampoo_beta)
+            if n % group["precondition_frequency"] == 0 and any(f is not None for f in factors):
+                m.copy_(_project(m, bases, layout, back=True))          # M' to the parameter's basis,
+                _power_iteration(factors, bases, v, layout)
+                m.copy_(_project(m, bases, layout))                     # then into the new eigenbasis
 
     @staticmethod
     def _adam_in_eigenbasis(group, x, grad, m, v, bases, layout, n):
-        (b1, b2), eps, lr = group["betas"], group["eps"], float(group["lr"])
-        m.lerp_(grad, 1 - b1)                                         # M_t = b1 M + (1 - b1) G
-        v.lerp_(_project(grad, bases, layout).square_(), 1 - b2)      # V_t = b2 V + (1 - b2) G'^2
-        direction = _project(m, bases, layout).div_(v.sqrt().add_(eps))   # M' / (sqrt(V) + eps)
-        direction = _project(direction, bases, layout, back=True)     # back to the parameter's basis
+        (b1, b2), lr = group["betas"], float(group["lr"])
+        g_rot = _project(grad, bases, layout)                            # G' = Q_L^T G Q_R
+        m.mul_(b1).add_(g_rot, alpha=1 - b1)                             # M' = b1 M' + (1 - b1) G'
+        v.mul_(b2).add_(g_rot.square(), alpha=1 - b2)                    # V = b2 V + (1 - b2) G'^2
+        direction = _project(m / v.sqrt().add_(group["eps"]), bases, layout, back=True)   # N
         if group["normalize_grads"]:
-            direction.div_(direction.square().mean().sqrt().add_(1e-30))
-        step = lr * math.sqrt(1 - b2**n) / (1 - b1**n) if group["correct_bias"] else lr
+            direction.div_(direction.square().mean().sqrt().add_(1e-30))  # N / (1e-30 + RMS(N))
+        step = lr
+        if group["correct_bias"]:
+            step = step * (1 - b2**n) ** 0.5 / (1 - b1**n)
         x.add_(direction, alpha=-step)
-        if group["weight_decay_mode"] == "decoupled" and group["weight_decay"]:
-            x.mul_(1 - lr * group["weight_decay"])                    # W <- (1 - lr wd) W, after
-
-    @staticmethod
-    def _accumulate(grad, factors, beta):
-        others = lambda i: [j for j in range(grad.dim()) if j != i]   # noqa: E731
-        for i, f in enumerate(factors):
-            if f is not None:                                         # L_i = b L_i + (1 - b) G_(i) G_(i)^T
-                f.lerp_(torch.tensordot(grad, grad, dims=(others(i), others(i))), 1 - beta)
-
-    @staticmethod
-    def _refresh(factors, bases, v, layout):
-        """One power iteration per factor: Q <- QR(L Q), columns by decreasing eigenvalue."""
-        v_rot = v.reshape(layout[0])
-        for i, (f, b) in enumerate(zip(factors, bases)):
-            if f is None:
-                continue
-            lq = f @ b
-            order = torch.argsort((b * lq).sum(0), descending=True)  # diag(Q^T L Q), largest first
-            v_rot = v_rot.index_select(i, order)                      # V follows its columns
-            b.copy_(torch.linalg.qr(lq.index_select(1, order).to(_compute_dtype(lq)))[0])
-        v.copy_(v_rot.reshape(v.shape))
+        if group["weight_decay_mode"] == "decoupled" and group["weight_decay"] > 0:
+            x.add_(x, alpha=-lr * group["weight_decay"])                 # W <- W - lr wd W, after
 
 
 register(SOAP, "SOAP: Adam in the eigenbasis of Shampoo's preconditioner (Vyas et al., 2024)",

@@ -8,7 +8,11 @@ from typing import Any
 from ..base import Optimizer, ParamsT
 from ..constraints import integer_at_least, positive
 from ..registry import register
+from ..torch_compat import DECOUPLED_WEIGHT_DECAY
 from .adam import Adam
+
+# Adam's own hyperparameters, without torch's decoupled_weight_decay (these have no torch twin)
+ADAM_CONSTRAINTS = {k: v for k, v in Adam.constraints.items() if k not in DECOUPLED_WEIGHT_DECAY}
 
 
 class AdamWarmup(Adam):
@@ -25,7 +29,7 @@ class AdamWarmup(Adam):
     numbers.
     """
 
-    constraints = {**Adam.constraints, "warmup": integer_at_least(0)}
+    constraints = {**ADAM_CONSTRAINTS, "warmup": integer_at_least(0)}
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-16, weight_decay: float = 0.0, amsgrad: bool = False,
@@ -51,7 +55,7 @@ class Noam(Adam):
     annotated (labml) implementation: ``eps=1e-16``, decoupled weight decay.
     """
 
-    constraints = {**Adam.constraints, "warmup": integer_at_least(1), "d_model": positive}
+    constraints = {**ADAM_CONSTRAINTS, "warmup": integer_at_least(1), "d_model": positive}
 
     def __init__(self, params: ParamsT, lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-16, weight_decay: float = 0.0, amsgrad: bool = False,

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..constraints import integer_at_least
+from ..distributed import check_same_layout, local
 from .base import OptimizerWrapper
 
 __all__ = ["Lookahead"]
@@ -55,6 +56,13 @@ class Lookahead(OptimizerWrapper):
       that requires grad (so weights loaded into the model after building the optimizer are
       the ones :math:`\phi_0` starts from). They have the parameter's dtype and device and
       are kept in :attr:`slow_weights` (``opt.state`` is the base's state).
+    - A parameter without a gradient at a slow step (frozen with ``requires_grad_(False)``,
+      or unused in that step) is not being trained: the base optimizer did not step it, and
+      the slow step leaves it as it is too, where the paper interpolates every weight. Its
+      slow weights are dropped; if it is trained again they are taken anew from its value
+      then, as :math:`\phi_0` is.
+    - DTensor parameters (FSDP2, tensor parallel): the slow weights are DTensors sharded as
+      their parameters, and the slow step, being elementwise, runs on the local shards.
     - A step the base skipped (optforge's ``skip_nonfinite`` counted it in ``skipped_steps``)
       is not counted. Under ``GradScaler``, ``scaler.step(opt)`` skips the whole step.
 
@@ -125,7 +133,15 @@ class Lookahead(OptimizerWrapper):
         buckets: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
         for p in group["params"]:
             slow = self.slow_weights.get(p)
-            if slow is not None:
+            if slow is not None and p.grad is None:
+                # Not trained now (frozen, or unused this step): the base left it alone, so does
+                # Lookahead; were it trained again, its slow weights restart from it then.
+                del self.slow_weights[p]
+            elif slow is not None:
+                check_same_layout(p, slow)
+                p, slow = local(p), local(slow)      # elementwise: on DTensors, their local shards
+                if p.is_complex():   # as (re, im) pairs, as the base optimizers step them
+                    p, slow = torch.view_as_real(p), torch.view_as_real(slow)
                 fast, slows = buckets.setdefault((p.device, p.dtype), ([], []))
                 fast.append(p)
                 slows.append(slow)

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ..constraints import boolean, non_negative, positive
+from ..distributed import check_same_layout, global_sum, local, reduction_key
 from .base import OptimizerWrapper
 
 __all__ = ["SAM"]
@@ -49,6 +50,8 @@ class SAM(OptimizerWrapper):
     on every parameter). ASAM wants a larger :math:`\rho` than SAM (reference defaults: 0.5
     vs 0.05). Parameters without a gradient are not perturbed; a group with
     ``maximize=True`` is perturbed towards *lower* objective (the worst case for a maximizer).
+    Complex parameters are perturbed as (real, imaginary) pairs, as the base optimizers step
+    them (ASAM's :math:`|w|` per part); sparse gradients are refused.
 
     Usage (the closure computes the loss and gradients at the perturbed weights; the
     wrapper zeroes the gradients before calling it and returns its loss)::
@@ -78,6 +81,9 @@ class SAM(OptimizerWrapper):
             opt.second_step(scaler=scaler)                # restore w, scaler.step(base optimizer)
         scaler.update()                                   # backs off on an inf in either pass
         opt.zero_grad()
+
+    DTensor parameters (FSDP2, tensor parallel): the perturbation is computed on each rank's
+    local shards, and the norm over every shard (one all-reduce per mesh layout).
 
     SAM has no state of its own between steps: ``state_dict`` is the base optimizer's, and
     ``rho`` / ``adaptive`` / ``eta`` / ``eps`` are the wrapper's arguments (not saved).
@@ -120,7 +126,11 @@ class SAM(OptimizerWrapper):
         return t
 
     def _params_with_grad(self) -> list[tuple[dict[str, Any], Tensor]]:
-        return [(group, p) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        pairs = [(group, p) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if any(p.grad.is_sparse for _, p in pairs):
+            raise RuntimeError("SAM does not support sparse gradients: its perturbation needs the norm of "
+                               "the dense gradient")
+        return pairs
 
     @torch.no_grad()
     def grad_norm(self) -> Tensor:
@@ -128,16 +138,22 @@ class SAM(OptimizerWrapper):
         first such parameter's device; no host synchronization)."""
         buckets: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
         for _, p in self._params_with_grad():
-            ws, gs = buckets.setdefault((p.grad.device, p.grad.dtype), ([], []))
-            ws.append(p)
-            gs.append(p.grad)
+            check_same_layout(p.grad, p)
+            w, g = _real(local(p)), _real(local(p.grad))     # DTensors: their local shards
+            ws, gs = buckets.setdefault((reduction_key(p.grad), g.device, g.dtype), ([], []))
+            ws.append(w)
+            gs.append(g)
         if not buckets:
             raise RuntimeError("SAM.first_step: no parameter has a gradient; compute the loss and call "
                                "loss.backward() at the current weights first")
         norms = []
-        for ws, gs in buckets.values():
+        for (mesh_key, _, _), (ws, gs) in buckets.items():
             scaled = torch._foreach_mul(self._t_w(ws), gs) if self.adaptive else gs   # T_w g
-            norms.extend(torch._foreach_norm(scaled, 2))
+            shard_norms = torch._foreach_norm(scaled, 2)
+            if mesh_key is None:
+                norms.extend(shard_norms)
+            else:       # the bucket's norm: its shards' sums of squares, added up over the mesh
+                norms.append(global_sum(torch.stack(shard_norms).square().sum(), mesh_key).sqrt())
         device = norms[0].device
         return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), 2)
 
@@ -159,9 +175,10 @@ class SAM(OptimizerWrapper):
         buckets: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
         for group, p in pairs:
             sign = -1.0 if group.get("maximize", False) else 1.0
-            ws, gs = buckets.setdefault((p.device, p.dtype, sign), ([], []))
-            ws.append(p)
-            gs.append(p.grad)
+            w = _real(local(p))
+            ws, gs = buckets.setdefault((w.device, w.dtype, sign), ([], []))
+            ws.append(w)
+            gs.append(_real(local(p.grad)))
         for (device, dtype, sign), (ws, gs) in buckets.items():
             scale = (sign * self.rho / (norm + self.eps)).to(device=device, dtype=dtype)  # rho / ||T_w g||
             e = torch._foreach_mul(gs, scale)                                              # rho g / ||T_w g||
@@ -185,8 +202,8 @@ class SAM(OptimizerWrapper):
         buckets: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
         for p, w in saved.items():
             ws, olds = buckets.setdefault((p.device, p.dtype), ([], []))
-            ws.append(p)
-            olds.append(w)
+            ws.append(local(p))
+            olds.append(local(w))
         for ws, olds in buckets.values():
             torch._foreach_copy_(ws, olds)             # back to w: the step starts from w, not w + e
         if scaler is None:
@@ -195,3 +212,8 @@ class SAM(OptimizerWrapper):
             scaler.step(self.base_optimizer)
         if zero_grad:
             self.zero_grad()
+
+
+def _real(x: Tensor) -> Tensor:
+    """A complex tensor as (re, im) pairs, as the base optimizers step it (ASAM's |w| per part)."""
+    return torch.view_as_real(x) if x.is_complex() else x
