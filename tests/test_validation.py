@@ -67,6 +67,9 @@ EXTRA_FOR = {  # (optimizer name, hyperparameter): more bad values
     ("mars", "lr_1d"): [(-1e-3, -1e-3)],
     ("mars", "weight_decay_1d"): [(-0.1, -0.1)],
     ("muon", "adjust_lr_fn"): [("l2", "l2"), ("", ""), (0, 0)],
+    ("galore_adamw", "rank"): [(0, 0), (2.0, 2.0)],
+    ("galore_adamw", "update_proj_gap"): [(0, 0)],
+    ("galore_adamw", "scale"): [(-0.25, -0.25)],
 }
 # hyperparameters whose bad values are not the generic ones for their default's type
 BAD_FOR = {
@@ -85,6 +88,7 @@ OPTIONAL_KIND = {"foreach": False, "fused": False, "weight_decay_mode": "coupled
 VALID_FOR = {
     ("prodigy", "growth_rate"): [INF],
     ("adamw", "weight_decay_mode"): [None],     # as decoupled_weight_decay says: decoupled
+    ("galore_adamw", "rank"): [None],           # a group without projection
 }
 VALID = {"fused": [None]}       # torch's default fused=None: every optimizer accepts it
 

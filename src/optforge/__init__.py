@@ -31,6 +31,7 @@ from .optimizers import (
     AdEMAMix,
     AMSGrad,
     Compass,
+    GaLoreAdamW,
     Lion,
     LodeW,
     MomentumSGD,
@@ -110,4 +111,4 @@ __all__ = [
     "set_lr",
     "state_dict_by_name",
 ]
-__all__ += ["SparseAdam", "LBFGS"]
+__all__ += ["SparseAdam", "LBFGS", "GaLoreAdamW"]

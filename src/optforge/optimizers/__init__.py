@@ -12,6 +12,7 @@ from .adopt import ADOPT
 from .asgd import ASGD
 from .came import CAME
 from .compass import Compass, LodeW
+from .galore import GaLoreAdamW
 from .lamb import LAMB
 from .lbfgs import LBFGS
 from .lion import Lion
@@ -34,4 +35,4 @@ __all__ = ["Adadelta", "Adafactor", "Adagrad", "CAME", "Muon", "muon_param_group
            "ADOPT", "ASGD", "AdEMAMix", "Lion",
            "SGD", "AMSGrad", "AdaBelief", "Adam", "Adamax", "AdamW", "AdamWarmup", "Compass", "LodeW",
            "MomentumSGD", "NAdam", "Noam", "RAdam", "RMSprop", "Rprop"]
-__all__ += ["SparseAdam", "LBFGS"]
+__all__ += ["SparseAdam", "LBFGS", "GaLoreAdamW"]
