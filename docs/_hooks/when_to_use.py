@@ -77,6 +77,11 @@ WHEN_TO_USE: dict[str, str] = {
                     "`rank` well below the matrix sizes (the paper: 128 to 512 for 1B to 7B models), "
                     "and put embeddings and heads in a group with `rank=None` if they should not be "
                     "projected.",
+    "psgd_kron": "When a second-order-style preconditioner pays for its cost (small to mid-size "
+                 "models, or steps dominated by data rather than optimizer time): it learns a "
+                 "Kronecker-factored whitening preconditioner, with no eigendecompositions. Cap "
+                 "the factors with `preconditioner_max_size` for large matrices (each dense factor "
+                 "is d x d), and set `seed` to choose the random draws.",
     "sparse_adam": "Large embedding tables trained with `nn.Embedding(sparse=True)`: only the rows "
                    "a batch looks up are read and updated, with Adam's moments kept per row. Dense "
                    "gradients are refused; pair it with another optimizer for the dense layers.",

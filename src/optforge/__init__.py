@@ -39,6 +39,7 @@ from .optimizers import (
     NAdam,
     Noam,
     Prodigy,
+    PSGDKron,
     RAdam,
     RMSprop,
     Rprop,
@@ -111,4 +112,4 @@ __all__ = [
     "set_lr",
     "state_dict_by_name",
 ]
-__all__ += ["SparseAdam", "LBFGS", "GaLoreAdamW"]
+__all__ += ["SparseAdam", "LBFGS", "GaLoreAdamW", "PSGDKron"]

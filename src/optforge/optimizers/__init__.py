@@ -13,6 +13,7 @@ from .asgd import ASGD
 from .came import CAME
 from .compass import Compass, LodeW
 from .galore import GaLoreAdamW
+from .kron import PSGDKron
 from .lamb import LAMB
 from .lbfgs import LBFGS
 from .lion import Lion
@@ -35,4 +36,4 @@ __all__ = ["Adadelta", "Adafactor", "Adagrad", "CAME", "Muon", "muon_param_group
            "ADOPT", "ASGD", "AdEMAMix", "Lion",
            "SGD", "AMSGrad", "AdaBelief", "Adam", "Adamax", "AdamW", "AdamWarmup", "Compass", "LodeW",
            "MomentumSGD", "NAdam", "Noam", "RAdam", "RMSprop", "Rprop"]
-__all__ += ["SparseAdam", "LBFGS", "GaLoreAdamW"]
+__all__ += ["SparseAdam", "LBFGS", "GaLoreAdamW", "PSGDKron"]
