@@ -48,7 +48,7 @@ class TinyLM(nn.Module):
         torch.manual_seed(seed)
         self.embed = nn.Embedding(VOCAB, DIM)
         self.layers = nn.ModuleList([Block(), Block()])
-        self.final_norm = nn.LayerNorm(DIM)
+        self.ln_f = nn.LayerNorm(DIM)   # "ln": no decay, one block
         self.lm_head = nn.Linear(DIM, VOCAB, bias=False)
         self.double()
 
@@ -56,7 +56,7 @@ class TinyLM(nn.Module):
         x = self.embed(tokens)
         for layer in self.layers:
             x = layer(x)
-        return self.lm_head(self.final_norm(x))
+        return self.lm_head(self.ln_f(x))
 
 
 def trajectory(model, opt, steps=50):

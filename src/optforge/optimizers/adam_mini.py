@@ -36,6 +36,20 @@ def partition_by_name(name: str) -> str:
     return next((kind for kind, keys in NAME_RULES if any(k in name for k in keys)), "tensor")
 
 
+def _split_decay(params: ParamsT) -> ParamsT:
+    """A plain list of (name, tensor) pairs -> the authors' two groups: decayed, and not (names
+    with :data:`NO_DECAY_NAMES`). Anything else as it is (a Tensor gets torch's TypeError)."""
+    if isinstance(params, Tensor):
+        return params
+    params = list(params)
+    if not params or not all(isinstance(x, tuple) for x in params):
+        return params
+    exempt = [any(k in n.lower() for k in NO_DECAY_NAMES) for n, _ in params]
+    decay = [x for x, no in zip(params, exempt) if not no]
+    rest = [x for x, no in zip(params, exempt) if no]
+    return [g for g in ({"params": decay}, {"params": rest, "weight_decay": 0.0}) if g["params"]]
+
+
 class AdamMini(Optimizer):
     r"""Adam-mini (Zhang et al., 2025, "Adam-mini: Use Fewer Learning Rates To Gain More",
     arXiv:2406.16793): Adam whose second moment is one number per block of a parameter, the
@@ -91,14 +105,9 @@ class AdamMini(Optimizer):
     def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, *, dim: int = 2048, n_heads: int = 32,
                  weight_decay_mode: str = "decoupled", maximize: bool = False, fused: bool = False) -> None:
-        params = list(params)
-        if params and all(isinstance(x, tuple) for x in params):
-            decay = [(n, p) for n, p in params if not any(k in n.lower() for k in NO_DECAY_NAMES)]
-            rest = [(n, p) for n, p in params if any(k in n.lower() for k in NO_DECAY_NAMES)]
-            params = [g for g in ({"params": decay}, {"params": rest, "weight_decay": 0.0}) if g["params"]]
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, dim=dim,
-                                      n_heads=n_heads, partition=None, weight_decay_mode=weight_decay_mode,
-                                      maximize=maximize, fused=fused))
+        super().__init__(_split_decay(params), dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, dim=dim, n_heads=n_heads, partition=None,
+            weight_decay_mode=weight_decay_mode, maximize=maximize, fused=fused))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
