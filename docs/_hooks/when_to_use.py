@@ -18,6 +18,10 @@ WHEN_TO_USE: dict[str, str] = {
              "is decoupled from the adaptive step, so its strength does not depend on the gradient scale.",
     "amsgrad": "When Adam's effective step grows too large late in training (rare gradients with "
                "large magnitude); costs one more state tensor than Adam.",
+    "adam_mini": "Transformers where Adam's second moment is a memory cost: one value per head, token "
+                 "or neuron instead of per entry (about half of AdamW's state), with AdamW-like "
+                 "results reported by its authors. Pass `model.named_parameters()` (the blocks come "
+                 "from the names) and the model's `dim` and `n_heads`.",
     "adam_warmup": "Reproducing code that warms up inside the optimizer (labml). For new code, use "
                    "AdamW with a schedule from `optforge.schedules`.",
     "noam": "Reproducing the original Transformer's lr schedule (inverse square root with warmup, "

@@ -54,7 +54,9 @@ class NorMuon(Muon):
     State: ``step``; ``momentum_buffer`` (like the param) and ``second_momentum_buffer``
     (:math:`A \times 1`; like the param when it is empty) for NorMuon's params; ``exp_avg``,
     ``exp_avg_sq`` for the fallback's (as in :class:`Muon`, a param's unused entries are
-    empty tensors). Eager only; ``fused=True`` is refused.
+    empty tensors). In float32 that is :math:`4 + 4/B` bytes per matrix entry (Muon's 4 and
+    one number per row), AdamW's 8 for the fallback's params. Eager only; ``fused=True`` is
+    refused.
     """
 
     constraints = {**Muon.constraints, "beta2": unit_interval}
@@ -103,5 +105,5 @@ class NorMuon(Muon):
 
 # compare_lr: the authors' lr, 0.02 (also the default)
 register(NorMuon, "NorMuon: Muon with its orthogonalized update normalized per row by a second moment "
-         "(Li et al., 2025); AdamW for non-matrix params", elementwise=False, compare_lr=0.02,
+         "(Li et al., 2025); AdamW for vectors and scalars", elementwise=False, compare_lr=0.02,
          prepare_groups=lambda model, groups: muon_param_groups(model, groups))
