@@ -61,8 +61,8 @@ WHEN_TO_USE: dict[str, str] = {
             "norms, which get AdamW): orthogonalized momentum updates train faster per step.",
     "normuon": "Where Muon fits (hidden weight matrices of transformers; embeddings, heads, biases and "
                "norms get AdamW), when its update is uneven across output neurons: the per-row second "
-               "moment evens them out at one extra number per row. Its authors report faster language-"
-               "model pretraining than Muon at the same lr.",
+               "moment evens them out at one extra number per row. Its authors report more efficient "
+               "language-model pretraining than both Muon and AdamW.",
     "nadam": "Adam with a Nesterov look-ahead on the momentum: often slightly faster early "
              "progress than Adam at the same lr; `decoupled_weight_decay=True` is NAdamW.",
     "rmsprop": "Recurrent networks and reinforcement learning (A3C/DQN-style setups) that were "

@@ -130,8 +130,23 @@ def test_partition_key_and_unnamed_params():
     w.grad, b.grad = torch.ones_like(w), torch.ones_like(b)
     opt.step()
     assert opt.state[w]["exp_avg_sq"].shape == (1, 1) and opt.state[b]["exp_avg_sq"].shape == (6,)
-    opt.add_param_group({"params": [nn.Parameter(torch.randn(6, 4))], "partition": "row"})
     with pytest.raises(ValueError, match=r"AdamMini: a parameter of shape \(5, 3\).*dim=4, n_heads=2"):
-        of.AdamMini([{"params": [nn.Parameter(torch.randn(5, 3))], "partition": "head"}], dim=4, n_heads=2)
+        opt.add_param_group({"params": [nn.Parameter(torch.randn(5, 3))], "partition": "head", "dim": 4,
+                             "n_heads": 2})
+    assert len(opt.param_groups) == 2                       # the refused group is not kept
     with pytest.raises(ValueError, match="invalid partition='rows'"):
         of.AdamMini([{"params": [w], "partition": "rows"}])
+
+
+def test_channels_last_kernel_steps_as_a_contiguous_one():
+    """Row blocks of a channels-last (non-contiguous) kernel are its output channels."""
+    torch.manual_seed(0)
+    a = nn.Parameter(torch.randn(4, 3, 2, 2, dtype=torch.float64).to(memory_format=torch.channels_last))
+    b = nn.Parameter(a.detach().contiguous().clone())
+    opt = of.AdamMini([{"params": [a, b], "partition": "row"}], lr=0.1, weight_decay=0.1)
+    for _ in range(5):
+        g = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+        a.grad, b.grad = g.to(memory_format=torch.channels_last), g.clone()
+        opt.step()
+    assert not a.is_contiguous() and opt.state[a]["exp_avg_sq"].shape == (4, 1)
+    torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-14, atol=0)

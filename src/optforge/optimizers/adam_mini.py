@@ -81,11 +81,12 @@ class AdamMini(Optimizer):
 
     The param-group key ``partition`` (``"element"``, ``"row"``, ``"head"`` or ``"tensor"``;
     not a constructor argument) gives every param of its group that kind instead. A vector
-    whose name asks for rows is one block. Built from a plain list of (name, tensor) pairs,
-    as the authors' constructor takes it, params whose name contains ``norm``, ``ln`` or
-    ``bias`` get no weight decay (a second param group); param groups keep the decay they
-    give. ``create_optimizer(model, "adam_mini", dim=..., n_heads=...)`` names the params of
-    the groups it builds (no decay for biases and norms, as for every optimizer).
+    whose name asks for rows or heads is one block (for rows, the authors' code raises an
+    error). Built from a plain list of (name, tensor) pairs, as the authors' constructor takes it, params
+    whose name contains ``norm``, ``ln`` or ``bias`` get no weight decay (a second param
+    group); param groups keep the decay they give. ``create_optimizer(model, "adam_mini",
+    dim=..., n_heads=...)`` names the params of the groups it builds (no decay for biases and
+    norms, as for every optimizer).
 
     ``dim`` and ``n_heads``: the model's hidden size and number of attention heads (only
     the head blocks use them); a query or key weight whose size is not a multiple of
