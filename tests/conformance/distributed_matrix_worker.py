@@ -50,6 +50,7 @@ def make_optimizer(case: str, params):
 
 
 CASES = ("muon", "muon_variants", "muon_rounds", "soap", "soap_variants")
+RESUMED = ("muon", "soap")      # checkpointed with torch.distributed.checkpoint on 4 ranks, resumed on 2
 
 
 def train(model, opt, x, y, steps=STEPS) -> list[torch.Tensor]:
@@ -105,6 +106,37 @@ def _case(results: dict, key: tuple, fn, *args) -> None:
         results[key] = "error: " + traceback.format_exc()
 
 
+def fsdp_model() -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    return fully_shard(model)
+
+
+def checkpointed(case: str, rank: int, world: int, path: str) -> dict:
+    """4 ranks: 3 steps, then a DCP checkpoint. 2 ranks: a fresh model and optimizer load it
+    (each matrix has another owner now) and take 3 more steps."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model = fsdp_model()
+    opt = make_optimizer(case, model.parameters())
+    if world == 4:
+        grads = train(model, opt, *data(rank, world), steps=3)
+        model_sd, opt_sd = get_state_dict(model, opt)
+        dcp.save({"model": model_sd, "optim": opt_sd}, checkpoint_id=path)
+        return {"grads": grads}
+    model_sd, opt_sd = get_state_dict(model, opt)
+    both = {"model": model_sd, "optim": opt_sd}
+    dcp.load(both, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=both["model"], optim_state_dict=both["optim"])
+    grads = train(model, opt, *data(rank, world), steps=3)
+    return {"grads": grads, "params": flat(model.parameters())}
+
+
 def run_rank(rank: int, ports: tuple[int, int], out: str) -> None:
     torch.set_num_threads(1)
     results = {}
@@ -113,6 +145,8 @@ def run_rank(rank: int, ports: tuple[int, int], out: str) -> None:
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
             dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
             results[world] = run_cases(rank, world)
+            for case in RESUMED:
+                _case(results[world], ("dcp", case), checkpointed, case, rank, world, f"{out}.{case}")
             dist.barrier()
             dist.destroy_process_group()
     if rank == 0:
@@ -130,11 +164,7 @@ def run_cases(rank: int, world: int) -> dict:
     results: dict = {}
 
     def fsdp(case):
-        model = make_model()
-        for layer in model:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer)
-        fully_shard(model)
+        model = fsdp_model()
         opt = make_optimizer(case, model.parameters())
         if case == "muon_rounds":         # one small matrix per owner and round: many rounds in flight
             distributed_matrix.ROUND_NUMEL = 1

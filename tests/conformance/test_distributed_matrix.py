@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from distributed_matrix_worker import (
     CASES,
+    RESUMED,
     make_model,
     make_optimizer,
     reference,
@@ -91,6 +92,16 @@ def test_state_is_not_duplicated(world, case):
     assert sum(got["state_per_rank"]) == one_process, got["state_per_rank"]
     assert max(got["state_per_rank"]) < one_process
     assert got["muon_state_sharded"]
+
+
+@pytest.mark.parametrize("case", RESUMED)
+def test_checkpoint_saved_on_4_ranks_resumes_on_2(spawned, case):
+    """torch.distributed.checkpoint: Muon's momentum is sharded like the params; SOAP's whole
+    state is saved by each matrix's owner (plain tensors of the whole shape, one writer each)
+    and read back by whichever rank owns the matrix in the new world."""
+    saved, resumed = ok(spawned[4][("dcp", case)]), ok(spawned[2][("dcp", case)])
+    expected = replay(case, saved["grads"] + resumed["grads"])
+    torch.testing.assert_close(resumed["params"], expected, rtol=1e-9, atol=1e-12)
 
 
 def test_fsdp2_with_tensor_parallel_equals_one_process(world):
