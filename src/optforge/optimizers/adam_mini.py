@@ -100,6 +100,7 @@ class AdamMini(Optimizer):
     only; ``fused=True`` is refused.
     """
 
+    no_fused_reason = "its second moment is a mean of squared gradients over each block of a tensor"
     constraints = dict(betas=beta_tuple(2), eps=non_negative, dim=integer_at_least(1),
                        n_heads=integer_at_least(1), partition=optional(one_of(*PARTITIONS)))
     state_names = ("exp_avg", "exp_avg_sq")

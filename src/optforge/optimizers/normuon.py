@@ -56,11 +56,16 @@ class NorMuon(Muon):
     ``exp_avg_sq`` for the fallback's (as in :class:`Muon`, a param's unused entries are
     empty tensors). In float32 that is :math:`4 + 4/B` bytes per matrix entry (Muon's 4 and
     one number per row), AdamW's 8 for the fallback's params. Eager only; ``fused=True`` is
-    refused.
+    refused. DTensor parameters (FSDP2, tensor parallel) are refused with a ValueError
+    (Muon's owner compute is not used).
     """
 
+    no_fused_reason = "it orthogonalizes the update of each whole matrix and normalizes its rows"
     constraints = {**Muon.constraints, "beta2": unit_interval}
     matrix_state = ("momentum_buffer", "second_momentum_buffer")
+    # each matrix is computed where it is, whole: DTensor params (FSDP2) are refused, not
+    # handed to Muon's owner compute
+    whole_matrices = False
 
     def __init__(self, params: ParamsT, lr: float | Tensor = 0.02, weight_decay: float = 0.0,
                  momentum: float = 0.95, beta2: float = 0.95, nesterov: bool = True,
