@@ -25,6 +25,7 @@ from .optimizers import (
     Adagrad,
     Adam,
     Adamax,
+    AdamMini,
     AdamW,
     AdamWarmup,
     Adan,
@@ -38,6 +39,7 @@ from .optimizers import (
     Muon,
     NAdam,
     Noam,
+    NorMuon,
     Prodigy,
     PSGDKron,
     RAdam,
@@ -112,4 +114,4 @@ __all__ = [
     "set_lr",
     "state_dict_by_name",
 ]
-__all__ += ["SparseAdam", "LBFGS", "GaLoreAdamW", "PSGDKron"]
+__all__ += ["SparseAdam", "LBFGS", "NorMuon", "AdamMini", "GaLoreAdamW", "PSGDKron"]
