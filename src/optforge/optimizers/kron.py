@@ -148,9 +148,10 @@ def precondition(qs: list[Tensor], dense: tuple[bool, ...], g: Tensor) -> Tensor
 
 class PSGDKron(Optimizer):
     r"""PSGD with the Kronecker-factored whitening preconditioner (Li, 2018, "Preconditioned
-    Stochastic Gradient Descent"; Li, 2024, arXiv:2402.11858), as the author's ``psgd_torch``
-    0.6.1 (``Kron`` with ``preconditioner_type="whitening"``) runs it, with its keyword names
-    and defaults (``lr`` is its ``lr_params``).
+    Stochastic Gradient Descent"; Li, 2024, "Stochastic Hessian Fittings with Lie Groups",
+    arXiv:2402.11858), as the author's ``psgd_torch`` 0.6.1 (``Kron`` with
+    ``preconditioner_type="whitening"``) runs it, with its keyword names and defaults (``lr``
+    is its ``lr_params``).
 
     Each parameter :math:`W` (shape :math:`d_1 \times \cdots \times d_k`) keeps factors
     :math:`Q_i`, upper triangular (:math:`d_i \times d_i`) or diagonal (:math:`d_i`): a dim is
@@ -198,7 +199,10 @@ class PSGDKron(Optimizer):
     expectation changes. Another ``seed`` gives another, equally valid, run.
 
     State: ``step``, ``Q`` (the factors, flattened into one tensor) and, when ``momentum`` > 0,
-    ``momentum_buffer``. Eager only (per-tensor factors): ``fused=True`` is refused.
+    ``momentum_buffer``. Eager only (per-tensor factors): ``fused=True`` is refused. State bytes
+    per parameter of an (m, n) float32 matrix with two dense factors: :math:`4\,(m/n + n/m)`
+    (8 for a square one, 10 for 64 x 32), plus 4 with momentum; a diagonal factor of size d
+    costs 4d bytes.
 
     Differences from the author's code: only the whitening preconditioner (the Newton type needs
     Hessian-vector products from a closure); ``grad_clip_max_norm`` is not provided (clip the
@@ -216,6 +220,7 @@ class PSGDKron(Optimizer):
                        step_normalizer=one_of("2nd", "1st"), seed=integer_at_least(0))
     state_kinds = dict(Q="full")
     supports_complex = False
+    no_fused_reason = "it fits Kronecker factors to each whole tensor (triangular solves and matrix products)"
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, lr_preconditioner: float = 0.1,
                  momentum: float = 0.0, preconditioner_max_size: float = float("inf"),
