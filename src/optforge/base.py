@@ -125,6 +125,9 @@ class Optimizer(torch.optim.Optimizer):
     #: marks it ``elementwise=False``. ``owner_state``: its state kept whole by each matrix's owner.
     whole_matrices: ClassVar[bool] = False
     owner_state: ClassVar[tuple[str, ...]] = ()
+    #: Why ``fused=True`` is refused, in terms of the algorithm (an optimizer that writes
+    #: ``update()`` rather than ``scalars()`` + ``kernel()`` has no fused path).
+    no_fused_reason: ClassVar[str] = "its update is not written as scalars() + kernel()"
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         checks = self._constraints()
@@ -223,8 +226,8 @@ class Optimizer(torch.optim.Optimizer):
                 checks[name](name, value)
         check_flags(type(self).__name__, values)
         if values.get("fused") and not (self.has_kernel() or self.native_fused(values)):
-            raise ValueError(f"invalid fused=True: {type(self).__name__} has no fused path "
-                             "(it defines update(), not scalars() + kernel())")
+            raise ValueError(f"invalid fused=True: {type(self).__name__} has no fused path: "
+                             f"{self.no_fused_reason}; use fused=False")
         lowbit.check_supported(type(self), values)
 
     def _expand_scalars(self, group: dict[str, Any], t: list[float]) -> dict[str, Any]:

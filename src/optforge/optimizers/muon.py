@@ -124,6 +124,7 @@ class Muon(Optimizer):
     ``fused=True`` is refused.
     """
 
+    no_fused_reason = "it orthogonalizes the update of each whole matrix (Newton-Schulz iterations)"
     constraints = dict(momentum=unit_interval, nesterov=boolean, ns_coefficients=real_tuple(3),
                        ns_steps=integer_at_least(1), eps=non_negative,
                        adjust_lr_fn=optional(one_of("original", "match_rms_adamw")),

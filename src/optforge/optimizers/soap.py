@@ -198,6 +198,7 @@ class SOAP(Optimizer):
     - ``shampoo_beta`` must be -1 or in [0, 1) (the authors take any negative value for -1).
     """
 
+    no_fused_reason = "it rotates each matrix gradient into the eigenbasis of its preconditioners"
     constraints = dict(betas=beta_tuple(2), shampoo_beta=beta_or_minus_one, eps=non_negative,
                        precondition_frequency=integer_at_least(1), max_precond_dim=integer_at_least(1),
                        merge_dims=boolean, precondition_1d=boolean, normalize_grads=boolean,
