@@ -576,7 +576,7 @@ class Optimizer(torch.optim.Optimizer):
                              "the registry marks it elementwise=False (its update needs whole-tensor "
                              "norms or matrix structure), and a DTensor holds only a shard")
         if self.whole_matrices:
-            check_layout(name, param)
+            check_layout(name, param, group)
 
     def _fused_step(self, group: dict[str, Any], b: Bucket) -> bool:
         """Run a bucket's step fused; False where the eager path must run it instead."""

@@ -217,4 +217,21 @@ def run_cases(rank: int, world: int) -> dict:
     for name in ("muon", "soap"):
         _case(results, ("refuse", name), refused, name)
 
+    def refused_low_precision():
+        """bf16 params updated through float32 copies: the owner's state would be keyed by copies."""
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (world,))
+        p = nn.Parameter(distribute_tensor(torch.ones(4, 3, dtype=torch.bfloat16), mesh, [Shard(0)]))
+        p.grad = distribute_tensor(torch.ones(4, 3, dtype=torch.bfloat16), mesh, [Shard(0)])
+        opt = of.Muon([p], lr=0.1).configure(fp32_state=True)
+        before = p.to_local().clone()
+        try:
+            opt.step()
+        except ValueError as err:
+            return {"error": str(err), "unchanged": torch.equal(p.to_local(), before) and not opt.state}
+        return {"error": None}
+
+    _case(results, ("refuse", "low_precision"), refused_low_precision)
+
     return results

@@ -133,6 +133,13 @@ def test_partial_placements_are_refused_before_any_change(world, name):
     assert got["unchanged"]
 
 
+def test_bf16_params_through_float32_copies_are_refused_before_any_change(world):
+    got = ok(world[1][("refuse", "low_precision")])
+    assert got["error"] and "Muon does not support fp32_state or stochastic_rounding with bf16/fp16 DTensor" \
+        in got["error"], got["error"]
+    assert got["unchanged"]
+
+
 class FakeMesh:
     def __init__(self, n):
         self.n = n
