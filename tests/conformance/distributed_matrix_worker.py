@@ -64,9 +64,9 @@ def train(model, opt, x, y, steps=STEPS) -> list[torch.Tensor]:
     return grads
 
 
-def replay(case: str, grads: list[torch.Tensor]) -> torch.Tensor:
+def replay(case: str, grads: list[torch.Tensor], tp: bool = False) -> torch.Tensor:
     """One process, stepping on the given whole gradients."""
-    model = make_model()
+    model = make_tp_model() if tp else make_model()
     opt = make_optimizer(case, model.parameters())
     for g in grads:
         at = 0
@@ -185,7 +185,7 @@ def run_cases(rank: int, world: int) -> dict:
     for case in ("muon", "soap"):
         _case(results, ("hsdp", case), fsdp, case, True)
 
-    def fsdp_tp():
+    def fsdp_tp(case):
         """FSDP2 x tensor parallel on a 2 x 2 mesh: every matrix is sharded over both mesh dims."""
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
@@ -194,12 +194,13 @@ def run_cases(rank: int, world: int) -> dict:
         parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
         fully_shard(model, mesh=mesh["dp"])
         placements = [tuple(p.placements) for p in model.parameters()]
-        opt = make_optimizer("muon", model.parameters())
-        train(model, opt, *data(mesh.get_coordinate()[0], 2))
-        return {"params": flat(model.parameters()), "placements": placements}
+        opt = make_optimizer(case, model.parameters())
+        grads = train(model, opt, *data(mesh.get_coordinate()[0], 2))
+        return {"params": flat(model.parameters()), "grads": grads, "placements": placements}
 
     if world == 4:
-        _case(results, ("tp",), fsdp_tp)
+        for case in ("muon", "soap"):
+            _case(results, ("tp", case), fsdp_tp, case)
 
     def refused(name):
         """A parameter whose placements hold partial sums: no whole matrix can be assembled."""

@@ -6,7 +6,7 @@ gloo, CPU, 4 and 2 ranks (one process group per world size, in ranks spawned onc
   one process training on the full batch;
 - the state is not duplicated: the ranks' state adds up to one process's (Muon's momentum
   sharded like the params, SOAP's whole-matrix state on each matrix's owner);
-- FSDP2 x tensor parallel (2 x 2 mesh, column- and row-parallel layers): Muon is exact;
+- FSDP2 x tensor parallel (2 x 2 mesh, column- and row-parallel layers): Muon and SOAP;
 - HSDP (replicated and sharded mesh dims) and a DCP checkpoint saved on 4 ranks resumed on 2;
 - a layout no whole matrix can be assembled from is refused before anything changes."""
 
@@ -116,13 +116,15 @@ def test_checkpoint_saved_on_4_ranks_resumes_on_2(spawned, case):
     torch.testing.assert_close(resumed["params"], expected, rtol=1e-9, atol=1e-12)
 
 
-def test_fsdp2_with_tensor_parallel_equals_one_process(world):
-    size, results = world
-    if size != 4:
-        pytest.skip("a 2 x 2 mesh")
-    got = ok(results[("tp",)])
+@pytest.mark.parametrize("case", ["muon", "soap"])
+def test_fsdp2_with_tensor_parallel_equals_one_process(spawned, case):
+    """Column- and row-parallel layers under FSDP2 on a 2 x 2 mesh: the matrices are sharded
+    over both mesh dims (FSDP2's _StridedShard over TP's Shard(0); Shard(0) and Shard(1))."""
+    got = ok(spawned[4][("tp", case)])
     assert "Shard(dim=1)" in str(got["placements"]) and "_StridedShard" in str(got["placements"])
-    torch.testing.assert_close(got["params"], reference("muon", tp=True), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got["params"], replay(case, got["grads"], tp=True), rtol=1e-9, atol=1e-12)
+    if case == "muon":
+        torch.testing.assert_close(got["params"], reference(case, tp=True), rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", ["muon", "soap"])
