@@ -18,10 +18,12 @@ ROWS = 8                     # the full batch: each data-parallel rank trains on
 
 def make_model() -> nn.Module:
     """Float64 matrices sharded unevenly on 2 and 4 ranks, some with an empty shard (the (5, 8),
-    (3, 5) and (1, 3) weights), two of one shape (stacked on their owner)."""
+    (3, 5) and (1, 3) weights), five (8, 8) ones (on 2 and on 4 ranks, an owner gets several:
+    one batched call)."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
-                         nn.Linear(8, 5), nn.Tanh(), nn.Linear(5, 3), nn.Tanh(), nn.Linear(3, 1)).double()
+    square = [m for _ in range(5) for m in (nn.Linear(8, 8), nn.Tanh())]
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), *square, nn.Linear(8, 5), nn.Tanh(), nn.Linear(5, 3),
+                         nn.Tanh(), nn.Linear(3, 1)).double()
 
 
 def make_tp_model() -> nn.Module:

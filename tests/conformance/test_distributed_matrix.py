@@ -142,6 +142,16 @@ def test_bf16_params_through_float32_copies_are_refused_before_any_change(world)
     assert got["unchanged"]
 
 
+def test_stacked_orthogonalize_equals_one_at_a_time():
+    from optforge.optimizers.muon import orthogonalize
+
+    for shape in [(3, 8, 5), (2, 5, 8), (4, 6, 6)]:
+        x = torch.randn(shape, dtype=torch.float64)
+        one_by_one = torch.stack([orthogonalize(m, dtype=None) for m in x])
+        torch.testing.assert_close(orthogonalize(x, dtype=None), one_by_one, rtol=1e-12, atol=1e-14)
+        assert not torch.allclose(orthogonalize(x, dtype=None), x / x[0].norm())    # it did something
+
+
 class FakeMesh:
     def __init__(self, n):
         self.n = n
