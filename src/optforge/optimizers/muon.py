@@ -121,7 +121,9 @@ class Muon(Optimizer):
     (Muon), ``exp_avg``, ``exp_avg_sq`` (AdamW); in a ``use_muon=None`` group holding both
     kinds, a param's unused entries are empty tensors. State dicts move both ways with
     torch.optim.Muon (whose state has no ``step``). Eager only (per-matrix iterations);
-    ``fused=True`` is refused.
+    ``fused=True`` is refused. Under FSDP2 / tensor parallel (DTensor params) the momentum is
+    sharded like the params and each matrix is orthogonalized by one owner rank
+    (:mod:`optforge.distributed_matrix`, docs/distributed.md).
     """
 
     no_fused_reason = "it orthogonalizes the update of each whole matrix (Newton-Schulz iterations)"
