@@ -196,11 +196,16 @@ class Optimizer(torch.optim.Optimizer):
         ``constraints``."""
 
     def state_names_for(self, group: dict[str, Any]) -> tuple[str, ...]:
-        """The state tensors a group needs (override when an option adds one, e.g. amsgrad).
-        For DTensor params, ``owner_state`` is not kept per shard: each matrix's owner keeps it."""
-        if self.owner_state and any(is_dtensor(p) for p in group["params"]):
-            return tuple(n for n in self.state_names if n not in self.owner_state)
+        """The state tensors a group needs (override when an option adds one, e.g. amsgrad)."""
         return self.state_names
+
+    def _per_param_state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
+        """``state_names_for``, less ``owner_state`` for DTensor params: each matrix's owner
+        keeps that state whole (optforge.distributed_matrix), no rank keeps it per shard."""
+        names = self.state_names_for(group)
+        if self.owner_state and any(is_dtensor(p) for p in group["params"]):
+            return tuple(n for n in names if n not in self.owner_state)
+        return names
 
     def init_state(self, group: dict[str, Any], p: Tensor, name: str) -> Tensor:
         return torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -343,7 +348,7 @@ class Optimizer(torch.optim.Optimizer):
             if k not in where or not st:
                 continue
             p, group = where[k]
-            names = self.state_names_for(group)
+            names = self._per_param_state_names(group)
             # entries that hold nothing (an unused factored entry) are created at the next step
             lacking = [n for n in names
                        if st.get(n) is None and not _is_empty(self.state_shape(group, p, n))]
@@ -522,7 +527,7 @@ class Optimizer(torch.optim.Optimizer):
             self._check_tensor_subclass(group, param)
 
     def _bucket(self, group: dict[str, Any], key: tuple, entries: list[Entry]) -> Bucket:
-        names = self.state_names_for(group)
+        names = self._per_param_state_names(group)
         b = Bucket(key)
         b.params = [e[0] for e in entries]
         b.states = states = [self.state[p] if st is None else st for p, _, st in entries]

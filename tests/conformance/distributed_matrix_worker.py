@@ -43,6 +43,8 @@ def data(part: int = 0, parts: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 def make_optimizer(case: str, params):
     import optforge as of
 
+    if case == "normuon":
+        return of.NorMuon(params, lr=0.02, weight_decay=0.01, ns_dtype="param")
     if case.startswith("muon"):
         extra = dict(nesterov=False, adjust_lr_fn="match_rms_adamw") if case == "muon_variants" else {}
         return of.Muon(params, lr=0.02, weight_decay=0.01, ns_dtype="param", **extra)
@@ -51,7 +53,7 @@ def make_optimizer(case: str, params):
     return of.SOAP(params, lr=1e-2, precondition_frequency=2, **extra)
 
 
-CASES = ("muon", "muon_variants", "muon_rounds", "soap", "soap_variants")
+CASES = ("muon", "muon_variants", "muon_rounds", "normuon", "soap", "soap_variants")
 RESUMED = ("muon", "soap")      # checkpointed with torch.distributed.checkpoint on 4 ranks, resumed on 2
 
 

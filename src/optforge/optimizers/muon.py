@@ -188,7 +188,7 @@ class Muon(Optimizer):
         adamw = [i for i, x in enumerate(p) if not self._is_muon(group, x)]
         if muon:
             self._muon(group, lr, [p[i] for i in muon], [g[i] for i in muon],
-                       {name: [s[name][i] for i in muon] for name in self.matrix_state})
+                       {name: [s[name][i] for i in muon] for name in self.matrix_state if name in s})
         if adamw:
             pick = lambda xs: TensorList(xs[i] for i in adamw)   # noqa: E731
             self._adamw(group, lr, pick(p), pick(g), pick(s["exp_avg"]), pick(s["exp_avg_sq"]),
