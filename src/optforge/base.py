@@ -37,6 +37,7 @@ from torch import Tensor
 from . import lowbit
 from .constraints import Constraint, boolean, non_negative, one_of, tensor_or
 from .distributed import is_dtensor
+from .distributed_matrix import check_layout
 from .fused import run_generated
 from .param_groups import check_unique_params
 from .precision import LOW_PRECISION, check_low_precision, float32_copies, restore_float32_state, write_back
@@ -119,6 +120,11 @@ class Optimizer(torch.optim.Optimizer):
     #: Sparse gradients (``nn.Embedding(sparse=True)``) reach ``update`` as they are (buckets
     #: holding one run eagerly); an optimizer whose update handles them sets this to True.
     supports_sparse: ClassVar[bool] = False
+    #: The update needs whole matrices and gets them through :func:`optforge.distributed_matrix.
+    #: map_matrices` (owner compute), so DTensor parameters are supported although the registry
+    #: marks it ``elementwise=False``. ``owner_state``: its state kept whole by each matrix's owner.
+    whole_matrices: ClassVar[bool] = False
+    owner_state: ClassVar[tuple[str, ...]] = ()
     #: Why ``fused=True`` is refused, in terms of the algorithm (an optimizer that writes
     #: ``update()`` rather than ``scalars()`` + ``kernel()`` has no fused path).
     no_fused_reason: ClassVar[str] = "its update is not written as scalars() + kernel()"
@@ -190,7 +196,10 @@ class Optimizer(torch.optim.Optimizer):
         ``constraints``."""
 
     def state_names_for(self, group: dict[str, Any]) -> tuple[str, ...]:
-        """The state tensors a group needs (override when an option adds one, e.g. amsgrad)."""
+        """The state tensors a group needs (override when an option adds one, e.g. amsgrad).
+        For DTensor params, ``owner_state`` is not kept per shard: each matrix's owner keeps it."""
+        if self.owner_state and any(is_dtensor(p) for p in group["params"]):
+            return tuple(n for n in self.state_names if n not in self.owner_state)
         return self.state_names
 
     def init_state(self, group: dict[str, Any], p: Tensor, name: str) -> Tensor:
@@ -562,10 +571,12 @@ class Optimizer(torch.optim.Optimizer):
         if group.get("fused"):
             raise ValueError(f"{name}(fused=True) does not support DTensor parameters (FSDP2, tensor "
                              "parallel): use fused=False, whose foreach path supports them")
-        if not _registered_elementwise(type(self)):
+        if not _registered_elementwise(type(self)) and not self.whole_matrices:
             raise ValueError(f"{name} does not support DTensor parameters (FSDP2, tensor parallel): "
                              "the registry marks it elementwise=False (its update needs whole-tensor "
                              "norms or matrix structure), and a DTensor holds only a shard")
+        if self.whole_matrices:
+            check_layout(name, param)
 
     def _fused_step(self, group: dict[str, Any], b: Bucket) -> bool:
         """Run a bucket's step fused; False where the eager path must run it instead."""

@@ -21,6 +21,8 @@ from ..constraints import (
     real_tuple,
     unit_interval,
 )
+from ..distributed import local
+from ..distributed_matrix import map_matrices
 from ..registry import register
 from ..tensorlist import TensorList
 
@@ -46,19 +48,25 @@ def orthogonalize(x: Tensor, coefficients: tuple[float, float, float] = NS_COEFF
 
     run on the wide orientation (:math:`X^\top` when rows > columns, so :math:`A` is the small
     Gram matrix). The coefficients push singular values into roughly [0.7, 1.2] rather than to
-    exactly 1, which does not hurt training. Returns a new tensor in ``dtype``."""
+    exactly 1, which does not hurt training. ``x`` may be a stack of matrices (B, rows, cols).
+    Returns a new tensor in ``dtype``."""
     a, b, c = coefficients
     y = x.to(dtype) if dtype is not None else x
-    tall = y.size(0) > y.size(1)
+    tall = y.size(-2) > y.size(-1)
     if tall:
-        y = y.T
-    # spectral norm <= Frobenius norm <= 1 (eps = 0: the smallest normal, so 0 stays 0)
-    y = y / y.norm().clamp(min=eps or torch.finfo(y.dtype).tiny)
+        y = y.mT
+    if y.dim() == 2:
+        # spectral norm <= Frobenius norm <= 1 (eps = 0: the smallest normal, so 0 stays 0)
+        y = y / y.norm().clamp(min=eps or torch.finfo(y.dtype).tiny)
+        mm = torch.addmm
+    else:                                                   # a stack of matrices, one norm each
+        y = y / y.norm(dim=(-2, -1), keepdim=True).clamp(min=eps or torch.finfo(y.dtype).tiny)
+        mm = torch.baddbmm
     for _ in range(steps):
-        gram = y @ y.T                                      # A = X X^T
-        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)   # b A + c A^2
-        y = torch.addmm(y, poly, y, beta=a)                 # a X + (b A + c A^2) X
-    return y.T if tall else y
+        gram = y @ y.mT                                     # A = X X^T
+        poly = mm(gram, gram, gram, beta=b, alpha=c)        # b A + c A^2
+        y = mm(y, poly, y, beta=a)                          # a X + (b A + c A^2) X
+    return y.mT if tall else y
 
 
 def _lr_ratio(adjust_lr_fn: str | None, rows: int, cols: int) -> float:
@@ -123,6 +131,7 @@ class Muon(Optimizer):
                        ns_dtype=one_of(*NS_DTYPES), use_muon=optional(boolean),
                        adamw_betas=beta_tuple(2), adamw_eps=non_negative)
     supports_complex = False
+    whole_matrices = True
 
     def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, weight_decay: float = 0.1,
                  momentum: float = 0.95, nesterov: bool = True,
@@ -179,18 +188,22 @@ class Muon(Optimizer):
             self._adamw(group, lr, pick(p), pick(g), pick(s["exp_avg"]), pick(s["exp_avg_sq"]),
                         [t[i] for i in adamw])
 
-    @staticmethod
-    def _muon(group, lr, params, grads, buffers):
+    def _muon(self, group, lr, params, grads, buffers):
         mu, dtype = group["momentum"], NS_DTYPES[group["ns_dtype"]]
-        for p, g, buf in zip(params, grads, buffers):
+        inputs = []
+        for g, buf in zip(grads, buffers):          # elementwise: on the local shards under FSDP2
             buf.lerp_(g, 1 - mu)                                   # B_t = mu B + (1 - mu) g
-            u = g.lerp(buf, mu) if group["nesterov"] else buf      # U_t = (1 - mu) g + mu B_t
-            u = u.flatten(1)                                       # conv (out, in, k...) -> (out, -1)
-            if u.numel() == 0:
-                continue
-            o = orthogonalize(u, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
-            ratio = _lr_ratio(group["adjust_lr_fn"], *u.shape)
-            p.add_(o.reshape(p.shape).to(p.dtype), alpha=-lr * ratio)  # W_t = W - lr rho O_t
+            inputs.append(g.lerp(buf, mu) if group["nesterov"] else buf)   # U_t = (1 - mu) g + mu B_t
+
+        def orthogonalized(u, _):                   # a stack of whole U_t (conv kernels flattened)
+            x = u.flatten(2) if len(u) > 1 else u[0].flatten(1)
+            o = orthogonalize(x, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
+            return o.reshape(u.shape)
+
+        for p, o in zip(params, map_matrices(self, group, params, inputs, orthogonalized)):
+            if o.numel():
+                ratio = _lr_ratio(group["adjust_lr_fn"], p.shape[0], math.prod(p.shape[1:]))
+                local(p).add_(o.to(p.dtype), alpha=-lr * ratio)   # W_t = W - lr rho O_t
 
     @staticmethod
     def _adamw(group, lr, p, g, m, v, t):
