@@ -188,7 +188,8 @@ def plot_function(fn: TestFunction, paths: list[PathResult], out: Path, cols: in
     cols = min(cols, n)
     rows = math.ceil(n / cols)
     # sized to be read where the docs show it (about 800 px wide): 12-pt names, 10-pt details
-    fig = Figure(figsize=(PANEL_INCHES * cols, (PANEL_INCHES + 0.45) * rows + 0.6), dpi=80)
+    height = (PANEL_INCHES + 0.45) * rows + 0.6
+    fig = Figure(figsize=(PANEL_INCHES * cols, height), dpi=80)
     FigureCanvasAgg(fig)
     xs = np.linspace(*fn.xlim, 160)
     ys = np.linspace(*fn.ylim, 160)
@@ -212,7 +213,7 @@ def plot_function(fn: TestFunction, paths: list[PathResult], out: Path, cols: in
         ax.set_xlabel(f"lr {result.lr:.3g}   final f {result.values[-1]:.3g}", fontsize=10, labelpad=3)
     fig.suptitle(f"{fn.name}: f = {fn.formula}   ({len(paths[0].xy) - 1 if paths else 0} steps; "
                  "black dot: start, star: minimum)", fontsize=13)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / height))      # the top 0.5 inch: the suptitle
     target = out / f"{fn.name}.png"
     fig.savefig(target)
     return target
