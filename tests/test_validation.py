@@ -67,6 +67,8 @@ EXTRA_FOR = {  # (optimizer name, hyperparameter): more bad values
     ("mars", "lr_1d"): [(-1e-3, -1e-3)],
     ("mars", "weight_decay_1d"): [(-0.1, -0.1)],
     ("muon", "adjust_lr_fn"): [("l2", "l2"), ("", ""), (0, 0)],
+    ("normuon", "ns_coefficients"): [((3.4, NAN, 2.0), NAN), ((3.4, -4.7, INF), INF)],
+    ("normuon", "adjust_lr_fn"): [("l2", "l2"), ("", ""), (0, 0)],
 }
 # hyperparameters whose bad values are not the generic ones for their default's type
 BAD_FOR = {

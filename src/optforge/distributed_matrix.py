@@ -20,7 +20,20 @@ matrix function travels. For DTensor inputs:
 Plain tensors are computed where they are (no communication). Shards are the boxes a
 DTensor's placements cut (``Shard``, FSDP2-over-TP's ``_StridedShard``, ``Replicate`` on some
 mesh dims: every holder of a box gets its result back); layouts whose shards are not boxes,
-``Partial`` placements and meshes that do not span every rank are refused with a ValueError.
+``Partial`` placements and N-D meshes that do not span every rank are refused with a ValueError.
+
+A new matrix optimizer writes its per-matrix step and nothing else::
+
+    class MyShampoo(Optimizer):
+        whole_matrices = True
+        state_names = owner_state = ("L", "R")   # under FSDP2: kept whole by each matrix's owner
+
+        def update(self, group, p, g, s, t):
+            steps = map_matrices(self, group, p, g, self.preconditioned, batch=False)
+            for x, d in zip(p, steps):
+                local(x).add_(d, alpha=-group["lr"])     # on this rank's shard
+
+where ``self.preconditioned(gs, states)`` maps a stack of whole gradients to whole steps.
 """
 
 from __future__ import annotations
@@ -207,7 +220,7 @@ class _Exchange:
         self.rank = torch.distributed.get_rank(self.comm)
         self.device = shards[0].device
         # A box held by several ranks (Replicate on a mesh dim) is sent by its lowest holder.
-        self.sender = [[box.index(box[r]) == r for r in range(self.world)] for box in boxes]
+        self.sender = [[held.index(held[r]) == r for r in range(self.world)] for held in boxes]
         self.results: list[Tensor | None] = [None] * len(params)
 
     def run(self) -> list[Tensor]:
@@ -271,23 +284,25 @@ class _Exchange:
         """The owner assembles its matrices of the round and runs fn on each same-shape stack."""
         mine = [i for i in rnd.items if self.owners[i] == self.rank]
         sizes = rnd.splits[0]
-        at = [sum(sizes[:r]) for r in range(self.world)]       # each source's shards, in item order
-        whole: dict[int, Tensor] = {}
+        starts = [sum(sizes[:r]) for r in range(self.world)]
+        offset = {}                                  # where item i's shard from rank r starts
         for i in mine:
-            x = torch.empty(self.params[i].shape, dtype=self.dtype, device=self.device)
             for r in range(self.world):
                 if self.sender[i][r]:
-                    box, n = self.boxes[i][r], _volume(self.boxes[i][r])
-                    x[_index(box)] = rnd.recv[at[r]:at[r] + n].view(_sizes(box))
-                    at[r] += n
-            whole[i] = x
+                    offset[i, r] = starts[r]
+                    starts[r] += _volume(self.boxes[i][r])
         self._ensure_owner_state(mine)
         results: dict[int, Tensor] = {}
-        for stack in _stacks(mine, lambda i: whole[i].shape, self.batch):
-            states = [self.opt.state[self.params[i]] for i in stack]
-            ys = self.fn(torch.stack([whole[i] for i in stack]), states)
-            for i, y in zip(stack, ys):
-                results[i] = y
+        for stack in _stacks(mine, lambda i: self.params[i].shape, self.batch):
+            shape = (len(stack), *self.params[stack[0]].shape)
+            whole = torch.empty(shape, dtype=self.dtype, device=self.device)
+            for x, i in zip(whole, stack):           # assembled in place from the shards
+                for r in range(self.world):
+                    if self.sender[i][r]:
+                        box = self.boxes[i][r]
+                        x[_index(box)] = rnd.recv[offset[i, r]:offset[i, r] + _volume(box)].view(_sizes(box))
+            ys = self.fn(whole, [self.opt.state[self.params[i]] for i in stack])
+            results.update(zip(stack, ys))
         return results
 
     def _scatter(self, rnd: _Round, results: dict[int, Tensor]) -> _Round:

@@ -106,14 +106,15 @@ def _case(results: dict, key: tuple, fn, *args) -> None:
         results[key] = "error: " + traceback.format_exc()
 
 
-def fsdp_model() -> nn.Module:
+def fsdp_model(mesh=None) -> nn.Module:
+    """FSDP2 on every Linear and the whole; on a 2-D ``mesh``: HSDP (replicated over dim 0)."""
     from torch.distributed.fsdp import fully_shard
 
     model = make_model()
     for layer in model:
         if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    return fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
 
 
 def checkpointed(case: str, rank: int, world: int, path: str) -> dict:
@@ -163,8 +164,9 @@ def run_cases(rank: int, world: int) -> dict:
 
     results: dict = {}
 
-    def fsdp(case):
-        model = fsdp_model()
+    def fsdp(case, hsdp=False):
+        model = fsdp_model(init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+                           if hsdp else None)
         opt = make_optimizer(case, model.parameters())
         if case == "muon_rounds":         # one small matrix per owner and round: many rounds in flight
             distributed_matrix.ROUND_NUMEL = 1
@@ -180,6 +182,8 @@ def run_cases(rank: int, world: int) -> dict:
 
     for case in CASES:
         _case(results, ("fsdp", case), fsdp, case)
+    for case in ("muon", "soap"):
+        _case(results, ("hsdp", case), fsdp, case, True)
 
     def fsdp_tp():
         """FSDP2 x tensor parallel on a 2 x 2 mesh: every matrix is sharded over both mesh dims."""

@@ -7,6 +7,7 @@ gloo, CPU, 4 and 2 ranks (one process group per world size, in ranks spawned onc
 - the state is not duplicated: the ranks' state adds up to one process's (Muon's momentum
   sharded like the params, SOAP's whole-matrix state on each matrix's owner);
 - FSDP2 x tensor parallel (2 x 2 mesh, column- and row-parallel layers): Muon is exact;
+- HSDP (replicated and sharded mesh dims) and a DCP checkpoint saved on 4 ranks resumed on 2;
 - a layout no whole matrix can be assembled from is refused before anything changes."""
 
 import re
@@ -92,6 +93,17 @@ def test_state_is_not_duplicated(world, case):
     assert sum(got["state_per_rank"]) == one_process, got["state_per_rank"]
     assert max(got["state_per_rank"]) < one_process
     assert got["muon_state_sharded"]
+
+
+@pytest.mark.parametrize("case", ["muon", "soap"])
+def test_hsdp_equals_one_process_on_the_same_gradients(world, case):
+    """HSDP (a 2-D mesh: replicated over one dim, sharded over the other): each box has two
+    holders; one sends it, both get its result."""
+    got = ok(world[1][("hsdp", case)])
+    expected = replay(case, got["grads"])
+    torch.testing.assert_close(got["params"], expected, rtol=1e-9, atol=1e-12)
+    if case == "muon":
+        torch.testing.assert_close(got["params"], reference(case), rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("case", RESUMED)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -38,7 +38,8 @@ DEFAULT_ADAMW_NAMES = ("*embed*",)
 
 
 def orthogonalize(x: Tensor, coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
-                  steps: int = 5, eps: float = 1e-7, dtype: torch.dtype | None = torch.bfloat16) -> Tensor:
+                  steps: int = 5, eps: float = 1e-7, dtype: torch.dtype | None = torch.bfloat16, *,
+                  add_eps: bool = False) -> Tensor:
     r"""Approximate :math:`UV^\top` of a matrix :math:`X = USV^\top` by ``steps`` quintic
     Newton-Schulz iterations (Jordan, 2024), computed in ``dtype`` (None: ``x``'s dtype):
 
@@ -49,19 +50,19 @@ def orthogonalize(x: Tensor, coefficients: tuple[float, float, float] = NS_COEFF
     run on the wide orientation (:math:`X^\top` when rows > columns, so :math:`A` is the small
     Gram matrix). The coefficients push singular values into roughly [0.7, 1.2] rather than to
     exactly 1, which does not hurt training. ``x`` may be a stack of matrices (B, rows, cols).
-    Returns a new tensor in ``dtype``."""
+    ``add_eps``: :math:`X_0 = X / (\lVert X \rVert_F + \epsilon)` instead (Jordan's original
+    code; torch's clamps). Returns a new tensor in ``dtype``."""
     a, b, c = coefficients
     y = x.to(dtype) if dtype is not None else x
     tall = y.size(-2) > y.size(-1)
     if tall:
         y = y.mT
     if y.dim() == 2:
-        # spectral norm <= Frobenius norm <= 1 (eps = 0: the smallest normal, so 0 stays 0)
-        y = y / y.norm().clamp(min=eps or torch.finfo(y.dtype).tiny)
-        mm = torch.addmm
+        norm, mm = y.norm(), torch.addmm
     else:                                                   # a stack of matrices, one norm each
-        y = y / y.norm(dim=(-2, -1), keepdim=True).clamp(min=eps or torch.finfo(y.dtype).tiny)
-        mm = torch.baddbmm
+        norm, mm = y.norm(dim=(-2, -1), keepdim=True), torch.baddbmm
+    # spectral norm <= Frobenius norm <= 1 (eps = 0: the smallest normal, so 0 stays 0)
+    y = y / (norm + eps) if add_eps else y / norm.clamp(min=eps or torch.finfo(y.dtype).tiny)
     for _ in range(steps):
         gram = y @ y.mT                                     # A = X X^T
         poly = mm(gram, gram, gram, beta=b, alpha=c)        # b A + c A^2
@@ -132,6 +133,8 @@ class Muon(Optimizer):
                        adamw_betas=beta_tuple(2), adamw_eps=non_negative)
     supports_complex = False
     whole_matrices = True
+    #: the state of the params Muon steps (the AdamW fallback's: ``exp_avg``, ``exp_avg_sq``)
+    matrix_state: ClassVar[tuple[str, ...]] = ("momentum_buffer",)
 
     def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, weight_decay: float = 0.1,
                  momentum: float = 0.95, nesterov: bool = True,
@@ -153,8 +156,9 @@ class Muon(Optimizer):
             if flat:
                 self.param_groups.pop()
                 raise ValueError(
-                    f"Muon: a use_muon=True param group holds a parameter of shape {tuple(flat[0].shape)}; "
-                    "Muon orthogonalizes matrices (>= 2 dims). Put vectors and scalars in a use_muon=False "
+                    f"{type(self).__name__}: a use_muon=True param group holds a parameter of shape "
+                    f"{tuple(flat[0].shape)}; "
+                    "it orthogonalizes matrices (>= 2 dims). Put vectors and scalars in a use_muon=False "
                     "(AdamW) group, e.g. with optforge.muon_param_groups(model), or leave use_muon=None "
                     "to route them to AdamW automatically")
 
@@ -164,16 +168,16 @@ class Muon(Optimizer):
 
     def state_names_for(self, group: dict[str, Any]) -> tuple[str, ...]:
         kinds = {self._is_muon(group, p) for p in group["params"]}
-        muon = ("momentum_buffer",) if True in kinds else ()
+        muon = self.matrix_state if True in kinds else ()
         return muon + (("exp_avg", "exp_avg_sq") if False in kinds else ())
 
     def init_state(self, group: dict[str, Any], p: Tensor, name: str) -> Tensor:
-        if (name == "momentum_buffer") != self._is_muon(group, p) and p.numel():
+        if (name in self.matrix_state) != self._is_muon(group, p) and p.numel():
             return p.new_zeros(0)                  # a placeholder: the other kind's state
         return torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def state_shape(self, group: dict[str, Any], p: Tensor, name: str) -> tuple[int, ...]:
-        used = (name == "momentum_buffer") == self._is_muon(group, p) or not p.numel()
+        used = (name in self.matrix_state) == self._is_muon(group, p) or not p.numel()
         return tuple(p.shape) if used else (0,)
 
     def update(self, group, p, g, s, t):
@@ -182,16 +186,16 @@ class Muon(Optimizer):
         adamw = [i for i, x in enumerate(p) if not self._is_muon(group, x)]
         if muon:
             self._muon(group, lr, [p[i] for i in muon], [g[i] for i in muon],
-                       [s["momentum_buffer"][i] for i in muon])
+                       {name: [s[name][i] for i in muon] for name in self.matrix_state})
         if adamw:
             pick = lambda xs: TensorList(xs[i] for i in adamw)   # noqa: E731
             self._adamw(group, lr, pick(p), pick(g), pick(s["exp_avg"]), pick(s["exp_avg_sq"]),
                         [t[i] for i in adamw])
 
-    def _muon(self, group, lr, params, grads, buffers):
+    def _muon(self, group, lr, params, grads, state):
         mu, dtype = group["momentum"], NS_DTYPES[group["ns_dtype"]]
         inputs = []
-        for g, buf in zip(grads, buffers):          # elementwise: on the local shards under FSDP2
+        for g, buf in zip(grads, state["momentum_buffer"]):   # elementwise: local shards under FSDP2
             buf.lerp_(g, 1 - mu)                                   # B_t = mu B + (1 - mu) g
             inputs.append(g.lerp(buf, mu) if group["nesterov"] else buf)   # U_t = (1 - mu) g + mu B_t
 
