@@ -36,7 +36,7 @@ from torch import Tensor
 
 from . import lowbit
 from .constraints import Constraint, boolean, non_negative, one_of, tensor_or
-from .distributed import is_dtensor
+from .distributed import check_supported, is_dtensor, local_shards
 from .fused import run_generated
 from .param_groups import check_unique_params
 from .precision import LOW_PRECISION, check_low_precision, float32_copies, restore_float32_state, write_back
@@ -119,6 +119,11 @@ class Optimizer(torch.optim.Optimizer):
     #: Sparse gradients (``nn.Embedding(sparse=True)``) reach ``update`` as they are (buckets
     #: holding one run eagerly); an optimizer whose update handles them sets this to True.
     supports_sparse: ClassVar[bool] = False
+    #: DTensor parameters (FSDP2, tensor parallel) of an optimizer the registry marks
+    #: ``elementwise=False``: True where every whole-tensor quantity of its update (norms, row
+    #: and column statistics, sums over a group) is computed over every shard, through
+    #: ``TensorList.norm`` and :mod:`optforge.distributed`'s reductions; False refuses them.
+    shard_reductions: ClassVar[bool] = False
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         checks = self._constraints()
@@ -494,7 +499,7 @@ class Optimizer(torch.optim.Optimizer):
             state = state_of.get(param)
             if state is None or "step" not in state:
                 self._check_new_param(group, param)
-            key = (param.device, param.dtype)
+            key = _bucket_key(param)
             entries = by_key.get(key)
             if entries is None:
                 entries = by_key[key] = []
@@ -546,38 +551,35 @@ class Optimizer(torch.optim.Optimizer):
         return b
 
     def _check_tensor_subclass(self, group: dict[str, Any], param: Tensor) -> None:
-        """Refuse DTensor parameters (FSDP2, tensor parallel) where the result would be wrong.
-
-        The foreach path computes on DTensors with their global semantics, so an elementwise
-        update is exact on shards. The fused path's flat buffers cannot hold DTensors, and an
-        optimizer the registry marks ``elementwise=False`` (norms, matrix structure) would see
-        only its shard: both are refused rather than silently computed on the local shard."""
-        if not is_dtensor(param):
-            return
-        name = type(self).__name__
-        lowbit.refuse_distributed(name, group)
-        if group.get("fused"):
-            raise ValueError(f"{name}(fused=True) does not support DTensor parameters (FSDP2, tensor "
-                             "parallel): use fused=False, whose foreach path supports them")
-        if not _registered_elementwise(type(self)):
-            raise ValueError(f"{name} does not support DTensor parameters (FSDP2, tensor parallel): "
-                             "the registry marks it elementwise=False (its update needs whole-tensor "
-                             "norms or matrix structure), and a DTensor holds only a shard")
+        """Refuse DTensor parameters (FSDP2, tensor parallel) where the result would be wrong:
+        see :func:`optforge.distributed.check_supported`."""
+        if is_dtensor(param):
+            lowbit.refuse_distributed(type(self).__name__, group)
+            check_supported(type(self).__name__, _registered_elementwise(type(self)) or self.shard_reductions,
+                            param)
 
     def _fused_step(self, group: dict[str, Any], b: Bucket) -> bool:
         """Run a bucket's step fused; False where the eager path must run it instead."""
         if self.native_fused(group):
             advance_steps(b.steps, values=False)
-            self.fused_update(group, b.p, b.g, b.s, b.steps)
+            self.fused_update(group, *local_shards(b.p, b.g, b.s), b.steps)   # DTensors: elementwise
             return True
         if not self.has_kernel() or b.is_complex or not all(p.is_contiguous() for p in b.params):
             return False
         # Frozen params (requires_grad=False, no grad) stay out of the flat buffers for good;
         # a trainable one without a grad this step would make the flat kernel move them.
         if len(b.params) != sum(1 for p in group["params"]
-                                if (p.device, p.dtype) == b.key and (p.requires_grad or p.grad is not None)):
+                                if _bucket_key(p) == b.key and (p.requires_grad or p.grad is not None)):
             return False
         return run_generated(self, group, b)
+
+
+def _bucket_key(param: Tensor) -> tuple:
+    """Which bucket a parameter's update runs in: its (device, dtype), and a DTensor's mesh
+    (DTensor ops refuse operands on different meshes)."""
+    if type(param) in _PLAIN_TENSOR_TYPES or not is_dtensor(param):
+        return (param.device, param.dtype)
+    return (param.device, param.dtype, param.device_mesh)
 
 
 def _is_empty(shape: tuple[int, ...] | None) -> bool:

@@ -103,6 +103,7 @@ def _case(results: dict, key: tuple, fn, *args) -> None:
 
 
 def run_rank(rank: int, port: int, out: str, cases: list[tuple[str, dict, bool, bool]]) -> None:
+    """``cases``: (optimizer name, kwargs, whether it has a fused path, whether it takes DTensors)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
@@ -123,13 +124,16 @@ def run_rank(rank: int, port: int, out: str, cases: list[tuple[str, dict, bool, 
         dist.all_gather(replicas, params)
         return {"params": params, "replicas_equal": all(torch.equal(r, params) for r in replicas)}
 
-    def fsdp(name, kwargs):
+    def fsdp(name, kwargs, fused):
         model = _fsdp(make_model())
-        opt = of.get_optimizer_info(name).cls(model.parameters(), **kwargs)
+        fused_kwargs = {"fused": True} if fused else {}
+        opt = of.get_optimizer_info(name).cls(model.parameters(), **kwargs, **fused_kwargs)
         train(model, opt, x, y)
         state = [v for st in opt.state.values() for k, v in st.items() if k not in SCALAR_STATE]
         sharded = bool(state) and all(isinstance(v, DTensor) for v in state)
-        return {"params": flat(model.parameters()), "state_sharded": sharded}
+        first = opt.state[next(model.parameters())]             # the (8, 6) weight's
+        placements = {k: tuple(map(repr, v.placements)) for k, v in first.items() if isinstance(v, DTensor)}
+        return {"params": flat(model.parameters()), "state_sharded": sharded, "placements": placements}
 
     def ddp_low_bit(precision):
         model = DDP(make_model())
@@ -141,12 +145,11 @@ def run_rank(rank: int, port: int, out: str, cases: list[tuple[str, dict, bool, 
         return {"params": params, "replicas_equal": all(torch.equal(r, params) for r in replicas)}
 
     _case(results, ("ddp_low_bit", "int4"), ddp_low_bit, "int4")
-    for name, kwargs, has_fused, elementwise in cases:
-        _case(results, ("ddp", name, False), ddp, name, kwargs, False)
-        if has_fused:
-            _case(results, ("ddp", name, True), ddp, name, kwargs, True)
-        if elementwise:
-            _case(results, ("fsdp", name), fsdp, name, kwargs)
+    for name, kwargs, has_fused, on_dtensors in cases:
+        for fused in (False, True) if has_fused else (False,):
+            _case(results, ("ddp", name, fused), ddp, name, kwargs, fused)
+            if on_dtensors:
+                _case(results, ("fsdp", name, fused), fsdp, name, kwargs, fused)
 
     def fsdp_wrapped(kind):
         model = _fsdp(make_model())
@@ -188,7 +191,6 @@ def run_rank(rank: int, port: int, out: str, cases: list[tuple[str, dict, bool, 
             return {"error": str(err), "unchanged": torch.equal(flat(model.parameters()), before)}
         return {"error": None}
 
-    _case(results, ("refuse", "fused"), lambda: refused(lambda ps: of.AdamW(ps, fused=True)))
     _case(results, ("refuse", "state_precision"),
           lambda: refused(lambda ps: of.AdamW([{"params": list(ps), "state_precision": "int8"}])))
 

@@ -24,8 +24,8 @@ from distributed_worker import WRAPPED, flat, make_model, reference, run_rank, w
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
 
-ELEMENTWISE = [i for i in INFOS if i.elementwise]
-CASES = [(i.name, optimizer_kwargs(i.name), has_fused(i), i.elementwise) for i in INFOS]
+ON_DTENSORS = [i for i in INFOS if i.elementwise or i.cls.shard_reductions]
+CASES = [(i.name, optimizer_kwargs(i.name), has_fused(i), i in ON_DTENSORS) for i in INFOS]
 
 
 def free_port() -> int:
@@ -79,11 +79,25 @@ def test_ddp_with_low_bit_state_equals_one_process(results):
     close(got["params"], flat(model.parameters()))
 
 
-@pytest.mark.parametrize("info", [pytest.param(i, id=i.name) for i in ELEMENTWISE])
-def test_fsdp2_equals_unsharded(results, info):
-    got = ok(results[("fsdp", info.name)])
-    assert got["state_sharded"]                   # the state is DTensor shards, not full copies
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+@pytest.mark.parametrize("info", [pytest.param(i, id=i.name) for i in ON_DTENSORS])
+def test_fsdp2_equals_unsharded(results, info, fused):
+    """Elementwise optimizers (fused: the kernel on each local shard), and those whose norms,
+    row/column statistics and group sums are reduced over every shard."""
+    if fused and not has_fused(info):
+        pytest.skip("no fused path")
+    got = ok(results[("fsdp", info.name, fused)])
+    assert got["state_sharded"]                   # the state is DTensors, not local copies
     close(got["params"], reference(info.name, optimizer_kwargs(info.name)))
+
+
+@pytest.mark.parametrize("name", ["adafactor", "came"])
+def test_fsdp2_factored_statistics_are_sharded_along_rows_and_replicated_along_columns(results, name):
+    """The (8, 6) weight is sharded on dim 0: its row statistics are too, its column statistics
+    (a mean over the sharded dim) are replicated, so DCP saves each once."""
+    placements = ok(results[("fsdp", name, False)])["placements"]
+    rows, cols = ("row_var", "col_var") if name == "adafactor" else ("exp_avg_sq_row", "exp_avg_sq_col")
+    assert placements[rows] == ("Shard(dim=0)",) and placements[cols] == ("Replicate()",), placements
 
 
 @pytest.mark.parametrize("kind", WRAPPED)
@@ -106,7 +120,6 @@ def test_fsdp2_lookahead_refuses_slow_weights_sharded_otherwise(results):
 
 
 @pytest.mark.parametrize("case,message", [
-    ("fused", r"AdamW\(fused=True\) does not support DTensor parameters.*use fused=False"),
     ("state_precision", r"AdamW\(state_precision='int8'\) does not support DTensor parameters"),
     ("not_elementwise", r"NormSGD does not support DTensor parameters.*elementwise=False"),
     ("not_elementwise_child", r"NormSGDChild does not support DTensor parameters"),
