@@ -24,13 +24,14 @@ def make_model() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5), nn.Tanh(), nn.Linear(5, 1)).double()
 
 
-def data(rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def data(rank: int | None = None, world: int = WORLD) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full batch, or data-parallel rank ``rank``'s equal share of it."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(ROWS, 6, generator=g, dtype=torch.float64)
     y = torch.randn(ROWS, 1, generator=g, dtype=torch.float64)
     if rank is None:
         return x, y
-    rows = slice(rank * ROWS // WORLD, (rank + 1) * ROWS // WORLD)
+    rows = slice(rank * ROWS // world, (rank + 1) * ROWS // world)
     return x[rows], y[rows]
 
 
@@ -60,20 +61,25 @@ def reference(name: str, kwargs: dict) -> torch.Tensor:
 WRAPPED = ("lookahead", "sam", "asam")
 
 
-def train_wrapped(kind: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-    """AdamW in Lookahead, SAM or ASAM (the closure's gradient at the perturbed weights)."""
+def make_wrapped(kind: str, params):
+    """AdamW in Lookahead, SAM or ASAM."""
     import optforge as of
 
-    base = of.AdamW(model.parameters(), lr=1e-2)
-    opt = (of.Lookahead(base, k=2, alpha=0.5) if kind == "lookahead"
-           else of.SAM(base, rho=0.5, adaptive=True) if kind == "asam" else of.SAM(base, rho=0.05))
+    base = of.AdamW(params, lr=1e-2)
+    return (of.Lookahead(base, k=2, alpha=0.5) if kind == "lookahead"
+            else of.SAM(base, rho=0.5, adaptive=True) if kind == "asam" else of.SAM(base, rho=0.05))
+
+
+def train_wrapped(kind: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt=None, steps=STEPS):
+    """Lookahead, SAM or ASAM steps (the closure's gradient at the perturbed weights)."""
+    opt = opt or make_wrapped(kind, model.parameters())
 
     def closure():
         loss = ((model(x) - y) ** 2).mean()
         loss.backward()
         return loss
 
-    for _ in range(STEPS):
+    for _ in range(steps):
         opt.zero_grad()
         closure()
         opt.step() if kind == "lookahead" else opt.step(closure)
@@ -96,14 +102,18 @@ def _fsdp(model: nn.Module) -> nn.Module:
 
 
 def _case(results: dict, key: tuple, fn, *args) -> None:
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
         results[key] = fn(*args)
-    except Exception:
+    except (Exception, CheckpointException):         # CheckpointException is a BaseException
         results[key] = "error: " + traceback.format_exc()
 
 
-def run_rank(rank: int, port: int, out: str, cases: list[tuple[str, dict, bool, bool]]) -> None:
-    """``cases``: (optimizer name, kwargs, whether it has a fused path, whether it takes DTensors)."""
+def run_rank(rank: int, port: int, out: str, cases: list[tuple[str, dict, bool, bool]], directory: str,
+             saves: list) -> None:
+    """``cases``: (optimizer name, kwargs, whether it has a fused path, whether it takes DTensors);
+    ``saves``: the checkpoints to write into ``directory`` (distributed_checkpoint.save)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
@@ -234,6 +244,11 @@ def run_rank(rank: int, port: int, out: str, cases: list[tuple[str, dict, bool, 
 
     _case(results, ("skip", "fsdp"), lambda: skip_nonfinite("fsdp"))
     _case(results, ("skip", "ddp"), lambda: skip_nonfinite("ddp"))
+
+    from distributed_checkpoint import label, save
+
+    for case in saves:
+        _case(results, ("saved", label(case)), save, case, rank, directory)
 
     if rank == 0:
         torch.save(results, out)
