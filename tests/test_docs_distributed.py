@@ -31,9 +31,14 @@ def row(first_cell_has: str) -> str:
     return rows[0]
 
 
+def whole_matrices(info) -> bool:
+    return getattr(info.cls, "whole_matrices", False)
+
+
 @pytest.mark.parametrize("elementwise", [True, False], ids=["elementwise", "whole-tensor"])
 def test_the_table_rows_list_the_registry(elementwise):
-    infos = [i for i in of.list_optimizers(with_info=True) if i.elementwise == elementwise]
+    infos = [i for i in of.list_optimizers(with_info=True)
+             if i.elementwise == elementwise and not whole_matrices(i)]
     line = row(f"`elementwise={elementwise}`")
     named = re.findall(r"`([a-z0-9_]+)`", line.split("|")[1])
     expected = ", ".join(f"`{i.name}`" for i in infos)
@@ -45,6 +50,13 @@ def test_the_table_rows_list_the_registry(elementwise):
         [(i.name, has_fused_path(i)) for i in infos]
     refused = "refused" in line.split("|")[3]
     assert refused != elementwise
+
+
+def test_the_whole_matrix_row_lists_the_registry():
+    infos = [i for i in of.list_optimizers(with_info=True) if whole_matrices(i)]
+    line = row("`whole_matrices=True`")
+    assert re.findall(r"`([a-z0-9_]+)`", line.split("|")[1].partition(":")[2]) == [i.name for i in infos]
+    assert not any(has_fused_path(i) for i in infos) and "refused" not in line.split("|")[3]
 
 
 def test_the_wrappers_row_names_every_wrapper():

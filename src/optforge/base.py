@@ -37,6 +37,7 @@ from torch import Tensor
 from . import lowbit
 from .constraints import Constraint, boolean, non_negative, one_of, tensor_or
 from .distributed import check_supported, is_dtensor, local_shards
+from .distributed_matrix import check_layout
 from .fused import run_generated
 from .param_groups import check_unique_params
 from .precision import LOW_PRECISION, check_low_precision, float32_copies, restore_float32_state, write_back
@@ -124,6 +125,14 @@ class Optimizer(torch.optim.Optimizer):
     #: and column statistics, sums over a group) is computed over every shard, through
     #: ``TensorList.norm`` and :mod:`optforge.distributed`'s reductions; False refuses them.
     shard_reductions: ClassVar[bool] = False
+    #: The update needs whole matrices and gets them through :func:`optforge.distributed_matrix.
+    #: map_matrices` (owner compute), so DTensor parameters are supported although the registry
+    #: marks it ``elementwise=False``. ``owner_state``: its state kept whole by each matrix's owner.
+    whole_matrices: ClassVar[bool] = False
+    owner_state: ClassVar[tuple[str, ...]] = ()
+    #: Why ``fused=True`` is refused, in terms of the algorithm (an optimizer that writes
+    #: ``update()`` rather than ``scalars()`` + ``kernel()`` has no fused path).
+    no_fused_reason: ClassVar[str] = "its update is not written as scalars() + kernel()"
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         checks = self._constraints()
@@ -192,7 +201,10 @@ class Optimizer(torch.optim.Optimizer):
         ``constraints``."""
 
     def state_names_for(self, group: dict[str, Any]) -> tuple[str, ...]:
-        """The state tensors a group needs (override when an option adds one, e.g. amsgrad)."""
+        """The state tensors a group needs (override when an option adds one, e.g. amsgrad).
+        For DTensor params, ``owner_state`` is not kept per shard: each matrix's owner keeps it."""
+        if self.owner_state and any(is_dtensor(p) for p in group["params"]):
+            return tuple(n for n in self.state_names if n not in self.owner_state)
         return self.state_names
 
     def init_state(self, group: dict[str, Any], p: Tensor, name: str) -> Tensor:
@@ -219,8 +231,8 @@ class Optimizer(torch.optim.Optimizer):
                 checks[name](name, value)
         check_flags(type(self).__name__, values)
         if values.get("fused") and not (self.has_kernel() or self.native_fused(values)):
-            raise ValueError(f"invalid fused=True: {type(self).__name__} has no fused path "
-                             "(it defines update(), not scalars() + kernel())")
+            raise ValueError(f"invalid fused=True: {type(self).__name__} has no fused path: "
+                             f"{self.no_fused_reason}; use fused=False")
         lowbit.check_supported(type(self), values)
 
     def _expand_scalars(self, group: dict[str, Any], t: list[float]) -> dict[str, Any]:
@@ -552,11 +564,16 @@ class Optimizer(torch.optim.Optimizer):
 
     def _check_tensor_subclass(self, group: dict[str, Any], param: Tensor) -> None:
         """Refuse DTensor parameters (FSDP2, tensor parallel) where the result would be wrong:
-        see :func:`optforge.distributed.check_supported`."""
-        if is_dtensor(param):
-            lowbit.refuse_distributed(type(self).__name__, group)
-            check_supported(type(self).__name__, _registered_elementwise(type(self)) or self.shard_reductions,
-                            param)
+        see :func:`optforge.distributed.check_supported` (and, for whole-matrix optimizers,
+        :func:`optforge.distributed_matrix.check_layout`)."""
+        if not is_dtensor(param):
+            return
+        name = type(self).__name__
+        lowbit.refuse_distributed(name, group)
+        exact = _registered_elementwise(type(self)) or self.shard_reductions or self.whole_matrices
+        check_supported(name, exact, param)
+        if self.whole_matrices:
+            check_layout(name, param)
 
     def _fused_step(self, group: dict[str, Any], b: Bucket) -> bool:
         """Run a bucket's step fused; False where the eager path must run it instead."""

@@ -187,6 +187,8 @@ class Adafactor(FactoredOptimizer):
     Eager only (per-tensor RMS and factored statistics): ``fused=True`` is refused.
     """
 
+    no_fused_reason = ("its second moment is factored into the row and column means of each matrix, "
+                       "which a per- element kernel cannot form")
     constraints = dict(beta2_decay=non_positive, eps=tuple_of(optional(non_negative), non_negative),
                        d=positive, momentum=unit_interval, relative_step=boolean,
                        scale_parameter=boolean, eps_placement=one_of("add", "clamp"))

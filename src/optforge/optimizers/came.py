@@ -67,6 +67,8 @@ class CAME(FactoredOptimizer):
     parameters need ``fp32_state`` (``configure``): :math:`\epsilon_1 = 10^{-30}` underflows in float16.
     """
 
+    no_fused_reason = ("its second moment and confidence are factored into row and column means of each "
+                       "matrix, which a per-element kernel cannot form")
     constraints = dict(betas=beta_tuple(3), eps=non_negative,
                        eps_instability=non_negative, clip_threshold=positive)
     state_names = ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_res_row", "exp_avg_res_col",

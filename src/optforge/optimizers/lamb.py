@@ -42,6 +42,7 @@ class LAMB(Optimizer):
     State: ``step``, ``exp_avg`` (m), ``exp_avg_sq`` (v).
     """
 
+    no_fused_reason = "its trust ratio needs the norms of each whole tensor"
     constraints = dict(betas=beta_tuple(2), eps=non_negative, clamp_value=positive, debias=boolean,
                        adam=boolean)
     state_names = ("exp_avg", "exp_avg_sq")

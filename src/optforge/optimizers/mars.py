@@ -85,6 +85,7 @@ class MARS(Optimizer):
     (:math:`g_{t-1}`), ``max_exp_avg_sq`` (amsgrad).
     """
 
+    no_fused_reason = "it clips the variance-reduced gradient of each matrix by that matrix's norm"
     constraints = dict(betas=beta_tuple(2), eps=non_negative, amsgrad=boolean, gamma=non_negative,
                        is_approx=boolean, mars_type=one_of("mars-adamw"), optimize_1d=boolean,
                        lr_1d=non_negative, betas_1d=beta_tuple(2), weight_decay_1d=non_negative,

@@ -66,6 +66,7 @@ class Prodigy(Optimizer):
     """
 
     shard_reductions = True      # its sums over the group are over every shard of a DTensor
+    no_fused_reason = "its step size D is estimated from sums over all parameters"
     constraints = dict(betas=beta_tuple(2), beta3=optional(unit_interval), eps=non_negative, d0=positive,
                        d_coef=positive, growth_rate=positive_or_inf, use_bias_correction=boolean,
                        safeguard_warmup=boolean)
