@@ -1,6 +1,12 @@
 """DTensor parameters (FSDP2, tensor parallel) in code that works on plain tensors: elementwise
 work runs on each rank's local shard (exact: an elementwise result of a shard is the shard of
-the result), and a sum over whole tensors becomes one DTensor reduction over the mesh."""
+the result), and a sum over whole tensors becomes one DTensor reduction over the mesh.
+
+The reductions an optimizer's update may need, exact on shards and plain where nothing is a
+DTensor: per-tensor norms (``full_norms``, behind ``TensorList.norm``), per-tensor sums from
+local ones (``full_sums``), sums along a dim (``dim_sum``, with ``zeros_reduced`` for state
+holding one), and elementwise work on shards that line up (``on_shards``). Every rank runs
+every collective, an empty shard included, so the ranks stay in step."""
 
 from __future__ import annotations
 

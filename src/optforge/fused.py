@@ -12,6 +12,9 @@ elementwise ``kernel`` (TensorList methods only) gets ``fused=True`` for free:
   (betas, eps, flags) are compile-time constants; ``lr`` and anything that depends on the step
   must come through ``scalars`` so a scheduler never triggers a recompile.
 
+DTensor parameters (FSDP2, tensor parallel) stay where FSDP2 keeps them: the compiled kernel
+runs on each parameter's local shard (exact, being elementwise), one call per parameter.
+
 A step whose bucket is not uniform (a parameter without a gradient, parameters at different
 step counts, non-contiguous or complex parameters) runs the eager foreach path instead: same
 results, no surprises.

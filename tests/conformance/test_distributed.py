@@ -1,13 +1,17 @@
-"""torch.distributed with the gloo backend, 2 CPU ranks (spawned once for the whole module):
+"""torch.distributed with the gloo backend, CPU ranks (one process group per world size: 2, then
+1 and 4):
 
 - DDP: every registered optimizer (foreach and fused), AdamW with int4 state, and Lookahead,
   SAM and ASAM, give the parameters of one process training on the full batch, and the
   replicas stay identical;
 - FSDP2 (``fully_shard``, DTensor parameters and sharded state): every elementwise optimizer
-  gives the unsharded result, and so do Lookahead, SAM and ASAM around AdamW;
-- refused with a clear error, before any change: ``fused=True`` or ``state_precision`` with
-  DTensor parameters, and DTensor parameters for an optimizer the registry marks
-  ``elementwise=False``;
+  (foreach and fused) and every one that reduces over shards (LAMB, MARS, Adafactor, CAME,
+  Prodigy) gives the unsharded result, and so do Lookahead, SAM and ASAM around AdamW;
+- DCP: checkpoints saved by 2 FSDP2 ranks resume on 1 and on 4 as if never stopped;
+- FSDP2 x tensor parallel on a 2 x 2 mesh (4 ranks): AdamW, Adafactor, LAMB;
+- refused with a clear error, before any change: ``state_precision`` with DTensor
+  parameters, DTensor parameters for an optimizer the registry marks ``elementwise=False``
+  that does not reduce over shards, and ``Partial`` placements;
 - ``skip_nonfinite`` decides alike on every rank (a NaN in one rank's shard skips the step
   everywhere)."""
 
