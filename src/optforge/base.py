@@ -570,10 +570,10 @@ class Optimizer(torch.optim.Optimizer):
             return
         name = type(self).__name__
         lowbit.refuse_distributed(name, group)
-        exact = _registered_elementwise(type(self)) or self.shard_reductions or self.whole_matrices
-        check_supported(name, exact, param)
         if self.whole_matrices:
             check_layout(name, param)
+        exact = _registered_elementwise(type(self)) or self.shard_reductions or self.whole_matrices
+        check_supported(name, exact, param)
 
     def _fused_step(self, group: dict[str, Any], b: Bucket) -> bool:
         """Run a bucket's step fused; False where the eager path must run it instead."""
