@@ -15,6 +15,7 @@ from torch import nn
 WORLD = 2
 STEPS = 5
 ROWS = 8                     # the full batch; rank r trains on rows [4r, 4r + 4)
+MARS_Y_SCALE = 30.0
 SCALAR_STATE = {"step", "mu_product", "eta", "mu"}   # 0-d state, not param-shaped (as tests/helpers.py)
 
 
@@ -49,12 +50,13 @@ def flat(params) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in full]).clone()
 
 
-def reference(name: str, kwargs: dict) -> torch.Tensor:
-    """One process, the full batch."""
+def reference(name: str, kwargs: dict, y_scale: float = 1.0) -> torch.Tensor:
+    """One process, the full batch (its targets times ``y_scale``)."""
     import optforge as of
 
     model = make_model()
-    train(model, of.get_optimizer_info(name).cls(model.parameters(), **kwargs), *data())
+    x, y = data()
+    train(model, of.get_optimizer_info(name).cls(model.parameters(), **kwargs), x, y * y_scale)
     return flat(model.parameters())
 
 
@@ -134,11 +136,11 @@ def run_rank(rank: int, port: int, out: str, cases: list[tuple[str, dict, bool, 
         dist.all_gather(replicas, params)
         return {"params": params, "replicas_equal": all(torch.equal(r, params) for r in replicas)}
 
-    def fsdp(name, kwargs, fused):
+    def fsdp(name, kwargs, fused, y_scale=1.0):
         model = _fsdp(make_model())
         fused_kwargs = {"fused": True} if fused else {}
         opt = of.get_optimizer_info(name).cls(model.parameters(), **kwargs, **fused_kwargs)
-        train(model, opt, x, y)
+        train(model, opt, x, y * y_scale)
         state = [v for st in opt.state.values() for k, v in st.items() if k not in SCALAR_STATE]
         sharded = bool(state) and all(isinstance(v, DTensor) for v in state)
         first = opt.state[next(model.parameters())]             # the (8, 6) weight's
@@ -160,6 +162,10 @@ def run_rank(rank: int, port: int, out: str, cases: list[tuple[str, dict, bool, 
             _case(results, ("ddp", name, fused), ddp, name, kwargs, fused)
             if on_dtensors:
                 _case(results, ("fsdp", name, fused), fsdp, name, kwargs, fused)
+
+    # gradients large enough for MARS's clip c / max(1, ||c||) to act (the usual targets leave
+    # every ||c|| below 1, where a shard's norm would pass unnoticed)
+    _case(results, ("fsdp_large_grads", "mars"), fsdp, "mars", {"lr": 1e-2}, False, MARS_Y_SCALE)
 
     def fsdp_wrapped(kind):
         model = _fsdp(make_model())
