@@ -36,7 +36,7 @@ from torch import Tensor
 
 from . import lowbit
 from .constraints import Constraint, boolean, non_negative, one_of, tensor_or
-from .distributed import is_dtensor
+from .distributed import check_supported, is_dtensor, local_shards
 from .distributed_matrix import check_layout
 from .fused import run_generated
 from .param_groups import check_unique_params
@@ -120,6 +120,11 @@ class Optimizer(torch.optim.Optimizer):
     #: Sparse gradients (``nn.Embedding(sparse=True)``) reach ``update`` as they are (buckets
     #: holding one run eagerly); an optimizer whose update handles them sets this to True.
     supports_sparse: ClassVar[bool] = False
+    #: DTensor parameters (FSDP2, tensor parallel) of an optimizer the registry marks
+    #: ``elementwise=False``: True where every whole-tensor quantity of its update (norms, row
+    #: and column statistics, sums over a group) is computed over every shard, through
+    #: ``TensorList.norm`` and :mod:`optforge.distributed`'s reductions; False refuses them.
+    shard_reductions: ClassVar[bool] = False
     #: The update needs whole matrices and gets them through :func:`optforge.distributed_matrix.
     #: map_matrices` (owner compute), so DTensor parameters are supported although the registry
     #: marks it ``elementwise=False``. ``owner_state``: its state kept whole by each matrix's owner.
@@ -511,7 +516,7 @@ class Optimizer(torch.optim.Optimizer):
             state = state_of.get(param)
             if state is None or "step" not in state:
                 self._check_new_param(group, param)
-            key = (param.device, param.dtype)
+            key = _bucket_key(param)
             entries = by_key.get(key)
             if entries is None:
                 entries = by_key[key] = []
@@ -563,40 +568,40 @@ class Optimizer(torch.optim.Optimizer):
         return b
 
     def _check_tensor_subclass(self, group: dict[str, Any], param: Tensor) -> None:
-        """Refuse DTensor parameters (FSDP2, tensor parallel) where the result would be wrong.
-
-        The foreach path computes on DTensors with their global semantics, so an elementwise
-        update is exact on shards. The fused path's flat buffers cannot hold DTensors, and an
-        optimizer the registry marks ``elementwise=False`` (norms, matrix structure) would see
-        only its shard: both are refused rather than silently computed on the local shard."""
+        """Refuse DTensor parameters (FSDP2, tensor parallel) where the result would be wrong:
+        see :func:`optforge.distributed.check_supported` (and, for whole-matrix optimizers,
+        :func:`optforge.distributed_matrix.check_layout`)."""
         if not is_dtensor(param):
             return
         name = type(self).__name__
         lowbit.refuse_distributed(name, group)
-        if group.get("fused"):
-            raise ValueError(f"{name}(fused=True) does not support DTensor parameters (FSDP2, tensor "
-                             "parallel): use fused=False, whose foreach path supports them")
-        if not _registered_elementwise(type(self)) and not self.whole_matrices:
-            raise ValueError(f"{name} does not support DTensor parameters (FSDP2, tensor parallel): "
-                             "the registry marks it elementwise=False (its update needs whole-tensor "
-                             "norms or matrix structure), and a DTensor holds only a shard")
         if self.whole_matrices:
             check_layout(name, param, group)
+        exact = _registered_elementwise(type(self)) or self.shard_reductions or self.whole_matrices
+        check_supported(name, exact, param)
 
     def _fused_step(self, group: dict[str, Any], b: Bucket) -> bool:
         """Run a bucket's step fused; False where the eager path must run it instead."""
         if self.native_fused(group):
             advance_steps(b.steps, values=False)
-            self.fused_update(group, b.p, b.g, b.s, b.steps)
+            self.fused_update(group, *local_shards(b.p, b.g, b.s), b.steps)   # DTensors: elementwise
             return True
         if not self.has_kernel() or b.is_complex or not all(p.is_contiguous() for p in b.params):
             return False
         # Frozen params (requires_grad=False, no grad) stay out of the flat buffers for good;
         # a trainable one without a grad this step would make the flat kernel move them.
         if len(b.params) != sum(1 for p in group["params"]
-                                if (p.device, p.dtype) == b.key and (p.requires_grad or p.grad is not None)):
+                                if _bucket_key(p) == b.key and (p.requires_grad or p.grad is not None)):
             return False
         return run_generated(self, group, b)
+
+
+def _bucket_key(param: Tensor) -> tuple:
+    """Which bucket a parameter's update runs in: its (device, dtype), and a DTensor's mesh
+    (DTensor ops refuse operands on different meshes)."""
+    if type(param) in _PLAIN_TENSOR_TYPES or not is_dtensor(param):
+        return (param.device, param.dtype)
+    return (param.device, param.dtype, param.device_mesh)
 
 
 def _is_empty(shape: tuple[int, ...] | None) -> bool:
