@@ -34,7 +34,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from . import lowbit
+from . import lowbit, paths
 from .constraints import Constraint, boolean, non_negative, one_of, tensor_or
 from .distributed import is_dtensor
 from .fused import run_generated
@@ -419,11 +419,16 @@ class Optimizer(torch.optim.Optimizer):
             self.step_bucket(group, b)
 
     def step_bucket(self, group: dict[str, Any], b: Bucket) -> None:
-        """One bucket's step: with low-bit state, fused, or prepared and updated eagerly."""
+        """One bucket's step: with low-bit state, fused, or prepared and updated eagerly
+        (``fused=None``: torch's fused kernel where it computes the same, :mod:`optforge.paths`)."""
         if group.get("state_precision") and lowbit.holds(b):
             lowbit.step(self, group, b)
             return
         if group.get("fused") and not (b.low_precision or b.sparse) and self._fused_step(group, b):
+            return
+        if group.get("fused") is None and paths.native_applies(self, group, b):
+            advance_steps(b.steps, values=False)
+            self.fused_update(group, b.p, b.g, b.s, b.steps)
             return
         w = self.prepare(group, b)
         self.update(group, w.p, w.g, w.s, w.t)
@@ -519,7 +524,8 @@ class Optimizer(torch.optim.Optimizer):
             # One tensor holds the new step counts (each state's "step" a 0-d view of it), so
             # advancing a bucket is one add_, not one kernel per parameter. torch's
             # convention: fused steps live on the parameter's device, in float32.
-            flat = (torch.zeros(len(fresh), dtype=torch.float32, device=key[0]) if group.get("fused")
+            on_device = paths.steps_on_device(self, group, key)
+            flat = (torch.zeros(len(fresh), dtype=torch.float32, device=key[0]) if on_device
                     else torch.zeros(len(fresh), dtype=_step_dtype()))
             for i, st in enumerate(fresh):
                 st["step"] = flat[i]
@@ -567,6 +573,8 @@ class Optimizer(torch.optim.Optimizer):
     def _fused_step(self, group: dict[str, Any], b: Bucket) -> bool:
         """Run a bucket's step fused; False where the eager path must run it instead."""
         if self.native_fused(group):
+            if not paths.contiguous(b):
+                return False
             advance_steps(b.steps, values=False)
             self.fused_update(group, b.p, b.g, b.s, b.steps)
             return True
