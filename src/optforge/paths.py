@@ -8,9 +8,10 @@
   compiled and the parameters' storage is never touched, so this choice costs nothing to take.
 
 torch's fused kernels (SGD, Adam, AdamW, AMSGrad, Adagrad) run the same algorithm in one pass
-over memory; they are taken by default only for plain float32/float64 tensors on CPU or CUDA
-whose optimizer class computes the update exactly as the class that declared ``native_fused``
-(a subclass that changes ``kernel``, ``scalars``, ``transform_grads``, ... gets the eager path).
+over memory; they are taken by default only for plain contiguous float32/float64 tensors on CPU
+or CUDA (complex ones as their real pairs) whose optimizer class computes the update exactly as
+the class that declared ``native_fused`` (a subclass that changes ``kernel``, ``scalars``,
+``transform_grads``, ... gets the eager path).
 float16/bfloat16 buckets stay eager: torch's kernels compute them in float32, the eager path in
 the parameter's dtype, so the two would round differently.
 """
@@ -51,6 +52,8 @@ def native_by_default(opt: Any, group: dict[str, Any], key: tuple) -> bool:
     if group.get("fused") is not None or group.get("state_precision"):
         return False
     device, dtype = key
+    if dtype.is_complex:          # computed as view_as_real pairs
+        dtype = dtype.to_real()
     if device.type not in _DEVICES or dtype not in _DTYPES:
         return False
     cls = type(opt)
@@ -75,7 +78,7 @@ def native_applies(opt: Any, group: dict[str, Any], b: Any) -> bool:
 def contiguous(b: Any) -> bool:
     """Whether a bucket's params, gradients and state are contiguous: torch's fused kernels walk
     memory as if they were (other layouts, e.g. strided views or channels_last, run eagerly)."""
-    return (all(p.is_contiguous() for p in b.params) and all(g.is_contiguous() for g in b.g)
+    return (all(p.is_contiguous() for p in b.p) and all(g.is_contiguous() for g in b.g)
             and all(x.is_contiguous() for xs in b.s.values() for x in xs))
 
 
