@@ -125,6 +125,10 @@ class FlatList(TensorList):
         self[0].sqrt_()
         return self
 
+    def clamp_(self, min, max) -> FlatList:
+        self[0].clamp_(min, max)
+        return self
+
     def neg_(self) -> FlatList:
         self[0].neg_()
         return self
