@@ -40,14 +40,16 @@ class _Counter(TorchDispatchMode):
         if written:
             self.writes += len(written)
         else:
-            self.writes += sum(1 for r in tree_flatten(out)[0] if isinstance(r, torch.Tensor) and r.numel() == N)
+            results = tree_flatten(out)[0]
+            self.writes += sum(1 for r in results if isinstance(r, torch.Tensor) and r.numel() == N)
         return out
 
 
 def count(cls, **kwargs) -> tuple[int, int]:
     """(accesses per parameter of one eager step after the first, the one-pass minimum)."""
     p = torch.nn.Parameter(torch.randn(N))
-    opt = cls([p], fused=False, **kwargs) if "fused" in cls.__init__.__code__.co_varnames else cls([p], **kwargs)
+    eager = {"fused": False} if "fused" in cls.__init__.__code__.co_varnames else {}
+    opt = cls([p], **eager, **kwargs)
     for _ in range(2):
         p.grad = torch.randn(N)
         opt.step()
@@ -60,7 +62,8 @@ def count(cls, **kwargs) -> tuple[int, int]:
 
 
 def main() -> None:
-    print(f"{'optimizer':22s} {'eager':>6s} {'min':>4s} {'ratio':>6s}   (reads + writes per parameter per step)")
+    print(f"{'optimizer':22s} {'eager':>6s} {'min':>4s} {'ratio':>6s}   "
+          "(reads + writes per parameter per step)")
     for info in of.list_optimizers(with_info=True):
         if not info.elementwise or not info.cls.has_kernel():
             continue
