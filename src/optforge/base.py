@@ -34,7 +34,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from . import lowbit
+from . import lowbit, paths, step_plan
 from .constraints import Constraint, boolean, non_negative, one_of, tensor_or
 from .distributed import check_supported, is_dtensor, local_shards
 from .distributed_matrix import check_layout
@@ -293,6 +293,7 @@ class Optimizer(torch.optim.Optimizer):
                             st[name] = x.float()
         if given.keys() & lowbit.OPTIONS.keys():
             lowbit.convert_state(self)
+        step_plan.forget(self)
         return self
 
     def state_dict(self) -> dict[str, Any]:
@@ -368,6 +369,7 @@ class Optimizer(torch.optim.Optimizer):
                                      f"{tuple(x.shape)}, expected {shape} (the parameter has shape "
                                      f"{tuple(p.shape)})")
         low_bit = lowbit.plan_load(self, state_dict, where)     # torch would cast codes to floats
+        step_plan.forget(self)
         kept = [{k: group[k] for k in lowbit.OPTIONS} for group in self.param_groups]
         super().load_state_dict(state_dict)
         for group, options in zip(self.param_groups, kept):    # memory layout is this process's choice
@@ -423,12 +425,26 @@ class Optimizer(torch.optim.Optimizer):
             self.skipped_steps += 1
             return
         # Every check of every group comes first, so a refused step changes nothing at all.
-        todo = [(group, self._entries(group)) for group in self.param_groups]
-        for group, by_key in todo:
-            if by_key:
-                with numbers_for_step(group):    # a tensor lr / weight_decay, as a number
-                    self.step_group(group, [self._bucket(group, key, entries)
-                                            for key, entries in by_key.items()])
+        # A group whose buckets are as last step reuses them (optforge.step_plan).
+        plans = step_plan.plan_for(self) if self._plannable() else None
+        todo = []
+        for group in self.param_groups:
+            plan = None if plans is None else plans.get(id(group))
+            buckets = None if plan is None else plan.buckets(self, group)
+            todo.append((group, buckets, self._entries(group) if buckets is None else None))
+        for group, buckets, by_key in todo:
+            if buckets is None:
+                if not by_key:
+                    continue
+                buckets = [self._bucket(group, key, entries) for key, entries in by_key.items()]
+                if plans is not None:
+                    step_plan.remember(self, group, buckets)
+            with numbers_for_step(group):    # a tensor lr / weight_decay, as a number
+                self.step_group(group, buckets)
+
+    @classmethod
+    def _plannable(cls) -> bool:
+        return cls._entries is Optimizer._entries and cls._bucket is Optimizer._bucket
 
     def step_group(self, group: dict[str, Any], buckets: list[Bucket]) -> None:
         """One param group's step: each bucket fused, or prepared and updated eagerly.
@@ -441,11 +457,16 @@ class Optimizer(torch.optim.Optimizer):
             self.step_bucket(group, b)
 
     def step_bucket(self, group: dict[str, Any], b: Bucket) -> None:
-        """One bucket's step: with low-bit state, fused, or prepared and updated eagerly."""
+        """One bucket's step: with low-bit state, fused, or prepared and updated eagerly
+        (``fused=None``: torch's fused kernel where it computes the same, :mod:`optforge.paths`)."""
         if group.get("state_precision") and lowbit.holds(b):
             lowbit.step(self, group, b)
             return
         if group.get("fused") and not (b.low_precision or b.sparse) and self._fused_step(group, b):
+            return
+        if group.get("fused") is None and paths.native_applies(self, group, b):
+            advance_steps(b.steps, values=False)
+            self.fused_update(group, b.p, b.g, b.s, b.steps)
             return
         w = self.prepare(group, b)
         self.update(group, w.p, w.g, w.s, w.t)
@@ -541,7 +562,8 @@ class Optimizer(torch.optim.Optimizer):
             # One tensor holds the new step counts (each state's "step" a 0-d view of it), so
             # advancing a bucket is one add_, not one kernel per parameter. torch's
             # convention: fused steps live on the parameter's device, in float32.
-            flat = (torch.zeros(len(fresh), dtype=torch.float32, device=key[0]) if group.get("fused")
+            on_device = paths.steps_on_device(self, group, key)
+            flat = (torch.zeros(len(fresh), dtype=torch.float32, device=key[0]) if on_device
                     else torch.zeros(len(fresh), dtype=_step_dtype()))
             for i, st in enumerate(fresh):
                 st["step"] = flat[i]
@@ -583,15 +605,18 @@ class Optimizer(torch.optim.Optimizer):
     def _fused_step(self, group: dict[str, Any], b: Bucket) -> bool:
         """Run a bucket's step fused; False where the eager path must run it instead."""
         if self.native_fused(group):
+            if not paths.contiguous(b):
+                return False
             advance_steps(b.steps, values=False)
             self.fused_update(group, *local_shards(b.p, b.g, b.s), b.steps)   # DTensors: elementwise
             return True
-        if not self.has_kernel() or b.is_complex or not all(p.is_contiguous() for p in b.params):
+        if not self.has_kernel() or b.is_complex or not all(map(Tensor.is_contiguous, b.params)):
             return False
         # Frozen params (requires_grad=False, no grad) stay out of the flat buffers for good;
         # a trainable one without a grad this step would make the flat kernel move them.
-        if len(b.params) != sum(1 for p in group["params"]
-                                if _bucket_key(p) == b.key and (p.requires_grad or p.grad is not None)):
+        if len(b.params) != len(group["params"]) and len(b.params) != sum(
+                1 for p in group["params"]
+                if _bucket_key(p) == b.key and (p.requires_grad or p.grad is not None)):
             return False
         return run_generated(self, group, b)
 

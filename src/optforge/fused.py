@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable, Sequence
+from operator import is_, itemgetter
 from typing import Any
 
 import torch
@@ -129,6 +130,10 @@ class FlatList(TensorList):
         self[0].sqrt_()
         return self
 
+    def clamp_(self, min, max) -> FlatList:
+        self[0].clamp_(min, max)
+        return self
+
     def neg_(self) -> FlatList:
         self[0].neg_()
         return self
@@ -167,16 +172,20 @@ class FlatBucket:
             self.flat_param = self._flatten(params, total, p0)
             for p, view in zip(params, self._views(self.flat_param, params)):
                 p.data = view
+            self.param_ptrs = list(map(Tensor.data_ptr, params))
             self.flat_state = {}
+            self.state_views: dict[str, list[Tensor]] = {}
             for name in names:
                 flat = self._flatten([st[name] for st in states], total, p0)
                 self.flat_state[name] = flat
-                for st, view in zip(states, self._views(flat, params)):
+                self.state_views[name] = self._views(flat, params)
+                for st, view in zip(states, self.state_views[name]):
                     st[name] = view
             steps = torch.stack([st["step"] for st in states])
             self.flat_step = steps.clone()
-            for i, st in enumerate(states):
-                st["step"] = self.flat_step[i]
+            self.state_views["step"] = list(self.flat_step.unbind())
+            for st, view in zip(states, self.state_views["step"]):
+                st["step"] = view
         self.flat_grad = torch.zeros(total, dtype=p0.dtype, device=p0.device)
         self.grad_views = self._views(self.flat_grad, params)
         self.states = list(states)
@@ -207,22 +216,18 @@ class FlatBucket:
         return [flat[o:o + n].view(p.shape) for o, n, p in zip(self.offsets, self.numels, like)]
 
     def is_current(self, params: Sequence[Tensor], states: Sequence[dict[str, Any]]) -> bool:
-        """True while the params and their state still live in this bucket's buffers."""
-        if len(params) != len(self.params) or any(a is not b for a, b in zip(params, self.params)):
+        """True while the params and their state still live in this bucket's buffers: the same
+        params at the same addresses, and state entries that are still the views made here
+        (C-level passes: this runs every step)."""
+        if len(params) != len(self.params) or not all(map(is_, params, self.params)):
             return False
-        base = self.flat_param.data_ptr()
-        size = self.flat_param.element_size()
-        for p, o in zip(params, self.offsets):
-            if p.data_ptr() != base + o * size:
-                return False
-        for name, flat in self.flat_state.items():
-            base = flat.data_ptr()
-            for st, o in zip(states, self.offsets):
-                if st[name].data_ptr() != base + o * size:
-                    return False
-        step_base = self.flat_step.data_ptr()
-        step_size = self.flat_step.element_size()
-        return all(st["step"].data_ptr() == step_base + i * step_size for i, st in enumerate(states))
+        if list(map(Tensor.data_ptr, params)) != self.param_ptrs:
+            return False
+        try:
+            return all(all(map(is_, map(itemgetter(name), states), views))
+                       for name, views in self.state_views.items())
+        except KeyError:
+            return False
 
     def gather_grads(self, grads: Sequence[Tensor]) -> Tensor:
         """The flat gradient: ``grads`` (the params' ``.grad``, or transformed ones) copied in.
@@ -301,6 +306,8 @@ def run_generated(opt: Any, group: dict[str, Any], bucket: Any) -> bool:
     key = (id(group), bucket.key)
     flat = cache.get(key)
     if flat is None or not flat.is_current(bucket.params, bucket.states):
+        if len({float(x) for x in bucket.steps}) != 1:
+            return False     # before moving anything: the eager path runs this bucket as it is
         flat = cache[key] = FlatBucket(bucket.params, bucket.states, tuple(bucket.s))
     step = flat.uniform_step()
     if step is None:

@@ -22,6 +22,9 @@ Operand = Union["TensorList", Sequence[Tensor], Scalar, Sequence[Scalar]]
 
 __all__ = ["TensorList"]
 
+#: From this size on, a tensor's own kernel costs little beside its pass over memory.
+_LARGE_BYTES = 2**20
+
 
 def _is_tensors(x: object) -> bool:
     return isinstance(x, (list, tuple)) and len(x) > 0 and isinstance(x[0], Tensor)
@@ -176,6 +179,18 @@ class TensorList(list):
 
     def sqrt_(self) -> TensorList:
         torch._foreach_sqrt_(self)
+        return self
+
+    def clamp_(self, min: Scalar, max: Scalar) -> TensorList:
+        """Clamp into [min, max]; NaN stays NaN. Foreach has no two-sided clamp: large tensors
+        (one pass each matters there) are clamped one by one, the rest in two foreach passes."""
+        small = [x for x in self if x.numel() * x.element_size() < _LARGE_BYTES]
+        for x in self:
+            if x.numel() * x.element_size() >= _LARGE_BYTES:
+                x.clamp_(min, max)
+        if small:
+            torch._foreach_clamp_min_(small, min)
+            torch._foreach_clamp_max_(small, max)
         return self
 
     def neg_(self) -> TensorList:
