@@ -5,8 +5,9 @@ per step, for world sizes 1 (one process, plain tensors: the baseline), 2 and 4.
 Entries: Muon by owner compute (optforge.distributed_matrix), Muon gathering every matrix on
 every rank (``muon-gather-everywhere``: each rank ``full_tensor()``s each momentum and
 orthogonalizes every matrix, the straightforward way), SOAP, Adafactor and AdamW. The params
-are the ``many-small`` layout of ../shared/DESIGN.md with fewer, narrower blocks (``--blocks``,
-``--width``; ff = 4 x width), float32, sharded on dim 0 by ``fully_shard``; the gradients are
+are transformer blocks (``--blocks`` of width ``--width``, ff = 4 x width; per block qkv, out,
+ff1, ff2 weights and biases, two LayerNorms: the ``many-small`` layout of the step-speed
+benchmark, smaller), float32, sharded on dim 0 by ``fully_shard``; the gradients are
 fixed random tensors; only ``opt.step()`` is timed (a barrier before each step; a step's time is
 its slowest rank's). Bytes are counted at the collectives (gloo): what a rank receives from the
 others (all-gather: the other shards; all-to-all: the other ranks' parts; all-reduce: the

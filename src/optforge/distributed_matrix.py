@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 
 from .distributed import is_dtensor, local
+from .precision import LOW_PRECISION
 
 __all__ = ["ROUND_NUMEL", "check_layout", "map_matrices", "matrix_cost", "owner_of"]
 
@@ -77,10 +78,10 @@ def map_matrices(opt: Any, group: dict[str, Any], params: Sequence[Tensor], inpu
     ``fn(xs, sts)`` takes a stack of same-shape whole inputs (B, ...) and their state dicts, and
     returns the stack of results (same shape); it runs once per stack on the owner of those
     matrices (``batch=False``, and for plain inputs: B = 1). A plain input's state dict is
-    ``states[i]`` (default ``opt.state[params[i]]``); a DTensor's is ``opt.state[params[i]]`` on
-    its owner, where the owner-held state (``opt.owner_state``) is created whole (by
-    ``opt.init_state``) before ``fn`` first runs. Inputs holding nothing (0 elements)
-    are left out: their result is empty."""
+    ``states[i]`` (default: ``opt.state[params[i]]`` where it exists); a DTensor's is
+    ``opt.state[params[i]]`` on its owner, where the owner-held state (``opt.owner_state``) is
+    created whole (by ``opt.init_state``) before ``fn`` first runs. Inputs holding nothing
+    (0 elements) are left out: their result is empty."""
     out: list[Tensor | None] = [None] * len(inputs)
     plain: list[int] = []
     distributed: dict[Any, list[int]] = {}
@@ -92,8 +93,11 @@ def map_matrices(opt: Any, group: dict[str, Any], params: Sequence[Tensor], inpu
         else:
             plain.append(i)
     for i in plain:                               # one at a time: no stacking copies
-        out[i] = fn(inputs[i].unsqueeze(0), [opt.state[params[i]] if states is None else states[i]])[0]
+        state = opt.state.get(params[i], {}) if states is None else states[i]
+        out[i] = fn(inputs[i].unsqueeze(0), [state])[0]
     for (mesh, placements, dtype), items in distributed.items():
+        if any(params[i] not in opt.state for i in items):     # float32 copies, not the params
+            raise ValueError(_LOW_PRECISION_REFUSAL.format(type(opt).__name__))
         owners = owner_of(opt, mesh, [params[i] for i in items])
         boxes = [_boxes(tuple(inputs[i].shape), mesh, placements) for i in items]
         results = _Exchange(opt, group, mesh, dtype, [params[i] for i in items],
@@ -117,9 +121,17 @@ def owner_of(opt: Any, mesh: Any, params: Sequence[Tensor]) -> list[int]:
     return [owners[p] for p in params]
 
 
-def check_layout(name: str, x: Tensor) -> None:
+_LOW_PRECISION_REFUSAL = ("{} does not support fp32_state or stochastic_rounding with bf16/fp16 DTensor "
+                          "parameters (its whole-matrix state is keyed by the parameters): use float32 "
+                          "parameters, or mixed precision that keeps them float32 (FSDP2's "
+                          "MixedPrecisionPolicy)")
+
+
+def check_layout(name: str, x: Tensor, group: dict[str, Any]) -> None:
     """Refuse (ValueError naming optimizer ``name`` and the mesh) a DTensor whose whole matrix
-    cannot be assembled from its shards."""
+    cannot be assembled from its shards, or that would be updated as a float32 copy."""
+    if x.dtype in LOW_PRECISION and (group.get("fp32_state") or group.get("stochastic_rounding")):
+        raise ValueError(_LOW_PRECISION_REFUSAL.format(name))
     _layout_key(name, x)
 
 

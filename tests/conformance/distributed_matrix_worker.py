@@ -18,10 +18,12 @@ ROWS = 8                     # the full batch: each data-parallel rank trains on
 
 def make_model() -> nn.Module:
     """Float64 matrices sharded unevenly on 2 and 4 ranks, some with an empty shard (the (5, 8),
-    (3, 5) and (1, 3) weights), two of one shape (stacked on their owner)."""
+    (3, 5) and (1, 3) weights), five (8, 8) ones (on 2 and on 4 ranks, an owner gets several:
+    one batched call)."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
-                         nn.Linear(8, 5), nn.Tanh(), nn.Linear(5, 3), nn.Tanh(), nn.Linear(3, 1)).double()
+    square = [m for _ in range(5) for m in (nn.Linear(8, 8), nn.Tanh())]
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), *square, nn.Linear(8, 5), nn.Tanh(), nn.Linear(5, 3),
+                         nn.Tanh(), nn.Linear(3, 1)).double()
 
 
 def make_tp_model() -> nn.Module:
@@ -41,6 +43,8 @@ def data(part: int = 0, parts: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 def make_optimizer(case: str, params):
     import optforge as of
 
+    if case == "normuon":
+        return of.NorMuon(params, lr=0.02, weight_decay=0.01, ns_dtype="param")
     if case.startswith("muon"):
         extra = dict(nesterov=False, adjust_lr_fn="match_rms_adamw") if case == "muon_variants" else {}
         return of.Muon(params, lr=0.02, weight_decay=0.01, ns_dtype="param", **extra)
@@ -49,7 +53,7 @@ def make_optimizer(case: str, params):
     return of.SOAP(params, lr=1e-2, precondition_frequency=2, **extra)
 
 
-CASES = ("muon", "muon_variants", "muon_rounds", "soap", "soap_variants")
+CASES = ("muon", "muon_variants", "muon_rounds", "normuon", "soap", "soap_variants")
 RESUMED = ("muon", "soap")      # checkpointed with torch.distributed.checkpoint on 4 ranks, resumed on 2
 
 
@@ -64,9 +68,9 @@ def train(model, opt, x, y, steps=STEPS) -> list[torch.Tensor]:
     return grads
 
 
-def replay(case: str, grads: list[torch.Tensor]) -> torch.Tensor:
+def replay(case: str, grads: list[torch.Tensor], tp: bool = False) -> torch.Tensor:
     """One process, stepping on the given whole gradients."""
-    model = make_model()
+    model = make_tp_model() if tp else make_model()
     opt = make_optimizer(case, model.parameters())
     for g in grads:
         at = 0
@@ -185,7 +189,7 @@ def run_cases(rank: int, world: int) -> dict:
     for case in ("muon", "soap"):
         _case(results, ("hsdp", case), fsdp, case, True)
 
-    def fsdp_tp():
+    def fsdp_tp(case):
         """FSDP2 x tensor parallel on a 2 x 2 mesh: every matrix is sharded over both mesh dims."""
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
@@ -194,12 +198,13 @@ def run_cases(rank: int, world: int) -> dict:
         parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
         fully_shard(model, mesh=mesh["dp"])
         placements = [tuple(p.placements) for p in model.parameters()]
-        opt = make_optimizer("muon", model.parameters())
-        train(model, opt, *data(mesh.get_coordinate()[0], 2))
-        return {"params": flat(model.parameters()), "placements": placements}
+        opt = make_optimizer(case, model.parameters())
+        grads = train(model, opt, *data(mesh.get_coordinate()[0], 2))
+        return {"params": flat(model.parameters()), "grads": grads, "placements": placements}
 
     if world == 4:
-        _case(results, ("tp",), fsdp_tp)
+        for case in ("muon", "soap"):
+            _case(results, ("tp", case), fsdp_tp, case)
 
     def refused(name):
         """A parameter whose placements hold partial sums: no whole matrix can be assembled."""
@@ -216,5 +221,22 @@ def run_cases(rank: int, world: int) -> dict:
 
     for name in ("muon", "soap"):
         _case(results, ("refuse", name), refused, name)
+
+    def refused_low_precision():
+        """bf16 params updated through float32 copies: the owner's state would be keyed by copies."""
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (world,))
+        p = nn.Parameter(distribute_tensor(torch.ones(4, 3, dtype=torch.bfloat16), mesh, [Shard(0)]))
+        p.grad = distribute_tensor(torch.ones(4, 3, dtype=torch.bfloat16), mesh, [Shard(0)])
+        opt = of.Muon([p], lr=0.1).configure(fp32_state=True)
+        before = p.to_local().clone()
+        try:
+            opt.step()
+        except ValueError as err:
+            return {"error": str(err), "unchanged": torch.equal(p.to_local(), before) and not opt.state}
+        return {"error": None}
+
+    _case(results, ("refuse", "low_precision"), refused_low_precision)
 
     return results

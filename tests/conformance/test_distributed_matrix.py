@@ -1,12 +1,12 @@
-"""Whole-matrix optimizers (Muon, SOAP) under FSDP2 by owner compute (optforge.distributed_matrix),
+"""Whole-matrix optimizers (Muon, NorMuon, SOAP) under FSDP2 by owner compute (optforge.distributed_matrix),
 gloo, CPU, 4 and 2 ranks (one process group per world size, in ranks spawned once):
 
 - the parameters equal one process stepping on the same gradients (uneven shards, empty
   shards, same-shape matrices stacked on their owner, many rounds in flight), and for Muon
-  one process training on the full batch;
+  and NorMuon one process training on the full batch;
 - the state is not duplicated: the ranks' state adds up to one process's (Muon's momentum
   sharded like the params, SOAP's whole-matrix state on each matrix's owner);
-- FSDP2 x tensor parallel (2 x 2 mesh, column- and row-parallel layers): Muon is exact;
+- FSDP2 x tensor parallel (2 x 2 mesh, column- and row-parallel layers): Muon and SOAP;
 - HSDP (replicated and sharded mesh dims) and a DCP checkpoint saved on 4 ranks resumed on 2;
 - a layout no whole matrix can be assembled from is refused before anything changes."""
 
@@ -70,7 +70,7 @@ def test_fsdp2_equals_one_process_on_the_same_gradients(world, case):
     torch.testing.assert_close(got["params"], expected, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.startswith("muon")])
+@pytest.mark.parametrize("case", [c for c in CASES if "muon" in c])
 def test_fsdp2_muon_equals_one_process_on_the_full_batch(world, case):
     """Muon end to end. (SOAP is not compared so: on rectangular matrices its larger factor is
     rank-deficient, so part of each eigenbasis is set by rounding, and FSDP2's gradients, summed
@@ -116,13 +116,15 @@ def test_checkpoint_saved_on_4_ranks_resumes_on_2(spawned, case):
     torch.testing.assert_close(resumed["params"], expected, rtol=1e-9, atol=1e-12)
 
 
-def test_fsdp2_with_tensor_parallel_equals_one_process(world):
-    size, results = world
-    if size != 4:
-        pytest.skip("a 2 x 2 mesh")
-    got = ok(results[("tp",)])
+@pytest.mark.parametrize("case", ["muon", "soap"])
+def test_fsdp2_with_tensor_parallel_equals_one_process(spawned, case):
+    """Column- and row-parallel layers under FSDP2 on a 2 x 2 mesh: the matrices are sharded
+    over both mesh dims (FSDP2's _StridedShard over TP's Shard(0); Shard(0) and Shard(1))."""
+    got = ok(spawned[4][("tp", case)])
     assert "Shard(dim=1)" in str(got["placements"]) and "_StridedShard" in str(got["placements"])
-    torch.testing.assert_close(got["params"], reference("muon", tp=True), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got["params"], replay(case, got["grads"], tp=True), rtol=1e-9, atol=1e-12)
+    if case == "muon":
+        torch.testing.assert_close(got["params"], reference(case, tp=True), rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", ["muon", "soap"])
@@ -131,6 +133,23 @@ def test_partial_placements_are_refused_before_any_change(world, name):
     pattern = rf"{name}: a DTensor with unreduced \(Partial\) placements .* on DeviceMesh"
     assert got["error"] and re.search(pattern, got["error"], re.IGNORECASE), got["error"]
     assert got["unchanged"]
+
+
+def test_bf16_params_through_float32_copies_are_refused_before_any_change(world):
+    got = ok(world[1][("refuse", "low_precision")])
+    assert got["error"] and "Muon does not support fp32_state or stochastic_rounding with bf16/fp16 DTensor" \
+        in got["error"], got["error"]
+    assert got["unchanged"]
+
+
+def test_stacked_orthogonalize_equals_one_at_a_time():
+    from optforge.optimizers.muon import orthogonalize
+
+    for shape in [(3, 8, 5), (2, 5, 8), (4, 6, 6)]:
+        x = torch.randn(shape, dtype=torch.float64)
+        one_by_one = torch.stack([orthogonalize(m, dtype=None) for m in x])
+        torch.testing.assert_close(orthogonalize(x, dtype=None), one_by_one, rtol=1e-12, atol=1e-14)
+        assert not torch.allclose(orthogonalize(x, dtype=None), x / x[0].norm())    # it did something
 
 
 class FakeMesh:

@@ -92,6 +92,7 @@ class MARS(Optimizer):
                        variant=one_of(*VARIANTS))
     state_names = ("exp_avg", "exp_avg_sq", "last_grad")
     supports_complex = False
+    shard_reductions = True      # the clip's norm is TensorList.norm: over every shard of a DTensor
 
     def __init__(self, params: ParamsT, lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.99),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, gamma: float = 0.025,

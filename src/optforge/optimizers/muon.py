@@ -122,7 +122,9 @@ class Muon(Optimizer):
     (Muon), ``exp_avg``, ``exp_avg_sq`` (AdamW); in a ``use_muon=None`` group holding both
     kinds, a param's unused entries are empty tensors. State dicts move both ways with
     torch.optim.Muon (whose state has no ``step``). Eager only (per-matrix iterations);
-    ``fused=True`` is refused.
+    ``fused=True`` is refused. Under FSDP2 / tensor parallel (DTensor params) the momentum is
+    sharded like the params and each matrix is orthogonalized by one owner rank
+    (:mod:`optforge.distributed_matrix`, docs/distributed.md).
     """
 
     no_fused_reason = "it orthogonalizes the update of each whole matrix (Newton-Schulz iterations)"
@@ -186,7 +188,7 @@ class Muon(Optimizer):
         adamw = [i for i, x in enumerate(p) if not self._is_muon(group, x)]
         if muon:
             self._muon(group, lr, [p[i] for i in muon], [g[i] for i in muon],
-                       {name: [s[name][i] for i in muon] for name in self.matrix_state})
+                       {name: [s[name][i] for i in muon] for name in self.matrix_state if name in s})
         if adamw:
             pick = lambda xs: TensorList(xs[i] for i in adamw)   # noqa: E731
             self._adamw(group, lr, pick(p), pick(g), pick(s["exp_avg"]), pick(s["exp_avg_sq"]),

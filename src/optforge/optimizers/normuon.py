@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -9,6 +10,8 @@ from torch import Tensor
 
 from ..base import Optimizer, ParamsT
 from ..constraints import unit_interval
+from ..distributed import local
+from ..distributed_matrix import map_matrices
 from ..registry import register
 from .muon import NS_COEFFICIENTS, NS_DTYPES, Muon, _lr_ratio, muon_param_groups, orthogonalize
 
@@ -56,16 +59,15 @@ class NorMuon(Muon):
     ``exp_avg_sq`` for the fallback's (as in :class:`Muon`, a param's unused entries are
     empty tensors). In float32 that is :math:`4 + 4/B` bytes per matrix entry (Muon's 4 and
     one number per row), AdamW's 8 for the fallback's params. Eager only; ``fused=True`` is
-    refused. DTensor parameters (FSDP2, tensor parallel) are refused with a ValueError
-    (Muon's owner compute is not used).
+    refused. Under FSDP2 / tensor parallel (DTensor params) the momentum is sharded like the
+    params and each matrix is orthogonalized and normalized by one owner rank, which keeps its
+    ``second_momentum_buffer`` (:mod:`optforge.distributed_matrix`, docs/distributed.md).
     """
 
     no_fused_reason = "it orthogonalizes the update of each whole matrix and normalizes its rows"
     constraints = {**Muon.constraints, "beta2": unit_interval}
     matrix_state = ("momentum_buffer", "second_momentum_buffer")
-    # each matrix is computed where it is, whole: DTensor params (FSDP2) are refused, not
-    # handed to Muon's owner compute
-    whole_matrices = False
+    owner_state = ("second_momentum_buffer",)      # one number per row: kept by each matrix's owner
 
     def __init__(self, params: ParamsT, lr: float | Tensor = 0.02, weight_decay: float = 0.0,
                  momentum: float = 0.95, beta2: float = 0.95, nesterov: bool = True,
@@ -89,24 +91,30 @@ class NorMuon(Muon):
             return (p.shape[0], 1)
         return super().state_shape(group, p, name)
 
-    @staticmethod
-    def _muon(group, lr, params, grads, state):
+    def _muon(self, group, lr, params, grads, state):
         mu, beta2, dtype = group["momentum"], group["beta2"], NS_DTYPES[group["ns_dtype"]]
-        for p, g, buf, v in zip(params, grads, state["momentum_buffer"], state["second_momentum_buffer"]):
+        inputs = []
+        for g, buf in zip(grads, state["momentum_buffer"]):   # elementwise: local shards under FSDP2
             buf.lerp_(g, 1 - mu)                                   # B_t = mu B + (1 - mu) g
-            u = g.lerp(buf, mu) if group["nesterov"] else buf      # U_t = (1 - mu) g + mu B_t
-            u = u.flatten(1)                                       # conv (out, in, k...) -> (out, -1)
-            if u.numel() == 0:
-                continue
-            o = orthogonalize(u, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype,
-                              add_eps=True).to(torch.promote_types(p.dtype, torch.float32))
+            inputs.append(g.lerp(buf, mu) if group["nesterov"] else buf)   # U_t = (1 - mu) g + mu B_t
+        rows = state.get("second_momentum_buffer")             # absent under FSDP2: owner-held
+
+        def normalized(u, sts):                      # one whole U_t (conv kernels flattened)
+            v = sts[0]["second_momentum_buffer"]
+            o = orthogonalize(u[0].flatten(1), group["ns_coefficients"], group["ns_steps"], group["eps"],
+                              dtype, add_eps=True).to(torch.promote_types(u.dtype, torch.float32))
             norm = o.norm()
             v.lerp_(o.square().mean(dim=1, keepdim=True).to(v.dtype), 1 - beta2)   # v_t, one per row
             o.div_(v.to(o.dtype).sqrt().add_(ROW_EPS))                            # O_t / (sqrt(v_t) + eps)
             o.mul_(norm / o.norm().add_(ROW_EPS))                                  # back to the norm of O_t
-            ratio = _lr_ratio(group["adjust_lr_fn"], *u.shape)
-            p.add_(o.reshape(p.shape).to(p.dtype), alpha=-lr * ratio)            # W_t = W - lr rho O~_t
+            return o.reshape(u.shape)
 
+        states = None if rows is None else [{"second_momentum_buffer": v} for v in rows]
+        for p, o in zip(params, map_matrices(self, group, params, inputs, normalized, states=states,
+                                             batch=False)):
+            if o.numel():
+                ratio = _lr_ratio(group["adjust_lr_fn"], p.shape[0], math.prod(p.shape[1:]))
+                local(p).add_(o.to(p.dtype), alpha=-lr * ratio)                  # W_t = W - lr rho O~_t
 
 # compare_lr: the authors' lr, 0.02 (also the default)
 register(NorMuon, "NorMuon: Muon with its orthogonalized update normalized per row by a second moment "
