@@ -49,8 +49,8 @@ _EXACT: dict[type, bool] = {}
 def native_by_default(opt: Any, group: dict[str, Any], key: tuple) -> bool:
     """Whether a ``fused=None`` bucket of ``key`` = (device, dtype) in ``group`` gets torch's
     fused kernel (before looking at its tensors)."""
-    if group.get("fused") is not None or group.get("state_precision"):
-        return False
+    if group.get("fused") is not None or group.get("state_precision") or len(key) != 2:
+        return False             # (a DTensor bucket's key holds its mesh too: it runs eagerly)
     device, dtype = key
     if dtype.is_complex:          # computed as view_as_real pairs
         dtype = dtype.to_real()
