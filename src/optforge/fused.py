@@ -12,6 +12,9 @@ elementwise ``kernel`` (TensorList methods only) gets ``fused=True`` for free:
   (betas, eps, flags) are compile-time constants; ``lr`` and anything that depends on the step
   must come through ``scalars`` so a scheduler never triggers a recompile.
 
+DTensor parameters (FSDP2, tensor parallel) stay where FSDP2 keeps them: the compiled kernel
+runs on each parameter's local shard (exact, being elementwise), one call per parameter.
+
 A step whose bucket is not uniform (a parameter without a gradient, parameters at different
 step counts, non-contiguous or complex parameters) runs the eager foreach path instead: same
 results, no surprises.
@@ -27,6 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .distributed import check_same_layout, is_dtensor, local, placed_as
+from .steps import advance_steps
 from .tensorlist import TensorList
 
 __all__ = ["FlatBucket", "FlatList", "compiled_step"]
@@ -154,9 +159,6 @@ class FlatBucket:
 
     def __init__(self, params: Sequence[Tensor], states: Sequence[dict[str, Any]],
                  names: Sequence[str]) -> None:
-        if any(hasattr(p, "device_mesh") for p in params):
-            raise ValueError("fused=True does not support DTensor parameters (FSDP2, tensor parallel): "
-                             "use fused=False, whose foreach path supports them")
         p0 = params[0]
         self.params = list(params)
         self.names = tuple(names)
@@ -284,9 +286,22 @@ def _scalar_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _kernel_scalars(opt: Any, group: dict[str, Any], t: float, like: Tensor) -> dict[str, Tensor]:
+    """``scalars`` at step ``t`` (and the decoupled decay factor) as 0-d tensors."""
+    c = opt.scalars(group, t)
+    if group["weight_decay"] != 0 and group["weight_decay_mode"] == "decoupled":
+        lr = opt.decay_lr(group, [t])
+        c["_decay"] = 1 - (lr[0] if isinstance(lr, list) else lr) * group["weight_decay"]
+    names = list(c)
+    values = torch.tensor([float(c[n]) for n in names], dtype=_scalar_dtype(like.dtype), device=like.device)
+    return dict(zip(names, values.unbind()))
+
+
 def run_generated(opt: Any, group: dict[str, Any], bucket: Any) -> bool:
     """One fused step of a bucket whose params all have gradients; False when the bucket's
     steps differ (the eager path then runs it)."""
+    if any(is_dtensor(p) for p in bucket.params):
+        return _run_on_shards(opt, group, bucket)
     cache = opt.__dict__.setdefault("_flat_buckets", {})
     key = (id(group), bucket.key)
     flat = cache.get(key)
@@ -299,15 +314,36 @@ def run_generated(opt: Any, group: dict[str, Any], bucket: Any) -> bool:
         return False
     t = step + 1
     g = flat.gather_grads(opt.transform_grads(group, bucket.g))
-    c = opt.scalars(group, t)
-    if group["weight_decay"] != 0 and group["weight_decay_mode"] == "decoupled":
-        lr = opt.decay_lr(group, [t])
-        c["_decay"] = 1 - (lr[0] if isinstance(lr, list) else lr) * group["weight_decay"]
     p = flat.flat_param
-    names = list(c)
-    values = torch.tensor([float(c[n]) for n in names], dtype=_scalar_dtype(p.dtype), device=p.device)
     consts = opt.kernel_constants(group)
     entry = compiled_step(type(opt), (consts, p.dtype, p.device.type))
-    entry(type(opt).kernel, consts, p, g, flat.flat_state, dict(zip(names, values.unbind())))
+    entry(type(opt).kernel, consts, p, g, flat.flat_state, _kernel_scalars(opt, group, t, p))
     flat.advance_step(t)
+    return True
+
+
+def _run_on_shards(opt: Any, group: dict[str, Any], bucket: Any) -> bool:
+    """DTensor parameters (FSDP2, tensor parallel): the compiled kernel on each parameter's
+    local shard, flattened (exact: the kernel is elementwise). One call per parameter: the
+    shards' memory belongs to FSDP2, which gathers the parameters from it, so it cannot move
+    into a flat buffer. False (the eager path runs it) where a shard is not contiguous."""
+    states = [[bucket.s[n][i] for n in bucket.s] for i in range(len(bucket.params))]
+    for p, g, st in zip(bucket.params, bucket.g, states):
+        check_same_layout(p, g, *st)
+    if not all(local(x).is_contiguous() for p, st in zip(bucket.params, states) for x in (p, *st)):
+        return False
+    grads = opt.transform_grads(group, bucket.g)
+    steps = advance_steps(bucket.steps)
+    consts = opt.kernel_constants(group)
+    scalars: dict[float, dict[str, Tensor]] = {}
+    for p, g, st, t in zip(bucket.params, grads, states, steps):
+        shard = local(p)
+        if shard.numel() == 0:        # nothing here (an uneven split); no collective to keep in step
+            continue
+        if t not in scalars:
+            scalars[t] = _kernel_scalars(opt, group, t, shard)
+        entry = compiled_step(type(opt), (consts, shard.dtype, shard.device.type))
+        g = local(placed_as(g, p))                # transform_grads may have placed it otherwise
+        entry(type(opt).kernel, consts, shard.view(-1), g.reshape(-1),
+              {n: local(x).view(-1) for n, x in zip(bucket.s, st)}, scalars[t])
     return True

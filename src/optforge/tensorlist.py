@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from . import scratch as _scratch
+from .distributed import check_same_layout, full_norms, is_dtensor, local
 
 Scalar = Union[float, int]
 Operand = Union["TensorList", Sequence[Tensor], Scalar, Sequence[Scalar]]
@@ -119,8 +120,9 @@ class TensorList(list):
         return out
 
     def norm(self, ord: Scalar = 2) -> TensorList:
-        """Per-tensor norms (a list of 0-d tensors)."""
-        return TensorList(torch._foreach_norm(self, ord))
+        """Per-tensor norms (a list of 0-d tensors), each over the whole tensor: a DTensor's
+        (FSDP2, tensor parallel) is reduced over every shard (``optforge.distributed.full_norms``)."""
+        return TensorList(full_norms(self, ord))
 
     # in-place
     def add_(self, other: Operand, alpha: Scalar | Sequence[Scalar] = 1) -> TensorList:
@@ -204,7 +206,12 @@ class TensorList(list):
         return self
 
     def copy_(self, src: Sequence[Tensor]) -> TensorList:
-        torch._foreach_copy_(self, src)
+        if any(is_dtensor(x) for x in self):        # DTensor has no rule for _foreach_copy_
+            for x, y in zip(self, src):
+                check_same_layout(x, y)
+            torch._foreach_copy_([local(x) for x in self], [local(y) for y in src])
+        else:
+            torch._foreach_copy_(self, src)
         return self
 
     def select(self, mask: Sequence[bool]) -> TensorList:

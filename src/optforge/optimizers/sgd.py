@@ -1,4 +1,4 @@
-"""SGD (torch.optim semantics) and the seed's MomentumSGD."""
+"""SGD (torch.optim semantics) and MomentumSGD (a velocity that holds the step)."""
 
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ class SGD(Optimizer):
 
 
 class MomentumSGD(Optimizer):
-    r"""Momentum SGD in the seed's own formulation (a velocity that holds the step):
+    r"""Momentum SGD with a velocity that holds the whole step, lr included:
 
     .. math::
         \Delta w_t &= \mu\, \Delta w_{t-1} - \mathrm{lr}\cdot g_t \\
