@@ -43,6 +43,7 @@ from .optimizers import (
     Rprop,
     ScheduleFreeAdamW,
     ScheduleFreeSGD,
+    Shampoo,
     SparseAdam,
     muon_param_groups,
 )
@@ -84,6 +85,7 @@ __all__ = [
     "NAdam",
     "muon_param_groups",
     "SOAP",
+    "Shampoo",
     "NameLoadReport",
     "Noam",
     "Prodigy",

@@ -1,0 +1,346 @@
+"""Shampoo with blocking and grafting, as Meta's Distributed Shampoo runs it on one device."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..base import Optimizer, ParamsT
+from ..constraints import (
+    boolean,
+    closed_unit_interval,
+    integer_at_least,
+    one_of,
+    positive,
+    tuple_of,
+    unit_interval,
+)
+from ..registry import register
+
+__all__ = ["Shampoo"]
+
+GRAFTINGS = ("adam", "adagrad", "rmsprop", "sgd", "none")
+FACTOR_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+GRAFTING_STATE = {"adam", "adagrad", "rmsprop"}    # graftings that keep a second moment
+
+
+def merged_shape(shape: tuple[int, ...], max_dim: int) -> tuple[int, ...]:
+    """Their ``merge_small_dims``: dims of size 1 dropped, then neighbouring dims multiplied
+    together from the last one while the product stays <= ``max_dim``: with ``max_dim`` 1024
+    a (64, 3, 3, 3) kernel becomes (64, 27) (64 * 27 > 1024), a (5, 48) matrix (240,), a
+    0-dim tensor (1,)."""
+    if 0 in shape:
+        return (0,)
+    dims = [d for d in reversed(shape) if d != 1] or [1]
+    out = [dims[0]]
+    for d in dims[1:]:
+        if out[-1] * d <= max_dim:
+            out[-1] *= d
+        else:
+            out.append(d)
+    return tuple(reversed(out))
+
+
+class Blocks(NamedTuple):
+    """How a parameter is preconditioned: viewed as ``shape`` (merged dims), cut into blocks of
+    at most ``max_dim`` along every dim (``slices``, row-major), one factor per block dim."""
+
+    shape: tuple[int, ...]
+    slices: tuple[tuple[slice, ...], ...]
+
+    @classmethod
+    def of(cls, param_shape: tuple[int, ...], max_dim: int) -> Blocks:
+        shape = merged_shape(tuple(param_shape), max_dim)
+        starts = [range(0, d, max_dim) for d in shape]
+        slices = tuple(tuple(slice(s, min(s + max_dim, d)) for s, d in zip(corner, shape))
+                       for corner in itertools.product(*starts))
+        return cls(shape, slices)
+
+    def dims(self, block: tuple[slice, ...]) -> list[int]:
+        return [s.stop - s.start for s in block]
+
+    @property
+    def factor_numel(self) -> int:
+        return sum(d * d for b in self.slices for d in self.dims(b))
+
+    def matrices(self, flat: Tensor) -> list[list[Tensor]]:
+        """Views of a flat state tensor as each block's (d, d) matrices, one per block dim."""
+        out, at = [], 0
+        for b in self.slices:
+            out.append([])
+            for d in self.dims(b):
+                out[-1].append(flat[at:at + d * d].view(d, d))
+                at += d * d
+        return out
+
+
+def inverse_root(matrix: Tensor, root: float, epsilon: float) -> Tensor:
+    r""":math:`(A + \epsilon I)^{-1/r}` by eigendecomposition, as their default ``EigenConfig``:
+    eigh of :math:`A + \epsilon I` (retried in float64 if it fails), and where the smallest
+    eigenvalue :math:`\lambda_{min}` is below :math:`\epsilon` (A is not positive definite in
+    floating point), every eigenvalue shifted by :math:`\epsilon - \lambda_{min}`."""
+    ridged = matrix.add(torch.eye(len(matrix), dtype=matrix.dtype, device=matrix.device), alpha=epsilon)
+    try:
+        lam, q = torch.linalg.eigh(ridged)
+    except RuntimeError:
+        if ridged.dtype == torch.float64:
+            raise
+        lam, q = (x.to(ridged.dtype) for x in torch.linalg.eigh(ridged.double()))
+    lam_min = lam.min().item()
+    if lam_min < epsilon:
+        lam = lam - lam_min + epsilon
+    return q * lam.pow(-1.0 / root).unsqueeze(0) @ q.T
+
+
+def _precondition(block: Tensor, roots: list[Tensor]) -> Tensor:
+    r""":math:`G \times_1 X_1 \cdots \times_k X_k` in the factors' dtype: each step contracts
+    the leading dim and appends the result as the last (the X are symmetric)."""
+    y = block
+    for x in roots:
+        y = torch.tensordot(y.to(x.dtype), x, dims=([0], [0]))
+    return y.to(block.dtype)
+
+
+def start_or_minus_one(name: str, value: Any) -> None:
+    """-1 (start at ``precondition_frequency``) or an integer >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or not (value == -1 or value >= 1):
+        raise ValueError(f"invalid {name}={value!r}: expected -1 (start at precondition_frequency) "
+                         "or an integer >= 1")
+
+
+class Shampoo(Optimizer):
+    r"""Shampoo (Gupta, Koren & Singer, 2018, "Shampoo: Preconditioned Stochastic Tensor
+    Optimization"; Anil et al., 2020, "Scalable Second Order Optimization for Deep Learning"),
+    as Meta's Distributed Shampoo runs it on one device (Shi et al., 2023, "A Distributed
+    Data-Parallel PyTorch Implementation of the Distributed Shampoo Optimizer for Training
+    Neural Networks At-Scale", arXiv:2309.06497; facebookresearch/optimizers at commit
+    f60660661194de26d3ee78bae6d15820ff8e583d): the algorithm that won the AlgoPerf training
+    algorithms competition, with its root-inverse preconditioner, blocking and grafting.
+
+    Each parameter is first viewed with its dims of size 1 dropped and neighbouring dims merged
+    (from the last) while their product stays <= ``max_preconditioner_dim`` (a (5, 48) matrix
+    becomes a 240-vector), then cut into blocks of at most ``max_preconditioner_dim`` along every
+    dim. For a block of order :math:`o` with gradient :math:`G_t` (after coupled weight decay)
+    and one factor :math:`L_k` per dim :math:`k`, with :math:`G_{(k)}` the block unfolded along
+    dim :math:`k`, :math:`(\beta_1, \beta_2)` = ``betas`` and :math:`\epsilon` = ``epsilon``:
+
+    .. math::
+        L_k &\leftarrow \beta_2 L_k + (1 - \beta_2)\, G_{(k)} G_{(k)}^\top
+            \quad (\beta_2 = 1: L_k \leftarrow L_k + G_{(k)} G_{(k)}^\top) \\
+        X_k &\leftarrow \Big(\frac{L_k}{1 - \beta_2^t} + \epsilon I\Big)^{-1/(2o)}
+            \quad \text{at } t = t_0 \text{ and when } t > t_0,\ f \mid t \\
+        M_t &= \beta_1 M_{t-1} + (1 - \beta_1) G_t, \qquad
+        \bar G_t = \frac{M_t}{1 - \beta_1^t}, \qquad
+        P_t = \bar G_t \times_1 X_1 \cdots \times_o X_o \\
+        D_t &= \begin{cases} A_t & t < t_0 \\
+            \frac{\lVert A_t \rVert}{\lVert P_t \rVert + 10^{-16}}\, P_t & t \ge t_0 \end{cases}
+            \qquad W_t = W_{t-1} - \mathrm{lr}\,(D_t + \lambda W_{t-1})
+
+    with :math:`f` = ``precondition_frequency``, :math:`t_0` = ``start_preconditioning_step``
+    (-1: :math:`f`) and :math:`X_k = I` until :math:`t_0`. The inverse root is their
+    eigendecomposition one (see :func:`inverse_root`): :math:`\epsilon` is added before eigh, and
+    eigenvalues below it are shifted up. :math:`A_t` is the grafted method's direction for the
+    block, whose norm the Shampoo direction takes (``grafting``), from a second moment
+    :math:`V` of the raw gradients with :math:`\beta_g` = ``grafting_beta2`` and
+    :math:`\epsilon_g` = ``grafting_epsilon``:
+
+    - ``"adam"``: :math:`V \leftarrow \beta_g V + (1 - \beta_g) G^2`,
+      :math:`A = \bar G / (\sqrt{V / (1 - \beta_g^t)} + \epsilon_g)`;
+    - ``"rmsprop"``: the same :math:`V`, :math:`A = \bar G / (\sqrt{V} + \epsilon_g)`;
+    - ``"adagrad"``: :math:`V \leftarrow V + G^2`, :math:`A = \bar G / (\sqrt{V} + \epsilon_g)`;
+    - ``"sgd"``: :math:`A = \bar G`;
+    - ``"none"``: :math:`D_t = P_t` at every step (plain gradient descent on the filtered
+      gradient until :math:`t_0`, as :math:`X_k = I` then).
+
+    ``use_bias_correction=False`` drops :math:`1 - \beta_2^t` and :math:`1 - \beta_1^t` (not the
+    Adam grafting's); :math:`\beta_2 = 1` has none. :math:`\beta_1 = 0` keeps no :math:`M`
+    (:math:`\bar G = G`). The decay :math:`\lambda W` (``weight_decay_mode="decoupled"``, their
+    ``DECOUPLED``, the default) is added to the grafted direction; ``"coupled"`` adds
+    :math:`\lambda W` to the gradient first (their ``L2``), ``"absolute"`` is the base class's.
+    ``maximize`` negates the gradient first.
+
+    ``factor_matrix_dtype`` (``"float32"``, theirs, or ``"float64"``) is the dtype of the
+    factors, of their inverse roots and of the preconditioning products.
+
+    .. warning::
+        Without grafting, a direction is :math:`P_t` itself, whose scale is set by the inverse
+        roots of the smallest eigenvalues. With float32 factors those eigenvalues, and so the
+        step, are at rounding-noise level for a rank-deficient factor (a block with fewer
+        gradient rows than columns, the usual case early in training). Use grafting (the
+        default, ``"adam"``) or ``factor_matrix_dtype="float64"`` there.
+
+    State: ``step``, ``factor_matrices`` (each block's :math:`L_k`, flattened into one tensor),
+    ``inv_factor_matrices`` (their :math:`X_k`, the same way), ``filtered_grad`` (:math:`M`;
+    only when :math:`\beta_1 \ne 0`) and ``grafting_second_moment`` (:math:`V`; Adam, RMSprop
+    and AdaGrad grafting). Eager only (per-block eigendecompositions): ``fused=True`` is refused.
+
+    Differences from their code, none of which changes the algorithm: their config objects
+    are flat keyword arguments here (``grafting="adam"``, ``grafting_beta2``,
+    ``grafting_epsilon``, ``factor_matrix_dtype``, one dtype for factors and inverse roots),
+    and only their default preconditioner (root inverse by eigendecomposition, exponent
+    :math:`1/(2o)`, perturbation before the eigendecomposition) is offered; factors are full
+    matrices (theirs: packed upper triangles, half the memory); the step counts are per
+    parameter (theirs: per param group); bias corrections are computed in float64 (theirs: in
+    torch's default dtype, float32 unless it is changed); a failing float64 eigendecomposition
+    raises (theirs: keeps the previous inverse root, up to 3 times in a row).
+    """
+
+    constraints = dict(betas=tuple_of(unit_interval, closed_unit_interval), epsilon=positive,
+                       max_preconditioner_dim=integer_at_least(1), precondition_frequency=integer_at_least(1),
+                       start_preconditioning_step=start_or_minus_one, use_bias_correction=boolean,
+                       grafting=one_of(*GRAFTINGS), grafting_beta2=closed_unit_interval,
+                       grafting_epsilon=positive, factor_matrix_dtype=one_of(*FACTOR_DTYPES))
+    supports_complex = False
+
+    def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 epsilon: float = 1e-12, weight_decay: float = 0.0, max_preconditioner_dim: int = 1024,
+                 precondition_frequency: int = 100, start_preconditioning_step: int = -1,
+                 use_bias_correction: bool = True, grafting: str = "adam", grafting_beta2: float = 0.999,
+                 grafting_epsilon: float = 1e-8, factor_matrix_dtype: str = "float32", *,
+                 weight_decay_mode: str = "decoupled", maximize: bool = False, fused: bool = False) -> None:
+        super().__init__(params, dict(
+            lr=lr, betas=betas, epsilon=epsilon, weight_decay=weight_decay,
+            max_preconditioner_dim=max_preconditioner_dim, precondition_frequency=precondition_frequency,
+            start_preconditioning_step=start_preconditioning_step, use_bias_correction=use_bias_correction,
+            grafting=grafting, grafting_beta2=grafting_beta2, grafting_epsilon=grafting_epsilon,
+            factor_matrix_dtype=factor_matrix_dtype, weight_decay_mode=weight_decay_mode,
+            maximize=maximize, fused=fused))
+
+    def check_group(self, group: dict[str, Any]) -> None:
+        start, every = group["start_preconditioning_step"], group["precondition_frequency"]
+        if start != -1 and start < every:
+            raise ValueError(f"invalid start_preconditioning_step={start!r}: expected -1 or an integer "
+                             f">= precondition_frequency ({every}), as the inverse roots are first "
+                             "computed then")
+        if group["grafting"] in ("adam", "rmsprop") and group["grafting_beta2"] == 0:
+            raise ValueError(f"invalid grafting_beta2=0 for grafting={group['grafting']!r}: expected a "
+                             "real number in (0, 1]")
+
+    def state_names_for(self, group: dict[str, Any]) -> tuple[str, ...]:
+        names = ("factor_matrices", "inv_factor_matrices")
+        if group["betas"][0] != 0:
+            names += ("filtered_grad",)
+        if group["grafting"] in GRAFTING_STATE:
+            names += ("grafting_second_moment",)
+        return names
+
+    def init_state(self, group: dict[str, Any], p: Tensor, name: str) -> Tensor:
+        if name not in ("factor_matrices", "inv_factor_matrices"):
+            return torch.zeros_like(p, memory_format=torch.preserve_format)
+        blocks = Blocks.of(p.shape, group["max_preconditioner_dim"])
+        flat = torch.zeros(blocks.factor_numel, dtype=FACTOR_DTYPES[group["factor_matrix_dtype"]],
+                           device=p.device)
+        if name == "inv_factor_matrices":
+            for block in blocks.matrices(flat):
+                for x in block:
+                    x.fill_diagonal_(1.0)           # X_k = I until the first inverse roots
+        return flat
+
+    def state_shape(self, group: dict[str, Any], p: Tensor, name: str) -> tuple[int, ...]:
+        if name in ("factor_matrices", "inv_factor_matrices"):
+            return (Blocks.of(p.shape, group["max_preconditioner_dim"]).factor_numel,)
+        return tuple(p.shape)
+
+    def decay_lr(self, group: dict[str, Any], t: list[float]) -> float:
+        return 0.0    # "decoupled": added to the direction (update()); the base's is a no-op
+
+    def prepare(self, group, b):
+        dtype = FACTOR_DTYPES[group["factor_matrix_dtype"]]
+        for x, st in zip(b.params, b.states):     # checked before the bucket's steps advance
+            f, blocks = st["factor_matrices"], Blocks.of(x.shape, group["max_preconditioner_dim"])
+            if f.numel() != blocks.factor_numel or f.dtype != dtype:
+                raise ValueError(f"Shampoo: the factor matrices of a parameter of shape {tuple(x.shape)} "
+                                 "do not fit max_preconditioner_dim / factor_matrix_dtype: they cannot "
+                                 "change after the first step")
+        return super().prepare(group, b)
+
+    def update(self, group, p, g, s, t):
+        names = self.state_names_for(group)
+        for i, (x, grad, k) in enumerate(zip(p, g, t)):
+            if x.numel():
+                self._step_param(group, x, grad, {n: s[n][i] for n in names}, int(k))
+
+    def _step_param(self, group: dict[str, Any], x: Tensor, grad: Tensor, st: dict[str, Tensor],
+                    k: int) -> None:
+        (b1, b2), bias = group["betas"], group["use_bias_correction"]
+        blocks = Blocks.of(x.shape, group["max_preconditioner_dim"])
+        factors, roots = blocks.matrices(st["factor_matrices"]), blocks.matrices(st["inv_factor_matrices"])
+        g = grad.reshape(blocks.shape)
+        for block, fs in zip(blocks.slices, factors):
+            _accumulate(g[block], fs, b2)
+        second_moment = self._accumulate_grafting(group, grad, st)
+        every, start = group["precondition_frequency"], group["start_preconditioning_step"]
+        start = every if start == -1 else start
+        if k == start or (k > start and k % every == 0):
+            bc2 = 1 - b2**k if bias and b2 < 1 else 1.0
+            for fs, xs in zip(factors, roots):
+                for f, root in zip(fs, xs):      # X_k = (L_k / bc2 + eps I)^(-1/(2o))
+                    root.copy_(inverse_root(f / bc2, 2 * len(fs), group["epsilon"]))
+        g_bar = grad
+        if b1 != 0:
+            m = st["filtered_grad"]
+            m.lerp_(grad, 1 - b1)                                   # M_t = b1 M + (1 - b1) G
+            g_bar = m / (1 - b1**k) if bias else m
+        graft = self._grafting_direction(group, g_bar, second_moment, k)
+        if graft is not None and k < start:
+            direction = graft.reshape(blocks.shape).clone()
+        else:
+            direction = _shampoo_direction(blocks, roots, g_bar, graft)
+        if group["weight_decay_mode"] == "decoupled" and group["weight_decay"] != 0:
+            direction.add_(x.reshape(blocks.shape), alpha=group["weight_decay"])   # D + wd W
+        x.add_(direction.reshape(x.shape), alpha=-float(group["lr"]))           # W <- W - lr (D + wd W)
+
+    @staticmethod
+    def _accumulate_grafting(group: dict[str, Any], grad: Tensor, st: dict[str, Tensor]) -> Tensor | None:
+        if group["grafting"] not in GRAFTING_STATE:
+            return None
+        v, beta = st["grafting_second_moment"], group["grafting_beta2"]
+        if group["grafting"] == "adagrad":
+            return v.addcmul_(grad, grad)                          # V <- V + G^2
+        if beta != 1:
+            v.mul_(beta)
+        return v.addcmul_(grad, grad, value=1 - beta)              # V <- b V + (1 - b) G^2
+
+    @staticmethod
+    def _grafting_direction(group: dict[str, Any], g_bar: Tensor, v: Tensor | None, k: int) -> Tensor | None:
+        """The grafted method's direction A (None: no grafting)."""
+        kind = group["grafting"]
+        if kind in ("none", "sgd"):
+            return None if kind == "none" else g_bar
+        beta = group["grafting_beta2"]
+        bc2 = 1 - beta**k if kind == "adam" and beta < 1 else 1.0
+        return g_bar / (v / bc2).sqrt_().add_(group["grafting_epsilon"])   # G_bar / (sqrt(V / bc2) + eps_g)
+
+
+def _shampoo_direction(blocks: Blocks, roots: list[list[Tensor]], g_bar: Tensor,
+                       graft: Tensor | None) -> Tensor:
+    """Each block's :math:`P = \\bar G \\times_1 X_1 \\cdots \\times_o X_o`, with the norm of
+    the grafted direction's block where there is one, in one tensor of the blocks' shape."""
+    g_bar = g_bar.reshape(blocks.shape)
+    graft = None if graft is None else graft.reshape(blocks.shape)
+    direction = torch.empty(blocks.shape, dtype=g_bar.dtype, device=g_bar.device)
+    for block, xs in zip(blocks.slices, roots):
+        d = _precondition(g_bar[block], xs)
+        if graft is not None:                                   # D = |A| / (|P| + 1e-16) P
+            d.mul_(graft[block].norm() / (d.norm() + 1e-16))
+        direction[block] = d
+    return direction
+
+
+def _accumulate(block: Tensor, factors: list[Tensor], beta2: float) -> None:
+    """:math:`L_k \\leftarrow \\beta_2 L_k + (1 - \\beta_2) G_{(k)} G_{(k)}^\\top` for each dim
+    (:math:`\\beta_2 = 1`: a plain sum, as theirs)."""
+    for i, f in enumerate(factors):
+        others = [j for j in range(block.dim()) if j != i]
+        outer = torch.tensordot(block, block, dims=(others, others))
+        if beta2 != 1:
+            f.mul_(beta2)
+        f.add_(outer, alpha=1 - beta2 if beta2 != 1 else 1.0)
+
+
+# compare_lr: with Adam grafting its steps have AdamW's size: AdamW's lr (their README's example)
+register(Shampoo, "Shampoo: Kronecker-factored preconditioner with blocking and Adam grafting "
+         "(Gupta et al., 2018; Meta's Distributed Shampoo)", elementwise=False, compare_lr=1e-3)
