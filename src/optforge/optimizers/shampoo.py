@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import numbers
 from typing import Any, NamedTuple
 
 import torch
@@ -18,12 +19,13 @@ from ..constraints import (
     tuple_of,
     unit_interval,
 )
+from ..precision import LOW_PRECISION
 from ..registry import register
 
 __all__ = ["Shampoo"]
 
 GRAFTINGS = ("adam", "adagrad", "rmsprop", "sgd", "none")
-FACTOR_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+FACTOR_DTYPES = {"float32": torch.float32, "float64": torch.float64, "param": None}   # None: the param's
 GRAFTING_STATE = {"adam", "adagrad", "rmsprop"}    # graftings that keep a second moment
 
 
@@ -82,6 +84,9 @@ def inverse_root(matrix: Tensor, root: float, epsilon: float) -> Tensor:
     eigh of :math:`A + \epsilon I` (retried in float64 if it fails), and where the smallest
     eigenvalue :math:`\lambda_{min}` is below :math:`\epsilon` (A is not positive definite in
     floating point), every eigenvalue shifted by :math:`\epsilon - \lambda_{min}`."""
+    dtype = matrix.dtype
+    if dtype in LOW_PRECISION:                      # eigh has no bf16 / fp16 kernels
+        matrix = matrix.float()
     ridged = matrix.add(torch.eye(len(matrix), dtype=matrix.dtype, device=matrix.device), alpha=epsilon)
     try:
         lam, q = torch.linalg.eigh(ridged)
@@ -92,7 +97,7 @@ def inverse_root(matrix: Tensor, root: float, epsilon: float) -> Tensor:
     lam_min = lam.min().item()
     if lam_min < epsilon:
         lam = lam - lam_min + epsilon
-    return q * lam.pow(-1.0 / root).unsqueeze(0) @ q.T
+    return (q * lam.pow(-1.0 / root).unsqueeze(0) @ q.T).to(dtype)
 
 
 def _precondition(block: Tensor, roots: list[Tensor]) -> Tensor:
@@ -106,7 +111,7 @@ def _precondition(block: Tensor, roots: list[Tensor]) -> Tensor:
 
 def start_or_minus_one(name: str, value: Any) -> None:
     """-1 (start at ``precondition_frequency``) or an integer >= 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or not (value == -1 or value >= 1):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not (value == -1 or value >= 1):
         raise ValueError(f"invalid {name}={value!r}: expected -1 (start at precondition_frequency) "
                          "or an integer >= 1")
 
@@ -162,8 +167,9 @@ class Shampoo(Optimizer):
     :math:`\lambda W` to the gradient first (their ``L2``), ``"absolute"`` is the base class's.
     ``maximize`` negates the gradient first.
 
-    ``factor_matrix_dtype`` (``"float32"``, theirs, or ``"float64"``) is the dtype of the
-    factors, of their inverse roots and of the preconditioning products.
+    ``factor_matrix_dtype`` (``"float32"``, theirs, ``"float64"``, or ``"param"``: the
+    parameter's) is the dtype of the factors, of their inverse roots and of the preconditioning
+    products (eigendecompositions of bf16 / fp16 factors run in float32).
 
     .. warning::
         Without grafting, a direction is :math:`P_t` itself, whose scale is set by the inverse
@@ -215,9 +221,6 @@ class Shampoo(Optimizer):
             raise ValueError(f"invalid start_preconditioning_step={start!r}: expected -1 or an integer "
                              f">= precondition_frequency ({every}), as the inverse roots are first "
                              "computed then")
-        if group["grafting"] in ("adam", "rmsprop") and group["grafting_beta2"] == 0:
-            raise ValueError(f"invalid grafting_beta2=0 for grafting={group['grafting']!r}: expected a "
-                             "real number in (0, 1]")
 
     def state_names_for(self, group: dict[str, Any]) -> tuple[str, ...]:
         names = ("factor_matrices", "inv_factor_matrices")
@@ -231,7 +234,7 @@ class Shampoo(Optimizer):
         if name not in ("factor_matrices", "inv_factor_matrices"):
             return torch.zeros_like(p, memory_format=torch.preserve_format)
         blocks = Blocks.of(p.shape, group["max_preconditioner_dim"])
-        flat = torch.zeros(blocks.factor_numel, dtype=FACTOR_DTYPES[group["factor_matrix_dtype"]],
+        flat = torch.zeros(blocks.factor_numel, dtype=FACTOR_DTYPES[group["factor_matrix_dtype"]] or p.dtype,
                            device=p.device)
         if name == "inv_factor_matrices":
             for block in blocks.matrices(flat):
@@ -251,7 +254,7 @@ class Shampoo(Optimizer):
         dtype = FACTOR_DTYPES[group["factor_matrix_dtype"]]
         for x, st in zip(b.params, b.states):     # checked before the bucket's steps advance
             f, blocks = st["factor_matrices"], Blocks.of(x.shape, group["max_preconditioner_dim"])
-            if f.numel() != blocks.factor_numel or f.dtype != dtype:
+            if f.numel() != blocks.factor_numel or dtype not in (None, f.dtype):
                 raise ValueError(f"Shampoo: the factor matrices of a parameter of shape {tuple(x.shape)} "
                                  "do not fit max_preconditioner_dim / factor_matrix_dtype: they cannot "
                                  "change after the first step")
