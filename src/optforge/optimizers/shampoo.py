@@ -171,12 +171,12 @@ class Shampoo(Optimizer):
     parameter's) is the dtype of the factors, of their inverse roots and of the preconditioning
     products (eigendecompositions of bf16 / fp16 factors run in float32).
 
-    .. warning::
-        Without grafting, a direction is :math:`P_t` itself, whose scale is set by the inverse
-        roots of the smallest eigenvalues. With float32 factors those eigenvalues, and so the
-        step, are at rounding-noise level for a rank-deficient factor (a block with fewer
-        gradient rows than columns, the usual case early in training). Use grafting (the
-        default, ``"adam"``) or ``factor_matrix_dtype="float64"`` there.
+    **Warning**: without grafting, a direction is :math:`P_t` itself, whose scale is set by
+    the inverse roots of the smallest eigenvalues. With float32 factors and the default
+    :math:`\epsilon = 10^{-12}`, those eigenvalues of a rank-deficient factor (fewer gradients
+    accumulated than its size: early in training, and always for merged vectors) are rounding
+    noise, so the inverse roots, and the steps, are at noise level. Keep grafting on (the
+    default, ``"adam"``), or use ``factor_matrix_dtype="float64"`` and a larger ``epsilon``.
 
     State: ``step``, ``factor_matrices`` (each block's :math:`L_k`, flattened into one tensor),
     ``inv_factor_matrices`` (their :math:`X_k`, the same way), ``filtered_grad`` (:math:`M`;
@@ -189,9 +189,9 @@ class Shampoo(Optimizer):
     and only their default preconditioner (root inverse by eigendecomposition, exponent
     :math:`1/(2o)`, perturbation before the eigendecomposition) is offered; factors are full
     matrices (theirs: packed upper triangles, half the memory); the step counts are per
-    parameter (theirs: per param group); bias corrections are computed in float64 (theirs: in
-    torch's default dtype, float32 unless it is changed); a failing float64 eigendecomposition
-    raises (theirs: keeps the previous inverse root, up to 3 times in a row).
+    parameter (theirs: per param group); the lr and the bias corrections are Python floats
+    (theirs: a float32 tensor, and tensors of torch's default dtype); a failing float64
+    eigendecomposition raises (theirs: keeps the previous inverse root, up to 3 times in a row).
     """
 
     constraints = dict(betas=tuple_of(unit_interval, closed_unit_interval), epsilon=positive,
