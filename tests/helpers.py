@@ -95,7 +95,7 @@ OPTIMIZER_KWARGS: dict[str, dict] = {
     "soap": dict(lr=1e-2, betas=(0.9, 0.95), precondition_frequency=3, max_precond_dim=4),
     "muon": dict(lr=1e-2, momentum=0.9),  # the 1-D params take the AdamW fallback
     # blocks and inverse roots within a few steps; factors in the param's dtype, like all state
-    "shampoo": dict(lr=1e-2, max_preconditioner_dim=4, precondition_frequency=2, epsilon=1e-6,
+    "shampoo": dict(lr=1e-2, max_preconditioner_dim=8, precondition_frequency=2, epsilon=1e-6,
                     factor_matrix_dtype="param"),
     "prodigy": dict(lr=1.0, d0=1e-3),
     "adadelta": dict(lr=1.0),  # its step is lr times a ratio of running RMS values

@@ -231,7 +231,7 @@ class Shampoo(Optimizer):
         return names
 
     def init_state(self, group: dict[str, Any], p: Tensor, name: str) -> Tensor:
-        if name not in ("factor_matrices", "inv_factor_matrices"):
+        if name not in ("factor_matrices", "inv_factor_matrices") or not p.numel():
             return torch.zeros_like(p, memory_format=torch.preserve_format)
         blocks = Blocks.of(p.shape, group["max_preconditioner_dim"])
         flat = torch.zeros(blocks.factor_numel, dtype=FACTOR_DTYPES[group["factor_matrix_dtype"]] or p.dtype,
@@ -243,7 +243,7 @@ class Shampoo(Optimizer):
         return flat
 
     def state_shape(self, group: dict[str, Any], p: Tensor, name: str) -> tuple[int, ...]:
-        if name in ("factor_matrices", "inv_factor_matrices"):
+        if name in ("factor_matrices", "inv_factor_matrices") and p.numel():
             return (Blocks.of(p.shape, group["max_preconditioner_dim"]).factor_numel,)
         return tuple(p.shape)
 
@@ -254,7 +254,7 @@ class Shampoo(Optimizer):
         dtype = FACTOR_DTYPES[group["factor_matrix_dtype"]]
         for x, st in zip(b.params, b.states):     # checked before the bucket's steps advance
             f, blocks = st["factor_matrices"], Blocks.of(x.shape, group["max_preconditioner_dim"])
-            if f.numel() != blocks.factor_numel or dtype not in (None, f.dtype):
+            if x.numel() and (f.numel() != blocks.factor_numel or dtype not in (None, f.dtype)):
                 raise ValueError(f"Shampoo: the factor matrices of a parameter of shape {tuple(x.shape)} "
                                  "do not fit max_preconditioner_dim / factor_matrix_dtype: they cannot "
                                  "change after the first step")
