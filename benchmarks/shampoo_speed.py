@@ -51,8 +51,8 @@ def peer_shampoo(roots_every_step: bool) -> Callable[[list[torch.Tensor]], Any] 
 
     def make(params):
         opt = Shampoo(params, preconditioning_compute_steps=1)
-        if not roots_every_step:
-            opt.first_step_done = lambda: opt.param_groups[0].update(preconditioning_compute_steps=NEVER)
+        if not roots_every_step:      # read from the instance, not the param group
+            opt.first_step_done = lambda: setattr(opt, "preconditioning_compute_steps", NEVER)
         return opt
     return make
 
@@ -84,7 +84,7 @@ def main() -> None:
     for name, make in entries().items():
         params = [p.requires_grad_() for p in make_tensors(workload, seed=0)]
         for p, g in zip(params, grads):
-            p.grad = g
+            p.grad = g.clone()            # pytorch_optimizer's Shampoo changes its gradients in place
         opt = opts[name] = make(params)
         opt.step()                                    # untimed: creates state, computes roots
         getattr(opt, "first_step_done", lambda: None)()

@@ -186,4 +186,5 @@ def test_the_blocks_are_theirs():
     assert of.optimizers.shampoo.merged_shape((64, 3, 3, 3), 1024) == (64, 27)
     assert of.optimizers.shampoo.merged_shape((1, 1), 4) == (1,)
     blocks = of.optimizers.shampoo.Blocks.of((5, 48), 8)
-    assert blocks.shape == (5, 48) and len(blocks.slices) == 6 and blocks.factor_numel == 6 * (25 + 64)
+    assert blocks.shape == (5, 48) and [(dims, len(s)) for dims, s in blocks.groups] == [((5, 8), 6)]
+    assert blocks.factor_numel == 6 * (25 + 64)

@@ -48,65 +48,73 @@ def merged_shape(shape: tuple[int, ...], max_dim: int) -> tuple[int, ...]:
 
 class Blocks(NamedTuple):
     """How a parameter is preconditioned: viewed as ``shape`` (merged dims), cut into blocks of
-    at most ``max_dim`` along every dim (``slices``, row-major), one factor per block dim."""
+    at most ``max_dim`` along every dim, row-major. Blocks of one shape form a group
+    (``groups``: block dims, their slices), whose factors are batched: one (n, d, d) tensor
+    per block dim."""
 
     shape: tuple[int, ...]
-    slices: tuple[tuple[slice, ...], ...]
+    groups: tuple[tuple[tuple[int, ...], tuple[tuple[slice, ...], ...]], ...]
 
     @classmethod
     def of(cls, param_shape: tuple[int, ...], max_dim: int) -> Blocks:
         shape = merged_shape(tuple(param_shape), max_dim)
-        starts = [range(0, d, max_dim) for d in shape]
-        slices = tuple(tuple(slice(s, min(s + max_dim, d)) for s, d in zip(corner, shape))
-                       for corner in itertools.product(*starts))
-        return cls(shape, slices)
-
-    def dims(self, block: tuple[slice, ...]) -> list[int]:
-        return [s.stop - s.start for s in block]
+        by_dims: dict[tuple[int, ...], list[tuple[slice, ...]]] = {}
+        for corner in itertools.product(*[range(0, d, max_dim) for d in shape]):
+            block = tuple(slice(s, min(s + max_dim, d)) for s, d in zip(corner, shape))
+            by_dims.setdefault(tuple(s.stop - s.start for s in block), []).append(block)
+        return cls(shape, tuple((dims, tuple(slices)) for dims, slices in by_dims.items()))
 
     @property
     def factor_numel(self) -> int:
-        return sum(d * d for b in self.slices for d in self.dims(b))
+        return sum(len(slices) * d * d for dims, slices in self.groups for d in dims)
 
     def matrices(self, flat: Tensor) -> list[list[Tensor]]:
-        """Views of a flat state tensor as each block's (d, d) matrices, one per block dim."""
+        """Views of a flat state tensor as each group's (n, d, d) factors, one per block dim."""
         out, at = [], 0
-        for b in self.slices:
+        for dims, slices in self.groups:
             out.append([])
-            for d in self.dims(b):
-                out[-1].append(flat[at:at + d * d].view(d, d))
-                at += d * d
+            for d in dims:
+                out[-1].append(flat[at:at + len(slices) * d * d].view(len(slices), d, d))
+                at += len(slices) * d * d
         return out
 
 
+def gather(x: Tensor, slices: tuple[tuple[slice, ...], ...]) -> Tensor:
+    return torch.stack([x[s] for s in slices])
+
+
 def inverse_root(matrix: Tensor, root: float, epsilon: float) -> Tensor:
-    r""":math:`(A + \epsilon I)^{-1/r}` by eigendecomposition, as their default ``EigenConfig``:
-    eigh of :math:`A + \epsilon I` (retried in float64 if it fails), and where the smallest
-    eigenvalue :math:`\lambda_{min}` is below :math:`\epsilon` (A is not positive definite in
-    floating point), every eigenvalue shifted by :math:`\epsilon - \lambda_{min}`."""
+    r""":math:`(A + \epsilon I)^{-1/r}` of each matrix of a batch, by eigendecomposition, as
+    their default ``EigenConfig``: eigh of :math:`A + \epsilon I` (retried in float64 if it
+    fails), and where the smallest eigenvalue :math:`\lambda_{min}` is below :math:`\epsilon`
+    (A is not positive definite in floating point), every eigenvalue of that matrix shifted by
+    :math:`\epsilon - \lambda_{min}`."""
     dtype = matrix.dtype
     if dtype in LOW_PRECISION:                      # eigh has no bf16 / fp16 kernels
         matrix = matrix.float()
-    ridged = matrix.add(torch.eye(len(matrix), dtype=matrix.dtype, device=matrix.device), alpha=epsilon)
+    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+    ridged = matrix.add(eye, alpha=epsilon)
     try:
         lam, q = torch.linalg.eigh(ridged)
     except RuntimeError:
         if ridged.dtype == torch.float64:
             raise
         lam, q = (x.to(ridged.dtype) for x in torch.linalg.eigh(ridged.double()))
-    lam_min = lam.min().item()
-    if lam_min < epsilon:
-        lam = lam - lam_min + epsilon
-    return (q * lam.pow(-1.0 / root).unsqueeze(0) @ q.T).to(dtype)
+    low = lam.amin(-1, keepdim=True)
+    lam = torch.where(low < epsilon, lam - low + epsilon, lam)
+    return (q * lam.pow(-1.0 / root).unsqueeze(-2) @ q.transpose(-2, -1)).to(dtype)
 
 
-def _precondition(block: Tensor, roots: list[Tensor]) -> Tensor:
-    r""":math:`G \times_1 X_1 \cdots \times_k X_k` in the factors' dtype: each step contracts
-    the leading dim and appends the result as the last (the X are symmetric)."""
-    y = block
+def _precondition(blocks: Tensor, roots: list[Tensor]) -> Tensor:
+    r""":math:`G \times_1 X_1 \cdots \times_k X_k` for a batch of blocks (n, d_1, ..., d_k), in
+    the factors' dtype: each step contracts the leading block dim and appends the result as the
+    last (the X are symmetric)."""
+    y = blocks
     for x in roots:
-        y = torch.tensordot(y.to(x.dtype), x, dims=([0], [0]))
-    return y.to(block.dtype)
+        n, d = y.shape[:2]
+        rest = y.shape[2:]
+        y = (y.to(x.dtype).reshape(n, d, -1).transpose(1, 2) @ x).reshape(n, *rest, x.shape[-1])
+    return y.to(blocks.dtype)
 
 
 def start_or_minus_one(name: str, value: Any) -> None:
@@ -237,15 +245,27 @@ class Shampoo(Optimizer):
         flat = torch.zeros(blocks.factor_numel, dtype=FACTOR_DTYPES[group["factor_matrix_dtype"]] or p.dtype,
                            device=p.device)
         if name == "inv_factor_matrices":
-            for block in blocks.matrices(flat):
-                for x in block:
-                    x.fill_diagonal_(1.0)           # X_k = I until the first inverse roots
+            for group in blocks.matrices(flat):
+                for x in group:
+                    x.diagonal(dim1=1, dim2=2).fill_(1.0)   # X_k = I until the first inverse roots
         return flat
 
     def state_shape(self, group: dict[str, Any], p: Tensor, name: str) -> tuple[int, ...]:
         if name in ("factor_matrices", "inv_factor_matrices") and p.numel():
             return (Blocks.of(p.shape, group["max_preconditioner_dim"]).factor_numel,)
         return tuple(p.shape)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's, then the factors back in ``factor_matrix_dtype`` (torch casts every state
+        tensor to its parameter's dtype)."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            dtype = FACTOR_DTYPES[group["factor_matrix_dtype"]]
+            for p in group["params"]:
+                st = self.state.get(p, {})
+                for name in ("factor_matrices", "inv_factor_matrices"):
+                    if dtype is not None and p.numel() and name in st:
+                        st[name] = st[name].to(dtype)
 
     def decay_lr(self, group: dict[str, Any], t: list[float]) -> float:
         return 0.0    # "decoupled": added to the direction (update()); the base's is a no-op
@@ -272,15 +292,15 @@ class Shampoo(Optimizer):
         blocks = Blocks.of(x.shape, group["max_preconditioner_dim"])
         factors, roots = blocks.matrices(st["factor_matrices"]), blocks.matrices(st["inv_factor_matrices"])
         g = grad.reshape(blocks.shape)
-        for block, fs in zip(blocks.slices, factors):
-            _accumulate(g[block], fs, b2)
+        for (_, slices), fs in zip(blocks.groups, factors):
+            _accumulate(gather(g, slices), fs, b2)
         second_moment = self._accumulate_grafting(group, grad, st)
         every, start = group["precondition_frequency"], group["start_preconditioning_step"]
         start = every if start == -1 else start
         if k == start or (k > start and k % every == 0):
             bc2 = 1 - b2**k if bias and b2 < 1 else 1.0
             for fs, xs in zip(factors, roots):
-                for f, root in zip(fs, xs):      # X_k = (L_k / bc2 + eps I)^(-1/(2o))
+                for f, root in zip(fs, xs):      # X_k = (L_k / bc2 + eps I)^(-1/(2o)), batched
                     root.copy_(inverse_root(f / bc2, 2 * len(fs), group["epsilon"]))
         g_bar = grad
         if b1 != 0:
@@ -325,20 +345,23 @@ def _shampoo_direction(blocks: Blocks, roots: list[list[Tensor]], g_bar: Tensor,
     g_bar = g_bar.reshape(blocks.shape)
     graft = None if graft is None else graft.reshape(blocks.shape)
     direction = torch.empty(blocks.shape, dtype=g_bar.dtype, device=g_bar.device)
-    for block, xs in zip(blocks.slices, roots):
-        d = _precondition(g_bar[block], xs)
+    for (dims, slices), xs in zip(blocks.groups, roots):
+        d = _precondition(gather(g_bar, slices), xs)
         if graft is not None:                                   # D = |A| / (|P| + 1e-16) P
-            d.mul_(graft[block].norm() / (d.norm() + 1e-16))
-        direction[block] = d
+            ratio = gather(graft, slices).flatten(1).norm(dim=1) / (d.flatten(1).norm(dim=1) + 1e-16)
+            d.mul_(ratio.view(-1, *[1] * len(dims)))
+        for s, block in zip(slices, d):
+            direction[s] = block
     return direction
 
 
-def _accumulate(block: Tensor, factors: list[Tensor], beta2: float) -> None:
-    """:math:`L_k \\leftarrow \\beta_2 L_k + (1 - \\beta_2) G_{(k)} G_{(k)}^\\top` for each dim
-    (:math:`\\beta_2 = 1`: a plain sum, as theirs)."""
-    for i, f in enumerate(factors):
-        others = [j for j in range(block.dim()) if j != i]
-        outer = torch.tensordot(block, block, dims=(others, others))
+def _accumulate(blocks: Tensor, factors: list[Tensor], beta2: float) -> None:
+    """:math:`L_k \\leftarrow \\beta_2 L_k + (1 - \\beta_2) G_{(k)} G_{(k)}^\\top` for each block
+    dim of a batch of blocks (:math:`\\beta_2 = 1`: a plain sum, as theirs)."""
+    n = blocks.shape[0]
+    for k, f in enumerate(factors):
+        unfolded = blocks.movedim(k + 1, 1).reshape(n, blocks.shape[k + 1], -1)   # G_(k)
+        outer = unfolded @ unfolded.transpose(1, 2)
         if beta2 != 1:
             f.mul_(beta2)
         f.add_(outer, alpha=1 - beta2 if beta2 != 1 else 1.0)
