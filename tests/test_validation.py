@@ -67,6 +67,8 @@ EXTRA_FOR = {  # (optimizer name, hyperparameter): more bad values
     ("mars", "lr_1d"): [(-1e-3, -1e-3)],
     ("mars", "weight_decay_1d"): [(-0.1, -0.1)],
     ("muon", "adjust_lr_fn"): [("l2", "l2"), ("", ""), (0, 0)],
+    ("normuon", "ns_coefficients"): [((3.4, NAN, 2.0), NAN), ((3.4, -4.7, INF), INF)],
+    ("normuon", "adjust_lr_fn"): [("l2", "l2"), ("", ""), (0, 0)],
 }
 # hyperparameters whose bad values are not the generic ones for their default's type
 BAD_FOR = {
@@ -393,3 +395,28 @@ def test_complex_params_are_refused_where_unsupported(info):
 
 def test_compass_is_among_the_refusers():
     assert not of.Compass.supports_complex
+
+
+@pytest.mark.parametrize("info", [i for i in INFOS if not i.cls.has_kernel()], ids=lambda i: i.name)
+def test_fused_refusal_explains_the_algorithm(info):
+    """A built-in without a fused path says why in terms of its algorithm, not of the methods
+    it implements; an optimizer of your own that writes update() is told what a fused path needs."""
+    with pytest.raises(ValueError) as err:
+        info.cls([torch.zeros(3, 3, requires_grad=True)], **{**optimizer_kwargs(info.name), "fused": True})
+    message = str(err.value)
+    assert message.startswith(f"invalid fused=True: {info.cls.__name__} has no fused path: ")
+    assert message.endswith("; use fused=False")
+    assert "()" not in message and info.cls.no_fused_reason in message
+
+
+def test_fused_refusal_of_your_own_optimizer():
+    class Mine(of.Optimizer):
+        def __init__(self, params, lr=0.1, fused=False):
+            super().__init__(params, dict(lr=lr, fused=fused))
+
+        def update(self, group, p, g, s, t):
+            p.add_(g, alpha=-group["lr"])
+
+    with pytest.raises(ValueError, match=r"Mine has no fused path: its update is not written as "
+                                         r"scalars\(\) \+ kernel\(\)"):
+        Mine([torch.zeros(2, requires_grad=True)], fused=True)

@@ -18,6 +18,10 @@ WHEN_TO_USE: dict[str, str] = {
              "is decoupled from the adaptive step, so its strength does not depend on the gradient scale.",
     "amsgrad": "When Adam's effective step grows too large late in training (rare gradients with "
                "large magnitude); costs one more state tensor than Adam.",
+    "adam_mini": "Transformers where Adam's second moment is a memory cost: one value per head, token "
+                 "or neuron instead of per entry (about half of AdamW's state), with AdamW-like "
+                 "results reported by its authors. Pass `model.named_parameters()` (the blocks come "
+                 "from the names) and the model's `dim` and `n_heads`.",
     "adam_warmup": "Reproducing code that warms up inside the optimizer (labml). For new code, use "
                    "AdamW with a schedule from `optforge.schedules`.",
     "noam": "Reproducing the original Transformer's lr schedule (inverse square root with warmup, "
@@ -55,6 +59,10 @@ WHEN_TO_USE: dict[str, str] = {
             "as stable as Adam on large language models.",
     "muon": "Hidden weight matrices of transformers and CNNs (not embeddings, heads, biases or "
             "norms, which get AdamW): orthogonalized momentum updates train faster per step.",
+    "normuon": "Where Muon fits (hidden weight matrices of transformers; embeddings, heads, biases and "
+               "norms get AdamW), when its update is uneven across output neurons: the per-row second "
+               "moment evens them out at one extra number per row. Its authors report more efficient "
+               "language-model pretraining than both Muon and AdamW.",
     "nadam": "Adam with a Nesterov look-ahead on the momentum: often slightly faster early "
              "progress than Adam at the same lr; `decoupled_weight_decay=True` is NAdamW.",
     "rmsprop": "Recurrent networks and reinforcement learning (A3C/DQN-style setups) that were "

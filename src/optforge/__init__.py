@@ -25,6 +25,7 @@ from .optimizers import (
     Adagrad,
     Adam,
     Adamax,
+    AdamMini,
     AdamW,
     AdamWarmup,
     Adan,
@@ -37,6 +38,7 @@ from .optimizers import (
     Muon,
     NAdam,
     Noam,
+    NorMuon,
     Prodigy,
     RAdam,
     RMSprop,
@@ -112,4 +114,4 @@ __all__ = [
     "set_lr",
     "state_dict_by_name",
 ]
-__all__ += ["SparseAdam", "LBFGS"]
+__all__ += ["SparseAdam", "LBFGS", "NorMuon", "AdamMini"]

@@ -182,6 +182,7 @@ SANE_FOR = {
 # polynomial, few converge): the values the fuzzer draws from.
 SANE_CHOICES = {
     ("muon", "ns_coefficients"): [(3.4445, -4.7750, 2.0315), (1.5, -0.5, 0.0), (2.0, -1.5, 0.5)],
+    ("normuon", "ns_coefficients"): [(3.4445, -4.7750, 2.0315), (1.5, -0.5, 0.0), (2.0, -1.5, 0.5)],
     ("rprop", "etas"): [(0.5, 1.2), (0.1, 3.0), (0.99, 1.01)],
     ("rprop", "step_sizes"): [(1e-6, 50.0), (1e-3, 1.0), (0.0, 10.0)],
 }

@@ -5,6 +5,7 @@ from .adadelta import Adadelta
 from .adafactor import Adafactor
 from .adagrad import Adagrad
 from .adam import Adam, AdamW, AMSGrad
+from .adam_mini import AdamMini
 from .adamax import Adamax
 from .adan import Adan
 from .ademamix import AdEMAMix
@@ -18,6 +19,7 @@ from .lion import Lion
 from .mars import MARS
 from .muon import Muon, muon_param_groups
 from .nadam import NAdam
+from .normuon import NorMuon
 from .prodigy import Prodigy
 from .radam import RAdam
 from .rmsprop import RMSprop
@@ -35,4 +37,4 @@ __all__ = ["Adadelta", "Adafactor", "Adagrad", "CAME", "Muon", "muon_param_group
            "ADOPT", "ASGD", "AdEMAMix", "Lion",
            "SGD", "AMSGrad", "AdaBelief", "Adam", "Adamax", "AdamW", "AdamWarmup", "Compass", "LodeW",
            "MomentumSGD", "NAdam", "Noam", "RAdam", "RMSprop", "Rprop"]
-__all__ += ["SparseAdam", "LBFGS"]
+__all__ += ["SparseAdam", "LBFGS", "NorMuon", "AdamMini"]

@@ -190,6 +190,8 @@ class Shampoo(Optimizer):
     ``inv_factor_matrices`` (their :math:`X_k`, the same way), ``filtered_grad`` (:math:`M`;
     only when :math:`\beta_1 \ne 0`) and ``grafting_second_moment`` (:math:`V`; Adam, RMSprop
     and AdaGrad grafting). Eager only (per-block eigendecompositions): ``fused=True`` is refused.
+    DTensor parameters (FSDP2, tensor parallel) are refused with a ``ValueError``: a shard is
+    not a block.
 
     Differences from their code, none of which changes the algorithm: their config objects
     are flat keyword arguments here (``grafting="adam"``, ``grafting_beta2``,
@@ -208,6 +210,7 @@ class Shampoo(Optimizer):
                        grafting=one_of(*GRAFTINGS), grafting_beta2=closed_unit_interval,
                        grafting_epsilon=positive, factor_matrix_dtype=one_of(*FACTOR_DTYPES))
     supports_complex = False
+    no_fused_reason = "it preconditions each block with inverse roots of its factor matrices"
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  epsilon: float = 1e-12, weight_decay: float = 0.0, max_preconditioner_dim: int = 1024,
