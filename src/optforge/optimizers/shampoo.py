@@ -80,6 +80,9 @@ class Blocks(NamedTuple):
 
 
 def gather(x: Tensor, slices: tuple[tuple[slice, ...], ...]) -> Tensor:
+    """The blocks of ``x`` at ``slices``, stacked (read only: a view when there is one block)."""
+    if len(slices) == 1:
+        return x[slices[0]].unsqueeze(0)
     return torch.stack([x[s] for s in slices])
 
 
