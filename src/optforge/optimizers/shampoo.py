@@ -192,7 +192,11 @@ class Shampoo(Optimizer):
     State: ``step``, ``factor_matrices`` (each block's :math:`L_k`, flattened into one tensor),
     ``inv_factor_matrices`` (their :math:`X_k`, the same way), ``filtered_grad`` (:math:`M`;
     only when :math:`\beta_1 \ne 0`) and ``grafting_second_moment`` (:math:`V`; Adam, RMSprop
-    and AdaGrad grafting). Eager only (per-block eigendecompositions): ``fused=True`` is refused.
+    and AdaGrad grafting). Bytes per parameter, with float32 factors and parameters: 4 for each
+    of ``filtered_grad`` and ``grafting_second_moment``, plus :math:`8 \sum_k d_k^2 / \prod_k d_k`
+    for a block of dims :math:`d_k` (factors and inverse roots): 28 for a (64, 32) matrix,
+    8 + 8n for a merged vector of n (a (5, 48) matrix: 1928). Eager only (per-block
+    eigendecompositions): ``fused=True`` is refused.
     DTensor parameters (FSDP2, tensor parallel) are refused with a ``ValueError``: a shard is
     not a block.
 
