@@ -90,6 +90,10 @@ BAD_FOR = {
     ("rprop", "step_sizes"): [((NAN, 50.0), NAN), ((1e-6, INF), INF), ((1e-6,), (1e-6,)), ("ab", "ab"),
                               (None, None)],
 }
+# Shampoo: betas[1] = 1 is a sum of the factors (valid), and start_preconditioning_step = -1
+# means "at precondition_frequency"
+BAD_FOR["shampoo", "betas"] = [(v, shown) for v, shown in BAD_BETAS if v != (0.9, 1.0)]
+BAD_FOR["shampoo", "start_preconditioning_step"] = [(v, shown) for v, shown in BAD_INT if v != -1] + [(0, 0)]
 # optional flags (None: torch's "not chosen"), and Adam's / RAdam's mode (None: as
 # decoupled_weight_decay says): their bad values are the generic ones of their kind
 OPTIONAL_KIND = {"foreach": False, "fused": False, "weight_decay_mode": "coupled"}

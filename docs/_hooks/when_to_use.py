@@ -90,6 +90,11 @@ WHEN_TO_USE: dict[str, str] = {
                  "Kronecker-factored whitening preconditioner, with no eigendecompositions. Cap "
                  "the factors with `preconditioner_max_size` for large matrices (each dense factor "
                  "is d x d), and set `seed` to choose the random draws.",
+    "shampoo": "Replacing a tuned AdamW (or SGD) when extra compute per step buys fewer steps: "
+               "Shampoo's Kronecker-factored preconditioner with the step sizes of the AdamW it grafts "
+               "from, as in the AlgoPerf-winning setup (`max_preconditioner_dim=8192`, "
+               "`precondition_frequency=100`). Keep grafting on: without it, float32 inverse roots of "
+               "rank-deficient factors are at noise level.",
     "sparse_adam": "Large embedding tables trained with `nn.Embedding(sparse=True)`: only the rows "
                    "a batch looks up are read and updated, with Adam's moments kept per row. Dense "
                    "gradients are refused; pair it with another optimizer for the dense layers.",

@@ -47,6 +47,7 @@ from .optimizers import (
     Rprop,
     ScheduleFreeAdamW,
     ScheduleFreeSGD,
+    Shampoo,
     SparseAdam,
     muon_param_groups,
 )
@@ -88,6 +89,7 @@ __all__ = [
     "NAdam",
     "muon_param_groups",
     "SOAP",
+    "Shampoo",
     "NameLoadReport",
     "Noam",
     "Prodigy",

@@ -35,6 +35,7 @@ __all__ = [
     "tuple_of",
     "unit_interval",
     "beta_tuple",
+    "closed_unit_interval",
 ]
 
 
@@ -107,6 +108,13 @@ def unit_interval(name: str, value: Any) -> None:
     x = _as_real(name, value, "a real number in [0, 1)")
     if not (0.0 <= x < 1.0):
         _fail(name, value, "a real number in [0, 1)")
+
+
+def closed_unit_interval(name: str, value: Any) -> None:
+    """A real number in [0, 1] (1: a sum rather than a moving average)."""
+    x = _as_real(name, value, "a real number in [0, 1]")
+    if not (0.0 <= x <= 1.0):
+        _fail(name, value, "a real number in [0, 1]")
 
 
 def beta_tuple(n: int = 2) -> Constraint:

@@ -76,6 +76,9 @@ def predicate(check):
         and v >= args["low"],
         "one_of": lambda v: any(v == c and type(v) is type(c) for c in args["choices"]),
         "beta_or_minus_one": lambda v: real(v, lambda x: x == -1 or 0 <= x < 1),   # SOAP's shampoo_beta
+        "closed_unit_interval": lambda v: real(v, lambda x: 0 <= x <= 1),
+        "start_or_minus_one": lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)
+        and (v == -1 or v >= 1),                                                   # Shampoo's start step
     }
     if kind not in preds:
         raise AssertionError(f"constraint {kind!r} unknown to the fuzzer: restate it in test_fuzz.py")
@@ -99,6 +102,8 @@ CROSS_RULES = {
     "radam": decay_flag_agrees,
     "nadam": decay_flag_agrees,
     "rprop": lambda h: 0 < h["etas"][0] < 1 < h["etas"][1],
+    "shampoo": lambda h: h["start_preconditioning_step"] == -1
+    or h["start_preconditioning_step"] >= h["precondition_frequency"],
 }
 
 
@@ -207,6 +212,8 @@ def valid_strategy(name, check, default, opt_name=""):
     if kind == "beta_tuple":
         ranges = SANE_FOR.get((opt_name, name), [(0.0, 1.0)] * args["n"])
         return st.tuples(*[st.floats(lo, hi, exclude_max=hi == 1.0) for lo, hi in ranges])
+    if kind == "start_or_minus_one":
+        return st.one_of(st.just(-1), st.integers(1, 200))
     if kind == "integer_at_least":
         lo, hi = SANE.get(name, (args["low"], args["low"] + 10_000))
         return st.integers(max(lo, args["low"]), hi)

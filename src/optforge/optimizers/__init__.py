@@ -28,11 +28,12 @@ from .rmsprop import RMSprop
 from .rprop import Rprop
 from .schedule_free import ScheduleFreeAdamW, ScheduleFreeSGD
 from .sgd import SGD, MomentumSGD
+from .shampoo import Shampoo
 from .soap import SOAP
 from .sparse_adam import SparseAdam
 from .warmup import AdamWarmup, Noam
 
-__all__ = ["Adadelta", "Adafactor", "Adagrad", "CAME", "Muon", "muon_param_groups", "SOAP",
+__all__ = ["Adadelta", "Adafactor", "Adagrad", "CAME", "Muon", "muon_param_groups", "SOAP", "Shampoo",
            "LAMB", "Adan", "MARS", "Prodigy",
            "ScheduleFreeAdamW", "ScheduleFreeSGD",
            "ADOPT", "ASGD", "AdEMAMix", "Lion",
