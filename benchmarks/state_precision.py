@@ -172,7 +172,7 @@ def quality_section(args: argparse.Namespace) -> None:
     from optforge.compare.runner import Settings, train_run
     from optforge.compare.tasks import get_task
 
-    task = get_task(args.task)
+    task = get_task(args.task, "mlp")
     data = task.load()
     settings = Settings(steps=args.steps, batch_size=task.batch_size, log_every=50, eval_every=args.steps,
                         target=None)
@@ -191,7 +191,7 @@ def quality_section(args: argparse.Namespace) -> None:
             row.append(f"{acc:.2f} ±{spread:.2f} / {loss:.4f}" if precision is None else
                        f"{acc:.2f} ±{spread:.2f} ({acc - base[1]:+.2f}) / {loss:.4f}")
         rows.append(row)
-        print(f"  {name} done", flush=True)
+        print(f"  {name} done: " + " | ".join(row[1:]), flush=True)
     print(f"\n{args.task} MLP, {args.steps} steps, {args.seeds} seeds, min_quantized_size="
           f"{args.min_quantized_size}: test accuracy % ±sd over seeds (vs float32) / final train loss\n")
     print(table(["optimizer", "float32", "int8", "int4"], rows))
@@ -316,7 +316,7 @@ def codes_section(args: argparse.Namespace) -> None:
     from optforge.compare.runner import Settings, train_run
     from optforge.compare.tasks import get_task
 
-    task = get_task("digits")
+    task = get_task("digits", "mlp")
     data = task.load()
     settings = Settings(steps=args.steps, batch_size=64, log_every=50, eval_every=args.steps,
                         target=None)
