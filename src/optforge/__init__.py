@@ -32,6 +32,7 @@ from .optimizers import (
     AdEMAMix,
     AMSGrad,
     Compass,
+    GaLoreAdamW,
     Lion,
     LodeW,
     MomentumSGD,
@@ -40,6 +41,7 @@ from .optimizers import (
     Noam,
     NorMuon,
     Prodigy,
+    PSGDKron,
     RAdam,
     RMSprop,
     Rprop,
@@ -114,4 +116,4 @@ __all__ = [
     "set_lr",
     "state_dict_by_name",
 ]
-__all__ += ["SparseAdam", "LBFGS", "NorMuon", "AdamMini"]
+__all__ += ["SparseAdam", "LBFGS", "NorMuon", "AdamMini", "GaLoreAdamW", "PSGDKron"]

@@ -21,12 +21,14 @@ __all__ = [
     "boolean",
     "integer_at_least",
     "non_negative",
+    "non_negative_or_inf",
     "non_positive",
     "one_of",
     "only_false",
     "optional",
     "positive",
     "positive_or_inf",
+    "probability",
     "real_tuple",
     "real",
     "tensor_or",
@@ -85,6 +87,20 @@ def positive_or_inf(name: str, value: Any) -> None:
     x = _as_real(name, value, "a real number > 0 or inf")
     if not x > 0.0:
         _fail(name, value, "a real number > 0 or inf")
+
+
+def non_negative_or_inf(name: str, value: Any) -> None:
+    """A real number >= 0, infinity included (e.g. an unlimited size)."""
+    x = _as_real(name, value, "a real number >= 0 or inf")
+    if not x >= 0.0:
+        _fail(name, value, "a real number >= 0 or inf")
+
+
+def probability(name: str, value: Any) -> None:
+    """A real number in [0, 1]."""
+    x = _as_real(name, value, "a real number in [0, 1]")
+    if not (0.0 <= x <= 1.0):
+        _fail(name, value, "a real number in [0, 1]")
 
 
 def unit_interval(name: str, value: Any) -> None:

@@ -63,6 +63,8 @@ def predicate(check):
         "non_positive": lambda v: real(v, lambda x: -math.inf < x <= 0),
         "positive": lambda v: real(v, lambda x: 0 < x < math.inf),
         "positive_or_inf": lambda v: real(v, lambda x: x > 0),
+        "non_negative_or_inf": lambda v: real(v, lambda x: x >= 0),
+        "probability": lambda v: real(v, lambda x: 0 <= x <= 1),
         "unit_interval": lambda v: real(v, lambda x: 0 <= x < 1),
         "boolean": lambda v: isinstance(v, bool),
         "only_false": lambda v: v is False,
@@ -164,6 +166,7 @@ SANE = {  # ranges a user could mean, per hyperparameter name (else: per constra
     "lr": (0.0, 0.1), "eps": (0.0, 1.0), "weight_decay": (0.0, 1.0), "momentum": (0.0, 1.0),
     "dampening": (0.0, 1.0), "amp_fac": (0.0, 10.0), "centralization": (-2.0, 2.0),
     "d_model": (0.01, 1e4), "warmup": (0, 10_000),
+    "preconditioner_max_size": (0.0, 100.0), "preconditioner_max_skew": (0.0, 100.0),
 }
 
 
@@ -217,6 +220,8 @@ def valid_strategy(name, check, default, opt_name=""):
     lo, hi = SANE.get(name, (-1.0, 1.0) if kind == "real" else (0.0, 1.0))
     if kind == "positive_or_inf":
         return st.one_of(st.just(math.inf), st.floats(max(lo, 1e-6), hi))
+    if kind == "non_negative_or_inf":
+        return st.one_of(st.just(math.inf), st.floats(lo, hi))
     if kind == "positive":
         lo = max(lo, 1e-6)
     return st.floats(lo, hi, exclude_max=kind == "unit_interval")

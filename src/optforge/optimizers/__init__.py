@@ -13,6 +13,8 @@ from .adopt import ADOPT
 from .asgd import ASGD
 from .came import CAME
 from .compass import Compass, LodeW
+from .galore import GaLoreAdamW
+from .kron import PSGDKron
 from .lamb import LAMB
 from .lbfgs import LBFGS
 from .lion import Lion
@@ -37,4 +39,4 @@ __all__ = ["Adadelta", "Adafactor", "Adagrad", "CAME", "Muon", "muon_param_group
            "ADOPT", "ASGD", "AdEMAMix", "Lion",
            "SGD", "AMSGrad", "AdaBelief", "Adam", "Adamax", "AdamW", "AdamWarmup", "Compass", "LodeW",
            "MomentumSGD", "NAdam", "Noam", "RAdam", "RMSprop", "Rprop"]
-__all__ += ["SparseAdam", "LBFGS", "NorMuon", "AdamMini"]
+__all__ += ["SparseAdam", "LBFGS", "NorMuon", "AdamMini", "GaLoreAdamW", "PSGDKron"]
