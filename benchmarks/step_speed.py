@@ -173,7 +173,18 @@ def optforge_entries() -> list[Entry]:
         if fused:
             out.append(Entry(f"optforge.{info.name}[fused]", "optforge", info.name, "fused",
                              lambda ps, c=info.cls, k={**kw, "fused": True}: c(ps, **k)))
+        if fused and _default_is_native(info.cls, kw):
+            out.append(Entry(f"optforge.{info.name}[default]", "optforge", info.name, "default",
+                             lambda ps, c=info.cls, k=kw: c(ps, **k)))
     return out
+
+
+def _default_is_native(cls: type, kw: dict[str, Any]) -> bool:
+    """Whether the default (fused=None) runs torch's fused kernel on float32 CPU tensors."""
+    from optforge.paths import native_by_default
+
+    opt = cls([torch.zeros(1, requires_grad=True)], **kw)
+    return native_by_default(opt, opt.param_groups[0], (torch.device("cpu"), torch.float32))
 
 
 def pytorch_optimizer_classes() -> dict[str, type]:
@@ -473,6 +484,11 @@ def target_of(r: Result, w: Workload) -> tuple[str, float, str] | None:
     scale = r.bytes_per_param() / ADAMW_BYTES
     if w.name == "many-tiny":
         return "<= 1.0x foreach", 1.0, BASE_FOREACH
+    if r.entry.mode == "default":
+        twin = TORCH_FUSED_TWIN.get(r.entry.algorithm)
+        if twin:
+            return f"<= 1.1x {twin}", 1.1, twin
+        return f"<= 1.1x fused x {scale:.2f}", 1.1 * scale, BASE_FUSED
     if r.entry.mode == "fused":
         twin = TORCH_FUSED_TWIN.get(r.entry.algorithm)
         if twin:

@@ -46,15 +46,18 @@ def test_closure_runs_with_grad_and_its_loss_is_returned(cls, kwargs):
     opt = cls(model.parameters(), **kwargs)
     x, y = batch()
     calls, update_modes = [], []
-    # the method that updates: step_group where the update couples a group's tensors (Prodigy)
-    name = "step_group" if cls.step_group is not of.Optimizer.step_group else "update"
-    update = getattr(opt, name)
+    # the methods that update: step_group where the update couples a group's tensors (Prodigy),
+    # else update, or fused_update where the default runs torch's fused kernel (Adam, SGD, ...)
+    names = ["step_group"] if cls.step_group is not of.Optimizer.step_group else ["update", "fused_update"]
 
-    def spy(*args):
-        update_modes.append(torch.is_grad_enabled())
-        return update(*args)
+    def spy(update):
+        def spied(*args):
+            update_modes.append(torch.is_grad_enabled())
+            return update(*args)
+        return spied
 
-    setattr(opt, name, spy)
+    for name in names:
+        setattr(opt, name, spy(getattr(opt, name)))
 
     def closure():
         calls.append(torch.is_grad_enabled())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 
 import pytest
 
@@ -103,3 +104,15 @@ def test_python_dash_m_runs_the_command():
     out = subprocess.run([sys.executable, "-m", "optforge", "list", "sgd"], capture_output=True,
                          text=True, check=True).stdout
     assert out.startswith("sgd") and "momentum = 0.0" in out
+
+
+@pytest.mark.parametrize("command", [[], ["list"], ["compare"], ["visualize"]])
+def test_help_is_plain_text(capsys, command):
+    """Descriptions come from docstrings: their reST markup (``code``, :mod:`x`) is dropped."""
+    with pytest.raises(SystemExit):
+        cli.main([*command, "--help"])
+    text = capsys.readouterr().out
+    assert "usage: optforge" in text
+    assert "``" not in text and not re.search(r":\w+:`", text), text
+    if command == ["visualize"]:
+        assert "summary.json beside the PNGs" in text

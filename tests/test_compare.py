@@ -523,3 +523,30 @@ def test_optimizers_the_loop_cannot_train_are_named_or_left_out_of_wildcards():
     for name in ("lbfgs", "SparseAdam", "lookahead_lbfgs"):
         with pytest.raises(ValueError, match="compare cannot train"):
             parse_optimizers(f"adam,{name}")
+
+
+def test_negative_lr_after_a_space_is_the_same_error(tmp_path, capsys):
+    errors = []
+    for args in (["--lr", "-1e-3"], ["--lr=-1e-3"]):
+        assert main(["compare", "--no-progress", "--out", str(tmp_path), *args]) == 2
+        errors.append(capsys.readouterr().err)
+    assert errors[0] == errors[1] == "optforge compare: error: malformed --lr '-1e-3': '-1e-3' must be " \
+                                     "a positive finite number\n"
+
+
+def test_a_line_per_run_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    args = ["--task", "linear", "--optimizers", "sgd,adam", "--steps", "20", "--seeds", "1", "--no-plot"]
+    assert main(["compare", "--out", str(tmp_path), *args]) == 0
+    err = capsys.readouterr().err.splitlines()
+    runs = [line for line in err if line.startswith("run ")]
+    assert [line.split(":")[0] for line in runs] == ["run 1/2 sgd seed 0", "run 2/2 adam seed 0"]
+    assert all(re.fullmatch(r"run .*: \d+\.\d s, \d+ s elapsed", line) for line in runs), runs
+    assert main(["compare", "--no-progress", "--out", str(tmp_path), *args]) == 0
+    assert not [line for line in capsys.readouterr().err.splitlines() if line.startswith("run ")]
+
+
+def test_help_defines_diverged(capsys):
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert '"diverged": the runs, out of all, whose training loss became NaN or infinite' in text

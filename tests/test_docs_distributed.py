@@ -1,5 +1,6 @@
 """docs/distributed.md's table names every registered optimizer in the row that says what DDP
-and FSDP2 do with it: elementwise ones (foreach and fused, DTensor params supported), and
+and FSDP2 do with it: elementwise ones (foreach and fused, DTensor params supported), per-tensor
+reductions and whole matrices (no fused path, DTensor params supported), and the other
 whole-tensor ones (no fused path, DTensor params refused). Registering an optimizer, or
 changing its flag, without updating the table fails here, with the row to write."""
 
@@ -31,9 +32,18 @@ def row(first_cell_has: str) -> str:
     return rows[0]
 
 
+def whole_matrices(info) -> bool:
+    return getattr(info.cls, "whole_matrices", False)
+
+
+def shard_reductions(info) -> bool:
+    return getattr(info.cls, "shard_reductions", False)
+
+
 @pytest.mark.parametrize("elementwise", [True, False], ids=["elementwise", "whole-tensor"])
 def test_the_table_rows_list_the_registry(elementwise):
-    infos = [i for i in of.list_optimizers(with_info=True) if i.elementwise == elementwise]
+    infos = [i for i in of.list_optimizers(with_info=True)
+             if i.elementwise == elementwise and not whole_matrices(i) and not shard_reductions(i)]
     line = row(f"`elementwise={elementwise}`")
     named = re.findall(r"`([a-z0-9_]+)`", line.split("|")[1])
     expected = ", ".join(f"`{i.name}`" for i in infos)
@@ -45,6 +55,20 @@ def test_the_table_rows_list_the_registry(elementwise):
         [(i.name, has_fused_path(i)) for i in infos]
     refused = "refused" in line.split("|")[3]
     assert refused != elementwise
+
+
+def test_the_whole_matrix_row_lists_the_registry():
+    infos = [i for i in of.list_optimizers(with_info=True) if whole_matrices(i)]
+    line = row("`whole_matrices=True`")
+    assert re.findall(r"`([a-z0-9_]+)`", line.split("|")[1].partition(":")[2]) == [i.name for i in infos]
+    assert not any(has_fused_path(i) for i in infos) and "refused" not in line.split("|")[3]
+
+
+def test_the_reductions_row_lists_the_registry():
+    infos = [i for i in of.list_optimizers(with_info=True) if shard_reductions(i)]
+    line = row("`shard_reductions=True`")
+    assert re.findall(r"`([a-z0-9_]+)`", line.split("|")[1].partition(":")[2]) == [i.name for i in infos]
+    assert not any(has_fused_path(i) for i in infos) and "refused" not in line.split("|")[3]
 
 
 def test_the_wrappers_row_names_every_wrapper():

@@ -395,7 +395,8 @@ def test_bad_threshold_is_refused_by_name(bad):
     assert opt.param_groups[0]["min_quantized_size"] == 4096
 
 
-@pytest.mark.parametrize("name", ["lamb", "adafactor", "muon", "soap", "prodigy", "came", "mars"])
+@pytest.mark.parametrize("name", ["lamb", "adafactor", "muon", "normuon", "soap", "shampoo", "prodigy",
+                                  "came", "mars", "adam_mini"])
 def test_optimizers_that_are_not_elementwise_refuse(name):
     info = of.get_optimizer_info(name)
     message = rf"state_precision='int8'.*{info.cls.__name__}'s update is not elementwise"

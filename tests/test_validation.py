@@ -67,6 +67,18 @@ EXTRA_FOR = {  # (optimizer name, hyperparameter): more bad values
     ("mars", "lr_1d"): [(-1e-3, -1e-3)],
     ("mars", "weight_decay_1d"): [(-0.1, -0.1)],
     ("muon", "adjust_lr_fn"): [("l2", "l2"), ("", ""), (0, 0)],
+    ("normuon", "ns_coefficients"): [((3.4, NAN, 2.0), NAN), ((3.4, -4.7, INF), INF)],
+    ("normuon", "adjust_lr_fn"): [("l2", "l2"), ("", ""), (0, 0)],
+    ("galore_adamw", "rank"): [(0, 0), (2.0, 2.0)],
+    ("galore_adamw", "update_proj_gap"): [(0, 0)],
+    ("galore_adamw", "scale"): [(-0.25, -0.25)],
+    ("psgd_kron", "lr_preconditioner"): [(-0.1, -0.1)],
+    ("psgd_kron", "momentum"): [(1.0, 1.0)],
+    ("psgd_kron", "preconditioner_max_size"): [(-1.0, -1.0)],
+    ("psgd_kron", "preconditioner_max_skew"): [(-1.0, -1.0)],
+    ("psgd_kron", "preconditioner_init_scale"): [(0.0, 0.0), (-1.0, -1.0), (INF, INF), (NAN, NAN),
+                                                  ("1", "1")],
+    ("psgd_kron", "preconditioner_update_probability"): [(1.5, 1.5), (-0.1, -0.1)],
 }
 # hyperparameters whose bad values are not the generic ones for their default's type
 BAD_FOR = {
@@ -78,6 +90,10 @@ BAD_FOR = {
     ("rprop", "step_sizes"): [((NAN, 50.0), NAN), ((1e-6, INF), INF), ((1e-6,), (1e-6,)), ("ab", "ab"),
                               (None, None)],
 }
+# Shampoo: betas[1] = 1 is a sum of the factors (valid), and start_preconditioning_step = -1
+# means "at precondition_frequency"
+BAD_FOR["shampoo", "betas"] = [(v, shown) for v, shown in BAD_BETAS if v != (0.9, 1.0)]
+BAD_FOR["shampoo", "start_preconditioning_step"] = [(v, shown) for v, shown in BAD_INT if v != -1] + [(0, 0)]
 # optional flags (None: torch's "not chosen"), and Adam's / RAdam's mode (None: as
 # decoupled_weight_decay says): their bad values are the generic ones of their kind
 OPTIONAL_KIND = {"foreach": False, "fused": False, "weight_decay_mode": "coupled"}
@@ -85,6 +101,9 @@ OPTIONAL_KIND = {"foreach": False, "fused": False, "weight_decay_mode": "coupled
 VALID_FOR = {
     ("prodigy", "growth_rate"): [INF],
     ("adamw", "weight_decay_mode"): [None],     # as decoupled_weight_decay says: decoupled
+    ("galore_adamw", "rank"): [None],           # a group without projection
+    ("psgd_kron", "preconditioner_max_size"): [INF],    # no dim is too large for a dense factor
+    ("psgd_kron", "preconditioner_max_skew"): [INF],
 }
 VALID = {"fused": [None]}       # torch's default fused=None: every optimizer accepts it
 
@@ -393,3 +412,28 @@ def test_complex_params_are_refused_where_unsupported(info):
 
 def test_compass_is_among_the_refusers():
     assert not of.Compass.supports_complex
+
+
+@pytest.mark.parametrize("info", [i for i in INFOS if not i.cls.has_kernel()], ids=lambda i: i.name)
+def test_fused_refusal_explains_the_algorithm(info):
+    """A built-in without a fused path says why in terms of its algorithm, not of the methods
+    it implements; an optimizer of your own that writes update() is told what a fused path needs."""
+    with pytest.raises(ValueError) as err:
+        info.cls([torch.zeros(3, 3, requires_grad=True)], **{**optimizer_kwargs(info.name), "fused": True})
+    message = str(err.value)
+    assert message.startswith(f"invalid fused=True: {info.cls.__name__} has no fused path: ")
+    assert message.endswith("; use fused=False")
+    assert "()" not in message and info.cls.no_fused_reason in message
+
+
+def test_fused_refusal_of_your_own_optimizer():
+    class Mine(of.Optimizer):
+        def __init__(self, params, lr=0.1, fused=False):
+            super().__init__(params, dict(lr=lr, fused=fused))
+
+        def update(self, group, p, g, s, t):
+            p.add_(g, alpha=-group["lr"])
+
+    with pytest.raises(ValueError, match=r"Mine has no fused path: its update is not written as "
+                                         r"scalars\(\) \+ kernel\(\)"):
+        Mine([torch.zeros(2, requires_grad=True)], fused=True)

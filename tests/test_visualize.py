@@ -24,6 +24,9 @@ def test_cli_draws_every_function_and_paths_descend(tmp_path, capsys):
         data = (out / f"{name}.png").read_bytes()
         assert data.startswith(PNG_MAGIC)
         assert len(data) > 5_000                       # contours and paths, not an empty canvas
+        # 232 px per panel (PNG header: width): the gallery's 4 columns are 928 px, shown near
+        # 1:1 in the docs, so the 12-pt titles stay legible
+        assert int.from_bytes(data[16:20], "big") == 2 * round(visualize.PANEL_INCHES * 80)
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["functions"]) == {"rosenbrock", "rastrigin", "saddle"}
     for fn, entry in summary["functions"].items():

@@ -34,9 +34,10 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from . import lowbit
+from . import lowbit, paths, step_plan
 from .constraints import Constraint, boolean, non_negative, one_of, tensor_or
-from .distributed import is_dtensor
+from .distributed import check_supported, is_dtensor, local_shards
+from .distributed_matrix import check_layout
 from .fused import run_generated
 from .param_groups import check_unique_params
 from .precision import LOW_PRECISION, check_low_precision, float32_copies, restore_float32_state, write_back
@@ -119,6 +120,19 @@ class Optimizer(torch.optim.Optimizer):
     #: Sparse gradients (``nn.Embedding(sparse=True)``) reach ``update`` as they are (buckets
     #: holding one run eagerly); an optimizer whose update handles them sets this to True.
     supports_sparse: ClassVar[bool] = False
+    #: DTensor parameters (FSDP2, tensor parallel) of an optimizer the registry marks
+    #: ``elementwise=False``: True where every whole-tensor quantity of its update (norms, row
+    #: and column statistics, sums over a group) is computed over every shard, through
+    #: ``TensorList.norm`` and :mod:`optforge.distributed`'s reductions; False refuses them.
+    shard_reductions: ClassVar[bool] = False
+    #: The update needs whole matrices and gets them through :func:`optforge.distributed_matrix.
+    #: map_matrices` (owner compute), so DTensor parameters are supported although the registry
+    #: marks it ``elementwise=False``. ``owner_state``: its state kept whole by each matrix's owner.
+    whole_matrices: ClassVar[bool] = False
+    owner_state: ClassVar[tuple[str, ...]] = ()
+    #: Why ``fused=True`` is refused, in terms of the algorithm (an optimizer that writes
+    #: ``update()`` rather than ``scalars()`` + ``kernel()`` has no fused path).
+    no_fused_reason: ClassVar[str] = "its update is not written as scalars() + kernel()"
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         checks = self._constraints()
@@ -190,6 +204,14 @@ class Optimizer(torch.optim.Optimizer):
         """The state tensors a group needs (override when an option adds one, e.g. amsgrad)."""
         return self.state_names
 
+    def _per_param_state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
+        """``state_names_for``, less ``owner_state`` for DTensor params: each matrix's owner
+        keeps that state whole (optforge.distributed_matrix), no rank keeps it per shard."""
+        names = self.state_names_for(group)
+        if self.owner_state and any(is_dtensor(p) for p in group["params"]):
+            return tuple(n for n in names if n not in self.owner_state)
+        return names
+
     def init_state(self, group: dict[str, Any], p: Tensor, name: str) -> Tensor:
         return torch.zeros_like(p, memory_format=torch.preserve_format)
 
@@ -214,8 +236,8 @@ class Optimizer(torch.optim.Optimizer):
                 checks[name](name, value)
         check_flags(type(self).__name__, values)
         if values.get("fused") and not (self.has_kernel() or self.native_fused(values)):
-            raise ValueError(f"invalid fused=True: {type(self).__name__} has no fused path "
-                             "(it defines update(), not scalars() + kernel())")
+            raise ValueError(f"invalid fused=True: {type(self).__name__} has no fused path: "
+                             f"{self.no_fused_reason}; use fused=False")
         lowbit.check_supported(type(self), values)
 
     def _expand_scalars(self, group: dict[str, Any], t: list[float]) -> dict[str, Any]:
@@ -271,6 +293,7 @@ class Optimizer(torch.optim.Optimizer):
                             st[name] = x.float()
         if given.keys() & lowbit.OPTIONS.keys():
             lowbit.convert_state(self)
+        step_plan.forget(self)
         return self
 
     def state_dict(self) -> dict[str, Any]:
@@ -331,7 +354,7 @@ class Optimizer(torch.optim.Optimizer):
             if k not in where or not st:
                 continue
             p, group = where[k]
-            names = self.state_names_for(group)
+            names = self._per_param_state_names(group)
             # entries that hold nothing (an unused factored entry) are created at the next step
             lacking = [n for n in names
                        if st.get(n) is None and not _is_empty(self.state_shape(group, p, n))]
@@ -346,6 +369,7 @@ class Optimizer(torch.optim.Optimizer):
                                      f"{tuple(x.shape)}, expected {shape} (the parameter has shape "
                                      f"{tuple(p.shape)})")
         low_bit = lowbit.plan_load(self, state_dict, where)     # torch would cast codes to floats
+        step_plan.forget(self)
         kept = [{k: group[k] for k in lowbit.OPTIONS} for group in self.param_groups]
         super().load_state_dict(state_dict)
         for group, options in zip(self.param_groups, kept):    # memory layout is this process's choice
@@ -401,12 +425,26 @@ class Optimizer(torch.optim.Optimizer):
             self.skipped_steps += 1
             return
         # Every check of every group comes first, so a refused step changes nothing at all.
-        todo = [(group, self._entries(group)) for group in self.param_groups]
-        for group, by_key in todo:
-            if by_key:
-                with numbers_for_step(group):    # a tensor lr / weight_decay, as a number
-                    self.step_group(group, [self._bucket(group, key, entries)
-                                            for key, entries in by_key.items()])
+        # A group whose buckets are as last step reuses them (optforge.step_plan).
+        plans = step_plan.plan_for(self) if self._plannable() else None
+        todo = []
+        for group in self.param_groups:
+            plan = None if plans is None else plans.get(id(group))
+            buckets = None if plan is None else plan.buckets(self, group)
+            todo.append((group, buckets, self._entries(group) if buckets is None else None))
+        for group, buckets, by_key in todo:
+            if buckets is None:
+                if not by_key:
+                    continue
+                buckets = [self._bucket(group, key, entries) for key, entries in by_key.items()]
+                if plans is not None:
+                    step_plan.remember(self, group, buckets)
+            with numbers_for_step(group):    # a tensor lr / weight_decay, as a number
+                self.step_group(group, buckets)
+
+    @classmethod
+    def _plannable(cls) -> bool:
+        return cls._entries is Optimizer._entries and cls._bucket is Optimizer._bucket
 
     def step_group(self, group: dict[str, Any], buckets: list[Bucket]) -> None:
         """One param group's step: each bucket fused, or prepared and updated eagerly.
@@ -419,11 +457,16 @@ class Optimizer(torch.optim.Optimizer):
             self.step_bucket(group, b)
 
     def step_bucket(self, group: dict[str, Any], b: Bucket) -> None:
-        """One bucket's step: with low-bit state, fused, or prepared and updated eagerly."""
+        """One bucket's step: with low-bit state, fused, or prepared and updated eagerly
+        (``fused=None``: torch's fused kernel where it computes the same, :mod:`optforge.paths`)."""
         if group.get("state_precision") and lowbit.holds(b):
             lowbit.step(self, group, b)
             return
         if group.get("fused") and not (b.low_precision or b.sparse) and self._fused_step(group, b):
+            return
+        if group.get("fused") is None and paths.native_applies(self, group, b):
+            advance_steps(b.steps, values=False)
+            self.fused_update(group, b.p, b.g, b.s, b.steps)
             return
         w = self.prepare(group, b)
         self.update(group, w.p, w.g, w.s, w.t)
@@ -494,7 +537,7 @@ class Optimizer(torch.optim.Optimizer):
             state = state_of.get(param)
             if state is None or "step" not in state:
                 self._check_new_param(group, param)
-            key = (param.device, param.dtype)
+            key = _bucket_key(param)
             entries = by_key.get(key)
             if entries is None:
                 entries = by_key[key] = []
@@ -510,7 +553,7 @@ class Optimizer(torch.optim.Optimizer):
             self._check_tensor_subclass(group, param)
 
     def _bucket(self, group: dict[str, Any], key: tuple, entries: list[Entry]) -> Bucket:
-        names = self.state_names_for(group)
+        names = self._per_param_state_names(group)
         b = Bucket(key)
         b.params = [e[0] for e in entries]
         b.states = states = [self.state[p] if st is None else st for p, _, st in entries]
@@ -519,7 +562,8 @@ class Optimizer(torch.optim.Optimizer):
             # One tensor holds the new step counts (each state's "step" a 0-d view of it), so
             # advancing a bucket is one add_, not one kernel per parameter. torch's
             # convention: fused steps live on the parameter's device, in float32.
-            flat = (torch.zeros(len(fresh), dtype=torch.float32, device=key[0]) if group.get("fused")
+            on_device = paths.steps_on_device(self, group, key)
+            flat = (torch.zeros(len(fresh), dtype=torch.float32, device=key[0]) if on_device
                     else torch.zeros(len(fresh), dtype=_step_dtype()))
             for i, st in enumerate(fresh):
                 st["step"] = flat[i]
@@ -546,38 +590,43 @@ class Optimizer(torch.optim.Optimizer):
         return b
 
     def _check_tensor_subclass(self, group: dict[str, Any], param: Tensor) -> None:
-        """Refuse DTensor parameters (FSDP2, tensor parallel) where the result would be wrong.
-
-        The foreach path computes on DTensors with their global semantics, so an elementwise
-        update is exact on shards. The fused path's flat buffers cannot hold DTensors, and an
-        optimizer the registry marks ``elementwise=False`` (norms, matrix structure) would see
-        only its shard: both are refused rather than silently computed on the local shard."""
+        """Refuse DTensor parameters (FSDP2, tensor parallel) where the result would be wrong:
+        see :func:`optforge.distributed.check_supported` (and, for whole-matrix optimizers,
+        :func:`optforge.distributed_matrix.check_layout`)."""
         if not is_dtensor(param):
             return
         name = type(self).__name__
         lowbit.refuse_distributed(name, group)
-        if group.get("fused"):
-            raise ValueError(f"{name}(fused=True) does not support DTensor parameters (FSDP2, tensor "
-                             "parallel): use fused=False, whose foreach path supports them")
-        if not _registered_elementwise(type(self)):
-            raise ValueError(f"{name} does not support DTensor parameters (FSDP2, tensor parallel): "
-                             "the registry marks it elementwise=False (its update needs whole-tensor "
-                             "norms or matrix structure), and a DTensor holds only a shard")
+        if self.whole_matrices:
+            check_layout(name, param, group)
+        exact = _registered_elementwise(type(self)) or self.shard_reductions or self.whole_matrices
+        check_supported(name, exact, param)
 
     def _fused_step(self, group: dict[str, Any], b: Bucket) -> bool:
         """Run a bucket's step fused; False where the eager path must run it instead."""
         if self.native_fused(group):
+            if not paths.contiguous(b):
+                return False
             advance_steps(b.steps, values=False)
-            self.fused_update(group, b.p, b.g, b.s, b.steps)
+            self.fused_update(group, *local_shards(b.p, b.g, b.s), b.steps)   # DTensors: elementwise
             return True
-        if not self.has_kernel() or b.is_complex or not all(p.is_contiguous() for p in b.params):
+        if not self.has_kernel() or b.is_complex or not all(map(Tensor.is_contiguous, b.params)):
             return False
         # Frozen params (requires_grad=False, no grad) stay out of the flat buffers for good;
         # a trainable one without a grad this step would make the flat kernel move them.
-        if len(b.params) != sum(1 for p in group["params"]
-                                if (p.device, p.dtype) == b.key and (p.requires_grad or p.grad is not None)):
+        if len(b.params) != len(group["params"]) and len(b.params) != sum(
+                1 for p in group["params"]
+                if _bucket_key(p) == b.key and (p.requires_grad or p.grad is not None)):
             return False
         return run_generated(self, group, b)
+
+
+def _bucket_key(param: Tensor) -> tuple:
+    """Which bucket a parameter's update runs in: its (device, dtype), and a DTensor's mesh
+    (DTensor ops refuse operands on different meshes)."""
+    if type(param) in _PLAIN_TENSOR_TYPES or not is_dtensor(param):
+        return (param.device, param.dtype)
+    return (param.device, param.dtype, param.device_mesh)
 
 
 def _is_empty(shape: tuple[int, ...] | None) -> bool:

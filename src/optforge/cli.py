@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import re
 import sys
 import textwrap
 
@@ -60,6 +61,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def plain(doc: str | None) -> str:
+    """A docstring as terminal text: ``code`` and :role:`target` markup dropped."""
+    text = re.sub(r":\w+:`~?([^`]+)`", r"\1", doc or "")
+    return text.replace("``", "")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import visualize
     from .compare import cli as compare_cli
@@ -74,11 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_list.add_argument("--long", action="store_true", help="details (defaults) of every match")
     p_list.set_defaults(func=cmd_list)
     p_cmp = sub.add_parser("compare", help="train small models on real data with several optimizers",
-                           description=compare_cli.__doc__)
+                           description=plain(compare_cli.__doc__))
     compare_cli.add_arguments(p_cmp)
     p_cmp.set_defaults(func=compare_cli.run)
     p_viz = sub.add_parser("visualize", help="draw each optimizer's path on 2-D test functions (PNGs)",
-                           description=visualize.__doc__,
+                           description=plain(visualize.__doc__),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     visualize.add_arguments(p_viz)
     p_viz.set_defaults(func=visualize.run)
@@ -94,10 +101,31 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+def _attach_negative_values(argv: list[str]) -> list[str]:
+    """``--lr -1e-3`` -> ``--lr=-1e-3``: argparse would read a negative number in exponent
+    notation as an option, and say "expected one argument" instead of what is wrong with it."""
+    out: list[str] = []
+    for token in argv:
+        if (out and out[-1].startswith("--") and "=" not in out[-1] and token.startswith("-")
+                and _is_number(token)):
+            out[-1] += "=" + token
+        else:
+            out.append(token)
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_attach_negative_values(argv))
     if args.command is None:        # plain `optforge`: say what it can do
         parser.print_help()
         return 0

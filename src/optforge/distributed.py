@@ -1,13 +1,24 @@
 """DTensor parameters (FSDP2, tensor parallel) in code that works on plain tensors: elementwise
 work runs on each rank's local shard (exact: an elementwise result of a shard is the shard of
-the result), and a sum over whole tensors becomes one DTensor reduction over the mesh."""
+the result), and a sum over whole tensors becomes one DTensor reduction over the mesh.
+
+The reductions an optimizer's update may need, exact on shards and plain where nothing is a
+DTensor: per-tensor norms (``full_norms``, behind ``TensorList.norm``), per-tensor sums from
+local ones (``full_sums``), sums along a dim (``dim_sum``, with ``zeros_reduced`` for state
+holding one), and elementwise work on shards that line up (``on_shards``). Every rank runs
+every collective, an empty shard included, so the ranks stay in step."""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["check_same_layout", "global_sum", "is_dtensor", "local", "reduction_key"]
+__all__ = ["check_same_layout", "check_supported", "dim_sum", "full_norms", "full_sums", "global_sum",
+           "is_dtensor", "local", "local_shards", "on_shards", "placed_as", "reduced_placements",
+           "reduction_key", "shards", "zeros_reduced"]
 
 
 def is_dtensor(x: Tensor) -> bool:
@@ -38,6 +49,16 @@ def _layout(x: Tensor) -> str:
     return f"a DTensor with placements {x.placements}" if is_dtensor(x) else "a plain tensor"
 
 
+def shards(placement: Any, dim: int | None = None) -> bool:
+    """Whether a placement shards a tensor (along ``dim``, if given). FSDP2's placement over
+    tensor-parallel shards, ``_StridedShard``, shards too, though its ``is_shard()`` says not."""
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    if isinstance(placement, _StridedShard):
+        return dim is None or placement.dim == dim
+    return placement.is_shard(dim)
+
+
 def reduction_key(x: Tensor) -> tuple | None:
     """What a sum over ``x`` needs from the mesh (its mesh and placements; None for a plain
     tensor): tensors with one key share one reduction."""
@@ -58,5 +79,166 @@ def global_sum(local_sum: Tensor, key: tuple | None) -> Tensor:
     from torch.distributed.tensor import DTensor, Partial, Replicate
 
     mesh, placements = key
-    partial = [Partial() if p.is_shard() else Replicate() for p in placements]
+    partial = [Partial() if shards(p) else Replicate() for p in placements]
     return DTensor.from_local(local_sum, mesh, partial, run_check=False).full_tensor()
+
+
+def full_norms(xs: Sequence[Tensor], ord: float = 2) -> list[Tensor]:
+    """Each tensor's ``ord``-norm (1 or 2) over the whole tensor, as 0-d tensors. Plain tensors:
+    ``torch._foreach_norm``. DTensors: the norms of their local shards, raised to ``ord`` and
+    added up over the mesh (one all-reduce per layout: ``full_sums``); plain 0-d tensors, equal
+    on every rank."""
+    if not any(is_dtensor(x) for x in xs):
+        return list(torch._foreach_norm(xs, ord))
+    if ord not in (1, 2):
+        raise ValueError(f"invalid ord={ord!r} for norms of DTensors: 1 and 2 are computed over the "
+                         "whole tensor")
+    shard_norms = torch._foreach_norm([local(x) for x in xs], ord)
+    if ord == 1:
+        return full_sums(shard_norms, xs)
+    return list(torch._foreach_sqrt(full_sums(torch._foreach_mul(shard_norms, shard_norms), xs)))
+
+
+def full_sums(local_sums: Sequence[Tensor], of: Sequence[Tensor]) -> list[Tensor]:
+    """Whole-tensor sums from ``local_sums[i]``, a 0-d sum over the local shard of ``of[i]``
+    (itself for a plain tensor): added up over the mesh dims that shard ``of[i]`` (one
+    all-reduce per layout, run on every rank even where a shard is empty, so the ranks stay in
+    step). Plain 0-d tensors, equal on every rank."""
+    out = list(local_sums)
+    by_key: dict[tuple, list[int]] = {}
+    for i, x in enumerate(of):
+        key = reduction_key(x)
+        if key is not None:
+            by_key.setdefault(key, []).append(i)
+    for key, idx in by_key.items():
+        sums = global_sum(torch.stack([local_sums[i] for i in idx]), key)
+        for i, total in zip(idx, sums.unbind()):
+            out[i] = total
+    return out
+
+
+def dim_sum(x: Tensor, dim: int, keepdim: bool = False,
+            local_sum: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """``x.sum(dim, keepdim)`` of the whole tensor, or ``local_sum(x)``, a sum over ``dim``
+    computed otherwise (e.g. of squares, without an x-sized temporary). For a DTensor: the sum
+    over its local shard, added up over the mesh dims that shard ``dim``; the result is a
+    DTensor placed as ``x`` along its other dims and replicated over those mesh dims (see
+    ``reduced_placements``)."""
+    if local_sum is None:
+        def local_sum(t: Tensor) -> Tensor:
+            return t.sum(dim=dim, keepdim=keepdim)
+    if not is_dtensor(x):
+        return local_sum(x)
+    from torch.distributed.tensor import DTensor, Partial
+
+    dim %= x.dim()
+    out_placements = reduced_placements(x, dim, keepdim)
+    summed = [Partial() if shards(p, dim) else q for p, q in zip(x.placements, out_placements)]
+    shape = _reduced_shape(x.shape, dim, keepdim)
+    total = DTensor.from_local(local_sum(x.to_local()), x.device_mesh, summed, run_check=False,
+                               shape=shape, stride=_contiguous_strides(shape))
+    return total.redistribute(x.device_mesh, out_placements) if summed != out_placements else total
+
+
+def reduced_placements(x: Tensor, dim: int, keepdim: bool) -> list:
+    """The placements of a reduction of DTensor ``x`` over ``dim``: replicated over the mesh
+    dims that shard ``dim``, sharded as ``x`` over the others (the dims above ``dim`` shift
+    down without ``keepdim``)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    dim %= x.dim()
+    out = []
+    for p in x.placements:
+        if p.is_partial():
+            reduction_key(x)                          # its ValueError names the placements
+        if not shards(p) or shards(p, dim):
+            out.append(Replicate())
+            continue
+        d = p.dim % x.dim()
+        d = d if keepdim or d < dim else d - 1
+        if isinstance(p, _StridedShard):
+            out.append(_StridedShard(d, split_factor=p.split_factor))
+        elif type(p) is Shard:
+            out.append(Shard(d))
+        else:
+            raise ValueError(f"a DTensor with placements {x.placements} (mesh {x.device_mesh}): "
+                             f"{p} is not supported in a reduction over dim {dim}")
+    return out
+
+
+def zeros_reduced(x: Tensor, dim: int, keepdim: bool = False) -> Tensor:
+    """Zeros shaped and placed as ``dim_sum(x, dim, keepdim)``: state that holds a reduction
+    of ``x`` (e.g. Adafactor's row and column statistics), checkpointed as a DTensor."""
+    if not is_dtensor(x):
+        return x.new_zeros(_reduced_shape(x.shape, dim % x.dim(), keepdim))
+    from torch.distributed.tensor import DTensor
+
+    # the local shape is the local shard's, reduced (torch's DTensor factories do not place
+    # _StridedShard, FSDP2's placement over tensor-parallel shards, as the parameter is placed)
+    shard = local(x).new_zeros(_reduced_shape(local(x).shape, dim % x.dim(), keepdim))
+    shape = _reduced_shape(x.shape, dim % x.dim(), keepdim)
+    return DTensor.from_local(shard, x.device_mesh, reduced_placements(x, dim, keepdim), run_check=False,
+                              shape=shape, stride=_contiguous_strides(shape))
+
+
+def _reduced_shape(shape: Sequence[int], dim: int, keepdim: bool) -> tuple[int, ...]:
+    shape = list(shape)
+    if keepdim:
+        shape[dim] = 1
+    else:
+        del shape[dim]
+    return tuple(shape)
+
+
+def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+def check_supported(optimizer_name: str, exact_on_shards: bool, param: Tensor) -> None:
+    """Refuse a DTensor parameter whose step would not be the unsharded one: an optimizer that
+    needs whole tensors but does not compute over every shard, or unreduced placements."""
+    if not exact_on_shards:
+        raise ValueError(f"{optimizer_name} does not support DTensor parameters (FSDP2, tensor parallel): "
+                         "the registry marks it elementwise=False (its update needs whole-tensor norms or "
+                         "matrix structure), it does not compute them over every shard, and a DTensor "
+                         "holds only a shard")
+    if any(p.is_partial() for p in param.placements):
+        raise ValueError(f"{optimizer_name} does not support a DTensor parameter with placements "
+                         f"{param.placements} on mesh {param.device_mesh}: Partial (unreduced) placements")
+
+
+def local_shards(*lists: Any) -> tuple:
+    """Lists of tensors (and dicts of them) with each DTensor replaced by its local shard, for
+    elementwise kernels (torch's fused ones); the lists themselves where none holds a DTensor."""
+    def one(xs: Any) -> Any:
+        if isinstance(xs, dict):
+            return {k: one(v) for k, v in xs.items()}
+        return type(xs)(local(x) for x in xs) if any(is_dtensor(x) for x in xs) else xs
+    return tuple(one(xs) for xs in lists)
+
+
+def on_shards(fn: Callable[..., Tensor], like: Tensor, *xs: Tensor) -> Tensor:
+    """``fn(*xs)``, for a DTensor ``like`` computed on the local shards of ``xs`` and placed as
+    ``like``: for elementwise (broadcasting) work whose operands' shards line up with
+    ``like``'s, as the row and column statistics of ``zeros_reduced`` / ``dim_sum`` do with the
+    tensor they reduce (sharded as it, or replicated where it is sharded along the reduced dim)."""
+    if not is_dtensor(like):
+        return fn(*xs)
+    from torch.distributed.tensor import DTensor
+
+    out = fn(*(local(x) for x in xs))
+    return DTensor.from_local(out, like.device_mesh, like.placements, run_check=False,
+                              shape=like.shape, stride=like.stride())
+
+
+def placed_as(x: Tensor, like: Tensor) -> Tensor:
+    """DTensor ``x`` redistributed to ``like``'s placements where they differ (so that their
+    local shards line up); anything else as it is."""
+    if is_dtensor(x) and is_dtensor(like) and tuple(x.placements) != tuple(like.placements):
+        return x.redistribute(like.device_mesh, like.placements)
+    return x

@@ -12,6 +12,9 @@ elementwise ``kernel`` (TensorList methods only) gets ``fused=True`` for free:
   (betas, eps, flags) are compile-time constants; ``lr`` and anything that depends on the step
   must come through ``scalars`` so a scheduler never triggers a recompile.
 
+DTensor parameters (FSDP2, tensor parallel) stay where FSDP2 keeps them: the compiled kernel
+runs on each parameter's local shard (exact, being elementwise), one call per parameter.
+
 A step whose bucket is not uniform (a parameter without a gradient, parameters at different
 step counts, non-contiguous or complex parameters) runs the eager foreach path instead: same
 results, no surprises.
@@ -21,11 +24,14 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable, Sequence
+from operator import is_, itemgetter
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .distributed import check_same_layout, is_dtensor, local, placed_as
+from .steps import advance_steps
 from .tensorlist import TensorList
 
 __all__ = ["FlatBucket", "FlatList", "compiled_step"]
@@ -124,6 +130,10 @@ class FlatList(TensorList):
         self[0].sqrt_()
         return self
 
+    def clamp_(self, min, max) -> FlatList:
+        self[0].clamp_(min, max)
+        return self
+
     def neg_(self) -> FlatList:
         self[0].neg_()
         return self
@@ -149,9 +159,6 @@ class FlatBucket:
 
     def __init__(self, params: Sequence[Tensor], states: Sequence[dict[str, Any]],
                  names: Sequence[str]) -> None:
-        if any(hasattr(p, "device_mesh") for p in params):
-            raise ValueError("fused=True does not support DTensor parameters (FSDP2, tensor parallel): "
-                             "use fused=False, whose foreach path supports them")
         p0 = params[0]
         self.params = list(params)
         self.names = tuple(names)
@@ -165,16 +172,20 @@ class FlatBucket:
             self.flat_param = self._flatten(params, total, p0)
             for p, view in zip(params, self._views(self.flat_param, params)):
                 p.data = view
+            self.param_ptrs = list(map(Tensor.data_ptr, params))
             self.flat_state = {}
+            self.state_views: dict[str, list[Tensor]] = {}
             for name in names:
                 flat = self._flatten([st[name] for st in states], total, p0)
                 self.flat_state[name] = flat
-                for st, view in zip(states, self._views(flat, params)):
+                self.state_views[name] = self._views(flat, params)
+                for st, view in zip(states, self.state_views[name]):
                     st[name] = view
             steps = torch.stack([st["step"] for st in states])
             self.flat_step = steps.clone()
-            for i, st in enumerate(states):
-                st["step"] = self.flat_step[i]
+            self.state_views["step"] = list(self.flat_step.unbind())
+            for st, view in zip(states, self.state_views["step"]):
+                st["step"] = view
         self.flat_grad = torch.zeros(total, dtype=p0.dtype, device=p0.device)
         self.grad_views = self._views(self.flat_grad, params)
         self.states = list(states)
@@ -205,22 +216,18 @@ class FlatBucket:
         return [flat[o:o + n].view(p.shape) for o, n, p in zip(self.offsets, self.numels, like)]
 
     def is_current(self, params: Sequence[Tensor], states: Sequence[dict[str, Any]]) -> bool:
-        """True while the params and their state still live in this bucket's buffers."""
-        if len(params) != len(self.params) or any(a is not b for a, b in zip(params, self.params)):
+        """True while the params and their state still live in this bucket's buffers: the same
+        params at the same addresses, and state entries that are still the views made here
+        (C-level passes: this runs every step)."""
+        if len(params) != len(self.params) or not all(map(is_, params, self.params)):
             return False
-        base = self.flat_param.data_ptr()
-        size = self.flat_param.element_size()
-        for p, o in zip(params, self.offsets):
-            if p.data_ptr() != base + o * size:
-                return False
-        for name, flat in self.flat_state.items():
-            base = flat.data_ptr()
-            for st, o in zip(states, self.offsets):
-                if st[name].data_ptr() != base + o * size:
-                    return False
-        step_base = self.flat_step.data_ptr()
-        step_size = self.flat_step.element_size()
-        return all(st["step"].data_ptr() == step_base + i * step_size for i, st in enumerate(states))
+        if list(map(Tensor.data_ptr, params)) != self.param_ptrs:
+            return False
+        try:
+            return all(all(map(is_, map(itemgetter(name), states), views))
+                       for name, views in self.state_views.items())
+        except KeyError:
+            return False
 
     def gather_grads(self, grads: Sequence[Tensor]) -> Tensor:
         """The flat gradient: ``grads`` (the params' ``.grad``, or transformed ones) copied in.
@@ -279,28 +286,64 @@ def _scalar_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _kernel_scalars(opt: Any, group: dict[str, Any], t: float, like: Tensor) -> dict[str, Tensor]:
+    """``scalars`` at step ``t`` (and the decoupled decay factor) as 0-d tensors."""
+    c = opt.scalars(group, t)
+    if group["weight_decay"] != 0 and group["weight_decay_mode"] == "decoupled":
+        lr = opt.decay_lr(group, [t])
+        c["_decay"] = 1 - (lr[0] if isinstance(lr, list) else lr) * group["weight_decay"]
+    names = list(c)
+    values = torch.tensor([float(c[n]) for n in names], dtype=_scalar_dtype(like.dtype), device=like.device)
+    return dict(zip(names, values.unbind()))
+
+
 def run_generated(opt: Any, group: dict[str, Any], bucket: Any) -> bool:
     """One fused step of a bucket whose params all have gradients; False when the bucket's
     steps differ (the eager path then runs it)."""
+    if any(is_dtensor(p) for p in bucket.params):
+        return _run_on_shards(opt, group, bucket)
     cache = opt.__dict__.setdefault("_flat_buckets", {})
     key = (id(group), bucket.key)
     flat = cache.get(key)
     if flat is None or not flat.is_current(bucket.params, bucket.states):
+        if len({float(x) for x in bucket.steps}) != 1:
+            return False     # before moving anything: the eager path runs this bucket as it is
         flat = cache[key] = FlatBucket(bucket.params, bucket.states, tuple(bucket.s))
     step = flat.uniform_step()
     if step is None:
         return False
     t = step + 1
     g = flat.gather_grads(opt.transform_grads(group, bucket.g))
-    c = opt.scalars(group, t)
-    if group["weight_decay"] != 0 and group["weight_decay_mode"] == "decoupled":
-        lr = opt.decay_lr(group, [t])
-        c["_decay"] = 1 - (lr[0] if isinstance(lr, list) else lr) * group["weight_decay"]
     p = flat.flat_param
-    names = list(c)
-    values = torch.tensor([float(c[n]) for n in names], dtype=_scalar_dtype(p.dtype), device=p.device)
     consts = opt.kernel_constants(group)
     entry = compiled_step(type(opt), (consts, p.dtype, p.device.type))
-    entry(type(opt).kernel, consts, p, g, flat.flat_state, dict(zip(names, values.unbind())))
+    entry(type(opt).kernel, consts, p, g, flat.flat_state, _kernel_scalars(opt, group, t, p))
     flat.advance_step(t)
+    return True
+
+
+def _run_on_shards(opt: Any, group: dict[str, Any], bucket: Any) -> bool:
+    """DTensor parameters (FSDP2, tensor parallel): the compiled kernel on each parameter's
+    local shard, flattened (exact: the kernel is elementwise). One call per parameter: the
+    shards' memory belongs to FSDP2, which gathers the parameters from it, so it cannot move
+    into a flat buffer. False (the eager path runs it) where a shard is not contiguous."""
+    states = [[bucket.s[n][i] for n in bucket.s] for i in range(len(bucket.params))]
+    for p, g, st in zip(bucket.params, bucket.g, states):
+        check_same_layout(p, g, *st)
+    if not all(local(x).is_contiguous() for p, st in zip(bucket.params, states) for x in (p, *st)):
+        return False
+    grads = opt.transform_grads(group, bucket.g)
+    steps = advance_steps(bucket.steps)
+    consts = opt.kernel_constants(group)
+    scalars: dict[float, dict[str, Tensor]] = {}
+    for p, g, st, t in zip(bucket.params, grads, states, steps):
+        shard = local(p)
+        if shard.numel() == 0:        # nothing here (an uneven split); no collective to keep in step
+            continue
+        if t not in scalars:
+            scalars[t] = _kernel_scalars(opt, group, t, shard)
+        entry = compiled_step(type(opt), (consts, shard.dtype, shard.device.type))
+        g = local(placed_as(g, p))                # transform_grads may have placed it otherwise
+        entry(type(opt).kernel, consts, shard.view(-1), g.reshape(-1),
+              {n: local(x).view(-1) for n, x in zip(bucket.s, st)}, scalars[t])
     return True

@@ -23,7 +23,8 @@ from torch import Tensor
 
 from .tensorlist import TensorList
 
-__all__ = ["LOW_PRECISION", "check_low_precision", "float32_copies", "restore_float32_state", "stochastic_round_", "write_back"]
+__all__ = ["LOW_PRECISION", "check_low_precision", "float32_copies", "restore_float32_state",
+           "stochastic_round_", "write_back"]
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 

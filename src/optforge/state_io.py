@@ -17,6 +17,12 @@ They work for any ``torch.optim.Optimizer``, optforge's or torch's. Names come f
 (``named_parameters()``; a shared parameter is known by its first name), from an iterable of
 ``(name, param)`` pairs, or, with ``model=None``, from the optimizer's own ``param_names``
 (torch >= 2.6 records them when it is built from ``named_parameters()``).
+
+Names are the model's own, as :func:`optforge.create_optimizer` sees them: a model inside
+``torch.compile`` or DDP / DataParallel is unwrapped, and names that carry those wrappers'
+prefixes (``_orig_mod.``, ``module.``), in the pairs, in ``param_names`` or in a saved
+checkpoint, lose them. So a checkpoint moves between a compiled and a plain model, or from a
+DDP run to a single process.
 """
 
 from __future__ import annotations
@@ -27,9 +33,12 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .factory import unwrap_model
+
 __all__ = ["NameLoadReport", "load_state_dict_by_name", "state_dict_by_name"]
 
 FORMAT = "optforge.state_by_name/1"
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 NamedParams = nn.Module | Iterable[tuple[str, Tensor]] | None
 
 
@@ -53,12 +62,12 @@ def _names(optimizer: torch.optim.Optimizer, model: NamedParams) -> list[list[st
             if "param_names" not in group:
                 raise ValueError(f"param group {i} has no param_names: pass the model (or its "
                                  "named_parameters()) to name the optimizer's parameters")
-            out.append(list(group["param_names"]))
-        return out
-    pairs = model.named_parameters() if isinstance(model, nn.Module) else model
+            out.append([own_name(n) for n in group["param_names"]])
+        return _unique(out)
+    pairs = unwrap_model(model).named_parameters() if isinstance(model, nn.Module) else model
     by_id: dict[int, str] = {}
     for name, p in pairs:
-        by_id.setdefault(id(p), name)
+        by_id.setdefault(id(p), own_name(name))
     out = []
     for i, group in enumerate(optimizer.param_groups):
         names = []
@@ -68,10 +77,30 @@ def _names(optimizer: torch.optim.Optimizer, model: NamedParams) -> list[list[st
                                  "a parameter of the model: it has no name")
             names.append(by_id[id(p)])
         out.append(names)
-    flat = [n for names in out for n in names]
+    return _unique(out)
+
+
+def _unique(names: list[list[str]]) -> list[list[str]]:
+    flat = [n for group in names for n in group]
     if len(set(flat)) != len(flat):
         raise ValueError("two of the optimizer's parameters have the same name")
-    return out
+    return names
+
+
+def own_name(name: str) -> str:
+    """``name`` without the prefixes of torch.compile (``_orig_mod.``) and DDP / DataParallel
+    (``module.``), in any nesting."""
+    while name.startswith(WRAPPER_PREFIXES):
+        name = name.split(".", 1)[1]
+    return name
+
+
+def _own_names(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A saved checkpoint with its names stripped of wrapper prefixes."""
+    groups = [{**g, "params": [own_name(n) for n in g["params"]]} for g in state_dict["param_groups"]]
+    return {**state_dict, "param_groups": groups,
+            "state": {own_name(n): v for n, v in state_dict["state"].items()},
+            "param_shapes": {own_name(n): v for n, v in state_dict["param_shapes"].items()}}
 
 
 def state_dict_by_name(optimizer: torch.optim.Optimizer, model: NamedParams = None) -> dict[str, Any]:
@@ -117,6 +146,7 @@ def load_state_dict_by_name(optimizer: torch.optim.Optimizer, model: NamedParams
         raise ValueError("not a state_dict_by_name() checkpoint (no 'format': "
                          f"{FORMAT!r}); for optimizer.state_dict() use optimizer.load_state_dict()")
     names = _names(optimizer, model)
+    state_dict = _own_names(state_dict)
     saved_shapes: dict[str, list[int]] = state_dict["param_shapes"]
     saved_state: dict[str, Any] = state_dict["state"]
     current = {name: p for group, group_names in zip(optimizer.param_groups, names)

@@ -15,11 +15,15 @@ import torch
 from torch import Tensor
 
 from . import scratch as _scratch
+from .distributed import check_same_layout, full_norms, is_dtensor, local
 
 Scalar = Union[float, int]
 Operand = Union["TensorList", Sequence[Tensor], Scalar, Sequence[Scalar]]
 
 __all__ = ["TensorList"]
+
+#: From this size on, a tensor's own kernel costs little beside its pass over memory.
+_LARGE_BYTES = 2**20
 
 
 def _is_tensors(x: object) -> bool:
@@ -116,8 +120,9 @@ class TensorList(list):
         return out
 
     def norm(self, ord: Scalar = 2) -> TensorList:
-        """Per-tensor norms (a list of 0-d tensors)."""
-        return TensorList(torch._foreach_norm(self, ord))
+        """Per-tensor norms (a list of 0-d tensors), each over the whole tensor: a DTensor's
+        (FSDP2, tensor parallel) is reduced over every shard (``optforge.distributed.full_norms``)."""
+        return TensorList(full_norms(self, ord))
 
     # in-place
     def add_(self, other: Operand, alpha: Scalar | Sequence[Scalar] = 1) -> TensorList:
@@ -176,6 +181,18 @@ class TensorList(list):
         torch._foreach_sqrt_(self)
         return self
 
+    def clamp_(self, min: Scalar, max: Scalar) -> TensorList:
+        """Clamp into [min, max]; NaN stays NaN. Foreach has no two-sided clamp: large tensors
+        (one pass each matters there) are clamped one by one, the rest in two foreach passes."""
+        small = [x for x in self if x.numel() * x.element_size() < _LARGE_BYTES]
+        for x in self:
+            if x.numel() * x.element_size() >= _LARGE_BYTES:
+                x.clamp_(min, max)
+        if small:
+            torch._foreach_clamp_min_(small, min)
+            torch._foreach_clamp_max_(small, max)
+        return self
+
     def neg_(self) -> TensorList:
         torch._foreach_neg_(self)
         return self
@@ -189,7 +206,12 @@ class TensorList(list):
         return self
 
     def copy_(self, src: Sequence[Tensor]) -> TensorList:
-        torch._foreach_copy_(self, src)
+        if any(is_dtensor(x) for x in self):        # DTensor has no rule for _foreach_copy_
+            for x, y in zip(self, src):
+                check_same_layout(x, y)
+            torch._foreach_copy_([local(x) for x in self], [local(y) for y in src])
+        else:
+            torch._foreach_copy_(self, src)
         return self
 
     def select(self, mask: Sequence[bool]) -> TensorList:

@@ -7,8 +7,9 @@ meaning lives here:
 
 - ``foreach`` (True / False / None): accepted, kept in the param groups; optforge always runs
   its multi-tensor path, whose results do not depend on the flag (torch's for-loop and foreach
-  paths agree too). ``fused=None`` is ``fused=False``. ``fused`` and ``foreach`` both True is
-  refused, as torch refuses it.
+  paths agree too). ``fused=None`` (the default) runs torch's own fused kernel where it
+  computes exactly the foreach path's update, the foreach path elsewhere (:mod:`optforge.paths`).
+  ``fused`` and ``foreach`` both True is refused, as torch refuses it.
 - ``capturable`` and ``differentiable``: False only (see ``FLAG_CONSTRAINTS`` for why).
 - ``decoupled_weight_decay`` (Adam, RAdam and their subclasses): True is
   ``weight_decay_mode="decoupled"``; the two are kept consistent in every param group (so that

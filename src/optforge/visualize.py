@@ -175,6 +175,9 @@ def _select_functions(names: str) -> list[TestFunction]:
     return chosen
 
 
+PANEL_INCHES = 2.9
+
+
 def plot_function(fn: TestFunction, paths: list[PathResult], out: Path, cols: int = 4) -> Path:
     """One PNG: a panel per optimizer, its path over the function's contours."""
     import numpy as np
@@ -184,7 +187,9 @@ def plot_function(fn: TestFunction, paths: list[PathResult], out: Path, cols: in
     n = max(len(paths), 1)
     cols = min(cols, n)
     rows = math.ceil(n / cols)
-    fig = Figure(figsize=(2.6 * cols, 2.6 * rows + 0.4), dpi=64)
+    # sized to be read where the docs show it (about 800 px wide): 12-pt names, 10-pt details
+    height = (PANEL_INCHES + 0.45) * rows + 0.6
+    fig = Figure(figsize=(PANEL_INCHES * cols, height), dpi=80)
     FigureCanvasAgg(fig)
     xs = np.linspace(*fn.xlim, 160)
     ys = np.linspace(*fn.ylim, 160)
@@ -195,19 +200,20 @@ def plot_function(fn: TestFunction, paths: list[PathResult], out: Path, cols: in
     levels_z = np.log1p(gz - f_min) if fn.log_contours else gz
     for k, result in enumerate(paths):
         ax = fig.add_subplot(rows, cols, k + 1)
-        ax.contour(gx, gy, levels_z, levels=fn.contour_levels, cmap="viridis", linewidths=0.5)
+        ax.contour(gx, gy, levels_z, levels=fn.contour_levels, cmap="viridis", linewidths=0.6)
         path = np.asarray(result.xy)
-        ax.plot(path[:, 0], path[:, 1], color="tab:red", linewidth=1.0, marker=".", markersize=2)
-        ax.plot(*fn.start, marker="o", color="black", markersize=4)
-        ax.plot(*fn.minimum, marker="*", color="gold", markeredgecolor="black", markersize=9)
+        ax.plot(path[:, 0], path[:, 1], color="tab:red", linewidth=1.2, marker=".", markersize=2.5)
+        ax.plot(*fn.start, marker="o", color="black", markersize=5)
+        ax.plot(*fn.minimum, marker="*", color="gold", markeredgecolor="black", markersize=11)
         ax.set_xlim(*fn.xlim)
         ax.set_ylim(*fn.ylim)
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_title(f"{result.optimizer}\nlr={result.lr:.3g}  f={result.values[-1]:.3g}", fontsize=8)
-    fig.suptitle(f"{fn.name}: f = {fn.formula}  ({len(paths[0].xy) - 1 if paths else 0} steps)",
-                 fontsize=10)
-    fig.tight_layout()
+        ax.set_title(result.optimizer, fontsize=12, fontweight="bold", pad=4)
+        ax.set_xlabel(f"lr {result.lr:.3g}   final f {result.values[-1]:.3g}", fontsize=10, labelpad=3)
+    fig.suptitle(f"{fn.name}: f = {fn.formula}   ({len(paths[0].xy) - 1 if paths else 0} steps; "
+                 "black dot: start, star: minimum)", fontsize=13)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / height))      # the top 0.5 inch: the suptitle
     target = out / f"{fn.name}.png"
     fig.savefig(target)
     return target

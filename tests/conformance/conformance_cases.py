@@ -27,6 +27,17 @@ def has_fused(info) -> bool:
     return True
 
 
+def default_is_native(info) -> bool:
+    """Whether ``fused=None`` (the default) runs torch's fused kernel for a float64 CPU bucket
+    with the table kwargs (optforge.paths), a path of its own."""
+    from optforge.paths import native_by_default
+
+    if "fused" not in info.defaults:
+        return False
+    opt = make(info, [torch.zeros(1, dtype=torch.float64, requires_grad=True)], fused=None)
+    return native_by_default(opt, opt.param_groups[0], (torch.device("cpu"), torch.float64))
+
+
 def couples_group(info) -> bool:
     """Whether the update couples the tensors of a param group (it overrides ``step_group``,
     as Prodigy's group-wide D estimate does): a tensor's step then depends on its neighbours."""
@@ -40,10 +51,13 @@ def all_optimizers():
 
 
 def with_paths():
-    """(info, fused) for every optimizer, and fused=True where it has a fused path."""
+    """(info, fused) for every optimizer, fused=True where it has a fused path, and fused=None
+    where the default runs torch's fused kernel."""
     out = []
     for i in INFOS:
         out.append(pytest.param(i, False, id=f"{i.name}-foreach"))
+        if default_is_native(i):
+            out.append(pytest.param(i, None, id=f"{i.name}-default"))
         if has_fused(i):
             out.append(pytest.param(i, True, id=f"{i.name}-fused"))
     return out
@@ -113,5 +127,6 @@ def via_torch_save(obj):
 
 
 __all__ = ["INFOS", "all_optimizers", "assert_identical", "assert_same_state", "batch", "couples_group",
-           "flat", "fused_optimizers", "has_fused", "make", "make_model", "mse", "optimizer_kwargs", "run",
+           "default_is_native", "flat", "fused_optimizers", "has_fused", "make", "make_model", "mse",
+           "optimizer_kwargs", "run",
            "state_snapshot", "via_torch_save", "with_paths"]

@@ -15,6 +15,7 @@ from torch import nn
 WORLD = 2
 STEPS = 5
 ROWS = 8                     # the full batch; rank r trains on rows [4r, 4r + 4)
+MARS_Y_SCALE = 30.0
 SCALAR_STATE = {"step", "mu_product", "eta", "mu"}   # 0-d state, not param-shaped (as tests/helpers.py)
 
 
@@ -24,13 +25,14 @@ def make_model() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5), nn.Tanh(), nn.Linear(5, 1)).double()
 
 
-def data(rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def data(rank: int | None = None, world: int = WORLD) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full batch, or data-parallel rank ``rank``'s equal share of it."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(ROWS, 6, generator=g, dtype=torch.float64)
     y = torch.randn(ROWS, 1, generator=g, dtype=torch.float64)
     if rank is None:
         return x, y
-    rows = slice(rank * ROWS // WORLD, (rank + 1) * ROWS // WORLD)
+    rows = slice(rank * ROWS // world, (rank + 1) * ROWS // world)
     return x[rows], y[rows]
 
 
@@ -48,32 +50,38 @@ def flat(params) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in full]).clone()
 
 
-def reference(name: str, kwargs: dict) -> torch.Tensor:
-    """One process, the full batch."""
+def reference(name: str, kwargs: dict, y_scale: float = 1.0) -> torch.Tensor:
+    """One process, the full batch (its targets times ``y_scale``)."""
     import optforge as of
 
     model = make_model()
-    train(model, of.get_optimizer_info(name).cls(model.parameters(), **kwargs), *data())
+    x, y = data()
+    train(model, of.get_optimizer_info(name).cls(model.parameters(), **kwargs), x, y * y_scale)
     return flat(model.parameters())
 
 
 WRAPPED = ("lookahead", "sam", "asam")
 
 
-def train_wrapped(kind: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-    """AdamW in Lookahead, SAM or ASAM (the closure's gradient at the perturbed weights)."""
+def make_wrapped(kind: str, params):
+    """AdamW in Lookahead, SAM or ASAM."""
     import optforge as of
 
-    base = of.AdamW(model.parameters(), lr=1e-2)
-    opt = (of.Lookahead(base, k=2, alpha=0.5) if kind == "lookahead"
-           else of.SAM(base, rho=0.5, adaptive=True) if kind == "asam" else of.SAM(base, rho=0.05))
+    base = of.AdamW(params, lr=1e-2)
+    return (of.Lookahead(base, k=2, alpha=0.5) if kind == "lookahead"
+            else of.SAM(base, rho=0.5, adaptive=True) if kind == "asam" else of.SAM(base, rho=0.05))
+
+
+def train_wrapped(kind: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt=None, steps=STEPS):
+    """Lookahead, SAM or ASAM steps (the closure's gradient at the perturbed weights)."""
+    opt = opt or make_wrapped(kind, model.parameters())
 
     def closure():
         loss = ((model(x) - y) ** 2).mean()
         loss.backward()
         return loss
 
-    for _ in range(STEPS):
+    for _ in range(steps):
         opt.zero_grad()
         closure()
         opt.step() if kind == "lookahead" else opt.step(closure)
@@ -96,13 +104,18 @@ def _fsdp(model: nn.Module) -> nn.Module:
 
 
 def _case(results: dict, key: tuple, fn, *args) -> None:
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
         results[key] = fn(*args)
-    except Exception:
+    except (Exception, CheckpointException):         # CheckpointException is a BaseException
         results[key] = "error: " + traceback.format_exc()
 
 
-def run_rank(rank: int, port: int, out: str, cases: list[tuple[str, dict, bool, bool]]) -> None:
+def run_rank(rank: int, port: int, out: str, cases: list[tuple[str, dict, bool, bool]], directory: str,
+             saves: list) -> None:
+    """``cases``: (optimizer name, kwargs, whether it has a fused path, whether it takes DTensors);
+    ``saves``: the checkpoints to write into ``directory`` (distributed_checkpoint.save)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
@@ -123,13 +136,16 @@ def run_rank(rank: int, port: int, out: str, cases: list[tuple[str, dict, bool, 
         dist.all_gather(replicas, params)
         return {"params": params, "replicas_equal": all(torch.equal(r, params) for r in replicas)}
 
-    def fsdp(name, kwargs):
+    def fsdp(name, kwargs, fused, y_scale=1.0):
         model = _fsdp(make_model())
-        opt = of.get_optimizer_info(name).cls(model.parameters(), **kwargs)
-        train(model, opt, x, y)
+        fused_kwargs = {"fused": True} if fused else {}
+        opt = of.get_optimizer_info(name).cls(model.parameters(), **kwargs, **fused_kwargs)
+        train(model, opt, x, y * y_scale)
         state = [v for st in opt.state.values() for k, v in st.items() if k not in SCALAR_STATE]
         sharded = bool(state) and all(isinstance(v, DTensor) for v in state)
-        return {"params": flat(model.parameters()), "state_sharded": sharded}
+        first = opt.state[next(model.parameters())]             # the (8, 6) weight's
+        placements = {k: tuple(map(repr, v.placements)) for k, v in first.items() if isinstance(v, DTensor)}
+        return {"params": flat(model.parameters()), "state_sharded": sharded, "placements": placements}
 
     def ddp_low_bit(precision):
         model = DDP(make_model())
@@ -141,12 +157,15 @@ def run_rank(rank: int, port: int, out: str, cases: list[tuple[str, dict, bool, 
         return {"params": params, "replicas_equal": all(torch.equal(r, params) for r in replicas)}
 
     _case(results, ("ddp_low_bit", "int4"), ddp_low_bit, "int4")
-    for name, kwargs, has_fused, elementwise in cases:
-        _case(results, ("ddp", name, False), ddp, name, kwargs, False)
-        if has_fused:
-            _case(results, ("ddp", name, True), ddp, name, kwargs, True)
-        if elementwise:
-            _case(results, ("fsdp", name), fsdp, name, kwargs)
+    for name, kwargs, has_fused, on_dtensors in cases:
+        for fused in (False, True) if has_fused else (False,):
+            _case(results, ("ddp", name, fused), ddp, name, kwargs, fused)
+            if on_dtensors:
+                _case(results, ("fsdp", name, fused), fsdp, name, kwargs, fused)
+
+    # gradients large enough for MARS's clip c / max(1, ||c||) to act (the usual targets leave
+    # every ||c|| below 1, where a shard's norm would pass unnoticed)
+    _case(results, ("fsdp_large_grads", "mars"), fsdp, "mars", {"lr": 1e-2}, False, MARS_Y_SCALE)
 
     def fsdp_wrapped(kind):
         model = _fsdp(make_model())
@@ -188,7 +207,6 @@ def run_rank(rank: int, port: int, out: str, cases: list[tuple[str, dict, bool, 
             return {"error": str(err), "unchanged": torch.equal(flat(model.parameters()), before)}
         return {"error": None}
 
-    _case(results, ("refuse", "fused"), lambda: refused(lambda ps: of.AdamW(ps, fused=True)))
     _case(results, ("refuse", "state_precision"),
           lambda: refused(lambda ps: of.AdamW([{"params": list(ps), "state_precision": "int8"}])))
 
@@ -232,6 +250,11 @@ def run_rank(rank: int, port: int, out: str, cases: list[tuple[str, dict, bool, 
 
     _case(results, ("skip", "fsdp"), lambda: skip_nonfinite("fsdp"))
     _case(results, ("skip", "ddp"), lambda: skip_nonfinite("ddp"))
+
+    from distributed_checkpoint import label, save
+
+    for case in saves:
+        _case(results, ("saved", label(case)), save, case, rank, directory)
 
     if rank == 0:
         torch.save(results, out)

@@ -1,17 +1,22 @@
-"""torch.distributed with the gloo backend, 2 CPU ranks (spawned once for the whole module):
+"""torch.distributed with the gloo backend, CPU ranks (one process group per world size: 2, then
+1 and 4):
 
 - DDP: every registered optimizer (foreach and fused), AdamW with int4 state, and Lookahead,
   SAM and ASAM, give the parameters of one process training on the full batch, and the
   replicas stay identical;
 - FSDP2 (``fully_shard``, DTensor parameters and sharded state): every elementwise optimizer
-  gives the unsharded result, and so do Lookahead, SAM and ASAM around AdamW;
-- refused with a clear error, before any change: ``fused=True`` or ``state_precision`` with
-  DTensor parameters, and DTensor parameters for an optimizer the registry marks
-  ``elementwise=False``;
+  (foreach and fused) and every one that reduces over shards (LAMB, MARS, Adafactor, CAME,
+  Prodigy) gives the unsharded result, and so do Lookahead, SAM and ASAM around AdamW;
+- DCP: checkpoints saved by 2 FSDP2 ranks resume on 1 and on 4 as if never stopped;
+- FSDP2 x tensor parallel on a 2 x 2 mesh (4 ranks): AdamW, Adafactor, LAMB;
+- refused with a clear error, before any change: ``state_precision`` with DTensor
+  parameters, DTensor parameters for an optimizer the registry marks ``elementwise=False``
+  that does not reduce over shards, and ``Partial`` placements;
 - ``skip_nonfinite`` decides alike on every rank (a NaN in one rank's shard skips the step
   everywhere)."""
 
 import re
+import resource
 import socket
 import time
 
@@ -19,13 +24,24 @@ import pytest
 import torch
 import torch.distributed as dist
 from conformance_cases import INFOS, has_fused, optimizer_kwargs
+from distributed_checkpoint import WRAPPED_KINDS, label, run_group
 from distributed_worker import WRAPPED, flat, make_model, reference, run_rank, wrapped_reference
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
 
-ELEMENTWISE = [i for i in INFOS if i.elementwise]
-CASES = [(i.name, optimizer_kwargs(i.name), has_fused(i), i.elementwise) for i in INFOS]
+ON_DTENSORS = [i for i in INFOS if i.elementwise or i.cls.shard_reductions]
+CASES = [(i.name, optimizer_kwargs(i.name), has_fused(i), i in ON_DTENSORS) for i in INFOS]
+# saved by 2 FSDP2 ranks, resumed by 1 and by 4: every optimizer that takes DTensors, a native
+# and a generated fused one, and the wrappers (around AdamW)
+CHECKPOINTS = ([(i.name, optimizer_kwargs(i.name), False) for i in ON_DTENSORS]
+               + [(name, optimizer_kwargs(name), True) for name in ("adamw", "adan")]
+               + [(kind, {}, False) for kind in WRAPPED_KINDS])
+# resumed by 4 ranks too (the others by 1 only: 4 ranks on CI's 2 cores are slow): factored and
+# group-wide state, the native fused path, the wrappers
+BY_4_RANKS = ["adamw", "adamw-fused", "adafactor", "came", "prodigy", *WRAPPED_KINDS]
+TENSOR_PARALLEL = [(name, optimizer_kwargs(name), fused) for name, fused in
+                   (("adamw", False), ("adamw", True), ("adafactor", False), ("lamb", False))]
 
 
 def free_port() -> int:
@@ -35,14 +51,38 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def checkpoints(tmp_path_factory):
+    return tmp_path_factory.mktemp("checkpoints")
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def spawn(fn, world: int, out, *args) -> dict:
     import torch.multiprocessing as mp
 
-    out = tmp_path_factory.mktemp("distributed") / "results.pt"
-    start = time.perf_counter()
-    mp.spawn(run_rank, args=(free_port(), str(out), CASES), nprocs=2, join=True)
-    print(f"distributed run: {time.perf_counter() - start:.1f} s")
+    start, cpu = time.perf_counter(), _children_cpu()
+    mp.spawn(fn, args=args, nprocs=world, join=True)
+    print(f"{world} ranks: {time.perf_counter() - start:.1f} s, {_children_cpu() - cpu:.1f} CPU s")
     return torch.load(out, weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, checkpoints):
+    out = tmp_path_factory.mktemp("distributed") / "results.pt"
+    return spawn(run_rank, 2, out, free_port(), str(out), CASES, str(checkpoints), CHECKPOINTS)
+
+
+@pytest.fixture(scope="module", params=[1, 4], ids=["1-rank", "4-ranks"])
+def resumed(request, results, tmp_path_factory, checkpoints):
+    """The checkpoints the 2 ranks of ``results`` saved, resumed by a group of 1 or 4 ranks."""
+    world = request.param
+    out = tmp_path_factory.mktemp(f"resumed{world}") / "results.pt"
+    cases = CHECKPOINTS if world == 1 else [c for c in CHECKPOINTS if label(c) in BY_4_RANKS]
+    return world, spawn(run_group, world, out, world, free_port(), str(out), str(checkpoints), cases,
+                        TENSOR_PARALLEL)
 
 
 def ok(value):
@@ -79,11 +119,37 @@ def test_ddp_with_low_bit_state_equals_one_process(results):
     close(got["params"], flat(model.parameters()))
 
 
-@pytest.mark.parametrize("info", [pytest.param(i, id=i.name) for i in ELEMENTWISE])
-def test_fsdp2_equals_unsharded(results, info):
-    got = ok(results[("fsdp", info.name)])
-    assert got["state_sharded"]                   # the state is DTensor shards, not full copies
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+@pytest.mark.parametrize("info", [pytest.param(i, id=i.name) for i in ON_DTENSORS])
+def test_fsdp2_equals_unsharded(results, info, fused):
+    """Elementwise optimizers (fused: the kernel on each local shard), and those whose norms,
+    row/column statistics and group sums are reduced over every shard."""
+    if fused and not has_fused(info):
+        pytest.skip("no fused path")
+    got = ok(results[("fsdp", info.name, fused)])
+    assert got["state_sharded"]                   # the state is DTensors, not local copies
     close(got["params"], reference(info.name, optimizer_kwargs(info.name)))
+
+
+def test_fsdp2_mars_clips_by_the_norm_over_every_shard(results):
+    """Targets scaled so that the clip acts (the first step's c = (1 + k) g of a weight has norm
+    above 1): a shard's norm in place of the tensor's changes the result."""
+    from distributed_worker import MARS_Y_SCALE, data
+
+    model = make_model()
+    x, y = data()
+    ((model(x) - y * MARS_Y_SCALE) ** 2).mean().backward()
+    assert max(p.grad.norm() for p in model.parameters() if p.dim() == 2) > 1
+    close(ok(results[("fsdp_large_grads", "mars")])["params"], reference("mars", {"lr": 1e-2}, MARS_Y_SCALE))
+
+
+@pytest.mark.parametrize("name", ["adafactor", "came"])
+def test_fsdp2_factored_statistics_are_sharded_along_rows_and_replicated_along_columns(results, name):
+    """The (8, 6) weight is sharded on dim 0: its row statistics are too, its column statistics
+    (a mean over the sharded dim) are replicated, so DCP saves each once."""
+    placements = ok(results[("fsdp", name, False)])["placements"]
+    rows, cols = ("row_var", "col_var") if name == "adafactor" else ("exp_avg_sq_row", "exp_avg_sq_col")
+    assert placements[rows] == ("Shard(dim=0)",) and placements[cols] == ("Replicate()",), placements
 
 
 @pytest.mark.parametrize("kind", WRAPPED)
@@ -106,7 +172,6 @@ def test_fsdp2_lookahead_refuses_slow_weights_sharded_otherwise(results):
 
 
 @pytest.mark.parametrize("case,message", [
-    ("fused", r"AdamW\(fused=True\) does not support DTensor parameters.*use fused=False"),
     ("state_precision", r"AdamW\(state_precision='int8'\) does not support DTensor parameters"),
     ("not_elementwise", r"NormSGD does not support DTensor parameters.*elementwise=False"),
     ("not_elementwise_child", r"NormSGDChild does not support DTensor parameters"),
@@ -122,3 +187,37 @@ def test_skip_nonfinite_decides_alike_on_every_rank(results, kind):
     got = ok(results[("skip", kind)])
     assert got["per_rank"] == [(1, True)] * 2     # both ranks skipped, both unchanged
     assert got["moved_after"]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=label(c)) for c in CHECKPOINTS])
+def test_dcp_checkpoint_of_2_ranks_resumed_by_1_and_by_4_equals_never_stopping(results, resumed, case):
+    """get_state_dict + dcp.save under FSDP2 on 2 ranks after 3 steps; dcp.load +
+    set_state_dict into a fresh model and optimizer on 1 rank and on 4 (resharded: the last
+    layer's rows lie on one rank), then 2 steps: the parameters of 5 uninterrupted steps."""
+    assert ok(results[("saved", label(case))])["saved"]
+    world, got = resumed
+    if world == 4 and label(case) not in BY_4_RANKS:
+        pytest.skip("resumed by 1 rank only")
+    name, kwargs, _ = case
+    expected = wrapped_reference(name) if name in WRAPPED_KINDS else reference(name, kwargs)
+    close(ok(got[("resumed", label(case))])["params"], expected)
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=label(c)) for c in TENSOR_PARALLEL])
+def test_tensor_parallel_with_fsdp2_on_a_2x2_mesh_equals_one_process(resumed, case):
+    world, got = resumed
+    if world != 4:
+        pytest.skip("the 2 x 2 mesh runs in the 4-rank group")
+    got = ok(got[("tp", label(case))])
+    assert "_StridedShard(dim=0, sf=2), Shard(dim=0)" in str(got["placements"])   # TP, then FSDP2
+    assert "Shard(dim=0), Shard(dim=1)" in str(got["placements"])
+    close(got["params"], reference(case[0], case[1]))
+
+
+def test_a_partial_placement_is_refused_clearly(resumed):
+    world, got = resumed
+    if world != 4:
+        pytest.skip("runs in the 4-rank group")
+    got = ok(got[("partial",)])
+    message = r"LAMB does not support a DTensor parameter with placements \(Partial\(sum\),\) on mesh .*"
+    assert got["unchanged"] and re.search(message, got["error"]), got["error"]

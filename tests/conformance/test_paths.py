@@ -101,7 +101,7 @@ def test_fused_equals_foreach(info, dtype):
         return two_groups(model, lr, 0.05)
 
     model_a, model_b = make_model(dtype=dtype), make_model(dtype=dtype)
-    foreach, fused = make(info, groups(model_a)), make(info, groups(model_b), fused=True)
+    foreach, fused = make(info, groups(model_a), fused=False), make(info, groups(model_b), fused=True)
     a = steps_with_gaps(model_a, foreach, gaps=False)
     b = steps_with_gaps(model_b, fused, gaps=False)
     assert (a[-1] - a[0]).abs().max() > 1e-4

@@ -368,3 +368,37 @@ def test_by_name_works_for_torch_optimizers():
     assert of.load_state_dict_by_name(fresh_opt, model, saved) == ([], [], [], [0])
     for p in model.parameters():
         assert torch.equal(fresh_opt.state[p]["exp_avg"], opt.state[p]["exp_avg"])
+
+
+def test_by_name_moves_between_compiled_ddp_and_plain_models():
+    """Names are the model's own: torch.compile's ``_orig_mod.`` and DDP's ``module.`` prefixes
+    are dropped, whether they come from a wrapped model, from named_parameters() pairs, from
+    the optimizer's param_names or from a checkpoint saved with them."""
+    spec = {"a": (3, 4), "b": (4, 2)}
+    own = {f"layers.{k}.{w}" for k in spec for w in ("weight", "bias")}
+    model = Layers(spec)
+    compiled = torch.compile(model)                   # wrapping only: nothing is compiled here
+    opt = of.AdamW(compiled.named_parameters(), lr=1e-2)
+    train(model, opt, 3)
+    saved = via_torch_save(of.state_dict_by_name(opt, compiled))
+    assert set(saved["state"]) == set(saved["param_shapes"]) == own
+    assert of.state_dict_by_name(opt)["state"].keys() == own          # from param_names
+    saved_model = copy.deepcopy(model.state_dict())
+    train(model, opt, 4)
+
+    ddp_names = [("module." + n, p) for n, p in model.named_parameters()]
+    assert of.state_dict_by_name(opt, ddp_names)["state"].keys() == own
+    prefixed = copy.deepcopy(saved)                   # as a checkpoint of a compiled DDP model
+    prefixed["state"] = {"module._orig_mod." + n: v for n, v in saved["state"].items()}
+    prefixed["param_shapes"] = {"module._orig_mod." + n: v for n, v in saved["param_shapes"].items()}
+    prefixed["param_groups"] = [{**g, "params": ["module._orig_mod." + n for n in g["params"]]}
+                                for g in saved["param_groups"]]
+    for checkpoint, names in ((saved, lambda m: m), (saved, nn.DataParallel),
+                              (prefixed, lambda m: m.named_parameters())):
+        plain = Layers(spec, seed=5)
+        plain.load_state_dict(saved_model)
+        plain_opt = of.AdamW(plain.parameters(), lr=1e-2)
+        report = of.load_state_dict_by_name(plain_opt, names(plain), copy.deepcopy(checkpoint))
+        assert report == of.NameLoadReport([], [], [], [0])
+        train(plain, plain_opt, 4)
+        assert torch.equal(flat(plain.parameters()), flat(model.parameters()))

@@ -20,10 +20,9 @@ import re
 import pytest
 import torch
 from torch.nn import Parameter
+from torch_optim_infos import OPTIM_INFOS, OptimizerErrorEnum, co, runs_native_fused
 
 import optforge
-
-from torch_optim_infos import OPTIM_INFOS, OptimizerErrorEnum, co, runs_native_fused
 
 CPU = "cpu"
 FLOATS = (torch.float32, torch.float64)
@@ -75,6 +74,8 @@ DIFFERENCES: list[tuple[str, str, str]] = [
      "every gradient is zero, decoupled decay included"),
     ("soap:default", "load_state_across_dtypes-*", "SOAP preconditions rank-deficient gradients: "
      "float32 rounding in their null space is amplified to O(1) steps, so float32 and float64 runs part"),
+    ("shampoo", "load_state_across_dtypes-*", "Shampoo's inverse roots of rank-deficient factors "
+     "(epsilon 1e-12) amplify float32 rounding in their null space, so float32 and float64 runs part"),
     ("lookahead|sam", "step_hooks*", "the wrapped optimizer is a torch optimizer too: global step "
      "hooks also run around its step"),
     ("sam", "step_without_grads*", "SAM refuses a step without gradients: its perturbation needs them"),
@@ -135,17 +136,20 @@ def cases(check: str, *, dtypes=(torch.float32,), impls: bool = True, where=lamb
     for info in OPTIM_INFOS:
         if not where(info):
             continue
-        inputs = (co._get_optim_inputs_including_global_cliquey_kwargs(CPU, None, info, skip=("differentiable",))
-                  if impls else info.optim_inputs_func(CPU))
+        if impls:
+            inputs = co._get_optim_inputs_including_global_cliquey_kwargs(CPU, None, info,
+                                                                         skip=("differentiable",))
+        else:
+            inputs = info.optim_inputs_func(CPU)
         for inp in inputs:
             if inp.kwargs.get("fused") and not runs_native_fused(info, inp.kwargs):
                 continue
             base_desc, _, impl = inp.desc.partition(" & ")
             for dtype in dtypes:
                 for more in extra:
-                    ident = "-".join([info.name, inp.desc, str(dtype).removeprefix("torch."), *map(str, more)])
-                    check_id = "-".join([check + (f"+{impl}" if impl else ""), str(dtype).removeprefix("torch."),
-                                         *map(str, more)])
+                    short = str(dtype).removeprefix("torch.")
+                    ident = "-".join([info.name, inp.desc, short, *map(str, more)])
+                    check_id = "-".join([check + (f"+{impl}" if impl else ""), short, *map(str, more)])
                     out.append(pytest.param(info, inp.kwargs, dtype, *more, id=ident,
                                             marks=_marks(info.name, base_desc, check_id)))
     return out
@@ -255,7 +259,8 @@ def error_cases():
     for info in OPTIM_INFOS:
         for err in info.optim_error_inputs_func(CPU, torch.float32):
             desc = err.optimizer_error_input.desc
-            out.append(pytest.param(info, err, id=f"{info.name}-{desc}", marks=_marks(info.name, desc, "errors")))
+            marks = _marks(info.name, desc, "errors")
+            out.append(pytest.param(info, err, id=f"{info.name}-{desc}", marks=marks))
     return out
 
 
@@ -325,7 +330,7 @@ def test_param_group_with_lrscheduler(info):
         opt = info.optim_cls([{"params": [params[0]]}, {"params": [params[1]], "lr": 0.01}])
         schedulers = [s(opt) for s in make_schedulers]
 
-        def closure():
+        def closure(opt=opt, params=params):
             opt.zero_grad()
             loss = (params[0].mv(x) + params[1].mv(x)).pow(2).sum()
             loss.backward()
@@ -340,7 +345,8 @@ def test_param_group_with_lrscheduler(info):
 
 
 @pytest.mark.parametrize("info,kwargs,dtype,num_dim",
-                         cases("tensor_lr", dtypes=FLOATS, extra=((0,),)) + cases("tensor_lr", extra=((1,), (2,))))
+                         cases("tensor_lr", dtypes=FLOATS, extra=((0,),))
+                         + cases("tensor_lr", extra=((1,), (2,))))
 def test_tensor_lr(info, kwargs, dtype, num_dim):
     """A tensor lr (0-d, [1], [1, 1]) steps exactly as the same float lr."""
     lr = 1.0 if info.step_requires_closure else 1e-3
@@ -396,7 +402,8 @@ def test_rosenbrock_sparse(info, kwargs, dtype):
         assert sparse_p.dist(solution) <= start.dist(solution)
 
 
-@pytest.mark.parametrize("info,kwargs,dtype", cases("complex", dtypes=FLOATS, where=lambda i: i.supports_complex))
+@pytest.mark.parametrize("info,kwargs,dtype",
+                         cases("complex", dtypes=FLOATS, where=lambda i: i.supports_complex))
 def test_complex(info, kwargs, dtype):
     """Complex params step exactly as their view_as_real copies (a real param beside them)."""
     cdtype = COMPLEX_OF[dtype]
@@ -426,7 +433,8 @@ def test_complex(info, kwargs, dtype):
             torch.testing.assert_close(torch.view_as_real(p) if p.is_complex() else p, r, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("info,kwargs,dtype", cases("complex_2d", dtypes=FLOATS, where=lambda i: i.supports_complex))
+@pytest.mark.parametrize("info,kwargs,dtype",
+                         cases("complex_2d", dtypes=FLOATS, where=lambda i: i.supports_complex))
 def test_complex_2d(info, kwargs, dtype):
     """A complex pair steps as its real and imaginary parts held as two real params."""
     a = torch.randn(2, dtype=COMPLEX_OF[dtype], requires_grad=True)
@@ -487,9 +495,10 @@ def _compare_paths(info, kwargs, dtype, flag):
                 step(info, opt, closure)
         (model_a, opt_a), (model_b, opt_b) = runs
         for p, q in zip(model_a.parameters(), model_b.parameters()):
-            torch.testing.assert_close(p, q, msg=lambda m: f"step {i}: {m}")
+            torch.testing.assert_close(p, q, msg=lambda m, i=i: f"step {i}: {m}")
             for name, value in opt_a.state[p].items():
-                torch.testing.assert_close(value, opt_b.state[q][name], msg=lambda m: f"step {i} {name}: {m}")
+                torch.testing.assert_close(value, opt_b.state[q][name],
+                                           msg=lambda m, i=i, name=name: f"step {i} {name}: {m}")
 
 
 def _takes_foreach(info) -> bool:
@@ -536,7 +545,8 @@ def test_weight_decay_pulls_to_zero(info, kwargs, dtype):
     """With zero gradients, a group with weight decay shrinks towards 0; one without stays."""
     decayed, kept = Parameter(torch.randn(4, 3, dtype=dtype)), Parameter(torch.randn(4, 3, dtype=dtype))
     start = [decayed.detach().clone(), kept.detach().clone()]
-    opt = grouped(info, [{"params": [decayed], "weight_decay": 0.1}, {"params": [kept], "weight_decay": 0.0}], kwargs)
+    groups = [{"params": [decayed], "weight_decay": 0.1}, {"params": [kept], "weight_decay": 0.0}]
+    opt = grouped(info, groups, kwargs)
 
     def closure():
         for p in (decayed, kept):
@@ -910,7 +920,8 @@ def test_deepcopy_copies_public_attrs(info, kwargs, dtype):
     assert_tree_equal(dup.state_dict(), opt.state_dict())
 
 
-@pytest.mark.parametrize("info", per_optimizer("adamw_serialization", where=lambda i: i.name in ("adam", "adamw")))
+@pytest.mark.parametrize("info", per_optimizer("adamw_serialization",
+                                                where=lambda i: i.name in ("adam", "adamw")))
 def test_adamw_serialization(info):
     """torch's Adam and AdamW state dicts say ``decoupled_weight_decay``: Adam's is False
     unless loaded from AdamW (then it also decays as AdamW), AdamW's always True."""

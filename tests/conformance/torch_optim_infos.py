@@ -59,13 +59,14 @@ VARIANTS: dict[str, list[tuple[str, dict]]] = {
     "adam_warmup": [("amsgrad warmup", dict(amsgrad=True, warmup=2))],
     "ademamix": [("no warmups", dict(alpha_warmup=0, beta3_warmup=0))],
     "adopt": [("clip_exponent", dict(clip_exponent=0.3))],
-    "muon": [("match_rms_adamw", dict(adjust_lr_fn="match_rms_adamw")), ("ns_dtype=param", dict(ns_dtype="param"))],
+    "muon": [("match_rms_adamw", dict(adjust_lr_fn="match_rms_adamw")),
+             ("ns_dtype=param", dict(ns_dtype="param"))],
     "prodigy": [("beta3, d_coef, growth_rate", dict(beta3=0.9, d_coef=0.5, growth_rate=1.02))],
     "schedule_free_adamw": [("r, weight_lr_power", dict(r=0.5, weight_lr_power=1.0))],
     "schedule_free_sgd": [("r, weight_lr_power", dict(r=0.5, weight_lr_power=1.0))],
     "soap": [("shampoo_beta, eps", dict(shampoo_beta=0.9, eps=1e-6))],
-    "mars": [("timm variant", dict(variant="timm")), ("1-D hyperparameters",
-                                                         dict(lr_1d=1e-3, betas_1d=(0.8, 0.9), weight_decay_1d=0.0))],
+    "mars": [("timm variant", dict(variant="timm")),
+             ("1-D hyperparameters", dict(lr_1d=1e-3, betas_1d=(0.8, 0.9), weight_decay_1d=0.0))],
     "lookahead": [("k=2, alpha=0.8", dict(k=2, alpha=0.8))],
     "sam": [("adaptive, eta, rho", dict(adaptive=True, eta=0.01, rho=0.5))],
 }
@@ -111,9 +112,11 @@ def _derived_error_inputs(defaults: dict, cls, extra=()):
             if k in defaults:
                 shown = "betas[0]=1.0" if k == "betas" else f"{k}={v!r}"
                 out.append(ErrorOptimizerInput(OptimizerInput(None, {k: v}, f"invalid {k}"),
-                                               error_type=ValueError, error_regex=re.escape(f"invalid {shown}")))
+                                               error_type=ValueError,
+                                               error_regex=re.escape(f"invalid {shown}")))
         out.append(ErrorOptimizerInput(OptimizerInput(None, {"weight_decya": 0.1}, "misspelled keyword"),
-                                       error_type=TypeError, error_regex="unexpected keyword argument 'weight_decya'"))
+                                       error_type=TypeError,
+                                       error_regex="unexpected keyword argument 'weight_decya'"))
         sparse = torch.nn.Parameter(torch.randn(3, 2, device=device, dtype=dtype))
         sparse.grad = torch.randn(3, 2, device=device, dtype=dtype).to_sparse()
         out.append(ErrorOptimizerInput(OptimizerInput([sparse], {}, "sparse gradient"),
@@ -224,7 +227,8 @@ def wrapper_infos() -> list[OptforgeInfo]:
                      optim_inputs_func=_derived_inputs("lookahead", lookahead_defaults, {"lr": 1e-2}),
                      optim_error_inputs_func=_derived_error_inputs(
                          adamw.defaults, optforge.AdamW,
-                         extra=(_invalid({"k": 0}, r"invalid k=0"), _invalid({"alpha": 1.5}, r"invalid alpha=1\.5"))),
+                         extra=(_invalid({"k": 0}, r"invalid k=0"),
+                                _invalid({"alpha": 1.5}, r"invalid alpha=1\.5"))),
                      supported_impls=("fused",), supports_fused_on=("cpu",)),
         OptforgeInfo("sam", SAM_SGD, wrapper_options=("rho", "adaptive", "eta"), step_requires_closure=True,
                      optim_inputs_func=_derived_inputs("sam", sam_defaults, {"lr": 1e-2, "momentum": 0.9}),

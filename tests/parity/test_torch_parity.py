@@ -28,11 +28,14 @@ CASES = [
 ]
 
 
+# fused=None (the default) runs torch's fused kernel where it computes the same update (SGD
+# without dampening, Adam, AdamW, AMSGrad), fused=False the foreach path: both must match.
+@pytest.mark.parametrize("fused", [None, False], ids=["default", "foreach"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 @pytest.mark.parametrize("ours,theirs,kwargs", CASES, ids=lambda c: repr(c) if isinstance(c, dict) else "")
-def test_trajectory_matches_torch(ours, theirs, kwargs, weight_decay):
+def test_trajectory_matches_torch(ours, theirs, kwargs, weight_decay, fused):
     model_a, model_b = make_model(), make_model()
-    opt_a = ours(two_groups(model_a, kwargs["lr"], weight_decay),
+    opt_a = ours(two_groups(model_a, kwargs["lr"], weight_decay), fused=fused,
                  **{k: v for k, v in kwargs.items() if k != "lr"})
     opt_b = theirs(two_groups(model_b, kwargs["lr"], weight_decay),
                    **{k: v for k, v in kwargs.items() if k != "lr"}, foreach=False)

@@ -61,6 +61,18 @@ def test_trajectory_matches_torch(ours, theirs, kwargs):
     assert_same_trajectory(a, b)
 
 
+@pytest.mark.parametrize("ours,theirs,kwargs", [c for c in _cases() if c.id.startswith("adagrad-")])
+def test_adagrad_foreach_path_matches_torch(ours, theirs, kwargs):
+    """The default runs torch's fused Adagrad kernel (optforge.paths); the foreach path too must
+    match torch."""
+    model_a, model_b = make_model(), make_model()
+    opt_a = ours(_groups(model_a, kwargs), **kwargs, fused=False)
+    opt_b = theirs(_groups(model_b, kwargs), **kwargs, foreach=False)
+    a, b = trajectory(model_a, opt_a), trajectory(model_b, opt_b)
+    assert_moves(a)
+    assert_same_trajectory(a, b)
+
+
 def _resumed(first, second, kwargs):
     """10 steps of ``first``, its state loaded into ``second``, 20 more steps of each."""
     model_a, model_b = make_model(), make_model()

@@ -5,9 +5,11 @@ order, once per seed, on the training split (validation held out). The table giv
 optimizer, the test metric with a 95 % bootstrap interval over seeds and test examples, the
 paired difference to --baseline (≈: indistinguishable), the ranks the intervals support,
 steps and seconds to a validation --target, time per step (first step apart: warm-up and
-compilation) and state bytes per parameter. DIR/results.json holds every curve, every run's
-resolved hyperparameters and provenance (rewritten after each run, so Ctrl-C keeps the
-finished runs); DIR/curves.png plots train loss and the validation metric.
+compilation), state bytes per parameter and "diverged": the runs, out of all, whose
+training loss became NaN or infinite (the run stops there) or whose final validation loss
+or metric is not finite; they are left out of the statistics. DIR/results.json holds every
+curve, every run's resolved hyperparameters and provenance (rewritten after each run, so
+Ctrl-C keeps the finished runs); DIR/curves.png plots train loss and the validation metric.
 
 Tasks: linear, digits (models mlp, cnn), mnist1d (logistic, mlp, cnn), text (a character
 transformer on the King James Bible; bits per character), or your own:
@@ -88,7 +90,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch CPU threads (default: 1; these models are too small to gain from more, and "
              "spinning threads stall on a busy machine)")
     add("--no-plot", action="store_true", help="do not write curves.png")
-    add("--no-progress", action="store_true", help="no progress bar (shown only when stderr is a terminal)")
+    add("--no-progress", action="store_true",
+        help="no progress (a bar when stderr is a terminal, else a line per finished run with its time)")
 
 
 def _error(msg: str) -> int:

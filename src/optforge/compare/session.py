@@ -3,6 +3,7 @@ after each run, so an interruption keeps the finished runs), the summary and the
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -99,12 +100,20 @@ class Session:
 
         bar = tqdm(total=n_runs * s.steps, unit="step", dynamic_ncols=True, smoothing=0.05, leave=False,
                    disable=None if self.progress else True)
-        done = 0
+        lines = self.progress and bar.disable      # no bar (stderr is not a terminal): a line per run
+        done, start = 0, time.perf_counter()
 
-        def describe(text: str) -> None:
+        def timed(text: str, name: str, hp: dict[str, Any], seed: int, split: str) -> RunResult:
             nonlocal done
             done += 1
             bar.set_description(f"run {done}/{n_runs} {text}")
+            t0 = time.perf_counter()
+            res = train_run(task, data, name, hp, seed, s, split=split, progress=bar.update)
+            if lines:
+                now = time.perf_counter()
+                self.echo(f"run {done}/{n_runs} {text}: {now - t0:.1f} s"
+                          f"{' (diverged)' if res.diverged else ''}, {now - start:.0f} s elapsed")
+            return res
 
         hps = {n: self._base_hyperparameters(n) for n in p.optimizers}
         try:
@@ -113,8 +122,7 @@ class Session:
                                     s.schedule)
 
                 def trial(hp: dict[str, Any], name: str = name) -> RunResult:
-                    describe(f"tune {name}")
-                    return train_run(task, data, name, hp, TUNE_SEED, s, split="val", progress=bar.update)
+                    return timed(f"tune {name}", name, hp, TUNE_SEED, "val")
 
                 self.tuning[name] = tune(name, hps[name], dims, p.budget, s.steps, trial,
                                          task.metric.higher_is_better)
@@ -122,8 +130,7 @@ class Session:
                 self._save(complete=False)
             for seed in p.seeds:
                 for name in p.optimizers:
-                    describe(f"{name} seed {seed}")
-                    self.runs.append(train_run(task, data, name, hps[name], seed, s, progress=bar.update))
+                    self.runs.append(timed(f"{name} seed {seed}", name, hps[name], seed, "test"))
                     self._save(complete=False)
         except KeyboardInterrupt:
             bar.close()

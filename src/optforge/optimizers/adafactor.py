@@ -19,6 +19,7 @@ from ..constraints import (
     tuple_of,
     unit_interval,
 )
+from ..distributed import dim_sum, on_shards, zeros_reduced
 from ..registry import register
 from ..tensorlist import TensorList
 
@@ -43,9 +44,28 @@ def rms_scale(xs: TensorList) -> Tensor:
     return torch.tensor([math.sqrt(max(x.numel(), 1)) for x in xs], dtype=xs[0].dtype, device=xs[0].device)
 
 
-def mean_square(g: Tensor, dim: int) -> Tensor:
-    """mean(g^2) over ``dim`` (kept), without a g-sized temporary."""
-    return torch.linalg.vector_norm(g, dim=dim, keepdim=True).square_().div_(g.shape[dim])
+def mean_square(g: Tensor, dim: int, keepdim: bool = True) -> Tensor:
+    """mean(g^2) over ``dim`` of the whole tensor (a DTensor's too: ``dim_sum``), without a
+    g-sized temporary."""
+    def sum_of_squares(x: Tensor) -> Tensor:
+        return torch.linalg.vector_norm(x, dim=dim, keepdim=keepdim).square_()
+    return dim_sum(g, dim, keepdim, sum_of_squares).div_(g.shape[dim])
+
+
+def dim_mean(x: Tensor, dim: int) -> Tensor:
+    """mean(x) over ``dim`` (kept) of the whole tensor (a DTensor's too: ``dim_sum``)."""
+    return dim_sum(x, dim, keepdim=True).div_(x.shape[dim])
+
+
+def _factored_u(g: Tensor, row: Tensor, col: Tensor, row_mean: Tensor, eps: float, clamp: bool) -> Tensor:
+    """U_t = G_t / sqrt(V_t), V_t = R_t C_t / mean(R_t) (a new tensor)."""
+    if not clamp:
+        # U_t = G_t (R_t / mean(R_t))^-1/2 C_t^-1/2: as factors, since R_t C_t underflows
+        # in float32 where both are near eps1 (zero gradient rows and columns)
+        return torch.mul(g, row.div(row_mean).rsqrt_()).mul_(col.rsqrt())
+    denom = torch.mul(row, col).div_(row_mean.clamp_(min=eps)).sqrt_()     # sqrt(V_t), torch's
+    denom.clamp_(min=eps)                                                   # max(sqrt(V_t), eps1)
+    return torch.div(g, denom, out=denom)
 
 
 def _torch_names(beta2_decay: Any, eps: Any, d: Any, beta2_exponent: Any, eps_scale: Any,
@@ -77,14 +97,23 @@ def _torch_names(beta2_decay: Any, eps: Any, d: Any, beta2_exponent: Any, eps_sc
 class FactoredOptimizer(Optimizer):
     """Base of optimizers with factored state (Adafactor, CAME): every parameter has the same
     state names, but not every entry has the parameter's shape. ``state_shape`` says which
-    shape each entry has; ``init_state`` creates it and the base's ``load_state_dict`` checks it."""
+    shape each entry has; ``init_state`` creates it and the base's ``load_state_dict`` checks it.
+
+    ``factors`` names the row and column statistics of a factored tensor: the parameter dim
+    each reduces and whether it keeps that dim (size 1). For a DTensor parameter (FSDP2,
+    tensor parallel) they are DTensors sharded as the parameter along its other dims and
+    replicated over the mesh dims that shard the reduced one (``optforge.distributed``)."""
 
     supports_complex = False     # factoring and RMS are over real entries
+    shard_reductions = True      # norms, row and column means are over every shard of a DTensor
+    factors: dict[str, tuple[int, bool]] = {}
 
     def state_shape(self, group: dict[str, Any], p: Tensor, name: str) -> tuple[int, ...]:
         raise NotImplementedError
 
     def init_state(self, group: dict[str, Any], p: Tensor, name: str) -> Tensor:
+        if name in self.factors and is_factored(p):
+            return zeros_reduced(p, *self.factors[name])
         shape = self.state_shape(group, p, name)
         if shape == tuple(p.shape):
             return torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -158,10 +187,13 @@ class Adafactor(FactoredOptimizer):
     Eager only (per-tensor RMS and factored statistics): ``fused=True`` is refused.
     """
 
+    no_fused_reason = ("its second moment is factored into the row and column means of each matrix, "
+                       "which a per- element kernel cannot form")
     constraints = dict(beta2_decay=non_positive, eps=tuple_of(optional(non_negative), non_negative),
                        d=positive, momentum=unit_interval, relative_step=boolean,
                        scale_parameter=boolean, eps_placement=one_of("add", "clamp"))
     state_names = ("row_var", "col_var", "variance", "exp_avg")
+    factors = dict(row_var=(-1, True), col_var=(-2, True))
 
     def __init__(self, params: ParamsT, lr: float | Tensor = 1e-2, beta2_decay: float = -0.8,
                  eps: tuple[float | None, float] = (None, 1e-3), d: float = 1.0, weight_decay: float = 0.0,
@@ -212,16 +244,11 @@ class Adafactor(FactoredOptimizer):
             row, col = s["row_var"], s["col_var"]
             row.lerp_(mean_square(g, -1).add_(added), mix)     # R_t: mean over columns
             col.lerp_(mean_square(g, -2).add_(added), mix)     # C_t: mean over rows
-            row_mean = row.mean(dim=-2, keepdim=True)
-            if not clamp:
-                # U_t = G_t (R_t / mean(R_t))^-1/2 C_t^-1/2: as factors, since R_t C_t underflows
-                # in float32 where both are near eps1 (zero gradient rows and columns)
-                return torch.mul(g, row.div(row_mean).rsqrt_()).mul_(col.rsqrt())
-            denom = torch.mul(row, col).div_(row_mean.clamp_(min=eps)).sqrt_()  # sqrt(V_t), torch's
-        else:
-            var = s["variance"]
-            var.lerp_(torch.mul(g, g).add_(added), mix)       # V_t = b2 V + (1 - b2)(G^2 + eps1)
-            denom = var.sqrt()
+            # (a DTensor's U_t: from the local shards of G_t, R_t, C_t, which line up)
+            return on_shards(lambda *a: _factored_u(*a, eps, clamp), g, g, row, col, dim_mean(row, -2))
+        var = s["variance"]
+        var.lerp_(torch.mul(g, g).add_(added), mix)           # V_t = b2 V + (1 - b2)(G^2 + eps1)
+        denom = var.sqrt()
         if clamp:
             denom.clamp_(min=eps)                                # torch: max(sqrt(V_t), eps1)
         return torch.div(g, denom, out=denom)                    # U_t = G_t / sqrt(V_t)

@@ -30,7 +30,9 @@ class Adagrad(Optimizer):
     the first step (the same values).
 
     torch's signature (``foreach``, ``differentiable``, ``fused``: see
-    :mod:`optforge.torch_compat`).
+    :mod:`optforge.torch_compat`). By default (``fused=None``) float32/float64 steps with coupled
+    (or no) weight decay run torch's fused Adagrad kernel, the same update in one pass
+    (:mod:`optforge.paths`); ``fused=False`` forces the foreach path.
     """
 
     constraints = dict(lr_decay=non_negative, initial_accumulator_value=non_negative, eps=non_negative)
@@ -84,6 +86,16 @@ class Adagrad(Optimizer):
     def kernel(group, p, g, s, c):
         acc = s["sum"].addcmul_(g, g, value=1)                     # s_t = s + g^2
         p.addcdiv_(g, acc.sqrt().add_(group["eps"]), c["step"])   # theta -= clr g / (sqrt(s_t) + eps)
+
+    def native_fused(self, group: dict[str, Any]) -> bool:
+        # torch's fused Adagrad decays the gradient (coupled L2) only
+        return group["weight_decay_mode"] == "coupled" or group["weight_decay"] == 0
+
+    def fused_update(self, group, p, g, s, steps):
+        torch._fused_adagrad_(p, g, s["sum"], steps, lr=group["lr"], lr_decay=group["lr_decay"],
+                              weight_decay=group["weight_decay"] if group["weight_decay_mode"] == "coupled"
+                              else 0.0, eps=group["eps"], maximize=group["maximize"],
+                              grad_scale=None, found_inf=None)
 
 
 register(Adagrad, "Adagrad (Duchi et al., 2011); lr_decay, initial accumulator, sparse gradients")

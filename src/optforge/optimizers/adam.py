@@ -33,7 +33,10 @@ class Adam(Optimizer):
 
     torch's signature (``foreach``, ``capturable``, ``differentiable``, ``fused``: see
     :mod:`optforge.torch_compat`); ``betas`` are Python numbers (torch also takes tensors, for
-    capturable steps, which optforge does not have).
+    capturable steps, which optforge does not have). By default (``fused=None``) float32/float64
+    steps run torch's fused Adam/AdamW kernel, the same update in one pass over memory, unless
+    ``weight_decay_mode="absolute"`` (:mod:`optforge.paths`); ``fused=False`` forces the
+    foreach path.
     """
 
     constraints = dict(betas=beta_tuple(2), eps=non_negative, amsgrad=boolean, **DECOUPLED_WEIGHT_DECAY)

@@ -33,6 +33,8 @@ class ASGD(Optimizer):
     (``fused=True`` is a ValueError).
     """
 
+    no_fused_reason = ("it keeps its step size and averaging weight per tensor (torch's eta and mu) and "
+                       "starts the averaging after t0")
     constraints = dict(lambd=non_negative, alpha=non_negative, t0=non_negative)
     state_names = ("ax",)
     state_kinds = dict(ax="full")       # an average of iterates, not a moment

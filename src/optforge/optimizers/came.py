@@ -9,18 +9,22 @@ from torch import Tensor
 
 from ..base import ParamsT
 from ..constraints import beta_tuple, non_negative, positive
+from ..distributed import on_shards
 from ..registry import register
 from ..tensorlist import TensorList
-from .adafactor import FactoredOptimizer, is_factored, mean_square, rms_scale, unused_shape
+from .adafactor import FactoredOptimizer, dim_mean, is_factored, mean_square, rms_scale, unused_shape
 
 __all__ = ["CAME"]
 
 
-def factored_rsqrt(row: Tensor, col: Tensor) -> Tensor:
-    """1 / sqrt(R C / mean(R)) for row statistics R (shape (..., n)) and column statistics C
-    (shape (..., m)): a new (..., n, m) tensor."""
-    r = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
-    return torch.mul(r, col.unsqueeze(-2).rsqrt())
+def factored_rsqrt(x: Tensor, row: Tensor, col: Tensor) -> Tensor:
+    """x / sqrt(R C / mean(R)) for row statistics R (shape (..., n)) and column statistics C
+    (shape (..., m)) of an (..., n, m) tensor x: a new tensor (a DTensor's: from the local
+    shards of x, R and C, which line up)."""
+    def scaled(x: Tensor, row: Tensor, col: Tensor, row_mean: Tensor) -> Tensor:
+        r = (row / row_mean).rsqrt_().unsqueeze(-1)
+        return torch.mul(r, col.unsqueeze(-2).rsqrt()).mul_(x)
+    return on_shards(scaled, x, x, row, col, dim_mean(row, -1))
 
 
 class CAME(FactoredOptimizer):
@@ -63,10 +67,14 @@ class CAME(FactoredOptimizer):
     parameters need ``fp32_state`` (``configure``): :math:`\epsilon_1 = 10^{-30}` underflows in float16.
     """
 
+    no_fused_reason = ("its second moment and confidence are factored into row and column means of each "
+                       "matrix, which a per-element kernel cannot form")
     constraints = dict(betas=beta_tuple(3), eps=non_negative,
                        eps_instability=non_negative, clip_threshold=positive)
     state_names = ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_res_row", "exp_avg_res_col",
                    "exp_avg_sq")
+    factors = dict(exp_avg_sq_row=(-1, False), exp_avg_sq_col=(-2, False),
+                   exp_avg_res_row=(-1, False), exp_avg_res_col=(-2, False))
 
     def __init__(self, params: ParamsT, lr: float = 2e-4,
                  betas: tuple[float, float, float] = (0.9, 0.999, 0.9999),
@@ -91,8 +99,8 @@ class CAME(FactoredOptimizer):
     @staticmethod
     def _factored_ema(row: Tensor, col: Tensor, x: Tensor, beta: float, added: float = 0.0) -> None:
         """row, col <- beta (row, col) + (1 - beta) (mean over columns, rows) of x^2 + added."""
-        row.mul_(beta).add_(mean_square(x, -1).squeeze_(-1).add_(added), alpha=1 - beta)
-        col.mul_(beta).add_(mean_square(x, -2).squeeze_(-2).add_(added), alpha=1 - beta)
+        row.mul_(beta).add_(mean_square(x, -1, keepdim=False).add_(added), alpha=1 - beta)
+        col.mul_(beta).add_(mean_square(x, -2, keepdim=False).add_(added), alpha=1 - beta)
 
     def update(self, group, p, g, s, t):
         (b1, b2, b3), eps = group["betas"], group["eps"]
@@ -101,7 +109,7 @@ class CAME(FactoredOptimizer):
             if is_factored(x):
                 row, col = s["exp_avg_sq_row"][i], s["exp_avg_sq_col"][i]
                 self._factored_ema(row, col, gx, b2, added=eps)       # r_t, c_t
-                u.append(factored_rsqrt(row, col).mul_(gx))           # u_t = G_t / sqrt(r c / mean r)
+                u.append(factored_rsqrt(gx, row, col))                # u_t = G_t / sqrt(r c / mean r)
             else:
                 v = s["exp_avg_sq"][i]
                 v.mul_(b2).add_(torch.mul(gx, gx).add_(eps), alpha=1 - b2)   # v_t
@@ -119,7 +127,7 @@ class CAME(FactoredOptimizer):
             rows, cols = s["exp_avg_res_row"][i], s["exp_avg_res_col"][i]
             # R_t, C_t from U_t = (u^_t - m_t)^2 + eps2
             self._factored_ema(rows, cols, res, b3, added=group["eps_instability"])
-            steps.append(factored_rsqrt(rows, cols).mul_(mx))        # m_t / sqrt(S_t)
+            steps.append(factored_rsqrt(mx, rows, cols))             # m_t / sqrt(S_t)
         p.add_(steps, alpha=-float(group["lr"]))                      # theta_t = theta - lr m_t / sqrt(S_t)
 
 

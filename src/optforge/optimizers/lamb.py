@@ -36,14 +36,17 @@ class LAMB(Optimizer):
     class's multiplicative decoupled decay is then not applied); ``"coupled"`` adds
     :math:`\lambda x` to :math:`g_t`, ``"absolute"`` multiplies :math:`x` by :math:`1 - \lambda`.
 
-    Eager only: the per-tensor norms are ``torch._foreach_norm`` over the bucket, and the
-    trust ratios stay on the device (no host sync). ``fused=True`` is refused (ValueError).
+    Eager only: the per-tensor norms are ``torch._foreach_norm`` over the bucket (over every
+    shard of a DTensor parameter, FSDP2 / tensor parallel), and the trust ratios stay on the
+    device (no host sync). ``fused=True`` is refused (ValueError).
     State: ``step``, ``exp_avg`` (m), ``exp_avg_sq`` (v).
     """
 
+    no_fused_reason = "its trust ratio needs the norms of each whole tensor"
     constraints = dict(betas=beta_tuple(2), eps=non_negative, clamp_value=positive, debias=boolean,
                        adam=boolean)
     state_names = ("exp_avg", "exp_avg_sq")
+    shard_reductions = True      # the norms are TensorList.norm: over every shard of a DTensor
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.0, clamp_value: float = 10.0,

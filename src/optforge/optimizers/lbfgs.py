@@ -199,7 +199,7 @@ class LBFGS(Optimizer):
         unsupported = sorted(k for k, off in BASE_OPTIONS.items() if group.get(k, off) != off)
         if unsupported:
             raise ValueError(f"LBFGS does not support the options {unsupported} (it steps all "
-                             "parameters as one vector, outside the per-bucket update)")
+                             "parameters as one flattened vector)")
         for p in group["params"]:             # DTensor params are refused (elementwise=False)
             self._check_new_param(group, p)
         with numbers_for_step(group):

@@ -85,12 +85,14 @@ class MARS(Optimizer):
     (:math:`g_{t-1}`), ``max_exp_avg_sq`` (amsgrad).
     """
 
+    no_fused_reason = "it clips the variance-reduced gradient of each matrix by that matrix's norm"
     constraints = dict(betas=beta_tuple(2), eps=non_negative, amsgrad=boolean, gamma=non_negative,
                        is_approx=boolean, mars_type=one_of("mars-adamw"), optimize_1d=boolean,
                        lr_1d=non_negative, betas_1d=beta_tuple(2), weight_decay_1d=non_negative,
                        variant=one_of(*VARIANTS))
     state_names = ("exp_avg", "exp_avg_sq", "last_grad")
     supports_complex = False
+    shard_reductions = True      # the clip's norm is TensorList.norm: over every shard of a DTensor
 
     def __init__(self, params: ParamsT, lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.99),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, gamma: float = 0.025,

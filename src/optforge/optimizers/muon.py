@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +21,8 @@ from ..constraints import (
     real_tuple,
     unit_interval,
 )
+from ..distributed import local
+from ..distributed_matrix import map_matrices
 from ..registry import register
 from ..tensorlist import TensorList
 
@@ -36,7 +38,8 @@ DEFAULT_ADAMW_NAMES = ("*embed*",)
 
 
 def orthogonalize(x: Tensor, coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
-                  steps: int = 5, eps: float = 1e-7, dtype: torch.dtype | None = torch.bfloat16) -> Tensor:
+                  steps: int = 5, eps: float = 1e-7, dtype: torch.dtype | None = torch.bfloat16, *,
+                  add_eps: bool = False) -> Tensor:
     r"""Approximate :math:`UV^\top` of a matrix :math:`X = USV^\top` by ``steps`` quintic
     Newton-Schulz iterations (Jordan, 2024), computed in ``dtype`` (None: ``x``'s dtype):
 
@@ -46,19 +49,25 @@ def orthogonalize(x: Tensor, coefficients: tuple[float, float, float] = NS_COEFF
 
     run on the wide orientation (:math:`X^\top` when rows > columns, so :math:`A` is the small
     Gram matrix). The coefficients push singular values into roughly [0.7, 1.2] rather than to
-    exactly 1, which does not hurt training. Returns a new tensor in ``dtype``."""
+    exactly 1, which does not hurt training. ``x`` may be a stack of matrices (B, rows, cols).
+    ``add_eps``: :math:`X_0 = X / (\lVert X \rVert_F + \epsilon)` instead (Jordan's original
+    code; torch's clamps). Returns a new tensor in ``dtype``."""
     a, b, c = coefficients
     y = x.to(dtype) if dtype is not None else x
-    tall = y.size(0) > y.size(1)
+    tall = y.size(-2) > y.size(-1)
     if tall:
-        y = y.T
+        y = y.mT
+    if y.dim() == 2:
+        norm, mm = y.norm(), torch.addmm
+    else:                                                   # a stack of matrices, one norm each
+        norm, mm = y.norm(dim=(-2, -1), keepdim=True), torch.baddbmm
     # spectral norm <= Frobenius norm <= 1 (eps = 0: the smallest normal, so 0 stays 0)
-    y = y / y.norm().clamp(min=eps or torch.finfo(y.dtype).tiny)
+    y = y / (norm + eps) if add_eps else y / norm.clamp(min=eps or torch.finfo(y.dtype).tiny)
     for _ in range(steps):
-        gram = y @ y.T                                      # A = X X^T
-        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)   # b A + c A^2
-        y = torch.addmm(y, poly, y, beta=a)                 # a X + (b A + c A^2) X
-    return y.T if tall else y
+        gram = y @ y.mT                                     # A = X X^T
+        poly = mm(gram, gram, gram, beta=b, alpha=c)        # b A + c A^2
+        y = mm(y, poly, y, beta=a)                          # a X + (b A + c A^2) X
+    return y.mT if tall else y
 
 
 def _lr_ratio(adjust_lr_fn: str | None, rows: int, cols: int) -> float:
@@ -113,15 +122,21 @@ class Muon(Optimizer):
     (Muon), ``exp_avg``, ``exp_avg_sq`` (AdamW); in a ``use_muon=None`` group holding both
     kinds, a param's unused entries are empty tensors. State dicts move both ways with
     torch.optim.Muon (whose state has no ``step``). Eager only (per-matrix iterations);
-    ``fused=True`` is refused.
+    ``fused=True`` is refused. Under FSDP2 / tensor parallel (DTensor params) the momentum is
+    sharded like the params and each matrix is orthogonalized by one owner rank
+    (:mod:`optforge.distributed_matrix`, docs/distributed.md).
     """
 
+    no_fused_reason = "it orthogonalizes the update of each whole matrix (Newton-Schulz iterations)"
     constraints = dict(momentum=unit_interval, nesterov=boolean, ns_coefficients=real_tuple(3),
                        ns_steps=integer_at_least(1), eps=non_negative,
                        adjust_lr_fn=optional(one_of("original", "match_rms_adamw")),
                        ns_dtype=one_of(*NS_DTYPES), use_muon=optional(boolean),
                        adamw_betas=beta_tuple(2), adamw_eps=non_negative)
     supports_complex = False
+    whole_matrices = True
+    #: the state of the params Muon steps (the AdamW fallback's: ``exp_avg``, ``exp_avg_sq``)
+    matrix_state: ClassVar[tuple[str, ...]] = ("momentum_buffer",)
 
     def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, weight_decay: float = 0.1,
                  momentum: float = 0.95, nesterov: bool = True,
@@ -143,8 +158,9 @@ class Muon(Optimizer):
             if flat:
                 self.param_groups.pop()
                 raise ValueError(
-                    f"Muon: a use_muon=True param group holds a parameter of shape {tuple(flat[0].shape)}; "
-                    "Muon orthogonalizes matrices (>= 2 dims). Put vectors and scalars in a use_muon=False "
+                    f"{type(self).__name__}: a use_muon=True param group holds a parameter of shape "
+                    f"{tuple(flat[0].shape)}; "
+                    "it orthogonalizes matrices (>= 2 dims). Put vectors and scalars in a use_muon=False "
                     "(AdamW) group, e.g. with optforge.muon_param_groups(model), or leave use_muon=None "
                     "to route them to AdamW automatically")
 
@@ -154,16 +170,16 @@ class Muon(Optimizer):
 
     def state_names_for(self, group: dict[str, Any]) -> tuple[str, ...]:
         kinds = {self._is_muon(group, p) for p in group["params"]}
-        muon = ("momentum_buffer",) if True in kinds else ()
+        muon = self.matrix_state if True in kinds else ()
         return muon + (("exp_avg", "exp_avg_sq") if False in kinds else ())
 
     def init_state(self, group: dict[str, Any], p: Tensor, name: str) -> Tensor:
-        if (name == "momentum_buffer") != self._is_muon(group, p) and p.numel():
+        if (name in self.matrix_state) != self._is_muon(group, p) and p.numel():
             return p.new_zeros(0)                  # a placeholder: the other kind's state
         return torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def state_shape(self, group: dict[str, Any], p: Tensor, name: str) -> tuple[int, ...]:
-        used = (name == "momentum_buffer") == self._is_muon(group, p) or not p.numel()
+        used = (name in self.matrix_state) == self._is_muon(group, p) or not p.numel()
         return tuple(p.shape) if used else (0,)
 
     def update(self, group, p, g, s, t):
@@ -172,24 +188,28 @@ class Muon(Optimizer):
         adamw = [i for i, x in enumerate(p) if not self._is_muon(group, x)]
         if muon:
             self._muon(group, lr, [p[i] for i in muon], [g[i] for i in muon],
-                       [s["momentum_buffer"][i] for i in muon])
+                       {name: [s[name][i] for i in muon] for name in self.matrix_state if name in s})
         if adamw:
             pick = lambda xs: TensorList(xs[i] for i in adamw)   # noqa: E731
             self._adamw(group, lr, pick(p), pick(g), pick(s["exp_avg"]), pick(s["exp_avg_sq"]),
                         [t[i] for i in adamw])
 
-    @staticmethod
-    def _muon(group, lr, params, grads, buffers):
+    def _muon(self, group, lr, params, grads, state):
         mu, dtype = group["momentum"], NS_DTYPES[group["ns_dtype"]]
-        for p, g, buf in zip(params, grads, buffers):
+        inputs = []
+        for g, buf in zip(grads, state["momentum_buffer"]):   # elementwise: local shards under FSDP2
             buf.lerp_(g, 1 - mu)                                   # B_t = mu B + (1 - mu) g
-            u = g.lerp(buf, mu) if group["nesterov"] else buf      # U_t = (1 - mu) g + mu B_t
-            u = u.flatten(1)                                       # conv (out, in, k...) -> (out, -1)
-            if u.numel() == 0:
-                continue
-            o = orthogonalize(u, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
-            ratio = _lr_ratio(group["adjust_lr_fn"], *u.shape)
-            p.add_(o.reshape(p.shape).to(p.dtype), alpha=-lr * ratio)  # W_t = W - lr rho O_t
+            inputs.append(g.lerp(buf, mu) if group["nesterov"] else buf)   # U_t = (1 - mu) g + mu B_t
+
+        def orthogonalized(u, _):                   # a stack of whole U_t (conv kernels flattened)
+            x = u.flatten(2) if len(u) > 1 else u[0].flatten(1)
+            o = orthogonalize(x, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
+            return o.reshape(u.shape)
+
+        for p, o in zip(params, map_matrices(self, group, params, inputs, orthogonalized)):
+            if o.numel():
+                ratio = _lr_ratio(group["adjust_lr_fn"], p.shape[0], math.prod(p.shape[1:]))
+                local(p).add_(o.to(p.dtype), alpha=-lr * ratio)   # W_t = W - lr rho O_t
 
     @staticmethod
     def _adamw(group, lr, p, g, m, v, t):

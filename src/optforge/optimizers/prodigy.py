@@ -17,6 +17,7 @@ from ..constraints import (
     positive_or_inf,
     unit_interval,
 )
+from ..distributed import full_sums, local
 from ..registry import register
 
 
@@ -64,6 +65,8 @@ class Prodigy(Optimizer):
     parameters), ``exp_avg`` (if :math:`\beta_1 > 0`), ``exp_avg_sq``.
     """
 
+    shard_reductions = True      # its sums over the group are over every shard of a DTensor
+    no_fused_reason = "its step size D is estimated from sums over all parameters"
     constraints = dict(betas=beta_tuple(2), beta3=optional(unit_interval), eps=non_negative, d0=positive,
                        d_coef=positive, growth_rate=positive_or_inf, use_bias_correction=boolean,
                        safeguard_warmup=boolean)
@@ -113,21 +116,24 @@ class Prodigy(Optimizer):
         k, d, d0, lr = group["k"], group["d"], group["d0"], float(group["lr"])
         bc = math.sqrt(1 - b2 ** (k + 1)) / (1 - b1 ** (k + 1)) if group["use_bias_correction"] else 1.0
         dlr = d * lr * bc                                              # eta_k
-        dot, l1 = [], []
+        dot, l1, dot_of, l1_of = [], [], [], []
         if lr > 0:
             for _, p, g, s, _ in work:
                 diff = s["p0"].sub(p)                                  # x_0 - x
-                dot += [torch.dot(a.reshape(-1), c.reshape(-1)) for a, c in zip(g, diff)]
+                # per tensor, over its local shard (a DTensor's: FSDP2), added up below
+                dot += [torch.dot(local(a).reshape(-1), local(c).reshape(-1)) for a, c in zip(g, diff)]
                 if b1 > 0:
                     s["exp_avg"].mul_(b1).add_(g, alpha=d * (1 - b1))  # m <- b1 m + d (1 - b1) g
                 s["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=d * d * (1 - b2))  # v <- b2 v + d^2(1-b2) g^2
                 s["s"].mul_(beta3).add_(g, alpha=(d / d0) * (d if group["safeguard_warmup"] else dlr))
-                l1 += [x.sum() for x in s["s"].abs()]                  # ||s||_1 (the reference's sum)
+                l1 += [local(x).sum() for x in s["s"].abs()]           # ||s||_1 (the reference's sum)
+                dot_of += g
+                l1_of += s["s"]
         if not l1:
             return
         # one host sync; then the sums in the reference's order (in float64, term by term: the
         # D estimate feeds back into every step, so its rounding is amplified over the run)
-        values = torch.stack(dot + l1).tolist()
+        values = torch.stack(full_sums(dot + l1, dot_of + l1_of)).tolist()
         delta, d_denom = 0.0, 0.0
         for x in values[:len(dot)]:
             delta += (d / d0) * dlr * x                                # <g, x_0 - x> d/d0 eta_k

@@ -36,6 +36,8 @@ class Rprop(Optimizer):
     (``fused=True`` is a ValueError).
     """
 
+    no_fused_reason = ("it picks each step size by the sign of the gradient change, a choice per element "
+                       "the fused kernel does not express")
     constraints = dict(etas=real_tuple(2), step_sizes=real_tuple(2))
     state_names = ("prev", "step_size")
     state_kinds = dict(step_size="non_negative")

@@ -1,4 +1,4 @@
-"""SGD (torch.optim semantics) and the seed's MomentumSGD."""
+"""SGD (torch.optim semantics) and MomentumSGD (a velocity that holds the step)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,10 @@ class SGD(Optimizer):
     the same, eager (``fused=True`` runs such a step eagerly). Unlike torch, whose momentum
     buffer of a sparse gradient is a sparse tensor that accumulates entries, the buffer is dense
     (the same values), and coupled weight decay works (torch raises): it makes the gradient dense.
+
+    By default (``fused=None``) float32/float64 steps without dampening and with coupled (or no)
+    weight decay run torch's fused SGD kernel, the same update in one pass (:mod:`optforge.paths`);
+    ``fused=False`` forces the foreach path.
     """
 
     constraints = dict(momentum=non_negative, dampening=non_negative, nesterov=boolean)
@@ -80,7 +84,7 @@ class SGD(Optimizer):
 
 
 class MomentumSGD(Optimizer):
-    r"""Momentum SGD in the seed's own formulation (a velocity that holds the step):
+    r"""Momentum SGD with a velocity that holds the whole step, lr included:
 
     .. math::
         \Delta w_t &= \mu\, \Delta w_{t-1} - \mathrm{lr}\cdot g_t \\

@@ -10,6 +10,8 @@ from torch import Tensor
 
 from ..base import Optimizer, ParamsT
 from ..constraints import beta_tuple, boolean, integer_at_least, non_negative, one_of, unit_interval
+from ..distributed import local
+from ..distributed_matrix import map_matrices
 from ..precision import LOW_PRECISION
 from ..registry import register
 
@@ -179,7 +181,10 @@ class SOAP(Optimizer):
     State: ``step`` (counting the first step too: :math:`t` = ``step`` - 1), ``exp_avg``
     (:math:`M'`, in the eigenbasis), ``exp_avg_sq`` (:math:`V`), ``GG`` (the factors, flattened
     into one tensor) and ``Q`` (their eigenbases, the same way). Eager only (per-tensor
-    decompositions); ``fused=True`` is refused.
+    decompositions); ``fused=True`` is refused. Under FSDP2 / tensor parallel (DTensor
+    params) each tensor is updated by one owner rank, which keeps its ``exp_avg``,
+    ``exp_avg_sq``, ``GG`` and ``Q`` whole (:mod:`optforge.distributed_matrix`,
+    docs/distributed.md); the other ranks keep only ``step``.
 
     Differences from the authors' code, none of which changes the algorithm:
 
@@ -196,11 +201,14 @@ class SOAP(Optimizer):
     - ``shampoo_beta`` must be -1 or in [0, 1) (the authors take any negative value for -1).
     """
 
+    no_fused_reason = "it rotates each matrix gradient into the eigenbasis of its preconditioners"
     constraints = dict(betas=beta_tuple(2), shampoo_beta=beta_or_minus_one, eps=non_negative,
                        precondition_frequency=integer_at_least(1), max_precond_dim=integer_at_least(1),
                        merge_dims=boolean, precondition_1d=boolean, normalize_grads=boolean,
                        data_format=one_of(*DATA_FORMATS), correct_bias=boolean)
     state_names = ("exp_avg", "exp_avg_sq", "GG", "Q")
+    owner_state = state_names
+    whole_matrices = True
     supports_complex = False
 
     def __init__(self, params: ParamsT, lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.95),
@@ -244,49 +252,63 @@ class SOAP(Optimizer):
 
     def prepare(self, group, b):
         for x, st in zip(b.params, b.states):     # checked before the bucket's steps advance
-            if x.numel() and st["GG"].numel() != self.layout(group, x).factor_numel:
+            if x.numel() and "GG" in st and st["GG"].numel() != self.layout(group, x).factor_numel:
                 raise ValueError(f"SOAP: the preconditioner state of a parameter of shape {tuple(x.shape)} "
                                  "does not fit max_precond_dim / merge_dims / precondition_1d / data_format: "
                                  "they cannot change after the first step")
         return super().prepare(group, b)
 
     def update(self, group, p, g, s, t):
-        shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else group["betas"][1]
-        for x, grad, m, v, gg, q, k in zip(p, g, s["exp_avg"], s["exp_avg_sq"], s["GG"], s["Q"], t):
-            if x.numel() == 0:
-                continue
-            layout = self.layout(group, x)
-            factors, bases = layout.matrices(gg), layout.matrices(q)
-            if k == 1:                                   # the preconditioner only: W stays
-                _accumulate(layout.view(grad), factors, shampoo_beta)
-                for f, b in zip(factors, bases):
-                    if f is not None:
-                        b.copy_(_eigenbasis(f))
-                continue
+        # Whole matrices: on the owner of each under FSDP2 (optforge.distributed_matrix), whose
+        # state (exp_avg, exp_avg_sq, GG, Q) it keeps; the rest runs on every rank's shard.
+        states = [{"step": k, **{n: xs[i] for n, xs in s.items()}} for i, k in enumerate(t)]
+        directions = map_matrices(self, group, p, g, self._directions(group),
+                                  states=states, batch=False)
+        (b1, b2), lr = group["betas"], float(group["lr"])
+        for x, d, k in zip(p, directions, t):
             n = int(k) - 1
-            self._adam_in_eigenbasis(group, x, grad, m, v, bases, layout, n)
+            if n == 0 or x.numel() == 0:              # the first step sets the preconditioner only
+                continue
+            step = lr * (1 - b2**n) ** 0.5 / (1 - b1**n) if group["correct_bias"] else lr
+            local(x).add_(d, alpha=-step)
+            if group["weight_decay_mode"] == "decoupled" and group["weight_decay"] > 0:
+                x.add_(x, alpha=-lr * group["weight_decay"])                 # W <- W - lr wd W, after
+
+    def _directions(self, group):
+        return lambda grads, states: self._direction(group, grads[0], states[0])[None]    # one at a time
+
+    def _direction(self, group, grad, st):
+        """One whole matrix's step: Adam's direction N in the eigenbasis (before the step size),
+        the factors' update and, every ``precondition_frequency`` steps, the new eigenbasis.
+        Zeros on the first step, which only sets the preconditioner."""
+        shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else group["betas"][1]
+        m, v, layout = st["exp_avg"], st["exp_avg_sq"], self.layout(group, grad)
+        factors, bases = layout.matrices(st["GG"]), layout.matrices(st["Q"])
+        if int(st["step"]) == 1:
             _accumulate(layout.view(grad), factors, shampoo_beta)
-            if n % group["precondition_frequency"] == 0 and any(f is not None for f in factors):
-                m.copy_(_project(m, bases, layout, back=True))          # M' to the parameter's basis,
-                _power_iteration(factors, bases, v, layout)
-                m.copy_(_project(m, bases, layout))                     # then into the new eigenbasis
+            for f, b in zip(factors, bases):
+                if f is not None:
+                    b.copy_(_eigenbasis(f))
+            return torch.zeros_like(grad)
+        direction = self._adam_in_eigenbasis(group, grad, m, v, bases, layout)
+        _accumulate(layout.view(grad), factors, shampoo_beta)
+        refresh = (int(st["step"]) - 1) % group["precondition_frequency"] == 0
+        if refresh and any(f is not None for f in factors):
+            m.copy_(_project(m, bases, layout, back=True))          # M' to the parameter's basis,
+            _power_iteration(factors, bases, v, layout)
+            m.copy_(_project(m, bases, layout))                     # then into the new eigenbasis
+        return direction
 
     @staticmethod
-    def _adam_in_eigenbasis(group, x, grad, m, v, bases, layout, n):
-        (b1, b2), lr = group["betas"], float(group["lr"])
+    def _adam_in_eigenbasis(group, grad, m, v, bases, layout):
+        b1, b2 = group["betas"]
         g_rot = _project(grad, bases, layout)                            # G' = Q_L^T G Q_R
         m.mul_(b1).add_(g_rot, alpha=1 - b1)                             # M' = b1 M' + (1 - b1) G'
         v.mul_(b2).add_(g_rot.square(), alpha=1 - b2)                    # V = b2 V + (1 - b2) G'^2
         direction = _project(m / v.sqrt().add_(group["eps"]), bases, layout, back=True)   # N
         if group["normalize_grads"]:
             direction.div_(direction.square().mean().sqrt().add_(1e-30))  # N / (1e-30 + RMS(N))
-        step = lr
-        if group["correct_bias"]:
-            step = step * (1 - b2**n) ** 0.5 / (1 - b1**n)
-        x.add_(direction, alpha=-step)
-        if group["weight_decay_mode"] == "decoupled" and group["weight_decay"] > 0:
-            x.add_(x, alpha=-lr * group["weight_decay"])                 # W <- W - lr wd W, after
-
+        return direction
 
 register(SOAP, "SOAP: Adam in the eigenbasis of Shampoo's preconditioner (Vyas et al., 2024)",
          elementwise=False)

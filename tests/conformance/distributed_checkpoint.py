@@ -1,0 +1,143 @@
+"""Distributed checkpoints (torch.distributed.checkpoint) and tensor parallelism, for
+test_distributed.py: 2 FSDP2 ranks train ``SAVED_AT`` steps and save (``save``, run by
+distributed_worker's group); a group of 1 rank and one of 4 load the checkpoint into fresh
+models and optimizers (resharding it) and train the remaining steps (``run_group``), which must
+give the parameters of one process that never stopped. The 4-rank group also trains on a 2 x 2
+(data parallel x tensor parallel) mesh."""
+
+from __future__ import annotations
+
+import os
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from distributed_worker import STEPS, _fsdp, data, flat, make_model, make_wrapped, train, train_wrapped
+
+SAVED_AT = 3                          # steps before the checkpoint; STEPS - SAVED_AT after it
+WRAPPED_KINDS = ("lookahead", "sam")
+
+Case = tuple[str, dict, bool]         # (optimizer name or wrapper kind, kwargs, fused)
+
+
+def build(case: Case, params):
+    import optforge as of
+
+    name, kwargs, fused = case
+    if name in WRAPPED_KINDS:
+        return make_wrapped(name, params)
+    return of.get_optimizer_info(name).cls(params, **kwargs, **({"fused": True} if fused else {}))
+
+
+def advance(case: Case, model, opt, x, y, steps: int) -> None:
+    if case[0] in WRAPPED_KINDS:
+        train_wrapped(case[0], model, x, y, opt=opt, steps=steps)
+    else:
+        train(model, opt, x, y, steps=steps)
+
+
+def stateful(opt):
+    """What get_state_dict takes: SAM has no state of its own (its step needs a closure, which
+    get_state_dict's state-creating step of a fresh optimizer does not pass): its base's."""
+    import optforge as of
+
+    return opt.base_optimizer if isinstance(opt, of.SAM) else opt
+
+
+def label(case: Case) -> str:
+    return f"{case[0]}{'-fused' if case[2] else ''}"
+
+
+def save(case: Case, rank: int, directory: str) -> dict:
+    from torch.distributed.checkpoint import save as dcp_save
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model = _fsdp(make_model())
+    opt = build(case, model.parameters())
+    advance(case, model, opt, *data(rank), SAVED_AT)
+    model_sd, optim_sd = get_state_dict(model, stateful(opt))
+    dcp_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(directory, label(case)))
+    return {"saved": True}
+
+
+def resume(case: Case, rank: int, world: int, directory: str) -> dict:
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model = _fsdp(make_model())
+    opt = build(case, model.parameters())
+    model_sd, optim_sd = get_state_dict(model, stateful(opt))
+    loaded = {"model": model_sd, "optim": optim_sd}
+    dcp_load(loaded, checkpoint_id=os.path.join(directory, label(case)))
+    set_state_dict(model, stateful(opt), model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    advance(case, model, opt, *data(rank, world), STEPS - SAVED_AT)
+    return {"params": flat(model.parameters())}
+
+
+def tensor_parallel(case: Case, rank: int) -> dict:
+    """FSDP2 over "dp" and tensor parallelism over "tp" (the first Linear column-wise, the
+    second row-wise: placements (_StridedShard(0), Shard(0)), (Shard(0), Shard(1)) and
+    (Shard(0), Replicate())), the last Linear FSDP2 only."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    model = make_model()
+    parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    opt = build(case, model.parameters())
+    train(model, opt, *data(rank // 2))               # the two ranks of a "tp" pair see the same rows
+    placements = sorted({(len(p.placements), repr(p.placements)) for p in model.parameters()})
+    return {"params": flat(model.parameters()), "placements": [p for _, p in placements]}
+
+
+def partial_placement(rank: int) -> dict:
+    """A DTensor parameter with unreduced (Partial) placements: a clear ValueError, nothing changed."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial
+
+    import optforge as of
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    p = torch.nn.Parameter(DTensor.from_local(torch.ones(3, dtype=torch.float64), mesh, [Partial()]))
+    p.grad = DTensor.from_local(torch.ones(3, dtype=torch.float64), mesh, [Partial()])
+    before = p.to_local().clone()
+    try:
+        of.LAMB([p]).step()
+    except ValueError as err:
+        return {"error": str(err), "unchanged": torch.equal(p.to_local(), before)}
+    return {"error": None}
+
+
+def run_group(rank: int, world: int, port: int, out: str, directory: str, cases: list[Case],
+              tp_cases: list[Case]) -> None:
+    """One process group of ``world`` ranks: every checkpoint of ``cases`` resumed; with 4
+    ranks, ``tp_cases`` on the 2 x 2 mesh too. Rank 0 saves the results."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    results: dict = {}
+
+    def run(key, fn, *args):
+        try:
+            results[key] = fn(*args)
+        except (Exception, CheckpointException):     # CheckpointException is a BaseException
+            results[key] = "error: " + traceback.format_exc()
+
+    for case in cases:
+        run(("resumed", label(case)), resume, case, rank, world, directory)
+    if world == 4:
+        for case in tp_cases:
+            run(("tp", label(case)), tensor_parallel, case, rank)
+        run(("partial",), partial_placement, rank)
+    if rank == 0:
+        torch.save(results, out)
+    dist.barrier()
+    dist.destroy_process_group()
