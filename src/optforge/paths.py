@@ -48,10 +48,10 @@ _EXACT: dict[type, bool] = {}
 
 def native_by_default(opt: Any, group: dict[str, Any], key: tuple) -> bool:
     """Whether a ``fused=None`` bucket of ``key`` = (device, dtype) in ``group`` gets torch's
-    fused kernel (before looking at its tensors)."""
+    fused kernel (before looking at its tensors). A DTensor bucket's key also names its mesh."""
     if group.get("fused") is not None or group.get("state_precision"):
         return False
-    device, dtype = key
+    device, dtype = key[:2]
     if dtype.is_complex:          # computed as view_as_real pairs
         dtype = dtype.to_real()
     if device.type not in _DEVICES or dtype not in _DTYPES:
