@@ -47,8 +47,8 @@ _EXACT: dict[type, bool] = {}
 
 
 def native_by_default(opt: Any, group: dict[str, Any], key: tuple) -> bool:
-    """Whether a ``fused=None`` bucket of ``key`` = (device, dtype) in ``group`` gets torch's
-    fused kernel (before looking at its tensors). A DTensor bucket's key also names its mesh."""
+    """Whether a ``fused=None`` bucket of ``key`` = (device, dtype[, DTensor mesh]) in ``group``
+    gets torch's fused kernel (before looking at its tensors)."""
     if group.get("fused") is not None or group.get("state_precision"):
         return False
     device, dtype = key[:2]
