@@ -99,7 +99,10 @@ class AdamMini(Optimizer):
     (like the param for "element" blocks, else one entry per block, shape (K, 1)): in float32,
     :math:`4 + 4/|B|` bytes per entry, i.e. 8 for "element" blocks (Adam's) and barely over 4
     otherwise (4.002 for the rows of a 2048-wide matrix), about half of AdamW's 8. Eager
-    only; ``fused=True`` is refused.
+    only; ``fused=True`` is refused. DTensor parameters (FSDP2, tensor parallel): a block's
+    sum of squares is added up over every shard it spans (one all-reduce per tensor and step)
+    and ``exp_avg_sq`` is replicated on every rank (a DTensor, one entry per block); "element"
+    blocks are Adam on the shards.
     """
 
     no_fused_reason = "its second moment is a mean of squared gradients over each block of a tensor"
