@@ -172,27 +172,26 @@ def quality_section(args: argparse.Namespace) -> None:
     from optforge.compare.runner import Settings, train_run
     from optforge.compare.tasks import get_task
 
-    task = get_task(args.task)
+    task = get_task(args.task, "mlp")
     data = task.load()
     settings = Settings(steps=args.steps, batch_size=task.batch_size, log_every=50, eval_every=args.steps,
-                        target_loss=None)
+                        target=None)
     rows = []
     for name in QUALITY_OPTIMIZERS:
         info = of.get_optimizer_info(name)
         lr = info.compare_lr or info.defaults.get("lr", 1e-3)
         row, base = [name], None
         for precision in (None, "int8", "int4"):
-            options = dict(state_precision=precision, min_quantized_size=args.min_quantized_size)
-            runs = [train_run(task, "mlp", data, name, lr, options, seed, settings)
-                    for seed in range(args.seeds)]
+            hp = dict(lr=lr, state_precision=precision, min_quantized_size=args.min_quantized_size)
+            runs = [train_run(task, data, name, hp, seed, settings) for seed in range(args.seeds)]
             loss = statistics.mean(r.final_train_loss for r in runs)
-            accs = [r.final_test_acc for r in runs]
+            accs = [r.final_test_metric for r in runs]
             acc, spread = statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0
             base = base or (loss, acc)
             row.append(f"{acc:.2f} ±{spread:.2f} / {loss:.4f}" if precision is None else
                        f"{acc:.2f} ±{spread:.2f} ({acc - base[1]:+.2f}) / {loss:.4f}")
         rows.append(row)
-        print(f"  {name} done", flush=True)
+        print(f"  {name} done: " + " | ".join(row[1:]), flush=True)
     print(f"\n{args.task} MLP, {args.steps} steps, {args.seeds} seeds, min_quantized_size="
           f"{args.min_quantized_size}: test accuracy % ±sd over seeds (vs float32) / final train loss\n")
     print(table(["optimizer", "float32", "int8", "int4"], rows))
@@ -317,10 +316,10 @@ def codes_section(args: argparse.Namespace) -> None:
     from optforge.compare.runner import Settings, train_run
     from optforge.compare.tasks import get_task
 
-    task = get_task("digits")
+    task = get_task("digits", "mlp")
     data = task.load()
     settings = Settings(steps=args.steps, batch_size=64, log_every=50, eval_every=args.steps,
-                        target_loss=None)
+                        target=None)
     rows = []
     for name in ("adamw", "lion", "adan", "compass"):
         info = of.get_optimizer_info(name)
@@ -329,10 +328,9 @@ def codes_section(args: argparse.Namespace) -> None:
         for stochastic in (None, False, True):
             signed = power_code(4, 64, 1, True, bool(stochastic))
             with codes_as("int4", signed, formats.CODES["int4"]["non_negative"]):
-                runs = [train_run(task, "mlp", data, name, lr,
-                                  dict(state_precision=None if stochastic is None else "int4",
-                                       min_quantized_size=0), seed, settings) for seed in range(args.seeds)]
-            row.append(f"{statistics.mean(r.final_test_acc for r in runs):.2f} / "
+                hp = dict(lr=lr, state_precision=None if stochastic is None else "int4", min_quantized_size=0)
+                runs = [train_run(task, data, name, hp, seed, settings) for seed in range(args.seeds)]
+            row.append(f"{statistics.mean(r.final_test_metric for r in runs):.2f} / "
                        f"{statistics.mean(r.final_train_loss for r in runs):.4f}")
         rows.append(row)
     print(f"\nint4 signed states rounded to nearest or stochastically: digits MLP, {args.steps} steps, "

@@ -96,6 +96,9 @@ OPTIMIZER_KWARGS: dict[str, dict] = {
     "muon": dict(lr=1e-2, momentum=0.9),  # the 1-D params take the AdamW fallback
     "normuon": dict(lr=1e-2, momentum=0.9, beta2=0.9),
     "adam_mini": dict(lr=1e-2, betas=(0.9, 0.99)),   # unnamed params: one block per tensor
+    # blocks and inverse roots within a few steps; factors in the param's dtype, like all state
+    "shampoo": dict(lr=1e-2, max_preconditioner_dim=8, precondition_frequency=2, epsilon=1e-6,
+                    factor_matrix_dtype="param"),
     "prodigy": dict(lr=1.0, d0=1e-3),
     "adadelta": dict(lr=1.0),  # its step is lr times a ratio of running RMS values
     "asgd": dict(lr=0.05, lambd=1.0, t0=3),  # eta decays and averaging starts within a few steps

@@ -2,6 +2,7 @@
 errors. Every elementwise optimizer with every precision is in tests/conformance/test_state_precision.py."""
 
 import copy
+import importlib
 import io
 import math
 import pickle
@@ -253,6 +254,31 @@ def test_resume_is_bit_exact(precision, fused):
     same_state(resumed.state_dict()["state"], opt.state_dict()["state"])
 
 
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_fused_pieces_larger_than_the_eager_chunks(precision, monkeypatch):
+    """A tensor of several eager chunks: without stochastic rounding (int8) one compiled call
+    takes several of them, with the same result as a call per chunk, bit for bit; with it
+    (int4) the calls keep the eager chunks, whose positions place the noise."""
+    lowbit_step = importlib.import_module("optforge.lowbit.step")   # (the package's step() hides it)
+    calls = []
+    run_piece = lowbit_step._run_piece
+    monkeypatch.setattr(lowbit_step, "_run_piece", lambda *a: calls.append(a[7] - a[6]) or run_piece(*a))
+    results = []
+    for fused_chunk in (CHUNK, 2 * CHUNK):
+        monkeypatch.setattr(lowbit_step, "FUSED_CHUNK", fused_chunk)
+        calls.clear()
+        w = nn.Parameter(torch.randn(3 * CHUNK + 1000, generator=torch.Generator().manual_seed(0)))
+        opt = of.AdamW([w], lr=1e-2, fused=True).configure(state_precision=precision)
+        for k in range(3):
+            w.grad = torch.randn(w.shape, generator=torch.Generator().manual_seed(k))
+            opt.step()
+        low = [st for st in opt.state[w].values() if isinstance(st, LowBitState)]
+        results.append([w.detach().clone()] + [x for st in low for x in (st.codes, st.scales)])
+    assert max(calls) == (2 * CHUNK if precision == "int8" else CHUNK)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("copy_of", [copy.deepcopy, lambda x: pickle.loads(pickle.dumps(x))],
                          ids=["deepcopy", "pickle"])
 def test_a_copy_mid_run_continues_identically(copy_of):
@@ -369,8 +395,8 @@ def test_bad_threshold_is_refused_by_name(bad):
     assert opt.param_groups[0]["min_quantized_size"] == 4096
 
 
-@pytest.mark.parametrize("name", ["lamb", "adafactor", "muon", "normuon", "soap", "prodigy", "came", "mars",
-                                  "adam_mini"])
+@pytest.mark.parametrize("name", ["lamb", "adafactor", "muon", "normuon", "soap", "shampoo", "prodigy",
+                                  "came", "mars", "adam_mini"])
 def test_optimizers_that_are_not_elementwise_refuse(name):
     info = of.get_optimizer_info(name)
     message = rf"state_precision='int8'.*{info.cls.__name__}'s update is not elementwise"

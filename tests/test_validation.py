@@ -69,6 +69,16 @@ EXTRA_FOR = {  # (optimizer name, hyperparameter): more bad values
     ("muon", "adjust_lr_fn"): [("l2", "l2"), ("", ""), (0, 0)],
     ("normuon", "ns_coefficients"): [((3.4, NAN, 2.0), NAN), ((3.4, -4.7, INF), INF)],
     ("normuon", "adjust_lr_fn"): [("l2", "l2"), ("", ""), (0, 0)],
+    ("galore_adamw", "rank"): [(0, 0), (2.0, 2.0)],
+    ("galore_adamw", "update_proj_gap"): [(0, 0)],
+    ("galore_adamw", "scale"): [(-0.25, -0.25)],
+    ("psgd_kron", "lr_preconditioner"): [(-0.1, -0.1)],
+    ("psgd_kron", "momentum"): [(1.0, 1.0)],
+    ("psgd_kron", "preconditioner_max_size"): [(-1.0, -1.0)],
+    ("psgd_kron", "preconditioner_max_skew"): [(-1.0, -1.0)],
+    ("psgd_kron", "preconditioner_init_scale"): [(0.0, 0.0), (-1.0, -1.0), (INF, INF), (NAN, NAN),
+                                                  ("1", "1")],
+    ("psgd_kron", "preconditioner_update_probability"): [(1.5, 1.5), (-0.1, -0.1)],
 }
 # hyperparameters whose bad values are not the generic ones for their default's type
 BAD_FOR = {
@@ -80,6 +90,10 @@ BAD_FOR = {
     ("rprop", "step_sizes"): [((NAN, 50.0), NAN), ((1e-6, INF), INF), ((1e-6,), (1e-6,)), ("ab", "ab"),
                               (None, None)],
 }
+# Shampoo: betas[1] = 1 is a sum of the factors (valid), and start_preconditioning_step = -1
+# means "at precondition_frequency"
+BAD_FOR["shampoo", "betas"] = [(v, shown) for v, shown in BAD_BETAS if v != (0.9, 1.0)]
+BAD_FOR["shampoo", "start_preconditioning_step"] = [(v, shown) for v, shown in BAD_INT if v != -1] + [(0, 0)]
 # optional flags (None: torch's "not chosen"), and Adam's / RAdam's mode (None: as
 # decoupled_weight_decay says): their bad values are the generic ones of their kind
 OPTIONAL_KIND = {"foreach": False, "fused": False, "weight_decay_mode": "coupled"}
@@ -87,6 +101,9 @@ OPTIONAL_KIND = {"foreach": False, "fused": False, "weight_decay_mode": "coupled
 VALID_FOR = {
     ("prodigy", "growth_rate"): [INF],
     ("adamw", "weight_decay_mode"): [None],     # as decoupled_weight_decay says: decoupled
+    ("galore_adamw", "rank"): [None],           # a group without projection
+    ("psgd_kron", "preconditioner_max_size"): [INF],    # no dim is too large for a dense factor
+    ("psgd_kron", "preconditioner_max_skew"): [INF],
 }
 VALID = {"fused": [None]}       # torch's default fused=None: every optimizer accepts it
 

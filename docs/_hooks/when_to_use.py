@@ -80,6 +80,21 @@ WHEN_TO_USE: dict[str, str] = {
             "`t0` to when averaging starts) generalizes better than the last one.",
     "soap": "When compute per step is cheap relative to the model's quality: Shampoo's "
             "preconditioner with Adam run in its eigenbasis, often fewer steps than AdamW.",
+    "galore_adamw": "Training or fine-tuning a large model whose Adam state does not fit in memory: "
+                    "the moments of each projected matrix are rank x n instead of m x n. Keep "
+                    "`rank` well below the matrix sizes (the paper: 128 to 512 for 1B to 7B models), "
+                    "and put embeddings and heads in a group with `rank=None` if they should not be "
+                    "projected.",
+    "psgd_kron": "When a second-order-style preconditioner pays for its cost (small to mid-size "
+                 "models, or steps dominated by data rather than optimizer time): it learns a "
+                 "Kronecker-factored whitening preconditioner, with no eigendecompositions. Cap "
+                 "the factors with `preconditioner_max_size` for large matrices (each dense factor "
+                 "is d x d), and set `seed` to choose the random draws.",
+    "shampoo": "Replacing a tuned AdamW (or SGD) when extra compute per step buys fewer steps: "
+               "Shampoo's Kronecker-factored preconditioner with the step sizes of the AdamW it grafts "
+               "from, as in the AlgoPerf-winning setup (`max_preconditioner_dim=8192`, "
+               "`precondition_frequency=100`). Keep grafting on: without it, float32 inverse roots of "
+               "rank-deficient factors are at noise level.",
     "sparse_adam": "Large embedding tables trained with `nn.Embedding(sparse=True)`: only the rows "
                    "a batch looks up are read and updated, with Adam's moments kept per row. Dense "
                    "gradients are refused; pair it with another optimizer for the dense layers.",

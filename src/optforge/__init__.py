@@ -32,6 +32,7 @@ from .optimizers import (
     AdEMAMix,
     AMSGrad,
     Compass,
+    GaLoreAdamW,
     Lion,
     LodeW,
     MomentumSGD,
@@ -40,11 +41,13 @@ from .optimizers import (
     Noam,
     NorMuon,
     Prodigy,
+    PSGDKron,
     RAdam,
     RMSprop,
     Rprop,
     ScheduleFreeAdamW,
     ScheduleFreeSGD,
+    Shampoo,
     SparseAdam,
     muon_param_groups,
 )
@@ -86,6 +89,7 @@ __all__ = [
     "NAdam",
     "muon_param_groups",
     "SOAP",
+    "Shampoo",
     "NameLoadReport",
     "Noam",
     "Prodigy",
@@ -112,4 +116,4 @@ __all__ = [
     "set_lr",
     "state_dict_by_name",
 ]
-__all__ += ["SparseAdam", "LBFGS", "NorMuon", "AdamMini"]
+__all__ += ["SparseAdam", "LBFGS", "NorMuon", "AdamMini", "GaLoreAdamW", "PSGDKron"]

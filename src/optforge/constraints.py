@@ -21,18 +21,21 @@ __all__ = [
     "boolean",
     "integer_at_least",
     "non_negative",
+    "non_negative_or_inf",
     "non_positive",
     "one_of",
     "only_false",
     "optional",
     "positive",
     "positive_or_inf",
+    "probability",
     "real_tuple",
     "real",
     "tensor_or",
     "tuple_of",
     "unit_interval",
     "beta_tuple",
+    "closed_unit_interval",
 ]
 
 
@@ -86,11 +89,32 @@ def positive_or_inf(name: str, value: Any) -> None:
         _fail(name, value, "a real number > 0 or inf")
 
 
+def non_negative_or_inf(name: str, value: Any) -> None:
+    """A real number >= 0, infinity included (e.g. an unlimited size)."""
+    x = _as_real(name, value, "a real number >= 0 or inf")
+    if not x >= 0.0:
+        _fail(name, value, "a real number >= 0 or inf")
+
+
+def probability(name: str, value: Any) -> None:
+    """A real number in [0, 1]."""
+    x = _as_real(name, value, "a real number in [0, 1]")
+    if not (0.0 <= x <= 1.0):
+        _fail(name, value, "a real number in [0, 1]")
+
+
 def unit_interval(name: str, value: Any) -> None:
     """A real number in [0, 1)."""
     x = _as_real(name, value, "a real number in [0, 1)")
     if not (0.0 <= x < 1.0):
         _fail(name, value, "a real number in [0, 1)")
+
+
+def closed_unit_interval(name: str, value: Any) -> None:
+    """A real number in [0, 1] (1: a sum rather than a moving average)."""
+    x = _as_real(name, value, "a real number in [0, 1]")
+    if not (0.0 <= x <= 1.0):
+        _fail(name, value, "a real number in [0, 1]")
 
 
 def beta_tuple(n: int = 2) -> Constraint:

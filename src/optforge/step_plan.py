@@ -15,7 +15,8 @@ one C-level pass per item, that it still holds:
 Anything else rebuilds the plan (``Optimizer._entries`` + ``Optimizer._bucket``, with all their
 checks). Gradients and the state columns (``s``, ``steps``) are read afresh every step, so a
 new ``p.grad`` tensor (``zero_grad()`` sets them to None) or a replaced state tensor is seen.
-Complex buckets, and optimizers that override ``_entries`` or ``_bucket``, are not planned.
+Complex and DTensor (FSDP2, tensor parallel: no ``data_ptr``) buckets, and optimizers that
+override ``_entries`` or ``_bucket``, are not planned.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 
 from torch import Tensor
 
+from .distributed import is_dtensor
 from .tensorlist import TensorList
 
 __all__ = ["Plan", "forget", "plan_for", "remember"]
@@ -120,7 +122,7 @@ def remember(opt: Any, group: dict[str, Any], buckets: list[Any]) -> None:
     live = {id(g) for g in opt.param_groups}
     for stale in [k for k in plans if k not in live]:    # groups replaced by load_state_dict
         del plans[stale]
-    if buckets and not any(b.is_complex for b in buckets):
+    if buckets and not any(b.is_complex or any(map(is_dtensor, b.params)) for b in buckets):
         plans[id(group)] = Plan(opt, group, buckets)
     else:
         plans.pop(id(group), None)

@@ -63,6 +63,8 @@ def predicate(check):
         "non_positive": lambda v: real(v, lambda x: -math.inf < x <= 0),
         "positive": lambda v: real(v, lambda x: 0 < x < math.inf),
         "positive_or_inf": lambda v: real(v, lambda x: x > 0),
+        "non_negative_or_inf": lambda v: real(v, lambda x: x >= 0),
+        "probability": lambda v: real(v, lambda x: 0 <= x <= 1),
         "unit_interval": lambda v: real(v, lambda x: 0 <= x < 1),
         "boolean": lambda v: isinstance(v, bool),
         "only_false": lambda v: v is False,
@@ -74,6 +76,9 @@ def predicate(check):
         and v >= args["low"],
         "one_of": lambda v: any(v == c and type(v) is type(c) for c in args["choices"]),
         "beta_or_minus_one": lambda v: real(v, lambda x: x == -1 or 0 <= x < 1),   # SOAP's shampoo_beta
+        "closed_unit_interval": lambda v: real(v, lambda x: 0 <= x <= 1),
+        "start_or_minus_one": lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)
+        and (v == -1 or v >= 1),                                                   # Shampoo's start step
     }
     if kind not in preds:
         raise AssertionError(f"constraint {kind!r} unknown to the fuzzer: restate it in test_fuzz.py")
@@ -97,6 +102,8 @@ CROSS_RULES = {
     "radam": decay_flag_agrees,
     "nadam": decay_flag_agrees,
     "rprop": lambda h: 0 < h["etas"][0] < 1 < h["etas"][1],
+    "shampoo": lambda h: h["start_preconditioning_step"] == -1
+    or h["start_preconditioning_step"] >= h["precondition_frequency"],
 }
 
 
@@ -159,6 +166,7 @@ SANE = {  # ranges a user could mean, per hyperparameter name (else: per constra
     "lr": (0.0, 0.1), "eps": (0.0, 1.0), "weight_decay": (0.0, 1.0), "momentum": (0.0, 1.0),
     "dampening": (0.0, 1.0), "amp_fac": (0.0, 10.0), "centralization": (-2.0, 2.0),
     "d_model": (0.01, 1e4), "warmup": (0, 10_000),
+    "preconditioner_max_size": (0.0, 100.0), "preconditioner_max_skew": (0.0, 100.0),
 }
 
 
@@ -204,12 +212,16 @@ def valid_strategy(name, check, default, opt_name=""):
     if kind == "beta_tuple":
         ranges = SANE_FOR.get((opt_name, name), [(0.0, 1.0)] * args["n"])
         return st.tuples(*[st.floats(lo, hi, exclude_max=hi == 1.0) for lo, hi in ranges])
+    if kind == "start_or_minus_one":
+        return st.one_of(st.just(-1), st.integers(1, 200))
     if kind == "integer_at_least":
         lo, hi = SANE.get(name, (args["low"], args["low"] + 10_000))
         return st.integers(max(lo, args["low"]), hi)
     lo, hi = SANE.get(name, (-1.0, 1.0) if kind == "real" else (0.0, 1.0))
     if kind == "positive_or_inf":
         return st.one_of(st.just(math.inf), st.floats(max(lo, 1e-6), hi))
+    if kind == "non_negative_or_inf":
+        return st.one_of(st.just(math.inf), st.floats(lo, hi))
     if kind == "positive":
         lo = max(lo, 1e-6)
     return st.floats(lo, hi, exclude_max=kind == "unit_interval")

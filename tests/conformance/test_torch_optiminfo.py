@@ -74,6 +74,8 @@ DIFFERENCES: list[tuple[str, str, str]] = [
      "every gradient is zero, decoupled decay included"),
     ("soap:default", "load_state_across_dtypes-*", "SOAP preconditions rank-deficient gradients: "
      "float32 rounding in their null space is amplified to O(1) steps, so float32 and float64 runs part"),
+    ("shampoo", "load_state_across_dtypes-*", "Shampoo's inverse roots of rank-deficient factors "
+     "(epsilon 1e-12) amplify float32 rounding in their null space, so float32 and float64 runs part"),
     ("lookahead|sam", "step_hooks*", "the wrapped optimizer is a torch optimizer too: global step "
      "hooks also run around its step"),
     ("sam", "step_without_grads*", "SAM refuses a step without gradients: its perturbation needs them"),

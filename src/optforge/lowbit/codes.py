@@ -8,9 +8,11 @@ chunk of a tensor and inside a compiled (``torch.compile``) kernel.
 - :class:`PowerCode` (int8, int4): entry ``k`` of a block with scale ``s`` means
   ``s * sign(k) * (|k| / K) ** power``. ``power = 2`` spends the levels where the values
   are (most of a block is far below its maximum); for a second moment ``v`` it is a linear
-  code on ``sqrt(v)``. A non-negative state never reads as zero in a block that is not all
-  zeros: its smallest level stands for anything below it (a small ``v`` rounded to 0 under
-  a non-zero first moment would make ``m / (sqrt(v) + eps)`` explode).
+  code on ``sqrt(v)``. An unsigned code takes entries >= 0 as they are (no ``abs``: a fused
+  kernel then takes one square root of ``v`` for the update and the code). A non-negative
+  state never reads as zero in a block that is not all zeros: its smallest level stands for
+  anything below it (a small ``v`` rounded to 0 under a non-zero first moment would make
+  ``m / (sqrt(v) + eps)`` explode).
 - :class:`Fp8Code`: float8 e4m3 of ``x / s`` with ``s = max|x| / 448`` per block.
 - :class:`Bf16Code`: bfloat16, rounded stochastically (no scales).
 
@@ -132,14 +134,14 @@ class PowerCode(Code):
     def encode(self, x, noise):
         K = self.levels
         xb = x.view(-1, self.block)
-        mag = xb.abs()
+        mag = xb.abs() if self.signed else xb      # (so a fused kernel shares v.sqrt() with the update)
         s = mag.amax(1, keepdim=True)
         if self.scale_dtype == torch.bfloat16:
             s = _round_up_bf16(s)                             # so that |x| / s <= 1 still holds
         if self.power == 1:                                   # y = K x / s, in [-K, K] (no sign work)
             y = (xb if self.signed else mag).mul(torch.where(s > 0, K / s, 0.0))
         else:   # y = K sqrt(|x| / s), in [0, K] (sqrt(|x|) first: a fused kernel shares it with v.sqrt())
-            y = mag.sqrt_().mul_(torch.where(s > 0, K / s.sqrt(), 0.0))
+            y = (mag.sqrt_() if self.signed else mag.sqrt()).mul_(torch.where(s > 0, K / s.sqrt(), 0.0))
         if noise is None:
             k = y.round_()
         elif self.power == 1 and self.bits == 4:              # floor(y + u) + offset, as a truncation
@@ -202,7 +204,7 @@ class Fp8Code(Code):
 
     def encode(self, x, noise):
         xb = x.view(-1, self.block)
-        s = xb.abs().amax(1, keepdim=True) * (1.0 / self._MAX)
+        s = (xb.abs() if self.signed else xb).amax(1, keepdim=True) * (1.0 / self._MAX)
         y = xb * torch.where(s > 0, 1.0 / s, 0.0)
         if not self.signed:          # never 0 in a non-zero block (see PowerCode)
             y = y.clamp_(min=self._TINY)

@@ -13,6 +13,8 @@ from .adopt import ADOPT
 from .asgd import ASGD
 from .came import CAME
 from .compass import Compass, LodeW
+from .galore import GaLoreAdamW
+from .kron import PSGDKron
 from .lamb import LAMB
 from .lbfgs import LBFGS
 from .lion import Lion
@@ -26,14 +28,15 @@ from .rmsprop import RMSprop
 from .rprop import Rprop
 from .schedule_free import ScheduleFreeAdamW, ScheduleFreeSGD
 from .sgd import SGD, MomentumSGD
+from .shampoo import Shampoo
 from .soap import SOAP
 from .sparse_adam import SparseAdam
 from .warmup import AdamWarmup, Noam
 
-__all__ = ["Adadelta", "Adafactor", "Adagrad", "CAME", "Muon", "muon_param_groups", "SOAP",
+__all__ = ["Adadelta", "Adafactor", "Adagrad", "CAME", "Muon", "muon_param_groups", "SOAP", "Shampoo",
            "LAMB", "Adan", "MARS", "Prodigy",
            "ScheduleFreeAdamW", "ScheduleFreeSGD",
            "ADOPT", "ASGD", "AdEMAMix", "Lion",
            "SGD", "AMSGrad", "AdaBelief", "Adam", "Adamax", "AdamW", "AdamWarmup", "Compass", "LodeW",
            "MomentumSGD", "NAdam", "Noam", "RAdam", "RMSprop", "Rprop"]
-__all__ += ["SparseAdam", "LBFGS", "NorMuon", "AdamMini"]
+__all__ += ["SparseAdam", "LBFGS", "NorMuon", "AdamMini", "GaLoreAdamW", "PSGDKron"]
