@@ -48,13 +48,16 @@ def make_optimizer(case: str, params):
     if case.startswith("muon"):
         extra = dict(nesterov=False, adjust_lr_fn="match_rms_adamw") if case == "muon_variants" else {}
         return of.Muon(params, lr=0.02, weight_decay=0.01, ns_dtype="param", **extra)
+    if case == "shampoo":        # blocks of at most 6: the (8, 8) weights are cut in four
+        return of.Shampoo(params, lr=1e-2, weight_decay=0.01, precondition_frequency=2,
+                          max_preconditioner_dim=6)
     extra = (dict(normalize_grads=True, precondition_1d=True, max_precond_dim=6, weight_decay_mode="coupled",
                   maximize=True) if case == "soap_variants" else {})
     return of.SOAP(params, lr=1e-2, precondition_frequency=2, **extra)
 
 
-CASES = ("muon", "muon_variants", "muon_rounds", "normuon", "soap", "soap_variants")
-RESUMED = ("muon", "soap")      # checkpointed with torch.distributed.checkpoint on 4 ranks, resumed on 2
+CASES = ("muon", "muon_variants", "muon_rounds", "normuon", "soap", "soap_variants", "shampoo")
+RESUMED = ("muon", "soap", "shampoo")   # saved by DCP on 4 ranks, resumed on 2
 
 
 def train(model, opt, x, y, steps=STEPS) -> list[torch.Tensor]:
