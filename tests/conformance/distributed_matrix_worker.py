@@ -48,6 +48,8 @@ def make_optimizer(case: str, params):
     if case.startswith("muon"):
         extra = dict(nesterov=False, adjust_lr_fn="match_rms_adamw") if case == "muon_variants" else {}
         return of.Muon(params, lr=0.02, weight_decay=0.01, ns_dtype="param", **extra)
+    if case == "psgd_kron":      # momentum: owner-held too; the (8, 5) and (5, 3) ones get dense factors
+        return of.PSGDKron(params, lr=1e-2, momentum=0.9, weight_decay=0.01)
     if case == "shampoo":        # blocks of at most 6: the (8, 8) weights are cut in four
         return of.Shampoo(params, lr=1e-2, weight_decay=0.01, precondition_frequency=2,
                           max_preconditioner_dim=6)
@@ -56,8 +58,8 @@ def make_optimizer(case: str, params):
     return of.SOAP(params, lr=1e-2, precondition_frequency=2, **extra)
 
 
-CASES = ("muon", "muon_variants", "muon_rounds", "normuon", "soap", "soap_variants", "shampoo")
-RESUMED = ("muon", "soap", "shampoo")   # saved by DCP on 4 ranks, resumed on 2
+CASES = ("muon", "muon_variants", "muon_rounds", "normuon", "soap", "soap_variants", "shampoo", "psgd_kron")
+RESUMED = ("muon", "soap", "shampoo", "psgd_kron")   # saved by DCP on 4 ranks, resumed on 2
 
 
 def train(model, opt, x, y, steps=STEPS) -> list[torch.Tensor]:
@@ -183,7 +185,8 @@ def run_cases(rank: int, world: int) -> dict:
             distributed_matrix.ROUND_NUMEL = 1 << 24
         per_rank = [None] * world
         dist.all_gather_object(per_rank, state_numel(opt))
-        muon_state = [v for st in opt.state.values() for k, v in st.items() if k == "momentum_buffer"]
+        muon_state = [v for st in opt.state.values() for k, v in st.items()      # (Kron's: owner-held)
+                      if k == "momentum_buffer" and "muon" in case]
         return {"params": flat(model.parameters()), "grads": grads, "state_per_rank": per_rank,
                 "muon_state_sharded": all(isinstance(v, DTensor) for v in muon_state)}
 
