@@ -48,6 +48,8 @@ def make_optimizer(case: str, params):
     if case.startswith("muon"):
         extra = dict(nesterov=False, adjust_lr_fn="match_rms_adamw") if case == "muon_variants" else {}
         return of.Muon(params, lr=0.02, weight_decay=0.01, ns_dtype="param", **extra)
+    if case == "galore_adamw":   # rank-2 bases, renewed every other step; vectors get AdamW
+        return of.GaLoreAdamW(params, lr=1e-2, rank=2, update_proj_gap=2, weight_decay=0.01)
     if case == "psgd_kron":      # momentum: owner-held too; the (8, 5) and (5, 3) ones get dense factors
         return of.PSGDKron(params, lr=1e-2, momentum=0.9, weight_decay=0.01)
     if case == "shampoo":        # blocks of at most 6: the (8, 8) weights are cut in four
@@ -58,8 +60,11 @@ def make_optimizer(case: str, params):
     return of.SOAP(params, lr=1e-2, precondition_frequency=2, **extra)
 
 
-CASES = ("muon", "muon_variants", "muon_rounds", "normuon", "soap", "soap_variants", "shampoo", "psgd_kron")
-RESUMED = ("muon", "soap", "shampoo", "psgd_kron")   # saved by DCP on 4 ranks, resumed on 2
+CASES = ("muon", "muon_variants", "muon_rounds", "normuon", "soap", "soap_variants", "shampoo", "psgd_kron",
+         "galore_adamw")
+# saved by DCP on 4 ranks, resumed on 2
+RESUMED = ("muon", "soap", "shampoo", "psgd_kron", "galore_adamw")
+FULL_BATCH = ("muon", "muon_variants", "muon_rounds", "normuon", "shampoo", "psgd_kron", "galore_adamw")
 
 
 def train(model, opt, x, y, steps=STEPS) -> list[torch.Tensor]:
