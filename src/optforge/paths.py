@@ -48,10 +48,11 @@ _EXACT: dict[type, bool] = {}
 
 def native_by_default(opt: Any, group: dict[str, Any], key: tuple) -> bool:
     """Whether a ``fused=None`` bucket of ``key`` = (device, dtype[, DTensor mesh]) in ``group``
-    gets torch's fused kernel (before looking at its tensors)."""
-    if group.get("fused") is not None or group.get("state_precision"):
+    gets torch's fused kernel (before looking at its tensors). DTensor buckets (a mesh in the
+    key) run eagerly by default; ``fused=True`` runs torch's kernel on their local shards."""
+    if group.get("fused") is not None or group.get("state_precision") or len(key) != 2:
         return False
-    device, dtype = key[:2]
+    device, dtype = key
     if dtype.is_complex:          # computed as view_as_real pairs
         dtype = dtype.to_real()
     if device.type not in _DEVICES or dtype not in _DTYPES:

@@ -188,3 +188,26 @@ def test_the_blocks_are_theirs():
     blocks = of.optimizers.shampoo.Blocks.of((5, 48), 8)
     assert blocks.shape == (5, 48) and [(dims, len(s)) for dims, s in blocks.groups] == [((5, 8), 6)]
     assert blocks.factor_numel == 6 * (25 + 64)
+
+
+def test_a_vector_in_blocks_matches_the_reference():
+    """A 50-vector in blocks of 8 (six full blocks, stacked as one view, and a block of 2)."""
+    torch.manual_seed(0)
+    curvature = torch.rand(50, dtype=torch.float64) + 0.5
+    w_ours = torch.nn.Parameter(torch.randn(50, dtype=torch.float64))
+    w_ref = torch.nn.Parameter(w_ours.detach().clone())
+    kw = dict(lr=1e-2, epsilon=1e-4, weight_decay=0.01)
+    ours = of.Shampoo([w_ours], max_preconditioner_dim=8, precondition_frequency=2,
+                      factor_matrix_dtype="float64", **kw)
+    ref = ReferenceShampoo([w_ref], betas=(0.9, 0.999), coupled=False, max_dim=8, frequency=2, start=-1,
+                           bias_correction=True, grafting="adam", grafting_beta2=0.999, grafting_epsilon=1e-8,
+                           **kw)
+    paths = ([], [])
+    for _ in range(50):
+        for w, opt, path in ((w_ours, ours, paths[0]), (w_ref, ref, paths[1])):
+            opt.zero_grad()
+            ((curvature * w**2).sum() + (w[:-1] * w[1:]).sum()).backward()
+            opt.step()
+            path.append(w.detach().clone())
+    assert_moves(paths[0])
+    assert_same_trajectory(*paths)

@@ -82,10 +82,22 @@ class Blocks(NamedTuple):
 
 
 def gather(x: Tensor, slices: tuple[tuple[slice, ...], ...]) -> Tensor:
-    """The blocks of ``x`` at ``slices``, stacked (read only: a view when there is one block)."""
+    """The blocks of ``x`` at ``slices``, stacked (read only: a view when there is one block, or
+    when they are the consecutive equal blocks of a vector)."""
     if len(slices) == 1:
         return x[slices[0]].unsqueeze(0)
+    if x.dim() == 1:
+        return x[slices[0][0].start:slices[-1][0].stop].reshape(len(slices), -1)
     return torch.stack([x[s] for s in slices])
+
+
+def scatter(out: Tensor, slices: tuple[tuple[slice, ...], ...], blocks: Tensor) -> None:
+    """Write stacked ``blocks`` into ``out`` at ``slices`` (the inverse of :func:`gather`)."""
+    if out.dim() == 1:
+        out[slices[0][0].start:slices[-1][0].stop] = blocks.reshape(-1)
+        return
+    for s, block in zip(slices, blocks):
+        out[s] = block
 
 
 def inverse_root(matrix: Tensor, root: float, epsilon: float) -> Tensor:
@@ -376,8 +388,7 @@ def _shampoo_direction(blocks: Blocks, roots: list[list[Tensor]], g_bar: Tensor,
         if graft is not None:                                   # D = |A| / (|P| + 1e-16) P
             ratio = gather(graft, slices).flatten(1).norm(dim=1) / (d.flatten(1).norm(dim=1) + 1e-16)
             d.mul_(ratio.view(-1, *[1] * len(dims)))
-        for s, block in zip(slices, d):
-            direction[s] = block
+        scatter(direction, slices, d)
     return direction
 
 
