@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["check_same_layout", "check_supported", "dim_sum", "full_norms", "full_sums", "global_sum",
+__all__ = ["block_index", "block_sums", "check_same_layout", "check_supported", "dim_sum", "full_max",
+           "full_norms", "full_sums", "global_sum",
            "is_dtensor", "local", "local_shards", "on_shards", "placed_as", "reduced_placements",
            "reduction_key", "shards", "zeros_reduced"]
 
@@ -115,6 +116,52 @@ def full_sums(local_sums: Sequence[Tensor], of: Sequence[Tensor]) -> list[Tensor
         for i, total in zip(idx, sums.unbind()):
             out[i] = total
     return out
+
+
+def full_max(local_maxes: Sequence[Tensor], of: Sequence[Tensor]) -> Tensor:
+    """The largest of ``local_maxes`` over every rank: ``local_maxes[i]``, a 0-d maximum over
+    the local shard of ``of[i]`` (itself for a plain tensor). One all-reduce per mesh among
+    the DTensors of ``of`` (a maximum needs no care for replicas); a plain 0-d tensor, equal on
+    every rank."""
+    from torch.distributed.tensor import DTensor, Partial
+
+    by_mesh: dict[Any, list[Tensor]] = {}
+    for value, x in zip(local_maxes, of):
+        by_mesh.setdefault(x.device_mesh if is_dtensor(x) else None, []).append(value)
+    maxes = []
+    for mesh, values in by_mesh.items():
+        value = torch.stack(values).max()
+        if mesh is not None:
+            partial = [Partial("max")] * mesh.ndim
+            value = DTensor.from_local(value, mesh, partial, run_check=False).full_tensor()
+        maxes.append(value)
+    return torch.stack(maxes).max()
+
+
+def block_index(like: Tensor, blocks: int) -> Tensor:
+    """For each entry of DTensor ``like``'s local shard (flattened), the block it falls in when
+    the whole tensor is cut into ``blocks`` equal runs of consecutive entries (row-major)."""
+    from .distributed_matrix import local_box
+
+    index = torch.zeros((), dtype=torch.long, device=local(like).device)
+    stride = like.numel()
+    for n, (start, stop) in zip(like.shape, local_box(like)):
+        stride //= max(n, 1)
+        index = index.unsqueeze(-1) + torch.arange(start, stop, device=index.device) * stride
+    return index.reshape(-1).div_(like.numel() // blocks, rounding_mode="floor")
+
+
+def block_sums(values: Tensor, like: Tensor, blocks: int) -> Tensor:
+    """The sums, over each of ``blocks`` equal runs of consecutive entries (row-major) of the
+    whole tensor ``like``, of ``values``: per-entry values of ``like``'s local shard (e.g. a
+    gradient's squares). A plain ``(blocks,)`` tensor, equal on every rank: each rank adds its
+    entries into their blocks (``block_index``) and one all-reduce over the mesh dims that
+    shard ``like`` adds the ranks' sums up (a block may span shards). A plain ``like``:
+    ``values`` summed per block."""
+    if not is_dtensor(like):
+        return values.reshape(blocks, -1).sum(dim=1)
+    sums = values.new_zeros(blocks).index_add_(0, block_index(like, blocks), values.reshape(-1))
+    return global_sum(sums, reduction_key(like))
 
 
 def dim_sum(x: Tensor, dim: int, keepdim: bool = False,

@@ -50,7 +50,7 @@ from torch import Tensor
 from .distributed import is_dtensor, local
 from .precision import LOW_PRECISION
 
-__all__ = ["ROUND_NUMEL", "check_layout", "map_matrices", "matrix_cost", "owner_of"]
+__all__ = ["ROUND_NUMEL", "check_layout", "local_box", "map_matrices", "matrix_cost", "owner_of"]
 
 #: Elements a rank owns per round (at least one matrix): bounds the memory of assembled
 #: matrices and sets how finely communication overlaps compute.
@@ -173,6 +173,12 @@ def _boxes(shape: tuple[int, ...], mesh: Any, placements: tuple) -> tuple[Box, .
         raise ValueError(f"the shards of a tensor of shape {shape} with placements {placements} on {mesh} "
                          "are not disjoint boxes covering it; whole matrices cannot be assembled from them")
     return tuple(boxes)  # type: ignore[arg-type]
+
+
+def local_box(x: Tensor) -> Box:
+    """The box of the whole tensor that DTensor ``x``'s local shard holds."""
+    return _boxes(tuple(x.shape), x.device_mesh, tuple(x.placements))[
+        _group_rank(x.device_mesh, torch.distributed.get_rank())]
 
 
 def _group(mesh: Any) -> Any:

@@ -48,13 +48,23 @@ def make_optimizer(case: str, params):
     if case.startswith("muon"):
         extra = dict(nesterov=False, adjust_lr_fn="match_rms_adamw") if case == "muon_variants" else {}
         return of.Muon(params, lr=0.02, weight_decay=0.01, ns_dtype="param", **extra)
+    if case == "galore_adamw":   # rank-2 bases, renewed every other step; vectors get AdamW
+        return of.GaLoreAdamW(params, lr=1e-2, rank=2, update_proj_gap=2, weight_decay=0.01)
+    if case == "psgd_kron":      # momentum: owner-held too; the (8, 5) and (5, 3) ones get dense factors
+        return of.PSGDKron(params, lr=1e-2, momentum=0.9, weight_decay=0.01)
+    if case == "shampoo":        # blocks of at most 6: the (8, 8) weights are cut in four
+        return of.Shampoo(params, lr=1e-2, weight_decay=0.01, precondition_frequency=2,
+                          max_preconditioner_dim=6)
     extra = (dict(normalize_grads=True, precondition_1d=True, max_precond_dim=6, weight_decay_mode="coupled",
                   maximize=True) if case == "soap_variants" else {})
     return of.SOAP(params, lr=1e-2, precondition_frequency=2, **extra)
 
 
-CASES = ("muon", "muon_variants", "muon_rounds", "normuon", "soap", "soap_variants")
-RESUMED = ("muon", "soap")      # checkpointed with torch.distributed.checkpoint on 4 ranks, resumed on 2
+CASES = ("muon", "muon_variants", "muon_rounds", "normuon", "soap", "soap_variants", "shampoo", "psgd_kron",
+         "galore_adamw")
+# saved by DCP on 4 ranks, resumed on 2
+RESUMED = ("muon", "soap", "shampoo", "psgd_kron", "galore_adamw")
+FULL_BATCH = ("muon", "muon_variants", "muon_rounds", "normuon", "shampoo", "psgd_kron", "galore_adamw")
 
 
 def train(model, opt, x, y, steps=STEPS) -> list[torch.Tensor]:
@@ -180,7 +190,8 @@ def run_cases(rank: int, world: int) -> dict:
             distributed_matrix.ROUND_NUMEL = 1 << 24
         per_rank = [None] * world
         dist.all_gather_object(per_rank, state_numel(opt))
-        muon_state = [v for st in opt.state.values() for k, v in st.items() if k == "momentum_buffer"]
+        muon_state = [v for st in opt.state.values() for k, v in st.items()      # (Kron's: owner-held)
+                      if k == "momentum_buffer" and "muon" in case]
         return {"params": flat(model.parameters()), "grads": grads, "state_per_rank": per_rank,
                 "muon_state_sharded": all(isinstance(v, DTensor) for v in muon_state)}
 

@@ -60,6 +60,56 @@ def reference(name: str, kwargs: dict, y_scale: float = 1.0) -> torch.Tensor:
     return flat(model.parameters())
 
 
+def adam_mini_blocks(params) -> list[dict]:
+    """Adam-mini's blocks as param groups: heads of 16 entries of the (8, 6) weight (the second
+    spans the shards: rows 0-3 and 4-7 of FSDP2 on 2 ranks), rows of the (5, 8) and (1, 5)
+    weights (rank 1 holds no row of the latter), one block per bias, and entries of the last."""
+    w0, b0, w1, b1, w2, b2 = params
+    return [{"params": [w0], "partition": "head", "dim": 8, "n_heads": 4},
+            {"params": [w1, w2], "partition": "row"},
+            {"params": [b0, b1], "partition": "tensor"},
+            {"params": [b2], "partition": "element"}]
+
+
+ADAM_MINI_BLOCKS = {"lr": 1e-2, "betas": (0.9, 0.99)}
+LBFGS_CASES = {"fixed": dict(lr=0.5, max_iter=4, history_size=3),
+               "strong_wolfe": dict(lr=1, max_iter=4, history_size=3, line_search_fn="strong_wolfe")}
+LBFGS_STEPS = 3
+
+
+def adam_mini_blocks_reference() -> torch.Tensor:
+    import optforge as of
+
+    model = make_model()
+    train(model, of.AdamMini(adam_mini_blocks(list(model.parameters())), **ADAM_MINI_BLOCKS), *data())
+    return flat(model.parameters())
+
+
+def train_lbfgs(model, opt, x, y, loss_over_ranks=False) -> None:
+    """L-BFGS steps; ``loss_over_ranks``: each rank's loss averaged over the ranks, the loss of
+    the whole batch that the closure must return on every rank."""
+    def closure():
+        opt.zero_grad()
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        if loss_over_ranks:
+            loss = loss.detach().clone()
+            dist.all_reduce(loss)
+            loss /= dist.get_world_size()
+        return loss
+
+    for _ in range(LBFGS_STEPS):
+        opt.step(closure)
+
+
+def lbfgs_reference(case: str) -> torch.Tensor:
+    import optforge as of
+
+    model = make_model()
+    train_lbfgs(model, of.LBFGS(model.parameters(), **LBFGS_CASES[case]), *data())
+    return flat(model.parameters())
+
+
 WRAPPED = ("lookahead", "sam", "asam")
 
 
@@ -147,6 +197,23 @@ def run_rank(rank: int, port: int, out: str, cases: list[tuple[str, dict, bool, 
         placements = {k: tuple(map(repr, v.placements)) for k, v in first.items() if isinstance(v, DTensor)}
         return {"params": flat(model.parameters()), "state_sharded": sharded, "placements": placements}
 
+    def fsdp_adam_mini_blocks():
+        model = _fsdp(make_model())
+        opt = of.AdamMini(adam_mini_blocks(list(model.parameters())), **ADAM_MINI_BLOCKS)
+        train(model, opt, x, y)
+        state = {k: (type(v).__name__, tuple(map(repr, v.placements)) if isinstance(v, DTensor) else None)
+                 for k, v in opt.state[next(model.parameters())].items()}
+        return {"params": flat(model.parameters()), "state": state}
+
+    def fsdp_lbfgs(case):
+        model = _fsdp(make_model())
+        train_lbfgs(model, of.LBFGS(model.parameters(), **LBFGS_CASES[case]), x, y, loss_over_ranks=True)
+        return {"params": flat(model.parameters())}
+
+    _case(results, ("fsdp_blocks", "adam_mini"), fsdp_adam_mini_blocks)
+    for case in LBFGS_CASES:
+        _case(results, ("fsdp_lbfgs", case), fsdp_lbfgs, case)
+
     def ddp_low_bit(precision):
         model = DDP(make_model())
         opt = of.AdamW(model.parameters(), lr=1e-2).configure(state_precision=precision, min_quantized_size=0)
@@ -209,6 +276,8 @@ def run_rank(rank: int, port: int, out: str, cases: list[tuple[str, dict, bool, 
 
     _case(results, ("refuse", "state_precision"),
           lambda: refused(lambda ps: of.AdamW([{"params": list(ps), "state_precision": "int8"}])))
+
+    _case(results, ("refuse", "sparse_adam"), lambda: refused(lambda ps: of.SparseAdam(ps, lr=0.1)))
 
     class NormSGD(of.SGD):    # stands for an optimizer that needs whole-tensor norms
         pass

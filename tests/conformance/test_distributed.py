@@ -6,12 +6,14 @@
   replicas stay identical;
 - FSDP2 (``fully_shard``, DTensor parameters and sharded state): every elementwise optimizer
   (foreach and fused) and every one that reduces over shards (LAMB, MARS, Adafactor, CAME,
-  Prodigy) gives the unsharded result, and so do Lookahead, SAM and ASAM around AdamW;
+  Prodigy, Adam-mini with every kind of block, L-BFGS with and without line search) gives the
+  unsharded result, and so do Lookahead, SAM and ASAM around AdamW;
 - DCP: checkpoints saved by 2 FSDP2 ranks resume on 1 and on 4 as if never stopped;
 - FSDP2 x tensor parallel on a 2 x 2 mesh (4 ranks): AdamW, Adafactor, LAMB;
 - refused with a clear error, before any change: ``state_precision`` with DTensor
   parameters, DTensor parameters for an optimizer the registry marks ``elementwise=False``
-  that does not reduce over shards, and ``Partial`` placements;
+  that does not reduce over shards, SparseAdam's DTensor parameters, and ``Partial``
+  placements;
 - ``skip_nonfinite`` decides alike on every rank (a NaN in one rank's shard skips the step
   everywhere)."""
 
@@ -25,7 +27,17 @@ import torch
 import torch.distributed as dist
 from conformance_cases import INFOS, has_fused, optimizer_kwargs
 from distributed_checkpoint import WRAPPED_KINDS, label, run_group
-from distributed_worker import WRAPPED, flat, make_model, reference, run_rank, wrapped_reference
+from distributed_worker import (
+    LBFGS_CASES,
+    WRAPPED,
+    adam_mini_blocks_reference,
+    flat,
+    lbfgs_reference,
+    make_model,
+    reference,
+    run_rank,
+    wrapped_reference,
+)
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -143,6 +155,28 @@ def test_fsdp2_mars_clips_by_the_norm_over_every_shard(results):
     close(ok(results[("fsdp_large_grads", "mars")])["params"], reference("mars", {"lr": 1e-2}, MARS_Y_SCALE))
 
 
+def test_fsdp2_adam_mini_blocks_spanning_shards_equal_unsharded(results):
+    """Heads, rows, whole tensors and entries: a head of the (8, 6) weight and the biases'
+    blocks span both ranks' shards, rank 1 holds no row of the (1, 5) weight. Per-entry state
+    is sharded like the param, per-block state replicated (one number per block)."""
+    got = ok(results[("fsdp_blocks", "adam_mini")])
+    assert got["state"]["exp_avg"] == ("DTensor", ("Shard(dim=0)",))
+    assert got["state"]["exp_avg_sq"] == ("DTensor", ("Replicate()",))
+    expected = adam_mini_blocks_reference()
+    per_tensor = reference("adam_mini", optimizer_kwargs("adam_mini"))
+    assert (expected - per_tensor).abs().max() > 1e-4
+    close(got["params"], expected)
+
+
+@pytest.mark.parametrize("case", list(LBFGS_CASES))
+def test_fsdp2_lbfgs_equals_one_process_on_the_full_batch(results, case):
+    """Dot products and norms of the flat shards reduced over the mesh: every rank takes the
+    same direction, step and line-search decisions (rank 1's shard of the last layer is empty)."""
+    expected = lbfgs_reference(case)
+    assert (expected - flat(make_model().parameters())).abs().max() > 1e-2   # it trained
+    close(ok(results[("fsdp_lbfgs", case)])["params"], expected)
+
+
 @pytest.mark.parametrize("name", ["adafactor", "came"])
 def test_fsdp2_factored_statistics_are_sharded_along_rows_and_replicated_along_columns(results, name):
     """The (8, 6) weight is sharded on dim 0: its row statistics are too, its column statistics
@@ -175,6 +209,8 @@ def test_fsdp2_lookahead_refuses_slow_weights_sharded_otherwise(results):
     ("state_precision", r"AdamW\(state_precision='int8'\) does not support DTensor parameters"),
     ("not_elementwise", r"NormSGD does not support DTensor parameters.*elementwise=False"),
     ("not_elementwise_child", r"NormSGDChild does not support DTensor parameters"),
+    ("sparse_adam", r"SparseAdam does not support DTensor parameters \(FSDP2, tensor parallel\): it steps "
+                    r"on sparse gradients"),
 ])
 def test_fsdp2_refusals_are_clear(results, case, message):
     got = ok(results[("refuse", case)])

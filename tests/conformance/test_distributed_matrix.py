@@ -1,13 +1,16 @@
-"""Whole-matrix optimizers (Muon, NorMuon, SOAP) under FSDP2 by owner compute (optforge.distributed_matrix),
-gloo, CPU, 4 and 2 ranks (one process group per world size, in ranks spawned once):
+"""Whole-matrix optimizers (Muon, NorMuon, SOAP, Shampoo, PSGD Kron, GaLore) under FSDP2 by owner compute
+(optforge.distributed_matrix), gloo, CPU, 4 and 2 ranks (one process group per world size, in
+ranks spawned once):
 
 - the parameters equal one process stepping on the same gradients (uneven shards, empty
-  shards, same-shape matrices stacked on their owner, many rounds in flight), and for Muon
-  and NorMuon one process training on the full batch;
+  shards, same-shape matrices stacked on their owner, many rounds in flight), and for Muon,
+  NorMuon, Shampoo, PSGD Kron and GaLore one process training on the full batch;
 - the state is not duplicated: the ranks' state adds up to one process's (Muon's momentum
-  sharded like the params, SOAP's whole-matrix state on each matrix's owner);
+  sharded like the params, SOAP's, Shampoo's, Kron's and GaLore's whole-matrix state on each
+  matrix's owner);
 - FSDP2 x tensor parallel (2 x 2 mesh, column- and row-parallel layers): Muon and SOAP;
-- HSDP (replicated and sharded mesh dims) and a DCP checkpoint saved on 4 ranks resumed on 2;
+- HSDP (replicated and sharded mesh dims) and a DCP checkpoint saved on 4 ranks resumed on 2
+  (Muon, SOAP, Shampoo, PSGD Kron, GaLore);
 - a layout no whole matrix can be assembled from is refused before anything changes."""
 
 import re
@@ -19,6 +22,7 @@ import torch
 import torch.distributed as dist
 from distributed_matrix_worker import (
     CASES,
+    FULL_BATCH,
     RESUMED,
     make_model,
     make_optimizer,
@@ -70,9 +74,10 @@ def test_fsdp2_equals_one_process_on_the_same_gradients(world, case):
     torch.testing.assert_close(got["params"], expected, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if "muon" in c])
-def test_fsdp2_muon_equals_one_process_on_the_full_batch(world, case):
-    """Muon end to end. (SOAP is not compared so: on rectangular matrices its larger factor is
+@pytest.mark.parametrize("case", FULL_BATCH)
+def test_fsdp2_equals_one_process_on_the_full_batch(world, case):
+    """Muon, Shampoo, PSGD Kron and GaLore end to end (Shampoo's epsilon keeps its inverse roots
+    from amplifying rounding noise). (SOAP is not compared so: on rectangular matrices its larger factor is
     rank-deficient, so part of each eigenbasis is set by rounding, and FSDP2's gradients, summed
     over ranks, round differently from one process's; Adam's per-coordinate scaling in that
     basis then moves the trajectory by O(1e-2) within a few steps, in one process alike.)"""

@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..base import Optimizer, ParamsT
 from ..constraints import beta_tuple, integer_at_least, non_negative, one_of, optional
+from ..distributed import block_index, block_sums, is_dtensor, local
 from ..registry import register
 
 __all__ = ["AdamMini", "partition_by_name"]
@@ -97,7 +99,10 @@ class AdamMini(Optimizer):
     (like the param for "element" blocks, else one entry per block, shape (K, 1)): in float32,
     :math:`4 + 4/|B|` bytes per entry, i.e. 8 for "element" blocks (Adam's) and barely over 4
     otherwise (4.002 for the rows of a 2048-wide matrix), about half of AdamW's 8. Eager
-    only; ``fused=True`` is refused.
+    only; ``fused=True`` is refused. DTensor parameters (FSDP2, tensor parallel): a block's
+    sum of squares is added up over every shard it spans (one all-reduce per tensor and step)
+    and ``exp_avg_sq`` is replicated on every rank (a DTensor, one entry per block); "element"
+    blocks are Adam on the shards.
     """
 
     no_fused_reason = "its second moment is a mean of squared gradients over each block of a tensor"
@@ -105,6 +110,7 @@ class AdamMini(Optimizer):
                        n_heads=integer_at_least(1), partition=optional(one_of(*PARTITIONS)))
     state_names = ("exp_avg", "exp_avg_sq")
     supports_complex = False
+    shard_reductions = True     # a block's mean over DTensor shards is reduced over the mesh
 
     def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, *, dim: int = 2048, n_heads: int = 32,
@@ -149,13 +155,24 @@ class AdamMini(Optimizer):
         return (blocks, 1) if blocks else tuple(p.shape)
 
     def init_state(self, group: dict[str, Any], p: Tensor, name: str) -> Tensor:
-        return p.new_zeros(self.state_shape(group, p, name))   # contiguous: blocks are views
+        shape = self.state_shape(group, p, name)
+        if is_dtensor(p):           # sharded like the param, or one replicated entry per block
+            if shape == tuple(p.shape):
+                return torch.zeros_like(p)
+            from torch.distributed.tensor import DTensor, Replicate
+
+            return DTensor.from_local(local(p).new_zeros(shape), p.device_mesh,
+                                      [Replicate()] * p.device_mesh.ndim, run_check=False)
+        return p.new_zeros(shape)   # contiguous: blocks are views
 
     def update(self, group, p, g, s, t):
         (b1, b2), lr, eps = group["betas"], float(group["lr"]), group["eps"]
         m, v = s["exp_avg"], s["exp_avg_sq"]
         m.lerp_(g, 1 - b1)                                          # m_t = b1 m + (1 - b1) g
         for x, gx, mx, vx, k in zip(p, g, m, v, t):
+            if is_dtensor(x):
+                self._update_shard(group, x, gx, mx, vx, k, lr, b1, b2, eps)
+                continue
             if not x.numel():
                 continue
             n = vx.numel()
@@ -167,6 +184,24 @@ class AdamMini(Optimizer):
                 x.view(n, -1).addcdiv_(mx.view(n, -1), denom, value=step)
             else:            # e.g. a channels-last kernel: the blocks are not contiguous in its memory
                 x.add_(mx.view(n, -1).div(denom).view(x.shape), alpha=step)
+
+    def _update_shard(self, group, p, g, m, v, k, lr, b1, b2, eps) -> None:
+        """The update of a DTensor's local shard. Blocks of one entry: Adam on the shards (the
+        state is sharded like the param). Larger blocks: a block's sum of g^2 is added up over
+        every shard it spans (``block_sums``: every rank runs it, an empty shard included), the
+        state is one replicated entry per block, and each entry takes its block's denominator."""
+        blocks = self._blocks(group, p) if p.numel() else 0
+        x, gx, mx, vx = local(p), local(g), local(m), local(v)
+        step, bc2 = -lr / (1 - b1**k), math.sqrt(1 - b2**k)
+        if not blocks:
+            vx.mul_(b2).addcmul_(gx, gx, value=1 - b2)
+            x.addcdiv_(mx, vx.sqrt().div_(bc2).add_(eps), value=step)
+            return
+        vb = vx.view(blocks)
+        mean = block_sums(gx.square(), p, blocks).div_(p.numel() // blocks)
+        vb.mul_(b2).add_(mean, alpha=1 - b2)
+        denom = vb.sqrt().div_(bc2).add_(eps)
+        x.addcdiv_(mx, denom[block_index(p, blocks)].view(x.shape), value=step)
 
 
 def _named_groups(model: nn.Module, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:

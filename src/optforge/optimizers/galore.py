@@ -10,6 +10,8 @@ from torch import Tensor
 
 from ..base import Optimizer, ParamsT
 from ..constraints import beta_tuple, boolean, integer_at_least, non_negative, one_of, optional
+from ..distributed import local
+from ..distributed_matrix import map_matrices
 from ..registry import register
 
 __all__ = ["GaLoreAdamW"]
@@ -126,6 +128,10 @@ class GaLoreAdamW(Optimizer):
     required in the group; and with ``"reverse_std"`` a wide matrix is projected back on the
     side it was projected from when :math:`r = m` (the authors' code picks the other side and
     fails).
+
+    DTensor parameters (FSDP2, tensor parallel): by owner compute
+    (:mod:`optforge.distributed_matrix`): each parameter's whole gradient goes to one owner
+    rank, which keeps its basis and moments whole and returns the direction's shards.
     """
 
     constraints = dict(betas=beta_tuple(2), eps=non_negative, correct_bias=boolean,
@@ -135,6 +141,8 @@ class GaLoreAdamW(Optimizer):
     state_kinds = dict(exp_avg_sq="non_negative", projector="full")
     supports_complex = False
     no_fused_reason = "it projects each matrix gradient onto bases from that matrix's SVD"
+    whole_matrices = True
+    owner_state = state_names
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.0, correct_bias: bool = True,
@@ -160,31 +168,48 @@ class GaLoreAdamW(Optimizer):
 
     def prepare(self, group, b):
         for x, st in zip(b.params, b.states):     # checked before the bucket's steps advance
-            if tuple(st["exp_avg"].shape) != self.state_shape(group, x, "exp_avg") or \
-                    st["projector"].shape != self.state_shape(group, x, "projector"):
+            if "exp_avg" in st and (tuple(st["exp_avg"].shape) != self.state_shape(group, x, "exp_avg")
+                                    or st["projector"].shape != self.state_shape(group, x, "projector")):
                 raise ValueError(f"GaLoreAdamW: the state of a parameter of shape {tuple(x.shape)} does not "
                                  "fit rank / proj_type: they cannot change after the first step")
         return super().prepare(group, b)
 
     def update(self, group, p, g, s, t):
+        # Whole matrices: on the owner of each under FSDP2 (optforge.distributed_matrix), which
+        # keeps its (projected) moments and basis whole; the step itself runs on every rank's shard.
+        states = [{"step": k, **{n: xs[i] for n, xs in s.items()}} for i, k in enumerate(t)]
+        directions = map_matrices(self, group, p, g, self._directions(group), states=states, batch=False)
         (b1, b2), lr, wd = group["betas"], float(group["lr"]), group["weight_decay"]
-        for x, grad, m, v, basis, k in zip(p, g, s["exp_avg"], s["exp_avg_sq"], s["projector"], t):
-            proj = Projection.of(group, x)
-            if proj is not None:
-                if (k - 1) % group["update_proj_gap"] == 0:     # steps 1, gap + 1, ...
-                    proj.refresh(basis, grad)
-                grad = proj.down(basis, grad)                     # R = G P^T
-            m.mul_(b1).add_(grad, alpha=1.0 - b1)                 # M = b1 M + (1 - b1) R
-            v.mul_(b2).addcmul_(grad, grad, value=1.0 - b2)       # V = b2 V + (1 - b2) R^2
+        for x, direction, k in zip(p, directions, t):
+            if not direction.numel():
+                continue
             step = lr
             if group["correct_bias"]:
                 step = step * math.sqrt(1.0 - b2**k) / (1.0 - b1**k)
-            direction = m / v.sqrt().add_(group["eps"])           # N = M / (sqrt(V) + eps)
-            if proj is not None:
-                direction = proj.up(basis, direction) * group["scale"]   # alpha N P
+            x = local(x)
             x.add_(direction, alpha=-step)
             if group["weight_decay_mode"] == "decoupled" and wd > 0:
                 x.add_(x, alpha=-lr * wd)                         # W <- W - lr wd W, after
+
+    def _directions(self, group: dict[str, Any]):
+        return lambda grads, states: self._direction(group, grads[0], states[0])[None]   # one at a time
+
+    def _direction(self, group: dict[str, Any], grad: Tensor, st: dict[str, Tensor]) -> Tensor:
+        """One whole tensor's direction (before the step size), updating its moments and, every
+        ``update_proj_gap`` steps, its basis."""
+        (b1, b2), k = group["betas"], int(st["step"])
+        m, v, basis = st["exp_avg"], st["exp_avg_sq"], st["projector"]
+        proj = Projection.of(group, grad)
+        if proj is not None:
+            if (k - 1) % group["update_proj_gap"] == 0:     # steps 1, gap + 1, ...
+                proj.refresh(basis, grad)
+            grad = proj.down(basis, grad)                     # R = G P^T
+        m.mul_(b1).add_(grad, alpha=1.0 - b1)                 # M = b1 M + (1 - b1) R
+        v.mul_(b2).addcmul_(grad, grad, value=1.0 - b2)       # V = b2 V + (1 - b2) R^2
+        direction = m / v.sqrt().add_(group["eps"])           # N = M / (sqrt(V) + eps)
+        if proj is not None:
+            direction = proj.up(basis, direction) * group["scale"]   # alpha N P
+        return direction
 
 
 register(GaLoreAdamW, "GaLore-AdamW: AdamW on low-rank projected matrix gradients (Zhao et al., 2024)",

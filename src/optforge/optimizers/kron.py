@@ -19,6 +19,8 @@ from ..constraints import (
     probability,
     unit_interval,
 )
+from ..distributed import local
+from ..distributed_matrix import map_matrices
 from ..precision import LOW_PRECISION
 from ..registry import register
 
@@ -202,7 +204,9 @@ class PSGDKron(Optimizer):
     ``momentum_buffer``. Eager only (per-tensor factors): ``fused=True`` is refused. State bytes
     per parameter of an (m, n) float32 matrix with two dense factors: :math:`4\,(m/n + n/m)`
     (8 for a square one, 10 for 64 x 32), plus 4 with momentum; a diagonal factor of size d
-    costs 4d bytes.
+    costs 4d bytes. DTensor parameters (FSDP2, tensor parallel): by owner compute
+    (:mod:`optforge.distributed_matrix`): each parameter's whole gradient goes to one owner rank,
+    which keeps ``Q`` and the momentum whole and returns the direction's shards.
 
     Differences from the author's code: only the whitening preconditioner (the Newton type needs
     Hessian-vector products from a closure); ``grad_clip_max_norm`` is not provided (clip the
@@ -220,6 +224,8 @@ class PSGDKron(Optimizer):
                        step_normalizer=one_of("2nd", "1st"), seed=integer_at_least(0))
     state_kinds = dict(Q="full")
     supports_complex = False
+    whole_matrices = True
+    owner_state = ("Q", "momentum_buffer")
     no_fused_reason = "it fits Kronecker factors to each whole tensor (triangular solves and matrix products)"
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, lr_preconditioner: float = 0.1,
@@ -247,35 +253,50 @@ class PSGDKron(Optimizer):
 
     def prepare(self, group: dict[str, Any], b: Any) -> Work:
         for x, st in zip(b.params, b.states):     # checked before the bucket's steps advance
-            if x.numel() and st["Q"].numel() != Factors.of(group, x).numel:
+            if x.numel() and "Q" in st and st["Q"].numel() != Factors.of(group, x).numel:
                 raise ValueError(f"PSGDKron: the preconditioner state of a parameter of shape "
                                  f"{tuple(x.shape)} does not fit preconditioner_max_size / "
                                  "preconditioner_max_skew: they cannot change after the first step")
         return super().prepare(group, b)
 
     def update(self, group, p, g, s, t):
-        lr, mu, init_scale = float(group["lr"]), group["momentum"], group["preconditioner_init_scale"]
+        # Whole tensors: on the owner of each under FSDP2 (optforge.distributed_matrix), which
+        # keeps its factors and momentum whole; the step itself runs on every rank's shard.
         fit_at = {k: bool(torch.rand((), generator=draw_generator("cpu", group["seed"], "fit", int(k)))
-                          < group["preconditioner_update_probability"]) for k in set(t)}
-        buffers = s["momentum_buffer"] if mu > 0 else [None] * len(p)
-        for x, grad, q, m, k in zip(p, g, s["Q"], buffers, t):
-            if x.numel() == 0:
-                continue
-            factors = Factors.of(group, x)
-            qs = factors.views(q)
-            grad = grad.reshape(factors.shape)
-            if k == 1:
-                self._init_factors(qs, factors, grad, init_scale)
-            if fit_at[k] or (k == 1 and init_scale is None):
-                draws = draw_generator(x.device, group["seed"], tuple(x.shape), int(k))
-                v = probe(grad, draws)
-                if x.dim() > 1 and torch.rand((), generator=draws, device=x.device) < BALANCE_PROBABILITY:
-                    balance(qs)
-                self._fit(group, qs, factors.dense, v, grad)
-            if m is not None:
-                m.mul_(mu).add_(grad.reshape(m.shape), alpha=1 - mu)    # M = mu M + (1 - mu) G
-                grad = m.view(factors.shape)
-            x.sub_(precondition(qs, factors.dense, grad).reshape(x.shape).mul_(lr))   # W -= lr P M
+                          < group["preconditioner_update_probability"]) for k in set(map(int, t))}
+        names = [n for n in self.state_names_for(group) if n in s]
+        states = [{"step": k, **{n: s[n][i] for n in names}} for i, k in enumerate(t)]
+        directions = map_matrices(self, group, p, g, self._directions(group, fit_at), states=states,
+                                  batch=False)
+        lr = float(group["lr"])
+        for x, d in zip(p, directions):
+            if d.numel():
+                local(x).sub_(d.mul_(lr))                                # W -= lr P M
+
+    def _directions(self, group: dict[str, Any], fit_at: dict[int, bool]):
+        return lambda grads, states: self._direction(group, fit_at, grads[0], states[0])[None]
+
+    def _direction(self, group: dict[str, Any], fit_at: dict[int, bool], grad: Tensor,
+                   st: dict[str, Tensor]) -> Tensor:
+        """One whole tensor's preconditioned direction P M (before the lr), fitting its factors."""
+        mu, init_scale, k = group["momentum"], group["preconditioner_init_scale"], int(st["step"])
+        shape = tuple(grad.shape)
+        factors = Factors.of(group, grad)
+        qs = factors.views(st["Q"])
+        grad = grad.reshape(factors.shape)
+        if k == 1:
+            self._init_factors(qs, factors, grad, init_scale)
+        if fit_at[k] or (k == 1 and init_scale is None):
+            draws = draw_generator(grad.device, group["seed"], shape, k)
+            v = probe(grad, draws)
+            if len(shape) > 1 and torch.rand((), generator=draws, device=grad.device) < BALANCE_PROBABILITY:
+                balance(qs)
+            self._fit(group, qs, factors.dense, v, grad)
+        if mu > 0:
+            m = st["momentum_buffer"]
+            m.mul_(mu).add_(grad.reshape(m.shape), alpha=1 - mu)    # M = mu M + (1 - mu) G
+            grad = m.view(factors.shape)
+        return precondition(qs, factors.dense, grad).reshape(shape)
 
     @staticmethod
     def _fit(group: dict[str, Any], qs: list[Tensor], dense: tuple[bool, ...], v: Tensor,

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ..base import BASE_OPTIONS, Optimizer, ParamsT
 from ..constraints import integer_at_least, non_negative, one_of
+from ..distributed import full_max, full_sums, is_dtensor, local
 from ..registry import register
 from ..torch_compat import numbers_for_step
 
@@ -34,15 +35,48 @@ def cubic_minimizer(t1, f1, g1, t2, f2, g2, bounds=None):
     return min(max(t, low), high)
 
 
+class FlatReductions:
+    """Dot products and norms of flat vectors laid out as the concatenation of ``params``
+    (their local shards, for DTensors: FSDP2, tensor parallel). Plain tensors: the plain
+    ops. DTensors: each param's part reduced locally, then over the mesh dims that shard it
+    (one all-reduce per layout), so every rank gets the numbers of the whole vector and takes
+    the same direction and step."""
+
+    def __init__(self, params: list[Tensor]) -> None:
+        self.params = params
+        self.sharded = any(is_dtensor(p) for p in params)
+        self.sizes = [local(p).numel() for p in params]
+
+    def _sums(self, x: Tensor) -> Tensor:
+        parts = [part.sum() for part in x.split(self.sizes)]
+        return torch.stack(full_sums(parts, self.params)).sum()
+
+    def dot(self, a: Tensor, b: Tensor) -> Tensor:
+        return self._sums(a * b) if self.sharded else a.dot(b)
+
+    def abs_sum(self, x: Tensor) -> Tensor:
+        return self._sums(x.abs()) if self.sharded else x.abs().sum()
+
+    def abs_max(self, x: Tensor) -> Tensor:
+        if not self.sharded:
+            return x.abs().max()
+        parts = [part.abs().max() if part.numel() else x.new_zeros(()) for part in x.split(self.sizes)]
+        return full_max(parts, self.params)
+
+
+PLAIN = FlatReductions([])
+
+
 def strong_wolfe(evaluate: Callable[[Any], tuple[float, Tensor]], d: Tensor, start: Point, t,
                  max_evals: int, tolerance_change: float, c1: float = 1e-4, c2: float = 0.9,
-                 ) -> tuple[float, Tensor, Any, int]:
+                 flat: FlatReductions = PLAIN) -> tuple[float, Tensor, Any, int]:
     """A step ``t`` along ``d`` satisfying the strong Wolfe conditions (Nocedal & Wright,
     Algorithms 3.5 and 3.6, cubic interpolation as in minFunc): extrapolate until an interval
-    brackets one, then shrink it. ``evaluate(t)`` is (loss, flat gradient) at ``x + t d``.
-    Returns (loss, gradient, t, evaluations)."""
+    brackets one, then shrink it. ``evaluate(t)`` is (loss, flat gradient) at ``x + t d``;
+    ``flat`` computes the dot products and norms of flat vectors. Returns (loss, gradient, t,
+    evaluations)."""
     _, f0, _, slope0 = start
-    span = d.abs().max()
+    span = flat.abs_max(d)
 
     def sufficient_decrease(t, f):
         return f <= f0 + c1 * t * slope0
@@ -52,7 +86,7 @@ def strong_wolfe(evaluate: Callable[[Any], tuple[float, Tensor]], d: Tensor, sta
 
     def probe(t) -> Point:
         f, g = evaluate(t)
-        return (t, f, g, g.dot(d))
+        return (t, f, g, flat.dot(g, d))
 
     prev, new = start, probe(t)
     evals = 1
@@ -129,7 +163,16 @@ class LBFGS(Optimizer):
     ``step`` needs a closure that clears the gradients, computes the loss, calls
     ``backward()`` and returns the loss; it returns the loss of its first call. One param group
     only, all parameters on one device (as torch). Complex parameters are optimized as real
-    pairs; sparse gradients are used dense. State (on the first parameter, torch's names):
+    pairs; sparse gradients are used dense.
+
+    DTensor parameters (FSDP2, tensor parallel): the flat vectors are the concatenation of
+    the local shards, and every dot product and norm is reduced over the mesh, so every rank
+    takes the same direction and step. The closure must return the same loss on every rank,
+    the loss over the whole batch (e.g. each rank's loss all-reduced and averaged): the line
+    search and the stopping tests compare losses. The flat state is per rank, so a checkpoint
+    resumes at the same world size and layout only.
+
+    State (on the first parameter, torch's names):
     ``func_evals``, ``n_iter``, ``d``, ``t``, ``old_dirs``, ``old_stps``, ``ro``, ``H_diag``,
     ``prev_flat_grad``, ``prev_loss``, ``al``. Memory: about ``2 * history_size + 3`` copies of
     the parameters (the pairs s, y; the direction; two gradients), one more with the line search.
@@ -139,6 +182,7 @@ class LBFGS(Optimizer):
                        tolerance_grad=non_negative, tolerance_change=non_negative,
                        history_size=integer_at_least(1), line_search_fn=one_of(None, "strong_wolfe"))
     supports_sparse = True
+    shard_reductions = True     # the dot products and norms of DTensor shards are reduced over the mesh
 
     def __init__(self, params: ParamsT, lr: float | Tensor = 1, max_iter: int = 20,
                  max_eval: int | None = None, tolerance_grad: float = 1e-7,
@@ -167,14 +211,17 @@ class LBFGS(Optimizer):
 
     # ---- flat views of the parameters ---------------------------------------------------------
     def _params(self) -> list[Tensor]:
-        return [torch.view_as_real(p) if p.is_complex() else p for p in self.param_groups[0]["params"]]
+        params = map(local, self.param_groups[0]["params"])
+        return [torch.view_as_real(p) if p.is_complex() else p for p in params]
 
     def _flat_grad(self) -> Tensor:
         views = []
         for p in self.param_groups[0]["params"]:
             g = p.grad
             if g is None:
-                g = torch.zeros_like(p)
+                g = torch.zeros_like(local(p))
+            elif is_dtensor(g):
+                g = g.to_local()
             elif g.is_sparse:
                 g = g.to_dense()
             views.append((torch.view_as_real(g) if g.is_complex() else g).reshape(-1))
@@ -200,7 +247,7 @@ class LBFGS(Optimizer):
         if unsupported:
             raise ValueError(f"LBFGS does not support the options {unsupported} (it steps all "
                              "parameters as one flattened vector)")
-        for p in group["params"]:             # DTensor params are refused (elementwise=False)
+        for p in group["params"]:             # refuses Partial placements, low-bit state
             self._check_new_param(group, p)
         with numbers_for_step(group):
             return self._iterate(group, torch.enable_grad()(closure))
@@ -216,8 +263,9 @@ class LBFGS(Optimizer):
         loss = float(first_loss)
         evals = 1
         st["func_evals"] += 1
+        flat = FlatReductions(group["params"])
         g = self._flat_grad()
-        if g.abs().max() <= tol_grad:         # already optimal: nothing changes
+        if flat.abs_max(g) <= tol_grad:       # already optimal: nothing changes
             return first_loss
 
         d, t, prev_g = st.get("d"), st.get("t"), st.get("prev_flat_grad")
@@ -229,23 +277,23 @@ class LBFGS(Optimizer):
                 d, dirs, stps, ro, h_diag = g.neg(), [], [], [], 1
             else:
                 y, s = g.sub(prev_g), d.mul(t)
-                ys = y.dot(s)
+                ys = flat.dot(y, s)
                 if ys > CURVATURE_MIN:
                     if len(dirs) == group["history_size"]:
                         del dirs[0], stps[0], ro[0]
                     dirs.append(y)
                     stps.append(s)
                     ro.append(1.0 / ys)
-                    h_diag = ys / y.dot(y)
-                d = self._direction(st, group["history_size"], g, dirs, stps, ro, h_diag)
+                    h_diag = ys / flat.dot(y, y)
+                d = self._direction(st, group["history_size"], g, dirs, stps, ro, h_diag, flat)
             if prev_g is None:
                 prev_g = g.clone(memory_format=torch.contiguous_format)
             else:
                 prev_g.copy_(g)
             prev_loss = loss
-            t = min(1.0, 1.0 / g.abs().sum()) * lr if st["n_iter"] == 1 else lr
+            t = min(1.0, 1.0 / flat.abs_sum(g)) * lr if st["n_iter"] == 1 else lr
 
-            slope = g.dot(d)
+            slope = flat.dot(g, d)
             if slope > -tol_change:           # not a descent direction (to within tolerance)
                 break
             optimal, used = False, 0
@@ -261,21 +309,21 @@ class LBFGS(Optimizer):
                     return value, grad
 
                 loss, g, t, used = strong_wolfe(evaluate, d, (0, loss, g, slope), t,
-                                                max_eval - evals, tol_change)
+                                                max_eval - evals, tol_change, flat=flat)
                 self._move(t, d)
-                optimal = bool(g.abs().max() <= tol_grad)
+                optimal = bool(flat.abs_max(g) <= tol_grad)
             else:
                 self._move(t, d)
                 if it != max_iter:            # the last iteration's loss is the next step's first
                     loss = float(closure())
                     g = self._flat_grad()
-                    optimal = bool(g.abs().max() <= tol_grad)
+                    optimal = bool(flat.abs_max(g) <= tol_grad)
                     used = 1
             evals += used
             st["func_evals"] += used
             if it == max_iter or evals >= max_eval or optimal:
                 break
-            if d.mul(t).abs().max() <= tol_change or abs(loss - prev_loss) < tol_change:
+            if flat.abs_max(d.mul(t)) <= tol_change or abs(loss - prev_loss) < tol_change:
                 break
 
         st.update(d=d, t=t, old_dirs=dirs, old_stps=stps, ro=ro, H_diag=h_diag,
@@ -284,16 +332,16 @@ class LBFGS(Optimizer):
 
     @staticmethod
     def _direction(st: dict[str, Any], history_size: int, g: Tensor, dirs: list[Tensor],
-                   stps: list[Tensor], ro: list[Tensor], h_diag) -> Tensor:
+                   stps: list[Tensor], ro: list[Tensor], h_diag, flat: FlatReductions) -> Tensor:
         """-H g by the two-loop recursion (Nocedal & Wright, Algorithm 7.4)."""
         alpha = st.setdefault("al", [None] * history_size)   # kept in the state, as torch does
         q = g.neg()
         for i in reversed(range(len(dirs))):
-            alpha[i] = stps[i].dot(q) * ro[i]
+            alpha[i] = flat.dot(stps[i], q) * ro[i]
             q.add_(dirs[i], alpha=-alpha[i])
         r = torch.mul(q, h_diag)
         for i in range(len(dirs)):
-            beta = dirs[i].dot(r) * ro[i]
+            beta = flat.dot(dirs[i], r) * ro[i]
             r.add_(stps[i], alpha=alpha[i] - beta)
         return r
 

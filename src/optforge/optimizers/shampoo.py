@@ -19,6 +19,8 @@ from ..constraints import (
     tuple_of,
     unit_interval,
 )
+from ..distributed import local
+from ..distributed_matrix import map_matrices
 from ..precision import LOW_PRECISION
 from ..registry import register
 
@@ -209,8 +211,10 @@ class Shampoo(Optimizer):
     for a block of dims :math:`d_k` (factors and inverse roots): 28 for a (64, 32) matrix,
     8 + 8n for a merged vector of n (a (5, 48) matrix: 1928). Eager only (per-block
     eigendecompositions): ``fused=True`` is refused.
-    DTensor parameters (FSDP2, tensor parallel) are refused with a ``ValueError``: a shard is
-    not a block.
+    DTensor parameters (FSDP2, tensor parallel): by owner compute
+    (:mod:`optforge.distributed_matrix`): each parameter's whole gradient goes to one owner
+    rank, which keeps all of its state whole and returns the direction's shards; the decay
+    and the step are applied on the shards.
 
     Differences from their code, none of which changes the algorithm: their config objects
     are flat keyword arguments here (``grafting="adam"``, ``grafting_beta2``,
@@ -230,6 +234,8 @@ class Shampoo(Optimizer):
                        grafting_epsilon=positive, factor_matrix_dtype=one_of(*FACTOR_DTYPES))
     supports_complex = False
     no_fused_reason = "it preconditions each block with inverse roots of its factor matrices"
+    whole_matrices = True
+    owner_state = ("factor_matrices", "inv_factor_matrices", "filtered_grad", "grafting_second_moment")
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  epsilon: float = 1e-12, weight_decay: float = 0.0, max_preconditioner_dim: int = 1024,
@@ -295,23 +301,37 @@ class Shampoo(Optimizer):
     def prepare(self, group, b):
         dtype = FACTOR_DTYPES[group["factor_matrix_dtype"]]
         for x, st in zip(b.params, b.states):     # checked before the bucket's steps advance
-            f, blocks = st["factor_matrices"], Blocks.of(x.shape, group["max_preconditioner_dim"])
-            if x.numel() and (f.numel() != blocks.factor_numel or dtype not in (None, f.dtype)):
+            f, blocks = st.get("factor_matrices"), Blocks.of(x.shape, group["max_preconditioner_dim"])
+            if x.numel() and f is not None and (f.numel() != blocks.factor_numel
+                                                 or dtype not in (None, f.dtype)):
                 raise ValueError(f"Shampoo: the factor matrices of a parameter of shape {tuple(x.shape)} "
                                  "do not fit max_preconditioner_dim / factor_matrix_dtype: they cannot "
                                  "change after the first step")
         return super().prepare(group, b)
 
     def update(self, group, p, g, s, t):
-        names = self.state_names_for(group)
-        for i, (x, grad, k) in enumerate(zip(p, g, t)):
-            if x.numel():
-                self._step_param(group, x, grad, {n: s[n][i] for n in names}, int(k))
+        # Whole tensors: on the owner of each under FSDP2 (optforge.distributed_matrix), which
+        # keeps all of its state; the step itself runs on every rank's shard.
+        names = [n for n in self.state_names_for(group) if n in s]
+        states = [{"step": k, **{n: s[n][i] for n in names}} for i, k in enumerate(t)]
+        directions = map_matrices(self, group, p, g, self._directions(group), states=states, batch=False)
+        lr, wd = float(group["lr"]), group["weight_decay"]
+        for x, d in zip(p, directions):
+            if not d.numel():
+                continue
+            x = local(x)
+            if group["weight_decay_mode"] == "decoupled" and wd != 0:
+                d.add_(x, alpha=wd)                                  # D + wd W
+            x.add_(d, alpha=-lr)                                     # W <- W - lr (D + wd W)
 
-    def _step_param(self, group: dict[str, Any], x: Tensor, grad: Tensor, st: dict[str, Tensor],
-                    k: int) -> None:
-        (b1, b2), bias = group["betas"], group["use_bias_correction"]
-        blocks = Blocks.of(x.shape, group["max_preconditioner_dim"])
+    def _directions(self, group: dict[str, Any]):
+        return lambda grads, states: self._direction(group, grads[0], states[0])[None]   # one at a time
+
+    def _direction(self, group: dict[str, Any], grad: Tensor, st: dict[str, Tensor]) -> Tensor:
+        """One whole tensor's direction D (before the decoupled decay and the lr), updating its
+        factors, inverse roots, filtered gradient and grafting state."""
+        (b1, b2), bias, k = group["betas"], group["use_bias_correction"], int(st["step"])
+        blocks = Blocks.of(grad.shape, group["max_preconditioner_dim"])
         factors, roots = blocks.matrices(st["factor_matrices"]), blocks.matrices(st["inv_factor_matrices"])
         g = grad.reshape(blocks.shape)
         for (_, slices), fs in zip(blocks.groups, factors):
@@ -331,12 +351,8 @@ class Shampoo(Optimizer):
             g_bar = m / (1 - b1**k) if bias else m
         graft = self._grafting_direction(group, g_bar, second_moment, k)
         if graft is not None and k < start:
-            direction = graft.reshape(blocks.shape).clone()
-        else:
-            direction = _shampoo_direction(blocks, roots, g_bar, graft)
-        if group["weight_decay_mode"] == "decoupled" and group["weight_decay"] != 0:
-            direction.add_(x.reshape(blocks.shape), alpha=group["weight_decay"])   # D + wd W
-        x.add_(direction.reshape(x.shape), alpha=-float(group["lr"]))           # W <- W - lr (D + wd W)
+            return graft.clone()
+        return _shampoo_direction(blocks, roots, g_bar, graft).reshape(grad.shape)
 
     @staticmethod
     def _accumulate_grafting(group: dict[str, Any], grad: Tensor, st: dict[str, Tensor]) -> Tensor | None:

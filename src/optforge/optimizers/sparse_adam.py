@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ..base import Optimizer, ParamsT, Work
 from ..constraints import beta_tuple, positive, tensor_or
+from ..distributed import is_dtensor
 from ..precision import float32_copies
 from ..registry import register
 
@@ -57,6 +58,13 @@ class SparseAdam(Optimizer):
                 if hits:
                     raise ValueError(what.format(hits))
         super().add_param_group(param_group)
+
+    def _check_tensor_subclass(self, group: dict[str, Any], param: Tensor) -> None:
+        if is_dtensor(param):
+            raise ValueError("SparseAdam does not support DTensor parameters (FSDP2, tensor parallel): it "
+                             "steps on sparse gradients (nn.Embedding(sparse=True)), which FSDP2 and tensor "
+                             "parallelism do not produce (their gradients are dense DTensors); use Adam")
+        super()._check_tensor_subclass(group, param)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
