@@ -97,37 +97,42 @@ class CAME(FactoredOptimizer):
         return shape[:-1] if name.endswith("_row") else (*shape[:-2], shape[-1])
 
     @staticmethod
-    def _factored_ema(row: Tensor, col: Tensor, x: Tensor, beta: float, added: float = 0.0) -> None:
-        """row, col <- beta (row, col) + (1 - beta) (mean over columns, rows) of x^2 + added."""
-        row.mul_(beta).add_(mean_square(x, -1, keepdim=False).add_(added), alpha=1 - beta)
-        col.mul_(beta).add_(mean_square(x, -2, keepdim=False).add_(added), alpha=1 - beta)
+    def _factored_ema(rows: TensorList, cols: TensorList, xs: list[Tensor], beta: float,
+                      added: float) -> None:
+        """rows, cols <- beta (rows, cols) + (1 - beta) (mean over columns, rows) of x^2 + added,
+        for each x of xs (the reductions one tensor at a time, the rest as foreach kernels)."""
+        for stats, dim in ((rows, -1), (cols, -2)):
+            means = TensorList(mean_square(x, dim, keepdim=False) for x in xs).add_(added)
+            stats.mul_(beta).add_(means, alpha=1 - beta)
 
     def update(self, group, p, g, s, t):
         (b1, b2, b3), eps = group["betas"], group["eps"]
-        u = TensorList()
-        for i, (x, gx) in enumerate(zip(p, g)):
-            if is_factored(x):
-                row, col = s["exp_avg_sq_row"][i], s["exp_avg_sq_col"][i]
-                self._factored_ema(row, col, gx, b2, added=eps)       # r_t, c_t
-                u.append(factored_rsqrt(gx, row, col))                # u_t = G_t / sqrt(r c / mean r)
-            else:
-                v = s["exp_avg_sq"][i]
-                v.mul_(b2).add_(torch.mul(gx, gx).add_(eps), alpha=1 - b2)   # v_t
-                u.append(v.rsqrt().mul_(gx))                          # u_t = G_t / sqrt(v_t)
+        fac = [i for i, x in enumerate(p) if is_factored(x)]
+        vec = [i for i, x in enumerate(p) if not is_factored(x)]
+        u: list[Tensor | None] = [None] * len(p)
+        if fac:
+            rows, cols = (TensorList(s[n][i] for i in fac) for n in ("exp_avg_sq_row", "exp_avg_sq_col"))
+            self._factored_ema(rows, cols, [g[i] for i in fac], b2, added=eps)       # r_t, c_t
+            for i, row, col in zip(fac, rows, cols):
+                u[i] = factored_rsqrt(g[i], row, col)                 # u_t = G_t / sqrt(r c / mean r)
+        if vec:
+            v, gv = TensorList(s["exp_avg_sq"][i] for i in vec), TensorList(g[i] for i in vec)
+            v.mul_(b2).add_(gv.mul(gv).add_(eps), alpha=1 - b2)        # v_t
+            for i, vi, gi in zip(vec, v, gv):
+                u[i] = vi.rsqrt().mul_(gi)                            # u_t = G_t / sqrt(v_t)
+        u = TensorList(u)
         clip = (torch.stack(u.norm()) / rms_scale(p)).div_(group["clip_threshold"]).clamp_(min=1.0)
         u.div_(list(clip.unbind()))                                   # u^_t = u_t / max(1, RMS(u_t)/d)
         m = s["exp_avg"]
         m.lerp_(u, 1 - b1)                                            # m_t = b1 m + (1 - b1) u^_t
-        steps = TensorList()
-        for i, (x, ux, mx) in enumerate(zip(p, u, m)):
-            if not is_factored(x):
-                steps.append(mx)                                      # vectors: no confidence
-                continue
-            res = ux.sub_(mx)                                         # u^_t - m_t (u^_t is spent)
-            rows, cols = s["exp_avg_res_row"][i], s["exp_avg_res_col"][i]
-            # R_t, C_t from U_t = (u^_t - m_t)^2 + eps2
-            self._factored_ema(rows, cols, res, b3, added=group["eps_instability"])
-            steps.append(factored_rsqrt(mx, rows, cols))             # m_t / sqrt(S_t)
+        steps: list[Tensor] = list(m)                                 # vectors: no confidence
+        if fac:
+            # R_t, C_t from U_t = (u^_t - m_t)^2 + eps2 (u^_t is spent)
+            res = TensorList(u[i] for i in fac).sub_(TensorList(m[i] for i in fac))
+            rows, cols = (TensorList(s[n][i] for i in fac) for n in ("exp_avg_res_row", "exp_avg_res_col"))
+            self._factored_ema(rows, cols, list(res), b3, added=group["eps_instability"])
+            for i, row, col in zip(fac, rows, cols):
+                steps[i] = factored_rsqrt(m[i], row, col)            # m_t / sqrt(S_t)
         p.add_(steps, alpha=-float(group["lr"]))                      # theta_t = theta - lr m_t / sqrt(S_t)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 from typing import Any, NamedTuple
 
@@ -88,14 +89,35 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float32 if x.dtype in LOW_PRECISION else x.dtype
 
 
+# CPU eigh of a rank-deficient factor (the first step's G G^T, G wider than tall) on several
+# threads stalls for seconds when the cores are busy (measured on 2 shared cores: 768 x 768 eigh
+# at times 9-17 s on 2 threads, at most 0.14 s on one); up to this size one thread is as fast
+# even on idle cores.
+SINGLE_THREAD_EIGH_MAX_DIM = 1024
+
+
+@contextlib.contextmanager
+def _one_thread_for(m: Tensor):
+    threads = torch.get_num_threads()
+    if m.device.type != "cpu" or len(m) > SINGLE_THREAD_EIGH_MAX_DIM or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _eigenbasis(gram: Tensor) -> Tensor:
     """Eigenvectors of a symmetric matrix, by decreasing eigenvalue (eigh; float64 if it fails)."""
     m = gram.to(_compute_dtype(gram))
     eye = torch.eye(len(m), dtype=m.dtype, device=m.device)
-    try:
-        q = torch.linalg.eigh(m + 1e-30 * eye)[1]
-    except RuntimeError:
-        q = torch.linalg.eigh(m.double() + 1e-30 * eye.double())[1].to(m.dtype)
+    with _one_thread_for(m):
+        try:
+            q = torch.linalg.eigh(m + 1e-30 * eye)[1]
+        except RuntimeError:
+            q = torch.linalg.eigh(m.double() + 1e-30 * eye.double())[1].to(m.dtype)
     return q.flip(1)
 
 
