@@ -14,13 +14,11 @@ the peers are optional (skipped when not installed).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from step_speed import THREADS, WORKLOADS, make_tensors
+from step_speed import THREADS, WORKLOADS, interleaved_medians, make_tensors
 
 import optforge
 
@@ -72,17 +70,8 @@ def main() -> None:
             failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
             continue
         opts[name] = opt
-    times: dict[str, list[float]] = {name: [] for name in opts}
-    for r in range(args.rounds):
-        order = list(opts)
-        order = order[r % len(order):] + order[:r % len(order)]
-        for name in order:
-            for _ in range(args.steps_per_round):
-                give_grads(opts[name], grads)
-                start = time.perf_counter()
-                opts[name].step()
-                times[name].append(time.perf_counter() - start)
-    median = {name: statistics.median(ts) for name, ts in times.items()}
+    median = interleaved_medians(opts, args.rounds, args.steps_per_round,
+                                 before_step=lambda opt: give_grads(opt, grads))
     base = median["torch.AdamW[foreach]"]
     print(f"workload {workload.name}: {workload.n_tensors} tensors, {workload.n_params:,} params; "
           f"{args.threads} thread(s); median of {args.rounds * args.steps_per_round} steps each")

@@ -21,13 +21,11 @@ mean step at ``precondition_frequency=100``: plain + (roots - plain) / 100.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from step_speed import THREADS, WORKLOADS, make_tensors
+from step_speed import THREADS, WORKLOADS, interleaved_medians, make_tensors
 
 import optforge
 
@@ -88,16 +86,7 @@ def main() -> None:
         opt = opts[name] = make(params)
         opt.step()                                    # untimed: creates state, computes roots
         getattr(opt, "first_step_done", lambda: None)()
-    times: dict[str, list[float]] = {name: [] for name in opts}
-    for r in range(args.rounds):
-        order = list(opts)
-        order = order[r % len(order):] + order[:r % len(order)]   # each entry leads once in turn
-        for name in order:
-            for _ in range(args.steps_per_round):
-                start = time.perf_counter()
-                opts[name].step()
-                times[name].append(time.perf_counter() - start)
-    median = {name: statistics.median(ts) for name, ts in times.items()}
+    median = interleaved_medians(opts, args.rounds, args.steps_per_round)
     base = median["torch.AdamW[foreach]"]
     print(f"workload {workload.name}: {workload.n_tensors} tensors, {workload.n_params:,} params; "
           f"{args.threads} thread(s); median of {args.rounds * args.steps_per_round} steps each")

@@ -104,6 +104,22 @@ for _w in WORKLOADS.values():  # the counts DESIGN.md states
     assert sum(math.prod(s) for s in _w.shapes) == _w.n_params, _w.name
 
 
+def interleaved_medians(opts: dict[str, Any], rounds: int, steps_per_round: int,
+                        before_step: Callable[[Any], None] = lambda opt: None) -> dict[str, float]:
+    """Median seconds of ``opt.step()`` per entry, entries interleaved in rounds (each leads
+    once in turn); ``before_step`` runs untimed before every step."""
+    times: dict[str, list[float]] = {name: [] for name in opts}
+    for r in range(rounds):
+        order = list(opts)
+        for name in order[r % len(order):] + order[:r % len(order)]:
+            for _ in range(steps_per_round):
+                before_step(opts[name])
+                start = time.perf_counter()
+                opts[name].step()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def make_tensors(w: Workload, seed: int) -> list[Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(s, generator=gen, dtype=DTYPE) for s in w.shapes]

@@ -168,6 +168,16 @@ def run_rank(rank: int, ports: tuple[int, int], out: str) -> None:
         torch.save(results, out)
 
 
+def _refusal(opt, p) -> dict:
+    """Step ``opt``: the ValueError it raises, and whether ``p`` and the state were left as they were."""
+    before = p.to_local().clone()
+    try:
+        opt.step()
+    except ValueError as err:
+        return {"error": str(err), "unchanged": torch.equal(p.to_local(), before) and not opt.state}
+    return {"error": None}
+
+
 def run_cases(rank: int, world: int) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -223,12 +233,7 @@ def run_cases(rank: int, world: int) -> dict:
         p = nn.Parameter(DTensor.from_local(torch.ones(3, 4, dtype=torch.float64), mesh, [Partial()]))
         p.grad = DTensor.from_local(torch.ones(3, 4, dtype=torch.float64), mesh, [Partial()])
         opt = of.get_optimizer_info(name).cls([p], lr=0.1)
-        before = p.to_local().clone()
-        try:
-            opt.step()
-        except ValueError as err:
-            return {"error": str(err), "unchanged": torch.equal(p.to_local(), before) and not opt.state}
-        return {"error": None}
+        return _refusal(opt, p)
 
     for name in ("muon", "soap"):
         _case(results, ("refuse", name), refused, name)
@@ -241,12 +246,7 @@ def run_cases(rank: int, world: int) -> dict:
         p = nn.Parameter(distribute_tensor(torch.ones(4, 3, dtype=torch.bfloat16), mesh, [Shard(0)]))
         p.grad = distribute_tensor(torch.ones(4, 3, dtype=torch.bfloat16), mesh, [Shard(0)])
         opt = of.Muon([p], lr=0.1).configure(fp32_state=True)
-        before = p.to_local().clone()
-        try:
-            opt.step()
-        except ValueError as err:
-            return {"error": str(err), "unchanged": torch.equal(p.to_local(), before) and not opt.state}
-        return {"error": None}
+        return _refusal(opt, p)
 
     _case(results, ("refuse", "low_precision"), refused_low_precision)
 
