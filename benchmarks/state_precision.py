@@ -14,8 +14,10 @@ Sections (each prints a Markdown table; docs/memory.md shows the results):
   bitsandbytes' and torchao's 8-bit, 4-bit and FP8 AdamW on the same run when installed.
 - ``quality``: a compare task's MLP (``--task digits``: 64-128-10, batch 64; ``mnist1d``: the
   paper's MLP, batch 100), AdamW, Lion, AdEMAMix, Adan, ADOPT, AdaBelief and Compass with
-  float32, int8 and int4 state, every tensor's state low-bit (``--min-quantized-size 0``, the
-  default here), 3 seeds: final train loss and test accuracy.
+  float32, int8 and int4 state (the default ``min_quantized_size``; ``--min-quantized-size 0``
+  makes every tensor's state low-bit), 3 seeds: test accuracy and final train loss, each
+  against float32's; ``--save`` keeps the runs (curves included), ``--load`` reports saved
+  ones merged, ``--plot`` draws the curves.
 - ``codes``: the measurements behind the codes optforge picks: the fidelity of int8 and int4
   AdamW with other codes for the first and second moment (power 1 is a linear code, power 2
   spends the levels near zero; SR is stochastic rounding), and the digits quality of int4
@@ -26,7 +28,9 @@ Sections (each prints a Markdown table; docs/memory.md shows the results):
   resident memory a step adds (Linux: the high-water mark, reset before each step).
 
     python benchmarks/state_precision.py bytes fidelity        # a few minutes on 2 cores
-    python benchmarks/state_precision.py quality --steps 1000
+    python benchmarks/state_precision.py quality --steps 1000 --save digits.json --plot digits.png
+    python benchmarks/state_precision.py quality --task mnist1d --steps 2000 --optimizers adamw,lion \\
+        --save a.json      # then: quality --load a.json b.json --plot mnist1d.png
     python benchmarks/state_precision.py speed --rounds 5
 """
 
@@ -166,35 +170,132 @@ def fidelity_section(args: argparse.Namespace) -> None:
 
 # ---- quality --------------------------------------------------------------------------------
 QUALITY_OPTIMIZERS = ("adamw", "lion", "ademamix", "adan", "adopt", "adabelief", "compass")
+QUALITY_PRECISIONS = ("float32", "int8", "int4")
 
 
-def quality_section(args: argparse.Namespace) -> None:
+def quality_runs(args: argparse.Namespace) -> dict:
+    """Train every optimizer of ``--optimizers`` with every precision of ``--precisions``:
+    per run its seed, test accuracy, final train loss and curves (JSON-ready)."""
     from optforge.compare.runner import Settings, train_run
     from optforge.compare.tasks import get_task
 
     task = get_task(args.task, "mlp")
     data = task.load()
-    settings = Settings(steps=args.steps, batch_size=task.batch_size, log_every=50, eval_every=args.steps,
-                        target=None)
-    rows = []
-    for name in QUALITY_OPTIMIZERS:
+    settings = Settings(steps=args.steps, batch_size=task.batch_size, log_every=50,
+                        eval_every=max(args.steps // 20, 1), target=None)
+    out: dict = dict(task=args.task, steps=args.steps, min_quantized_size=args.min_quantized_size, runs={})
+    for name in args.optimizers.split(","):
         info = of.get_optimizer_info(name)
         lr = info.compare_lr or info.defaults.get("lr", 1e-3)
-        row, base = [name], None
-        for precision in (None, "int8", "int4"):
-            hp = dict(lr=lr, state_precision=precision, min_quantized_size=args.min_quantized_size)
+        for precision in args.precisions.split(","):
+            hp = dict(lr=lr, state_precision=None if precision == "float32" else precision,
+                      min_quantized_size=args.min_quantized_size)
             runs = [train_run(task, data, name, hp, seed, settings) for seed in range(args.seeds)]
-            loss = statistics.mean(r.final_train_loss for r in runs)
-            accs = [r.final_test_metric for r in runs]
-            acc, spread = statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0
-            base = base or (loss, acc)
-            row.append(f"{acc:.2f} ±{spread:.2f} / {loss:.4f}" if precision is None else
-                       f"{acc:.2f} ±{spread:.2f} ({acc - base[1]:+.2f}) / {loss:.4f}")
+            out["runs"].setdefault(name, {})[precision] = [dict(
+                seed=r.seed, test_accuracy=r.final_test_metric, final_train_loss=r.final_train_loss,
+                train_loss=r.train_loss, val_accuracy=r.val_metric) for r in runs]
+            done = ", ".join(f"{r.final_test_metric:.2f} / {r.final_train_loss:.4f}" for r in runs)
+            print(f"  {name} {precision}: {done}", flush=True)
+    return out
+
+
+def quality_merged(paths: list[str]) -> dict:
+    """Runs saved by ``--save`` (e.g. optimizers run in separate processes), merged: they must
+    share the task, the steps and the threshold."""
+    import json
+
+    merged: dict | None = None
+    for path in paths:
+        with open(path) as f:
+            res = json.load(f)
+        if merged is None:
+            merged = res
+            continue
+        for key in ("task", "steps", "min_quantized_size"):
+            if res[key] != merged[key]:
+                raise ValueError(f"{path}: {key} is {res[key]!r}, not {merged[key]!r} as in {paths[0]}")
+        for name, by_precision in res["runs"].items():
+            merged["runs"].setdefault(name, {}).update(by_precision)
+    return merged
+
+
+def quality_table(res: dict) -> str:
+    """Test accuracy (mean ±sd over seeds, difference to float32) / final train loss (its
+    relative difference to float32), per optimizer and precision."""
+    precisions = [p for p in QUALITY_PRECISIONS if any(p in r for r in res["runs"].values())]
+    rows = []
+    for name, by_precision in res["runs"].items():
+        row, base = [name], None
+        for precision in precisions:
+            runs = by_precision.get(precision)
+            if not runs:
+                row.append("")
+                continue
+            accs = [r["test_accuracy"] for r in runs]
+            acc, loss = statistics.mean(accs), statistics.mean(r["final_train_loss"] for r in runs)
+            spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            if precision == "float32":
+                base = (acc, loss)
+                row.append(f"{acc:.2f} ±{spread:.2f} / {loss:.4f}")
+            elif base is None:
+                row.append(f"{acc:.2f} ±{spread:.2f} / {loss:.4f}")
+            else:
+                row.append(f"{acc:.2f} ±{spread:.2f} ({acc - base[0]:+.2f}) / {loss:.4f} "
+                           f"({100 * (loss / base[1] - 1):+.0f} %)")
         rows.append(row)
-        print(f"  {name} done: " + " | ".join(row[1:]), flush=True)
-    print(f"\n{args.task} MLP, {args.steps} steps, {args.seeds} seeds, min_quantized_size="
-          f"{args.min_quantized_size}: test accuracy % ±sd over seeds (vs float32) / final train loss\n")
-    print(table(["optimizer", "float32", "int8", "int4"], rows))
+    return table(["optimizer", *precisions], rows)
+
+
+def quality_plot(res: dict, path: str) -> None:
+    """Train loss (log scale) and validation accuracy against step, one panel pair per
+    optimizer, one colour per precision (the mean over seeds)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = list(res["runs"])
+    fig = Figure(figsize=(3.2 * len(names), 5.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, len(names), squeeze=False)
+    for col, name in enumerate(names):
+        for i, precision in enumerate(QUALITY_PRECISIONS):
+            runs = res["runs"][name].get(precision)
+            if not runs:
+                continue
+            for row, key in enumerate(("train_loss", "val_accuracy")):
+                steps = runs[0][key]["step"]
+                mean = [statistics.mean(r[key]["value"][j] for r in runs) for j in range(len(steps))]
+                axes[row][col].plot(steps, mean, color=f"C{i}", lw=1.2, label=precision)
+        axes[0][col].set_title(name)
+        axes[0][col].set_yscale("log")
+        late = [v for p in res["runs"][name].values() for r in p
+                for v in r["val_accuracy"]["value"][len(r["val_accuracy"]["value"]) // 3:]]
+        if late:
+            axes[1][col].set_ylim(min(late) - 1, max(late) + 1)
+        axes[1][col].set_xlabel("step")
+        for ax in axes[:, col]:
+            ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("train loss (mean of 50 steps)")
+    axes[1][0].set_ylabel("validation accuracy %")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{res['task']} MLP, {res['steps']} steps, min_quantized_size={res['min_quantized_size']}: "
+                 "mean over seeds")
+    fig.savefig(path, dpi=90)
+
+
+def quality_section(args: argparse.Namespace) -> None:
+    import json
+
+    res = quality_merged(args.load) if args.load else quality_runs(args)
+    if args.save:
+        with open(args.save, "w") as f:
+            json.dump(res, f)
+    if args.plot:
+        quality_plot(res, args.plot)
+    seeds = len(next(iter(next(iter(res["runs"].values())).values())))
+    print(f"\n{res['task']} MLP, {res['steps']} steps, {seeds} seeds, min_quantized_size="
+          f"{res['min_quantized_size']}: test accuracy % ±sd over seeds (vs float32) / final train loss "
+          "(vs float32)\n")
+    print(quality_table(res))
 
 
 # ---- speed ----------------------------------------------------------------------------------
@@ -350,8 +451,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="quality: seeds")
     parser.add_argument("--task", default="digits", choices=["digits", "mnist1d"],
                         help="quality: the compare task (its MLP)")
-    parser.add_argument("--min-quantized-size", type=int, default=0,
-                        help="quality: tensors below this keep full-precision state (0: none do)")
+    parser.add_argument("--min-quantized-size", type=int, default=4096,
+                        help="quality: tensors below this keep full-precision state (the default's)")
+    parser.add_argument("--optimizers", default=",".join(QUALITY_OPTIMIZERS), help="quality: which")
+    parser.add_argument("--precisions", default=",".join(QUALITY_PRECISIONS), help="quality: which")
+    parser.add_argument("--save", help="quality: write the runs (curves included) to this JSON file")
+    parser.add_argument("--load", nargs="+", help="quality: report saved runs (merged) instead of training")
+    parser.add_argument("--plot", help="quality: draw the curves into this PNG file")
     parser.add_argument("--rounds", type=int, default=5, help="speed: timed rounds")
     parser.add_argument("--threads", type=int, default=THREADS, help="speed: torch threads")
     args = parser.parse_args()
