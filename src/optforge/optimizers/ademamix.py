@@ -59,7 +59,7 @@ class AdEMAMix(Optimizer):
     constraints = dict(betas=beta_tuple(3), eps=non_negative, alpha=non_negative,
                        beta3_warmup=integer_at_least(0), alpha_warmup=integer_at_least(0))
     state_names = ("exp_avg_fast", "exp_avg_slow", "exp_avg_sq")
-    state_kinds = dict(exp_avg_sq="non_negative")
+    state_kinds = dict(exp_avg_slow="slow", exp_avg_sq="non_negative")
 
     def __init__(self, params: ParamsT, lr: float = 1e-3,
                  betas: tuple[float, float, float] = (0.9, 0.999, 0.9999),
