@@ -20,8 +20,10 @@ Sections (each prints a Markdown table; docs/memory.md shows the results):
   ones merged, ``--plot`` draws the curves.
 - ``codes``: the measurements behind the codes optforge picks: the fidelity of int8 and int4
   AdamW with other codes for the first and second moment (power 1 is a linear code, power 2
-  spends the levels near zero; SR is stochastic rounding), and the digits quality of int4
-  with nearest and stochastic rounding of the signed states.
+  spends the levels near zero; SR is stochastic rounding), the digits quality of int4
+  with nearest and stochastic rounding of the signed states, and the MNIST-1D quality of int4
+  with the second moment rounded to nearest or stochastically and AdEMAMix's slow average in
+  int4 or int8.
 - ``speed``: ``opt.step()`` time on one 4096 x 4096 float32 tensor (16.8M parameters),
   2 threads, a fixed random gradient; entries interleaved in rounds, the median step of each
   as a ratio to optforge AdamW ``fused=True`` (torch's fused kernel) in float32, and the peak
@@ -176,6 +178,8 @@ QUALITY_PRECISIONS = ("float32", "int8", "int4")
 def quality_runs(args: argparse.Namespace) -> dict:
     """Train every optimizer of ``--optimizers`` with every precision of ``--precisions``:
     per run its seed, test accuracy, final train loss and curves (JSON-ready)."""
+    import json
+
     from optforge.compare.runner import Settings, train_run
     from optforge.compare.tasks import get_task
 
@@ -196,6 +200,9 @@ def quality_runs(args: argparse.Namespace) -> dict:
                 train_loss=r.train_loss, val_accuracy=r.val_metric) for r in runs]
             done = ", ".join(f"{r.final_test_metric:.2f} / {r.final_train_loss:.4f}" for r in runs)
             print(f"  {name} {precision}: {done}", flush=True)
+            if args.save:                  # as it goes: a long run stopped early keeps what it did
+                with open(args.save, "w") as f:
+                    json.dump(out, f)
     return out
 
 
@@ -367,18 +374,18 @@ def speed_section(args: argparse.Namespace) -> None:
 
 # ---- codes ----------------------------------------------------------------------------------
 @contextlib.contextmanager
-def codes_as(precision: str, signed: Code, non_negative: Code):
-    """Low-bit state of ``precision`` coded with other codes, for the duration."""
+def codes_as(precision: str, **codes: Code):
+    """Low-bit state of ``precision`` coded with other codes (state kind -> code), for the duration."""
     kinds = formats.CODES[precision]
     saved = dict(kinds)
-    kinds.update(signed=signed, sign=signed, non_negative=non_negative)
+    kinds.update(codes)
     try:
         yield
     finally:
         kinds.update(saved)
 
 
-def power_code(bits: int, block: int, power: int, signed: bool, stochastic: bool = False) -> Code:
+def power_code(bits: int, block: int, power: int, signed: bool, stochastic: bool = False) -> PowerCode:
     scale = torch.bfloat16 if bits == 4 and block < 128 else torch.float32
     name = f"int{bits}-{'s' if signed else 'u'}-p{power}-b{block}{'-sr' if stochastic else ''}"
     return PowerCode(name, bits, block, power, signed, stochastic, scale_dtype=scale)
@@ -400,9 +407,11 @@ def codes_section(args: argparse.Namespace) -> None:
                 for pm in (1, 2) for pv in (1, 2)]
     variants += [("int4", power_code(4, block, pm, True, sr), power_code(4, block, pv, False))
                  for block in (128, 64) for pm in (1, 2) for sr in (False, True) for pv in (1, 2)]
+    variants += [("int4", power_code(4, 64, 1, True, True), power_code(4, 64, pv, False, True))
+                 for pv in (1, 2)]
     rows = []
     for precision, signed, non_negative in variants:
-        with codes_as(precision, signed, non_negative):
+        with codes_as(precision, signed=signed, sign=signed, non_negative=non_negative):
             model = make()
             opt = of.AdamW(model.parameters(), **kw).configure(state_precision=precision)
             params, _ = train_params(model, opt, batch, args.fidelity_steps)
@@ -428,7 +437,7 @@ def codes_section(args: argparse.Namespace) -> None:
         row = [name]
         for stochastic in (None, False, True):
             signed = power_code(4, 64, 1, True, bool(stochastic))
-            with codes_as("int4", signed, formats.CODES["int4"]["non_negative"]):
+            with codes_as("int4", signed=signed, sign=signed):
                 hp = dict(lr=lr, state_precision=None if stochastic is None else "int4", min_quantized_size=0)
                 runs = [train_run(task, data, name, hp, seed, settings) for seed in range(args.seeds)]
             row.append(f"{statistics.mean(r.final_test_metric for r in runs):.2f} / "
@@ -437,6 +446,40 @@ def codes_section(args: argparse.Namespace) -> None:
     print(f"\nint4 signed states rounded to nearest or stochastically: digits MLP, {args.steps} steps, "
           f"{args.seeds} seeds, test accuracy % / final train loss\n")
     print(table(["optimizer", "float32", "int4 nearest", "int4 stochastic"], rows))
+    int4_averages(args)
+
+
+def int4_averages(args: argparse.Namespace) -> None:
+    """MNIST-1D (default threshold): int4's second moment rounded to nearest or stochastically,
+    and AdEMAMix's slow average (beta3 = 0.9999) in int4 or int8."""
+    from optforge.compare.runner import Settings, train_run
+    from optforge.compare.tasks import get_task
+
+    task = get_task("mnist1d", "mlp")
+    data = task.load()
+    settings = Settings(steps=2000, batch_size=task.batch_size, log_every=50, eval_every=2000, target=None)
+    chosen = formats.CODES["int4"]
+    nearest = power_code(4, 64, 2, False)
+    variants = [("adamw", "float32", None), ("adamw", "second moment nearest", dict(non_negative=nearest)),
+                ("adamw", "second moment stochastic (optforge)", {}),
+                ("ademamix", "float32", None),
+                ("ademamix", "slow average int4, second moment nearest",
+                 dict(slow=chosen["signed"], non_negative=nearest)),
+                ("ademamix", "slow average int4", dict(slow=chosen["signed"])),
+                ("ademamix", "slow average int8, second moment nearest", dict(non_negative=nearest)),
+                ("ademamix", "slow average int8 (optforge)", {})]
+    rows = []
+    for name, what, codes in variants:
+        info = of.get_optimizer_info(name)
+        hp = dict(lr=info.compare_lr or info.defaults.get("lr", 1e-3),
+                  state_precision=None if codes is None else "int4")
+        with codes_as("int4", **(codes or {})):
+            runs = [train_run(task, data, name, hp, seed, settings) for seed in range(args.seeds)]
+        rows.append([name, what, f"{statistics.mean(r.final_test_metric for r in runs):.2f}",
+                     f"{statistics.mean(r.final_train_loss for r in runs):.4f}"])
+        print(f"  {name} {what}: {rows[-1][2]} / {rows[-1][3]}", flush=True)
+    print(f"\nint4 averages: MNIST-1D MLP, 2000 steps, {args.seeds} seeds, default min_quantized_size\n")
+    print(table(["optimizer", "int4 codes", "test accuracy %", "final train loss"], rows))
 
 
 SECTIONS = dict(bytes=bytes_section, fidelity=fidelity_section, quality=quality_section, codes=codes_section,

@@ -103,7 +103,7 @@ class Optimizer(torch.optim.Optimizer):
     - ``state_names``: per-parameter state tensors (torch's names), created by ``init_state``
       (zeros like the parameter unless overridden). ``step`` is kept by the base.
     - ``state_kinds``: for low-bit state (``state_precision``), which states are
-      non-negative, sign-only or kept in full precision (others are signed).
+      non-negative, sign-only, slow averages or kept in full precision (others are signed).
     - ``update(group, p, g, s, t)``: the algorithm, over :class:`TensorList` s of one
       (device, dtype) bucket. ``g`` is read-only (it may be the user's ``p.grad``); ``s`` maps a
       state name to its list; ``t`` is the list of step counts (1 on the first step).
@@ -112,7 +112,8 @@ class Optimizer(torch.optim.Optimizer):
     constraints: ClassVar[dict[str, Constraint]] = {}
     state_names: ClassVar[tuple[str, ...]] = ()
     #: How ``state_precision`` may store each state (see :mod:`optforge.lowbit`): "signed"
-    #: (the default), "non_negative", "sign" (only its sign matters) or "full" (never lowered).
+    #: (the default), "non_negative", "sign" (only its sign matters), "slow" (a signed average
+    #: with beta near 1: int8 under int4) or "full" (never lowered).
     state_kinds: ClassVar[dict[str, str]] = {}
     #: Complex parameters are optimized as ``torch.view_as_real`` pairs (as torch.optim does).
     #: An optimizer whose update is not elementwise sets this to False to refuse them.
