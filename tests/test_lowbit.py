@@ -188,6 +188,17 @@ def test_small_tensors_and_full_kinds_keep_full_precision():
     assert torch.is_tensor(sf.state[big]["z"]) and isinstance(sf.state[big]["exp_avg_sq"], LowBitState)
 
 
+def test_a_slow_average_is_kept_in_int8_under_int4():
+    w = nn.Parameter(torch.randn(64, 64))
+    w.grad = torch.randn(64, 64)
+    opt = of.AdEMAMix([w]).configure(state_precision="int4")
+    opt.step()
+    codes = {name: x.code for name, x in opt.state[w].items() if name != "step"}
+    assert codes["exp_avg_slow"] is CODES["int4"]["slow"] and codes["exp_avg_slow"].bits == 8
+    assert codes["exp_avg_fast"].bits == 4 and codes["exp_avg_sq"].bits == 4
+    assert {c.block for c in codes.values()} == {64}       # one block size: one fused pass
+
+
 def test_per_group_precision():
     a, b = nn.Parameter(torch.randn(100, 100)), nn.Parameter(torch.randn(100, 100))
     opt = of.Lion([{"params": [a], "state_precision": "int4"}, {"params": [b]}], lr=1e-3)
