@@ -289,7 +289,8 @@ def test_fsdp2_lbfgs_resumes_from_a_per_rank_torch_save(results):
 @pytest.mark.parametrize("case,message", [
     ("flat_into_sharded", r"LBFGS cannot continue the state of parameter 0 \(a DTensor of shape \(8, 6\) "
                           r"with placements \(Shard\(dim=0\),\) on .*\) with DTensor parameters: its 'd' is "
-                          r"a plain tensor of shape \(107,\)\..* resume it with plain parameters"),
+                          r"a plain tensor of shape \(107,\) \(torch.float64\)\..* resume it with plain "
+                          r"parameters"),
     ("sharded_into_flat", r"LBFGS cannot continue this state with plain parameters: it holds vectors per "
                           r"parameter, .* not flat vectors of all 107 entries"),
 ])
