@@ -133,6 +133,9 @@ def run_group(rank: int, world: int, port: int, out: str, directory: str, cases:
 
     for case in cases:
         run(("resumed", label(case)), resume, case, rank, world, directory)
+    from distributed_lowbit import resume_low_bit
+
+    resume_low_bit(results, run, rank, world, directory)
     if world == 4:
         for case in tp_cases:
             run(("tp", label(case)), tensor_parallel, case, rank)
