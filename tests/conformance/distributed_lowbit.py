@@ -1,6 +1,7 @@
-"""Low-bit optimizer state (``state_precision``) under FSDP2 and DDP, for test_distributed.py:
-``run_low_bit`` runs in its group of 2 ranks (and saves the checkpoints), ``resume_low_bit`` in
-its groups of 1 and 4. Each rank quantizes its local shard in blocks of its own; two models:
+"""Low-bit optimizer state (``state_precision``) under FSDP2, HSDP and DDP, for
+test_distributed.py: ``run_low_bit`` runs in its group of 2 ranks (and saves the checkpoints),
+``resume_low_bit`` in its groups of 1 and 4. Each rank quantizes its local shard in blocks of
+its own; two models:
 
 - ``aligned``: the low-bit weights' shards on 2 ranks are whole blocks (256 of 512 entries:
   whole blocks of every code), so the blocks are the unsharded run's;
@@ -19,6 +20,8 @@ from torch import nn
 
 STEPS, SAVED_AT = 5, 3
 MIN_SIZE = {"aligned": 256, "uneven": 30}     # below it, full precision (the biases of "aligned")
+#: fused=True too (a compile each): the paths without and with stochastic rounding
+FUSED = ("int8", "int4")
 #: (precision, fused, how): checkpoints resumed at the same world size
 RESUMED = [("int8", False, "torch"), ("int4", True, "torch"), ("int4", False, "dcp"), ("fp8", False, "dcp")]
 
@@ -203,7 +206,7 @@ def run_low_bit(results: dict, case, rank: int, directory: str) -> None:
         return {"error": None}
 
     for precision in PRECISIONS:
-        for fused in (False, True):
+        for fused in (False, True) if precision in FUSED else (False,):
             case(results, ("low_bit_fixed_grads", precision, fused), fsdp_fixed_grads, precision, fused)
         case(results, ("low_bit_uneven", precision, False), fsdp_trained, "uneven", "adamw", precision, False)
         case(results, ("low_bit_ddp", precision), ddp, precision)
@@ -244,5 +247,24 @@ def resume_low_bit(results: dict, run, rank: int, world: int, directory: str) ->
         train(model, opt, *data("uneven", rank, world), STEPS - SAVED_AT)
         return {"params": flat(model.parameters()), **decoded_state(opt)}
 
+    def hsdp():
+        """HSDP on a 2 x 2 mesh: replicated over "replicate", sharded over "shard" (2 ranks a
+        replica, so the shards are the 2-rank FSDP2 ones: whole blocks)."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+        model = make("aligned")
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = optimizer("aligned", model.parameters(), "int4")
+        train(model, opt, *data("aligned", rank, world), STEPS)
+        placements = repr(next(model.parameters()).placements)
+        return {"params": flat(model.parameters()), "placements": placements, **decoded_state(opt)}
+
     run(("low_bit_resumed", "refused"), low_bit_checkpoint)
     run(("low_bit_resumed", "full"), full_precision_checkpoint)
+    if world == 4:
+        run(("low_bit_hsdp",), hsdp)

@@ -22,6 +22,7 @@
 - ``skip_nonfinite`` decides alike on every rank (a NaN in one rank's shard skips the step
   everywhere)."""
 
+import functools
 import re
 import resource
 import socket
@@ -32,7 +33,7 @@ import torch
 import torch.distributed as dist
 from conformance_cases import INFOS, has_fused, optimizer_kwargs
 from distributed_checkpoint import WRAPPED_KINDS, label, run_group
-from distributed_lowbit import RESUMED
+from distributed_lowbit import FUSED, RESUMED
 from distributed_worker import (
     LBFGS_CASES,
     WRAPPED,
@@ -262,7 +263,8 @@ def test_a_partial_placement_is_refused_clearly(resumed):
 QUANTIZATION_BOUND = 1.5
 
 
-def one_process(kind, precision, name="adamw", fused=False, fixed_grads=False, steps=None):
+@functools.cache
+def one_process(kind, precision, name="adamw", fused=False, fixed_grads=False):
     from distributed_lowbit import STEPS, data, decoded_state, make, optimizer, train, train_on_fixed_grads
 
     model = make(kind)
@@ -270,7 +272,7 @@ def one_process(kind, precision, name="adamw", fused=False, fixed_grads=False, s
     if fixed_grads:
         train_on_fixed_grads(model, opt)
     else:
-        train(model, opt, *data(kind), steps or STEPS)
+        train(model, opt, *data(kind), STEPS)
     return {"params": flat(model.parameters()), **decoded_state(opt)}
 
 
@@ -282,10 +284,7 @@ def assert_same_state(a, b, compare=torch.equal):
             assert compare(x[k], y[k]) is not False, k
 
 
-LOW_BIT_FUSED = [("int8", True), ("int4", True)]     # a compile each: the deterministic and stochastic paths
-
-
-@pytest.mark.parametrize("precision,fused", [*((p, False) for p in PRECISIONS), *LOW_BIT_FUSED],
+@pytest.mark.parametrize("precision,fused", [*((p, False) for p in PRECISIONS), *((p, True) for p in FUSED)],
                          ids=lambda v: v if isinstance(v, str) else ("fused" if v else "eager"))
 def test_fsdp2_low_bit_state_in_blocks_of_whole_shards_is_the_unsharded_state_bit_for_bit(
         results, precision, fused):
@@ -371,3 +370,17 @@ def test_fsdp2_low_bit_state_refuses_parameters_sharded_on_another_dim(results, 
                r"parameter of shape \(4, 6\) has placements \(Shard\(dim=1\),\)")
     assert got["error"] and re.search(message, got["error"]), got["error"]
     assert got["unchanged"]
+
+
+def test_hsdp_int4_state_equals_one_process(resumed):
+    """Replicated over one mesh dim, sharded over the other (4 ranks): every replica's shards
+    quantized alike, in whole blocks."""
+    world, got = resumed
+    if world != 4:
+        pytest.skip("the 2 x 2 mesh runs in the 4-rank group")
+    got = ok(got[("low_bit_hsdp",)])
+    assert got["placements"] == "(Replicate(), Shard(dim=0))"
+    expected = one_process("aligned", "int4")
+    assert got["low_bit_entries"] == expected["low_bit_entries"] == 4
+    close(got["params"], expected["params"])
+    assert_same_state(got["state"], expected["state"], close)

@@ -23,7 +23,9 @@ The step decodes a chunk of entries, runs the optimizer's update on it, and enco
 (:mod:`optforge.lowbit.step`); ``fused=True`` does the three in one compiled pass per chunk.
 ``state_dict()`` holds the codes and scales (:class:`LowBitState.to_dict`); a full-precision
 checkpoint loads into a low-bit optimizer (encoded on load) and a low-bit one into a
-full-precision optimizer (decoded). See docs/memory.md.
+full-precision optimizer (decoded). DTensor parameters sharded on dim 0 (FSDP2) keep their
+local shard's state, in blocks of its own (:mod:`optforge.lowbit.shards`). See docs/memory.md
+and docs/distributed.md.
 """
 
 from __future__ import annotations
