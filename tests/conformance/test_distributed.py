@@ -418,6 +418,15 @@ def test_fsdp2_low_bit_checkpoint_at_another_world_size(results, resumed):
     assert gap <= QUANTIZATION_BOUND * quantization_error, (gap, quantization_error)
 
 
+def test_fsdp2_low_bit_state_loads_one_process_checkpoint(results):
+    """Plain codes of whole tensors, loaded by 2 ranks: decoded and encoded per shard, the same
+    values up to the rounding of a scale (the shards are whole blocks here)."""
+    got = ok(results[("low_bit_from_one_process",)])
+    assert got["low_bit_entries"] == 4
+    assert_same_state(got["state"], got["one_process"],
+                      lambda a, b: torch.testing.assert_close(a, b, rtol=1e-6, atol=0))
+
+
 @pytest.mark.parametrize("via_configure", [False, True], ids=["param-group", "configure"])
 def test_fsdp2_low_bit_state_refuses_parameters_sharded_on_another_dim(results, via_configure):
     got = ok(results[("low_bit_refused", via_configure)])
