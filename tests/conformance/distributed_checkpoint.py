@@ -214,6 +214,9 @@ def run_group(rank: int, world: int, port: int, out: str, directory: str, cases:
         run(("resumed", label(case)), resume, case, rank, world, directory)
     if world == 1:
         run(("lbfgs_layouts",), lbfgs_layouts)
+    from distributed_lowbit import resume_low_bit
+
+    resume_low_bit(results, run, rank, world, directory)
     if world == 4:
         for case in tp_cases:
             run(("tp", label(case)), tensor_parallel, case, rank)

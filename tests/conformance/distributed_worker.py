@@ -266,16 +266,9 @@ def run_rank(rank: int, port: int, out: str, cases: list[tuple[str, dict, bool, 
     for case in LBFGS_CASES:
         _case(results, ("fsdp_lbfgs", case), fsdp_lbfgs, case)
 
-    def ddp_low_bit(precision):
-        model = DDP(make_model())
-        opt = of.AdamW(model.parameters(), lr=1e-2).configure(state_precision=precision, min_quantized_size=0)
-        train(model, opt, x, y)
-        params = flat(model.module.parameters())
-        replicas = [torch.empty_like(params) for _ in range(WORLD)]
-        dist.all_gather(replicas, params)
-        return {"params": params, "replicas_equal": all(torch.equal(r, params) for r in replicas)}
+    from distributed_lowbit import run_low_bit
 
-    _case(results, ("ddp_low_bit", "int4"), ddp_low_bit, "int4")
+    run_low_bit(results, _case, rank, directory)
 
     def ddp_lbfgs(case):
         """Every rank's closure returns the loss of the whole batch (its own, averaged over the ranks)."""
@@ -348,9 +341,6 @@ def run_rank(rank: int, port: int, out: str, cases: list[tuple[str, dict, bool, 
         except ValueError as err:
             return {"error": str(err), "unchanged": torch.equal(flat(model.parameters()), before)}
         return {"error": None}
-
-    _case(results, ("refuse", "state_precision"),
-          lambda: refused(lambda ps: of.AdamW([{"params": list(ps), "state_precision": "int8"}])))
 
     _case(results, ("refuse", "sparse_adam"), lambda: refused(lambda ps: of.SparseAdam(ps, lr=0.1)))
 
