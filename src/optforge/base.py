@@ -34,7 +34,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from . import lowbit, paths, step_plan
+from . import eager_chunks, lowbit, paths, step_plan
 from .constraints import Constraint, boolean, non_negative, one_of, tensor_or
 from .distributed import check_supported, is_dtensor, local_shards
 from .distributed_matrix import check_layout
@@ -467,6 +467,9 @@ class Optimizer(torch.optim.Optimizer):
         if group.get("fused") is None and paths.native_applies(self, group, b):
             advance_steps(b.steps, values=False)
             self.fused_update(group, b.p, b.g, b.s, b.steps)
+            return
+        if eager_chunks.applies(self, group, b):   # large CPU buckets: cache-sized chunks
+            eager_chunks.step(self, group, b)
             return
         w = self.prepare(group, b)
         self.update(group, w.p, w.g, w.s, w.t)
