@@ -56,7 +56,8 @@ class _Counter(TorchDispatchMode):
                    if arg.alias_info is not None and arg.alias_info.is_write
                    for a in tree_flatten(value)[0] if isinstance(a, torch.Tensor) and a.numel() == N]
         name = func.__name__.split(".")[0]
-        only_written = name in ("copy_", "zero_", "fill_") or func.__name__.endswith(".out")
+        only_written = name in ("copy_", "zero_", "fill_", "_foreach_copy_", "_foreach_zero_") \
+            or func.__name__.endswith(".out")
         self.reads += len(big) - (len(written) if only_written else 0)
         if written:
             self.writes += len(written)

@@ -14,6 +14,14 @@ operand and one write of each result, and temporaries are chunk-sized (the step 
 parameter-sized scratch). An elementwise update gives the same numbers on any split of its
 tensors; the step counts advance and the gradient transforms run once over the whole bucket.
 
+The chunks run on one thread (``torch.set_num_threads(1)`` for the step, restored after): the
+kernels over a chunk are too short to split across threads, and each split is a
+synchronization that, on a CPU shared with other work, waits for a descheduled thread (one
+``sqrt`` over 4,096 entries measured 30 ms with 2 threads and 8 us with one, at a load
+average of 20 on 2 cores). Other Python threads running torch operations during the step see
+one thread too. On a CPU with many idle cores, one thread may not reach the memory bandwidth
+that many would: set ``CHUNK = None`` there (not measured: docs/benchmarks.md).
+
 Buckets of at most :data:`CHUNK` entries run whole (one chunk is the whole bucket). Not
 chunked: CUDA buckets (foreach kernels there do not go through the CPU's caches, and each chunk
 would cost launches), DTensor, sparse, low-precision (``fp32_state``/``stochastic_rounding``)
@@ -34,9 +42,10 @@ from .weight_decay import apply_weight_decay
 
 __all__ = ["CHUNK", "applies", "chunks", "step"]
 
-#: Entries per chunk (None: never chunk). Measured with ``benchmarks/pass_counts.py --time``
-#: on a 2-core CPU with 2 MiB of L2 per core and 32 MiB of L3: see docs/benchmarks.md.
-CHUNK: int | None = 1 << 17
+#: Entries per chunk (None: never chunk): 1 MiB per float32 operand, so an update's operands
+#: and temporaries fit in a 2 MiB L2 plus a share of L3. Chosen by measurement
+#: (``benchmarks/pass_counts.py --time``, docs/benchmarks.md).
+CHUNK: int | None = 1 << 18
 
 _PLAIN = (Tensor, torch.nn.Parameter)
 _ELIGIBLE: dict[type, bool] = {}
@@ -110,16 +119,28 @@ def step(opt: Any, group: dict[str, Any], b: Any) -> None:
     over the whole bucket)."""
     t = advance_steps(b.steps)
     grads = opt.transform_grads(group, b.g)
-    mode, decay = group["weight_decay_mode"], group["weight_decay"]
     decay_lr = opt.decay_lr(group, t)
     names = list(b.s)
-    for chunk in chunks(b.p, grads, b.s, CHUNK):
-        idx = [i for i, _, _ in chunk]
-        whole = [start == 0 and stop == b.p[i].numel() for i, start, stop in chunk]
-        p, g = _cuts(b.p, chunk, whole), _cuts(grads, chunk, whole)
-        s = {name: _cuts(b.s[name], chunk, whole) for name in names}
-        owned = False
-        if group["maximize"]:
-            g, owned = g.neg(), True
-        g = apply_weight_decay(mode, decay, p, g, _pick(decay_lr, idx), owned)
-        opt.update(group, p, g, s, [t[i] for i in idx])
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        for chunk in chunks(b.p, grads, b.s, CHUNK):
+            _step_chunk(opt, group, b, chunk, t, grads, decay_lr, names)
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
+
+
+def _step_chunk(opt: Any, group: dict[str, Any], b: Any, chunk: list[Piece], t: list[float],
+                grads: Sequence[Tensor], decay_lr: Any, names: list[str]) -> None:
+    idx = [i for i, _, _ in chunk]
+    whole = [start == 0 and stop == b.p[i].numel() for i, start, stop in chunk]
+    p, g = _cuts(b.p, chunk, whole), _cuts(grads, chunk, whole)
+    s = {name: _cuts(b.s[name], chunk, whole) for name in names}
+    owned = False
+    if group["maximize"]:
+        g, owned = g.neg(), True
+    g = apply_weight_decay(group["weight_decay_mode"], group["weight_decay"], p, g,
+                           _pick(decay_lr, idx), owned)
+    opt.update(group, p, g, s, [t[i] for i in idx])
