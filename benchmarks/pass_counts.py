@@ -13,10 +13,12 @@ Timed (``--time``): each elementwise optimizer's eager step on the shared ``one-
 entries as the workload: one read + one write each). "Effective accesses" = step time / (probe
 time / 2): the accesses per parameter a step would make if it ran at the probe's bandwidth.
 Also the scratch each holds between steps (``optforge.scratch.held_bytes``, bytes per
-parameter, one-big), for every registered optimizer.
+parameter, one (2048, 4096) tensor: 32 MiB, the pool's threshold), for every registered
+optimizer but those whose matrix factorizations of that size are too slow to run here.
 
     python benchmarks/pass_counts.py
     python benchmarks/pass_counts.py --time [--rounds 5] [--workloads one-big,many-small]
+    python benchmarks/pass_counts.py --time --scratch-only lamb,mars
 """
 
 from __future__ import annotations
@@ -148,7 +150,8 @@ def time_workload(name: str, rounds: int) -> None:
           f"({8 * n / statistics.median(probe) / 1e9:.1f} GB/s read + write)")
 
 
-def print_scratch(shape: tuple[int, ...] = (4096, 8192), steps: int = 3) -> None:
+def print_scratch(shape: tuple[int, ...] = (2048, 4096), steps: int = 3,
+                  only: list[str] | None = None) -> None:
     """Bytes per parameter of scratch each optimizer's eager step holds between steps."""
     print(f"\nscratch held between steps, bytes per parameter, one ({shape[0]}, {shape[1]}) tensor, "
           f"after {steps} eager steps (whole / in chunks):")
@@ -157,8 +160,9 @@ def print_scratch(shape: tuple[int, ...] = (4096, 8192), steps: int = 3) -> None
     p.grad = torch.randn(shape)
     chunk = eager_chunks.CHUNK
     for info in of.list_optimizers(with_info=True):
-        if info.name in ("lbfgs", "sparse_adam", "soap", "shampoo", "kron"):
-            continue      # a closure / sparse gradients; matrix preconditioners of this size: too slow
+        if info.name in ("lbfgs", "sparse_adam", "soap", "shampoo", "kron", "galore") or (
+                only and info.name not in only):
+            continue      # a closure / sparse gradients; matrix factorizations of this size: too slow
         held = []
         try:
             for size in (None, chunk):
@@ -181,11 +185,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--workloads", default="one-big,many-small")
     ap.add_argument("--no-scratch", action="store_true")
+    ap.add_argument("--scratch-only", help="comma list of optimizers: only their held scratch")
     args = ap.parse_args()
     if not args.time:
         print_counts()
         return
     torch.set_num_threads(2)
+    if args.scratch_only:
+        print_scratch(only=args.scratch_only.split(","))
+        return
     for name in args.workloads.split(","):
         time_workload(name, args.rounds)
     if not args.no_scratch:
