@@ -142,6 +142,9 @@ class Muon(Optimizer):
     #: elements (at least one matrix); 0: one at a time. A stack's iterates are the step's
     #: only temporaries.
     ns_batch_numel: ClassVar[int] = 1 << 22
+    #: A matrix's update can round differently with other same-shape matrices beside it in its
+    #: bucket (a batched matmul's kernel may depend on the batch size).
+    stacks_across_tensors: ClassVar[bool] = True
 
     def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, weight_decay: float = 0.1,
                  momentum: float = 0.95, nesterov: bool = True,
