@@ -211,7 +211,8 @@ class Shampoo(Optimizer):
     def update(self, group, p, g, s, t):
         names = [n for n in self.state_names_for(group) if n in s]
         directions: list[Tensor | None] = [None] * len(p)
-        plain = [i for i, x in enumerate(p) if x.numel() and not is_dtensor(x)]
+        sharded = is_dtensor(p[0])                  # a bucket holds DTensors of one mesh or plain tensors
+        plain = [] if sharded else [i for i, x in enumerate(p) if x.numel()]
         if plain:
             states = {n: [s[n][i] for i in plain] for n in names}
             plan = self._plan(group, [p[i] for i in plain], states)
@@ -220,17 +221,17 @@ class Shampoo(Optimizer):
                 directions[i] = d
         # Whole tensors on the owner of each under FSDP2 (optforge.distributed_matrix), which
         # keeps all of its state; the step itself runs on every rank's shard.
-        sharded = [i for i, x in enumerate(p) if is_dtensor(x)]
         if sharded:
-            results = map_matrices(self, group, [p[i] for i in sharded], [g[i] for i in sharded],
-                                   self._owner_direction(group), batch=False)
-            for i, d in zip(sharded, results):
-                directions[i] = d if d.numel() else None
-        xs = [local(x) for x, d in zip(p, directions) if d is not None]
-        ds = [d for d in directions if d is not None]
+            results = map_matrices(self, group, p, g, self._owner_direction(group), batch=False)
+            directions = [d if d.numel() else None for d in results]
+        if sharded or any(d is None for d in directions):
+            xs = [local(x) for x, d in zip(p, directions) if d is not None]
+            directions = [d for d in directions if d is not None]
+        else:
+            xs = p
         if group["weight_decay_mode"] == "decoupled" and group["weight_decay"] != 0:
-            torch._foreach_add_(ds, xs, alpha=group["weight_decay"])               # D + wd W
-        torch._foreach_add_(xs, ds, alpha=-float(group["lr"]))                     # W <- W - lr (D + wd W)
+            torch._foreach_add_(directions, xs, alpha=group["weight_decay"])       # D + wd W
+        torch._foreach_add_(xs, directions, alpha=-float(group["lr"]))             # W <- W - lr (D + wd W)
 
     def _plan(self, group: dict[str, Any], params: list[Tensor],
               states: dict[str, list[Tensor]]) -> BlockPlan:

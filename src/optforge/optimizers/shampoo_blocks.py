@@ -131,17 +131,33 @@ class Member(NamedTuple):
     roots: list[Tensor]
 
 
-class BlockGroup(NamedTuple):
-    """Every block of one shape (``dims``) across a list of tensors, in tensor order."""
+class BlockGroup:
+    """Every block of one shape (``dims``) across a list of tensors, in tensor order, with the
+    lists of their factors and inverse roots (one per block dim). ``whole``: the tensors' own
+    shape when every member is one whole tensor of that shape (the common case: the blocks are
+    the tensors, stacked without slicing); else None."""
 
-    dims: tuple[int, ...]
-    members: list[Member]
+    def __init__(self, dims: tuple[int, ...], members: list[Member], whole: tuple[int, ...] | None) -> None:
+        self.dims, self.members, self.whole = dims, members, whole
+        self.tensors = [m.tensor for m in members]
+        self.factors = [[m.factors[k] for m in members] for k in range(len(dims))]
+        self.roots = [[m.roots[k] for m in members] for k in range(len(dims))]
 
-    def stack(self, xs: list[Tensor], members: list[Member] | None = None) -> Tensor:
-        """The blocks of the (merged-shape) tensors ``xs`` at the members' slices, stacked (read
-        only: may be a view)."""
-        parts = [gather(xs[m.tensor], m.slices) for m in (self.members if members is None else members)]
+    def stack(self, xs: list[Tensor], merged: list[tuple[int, ...]], members: list[Member]) -> Tensor:
+        """The blocks of the tensors ``xs`` (``merged``: their blocked shapes) at the members'
+        slices, stacked (read only: may be a view)."""
+        if self.whole is not None:
+            index = self.tensors if members is self.members else [m.tensor for m in members]
+            return torch.stack([xs[j] for j in index]).view(len(members), *self.dims)
+        parts = [gather(xs[m.tensor].reshape(merged[m.tensor]), m.slices) for m in members]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def split(self, stacked: Tensor, members: list[Member]) -> list[Tensor]:
+        """``stacked`` cut into the members' parts: their blocks (a whole tensor in its own
+        shape)."""
+        if self.whole is not None:
+            return list(stacked.view(len(members), *self.whole).unbind(0))
+        return _split(stacked, members)
 
 
 class BlockPlan:
@@ -153,11 +169,17 @@ class BlockPlan:
                  max_dim: int) -> None:
         self.factors, self.roots = factors, roots
         self.blocks = [Blocks.of(shape, max_dim) for shape in shapes]
+        self.merged = [b.shape for b in self.blocks]
         by_dims: dict[tuple[int, ...], list[Member]] = {}
         for j, (blocks, f, r) in enumerate(zip(self.blocks, factors, roots)):
             for (dims, slices), fs, rs in zip(blocks.groups, blocks.matrices(f), blocks.matrices(r)):
                 by_dims.setdefault(dims, []).append(Member(j, slices, fs, rs))
-        self.groups = [BlockGroup(dims, members) for dims, members in by_dims.items()]
+        self.groups = []
+        for dims, members in by_dims.items():
+            own = {shapes[m.tensor] for m in members}
+            whole = len(own) == 1 and all(len(self.blocks[m.tensor].groups) == 1 and len(m.slices) == 1
+                                          for m in members)
+            self.groups.append(BlockGroup(dims, members, own.pop() if whole else None))
 
     def holds(self, factors: list[Tensor], roots: list[Tensor]) -> bool:
         return (len(factors) == len(self.factors) and all(map(operator.is_, factors, self.factors))
@@ -167,18 +189,16 @@ class BlockPlan:
         r""":math:`L_k \leftarrow \beta_2 L_k + (1 - \beta_2) G_{(k)} G_{(k)}^\top` for every
         block dim of every block, one batched matmul per block shape and dim (:math:`\beta_2 = 1`:
         a plain sum, as theirs)."""
-        gs = [g.reshape(b.shape) for g, b in zip(grads, self.blocks)]
         for group in self.groups:
-            blocks = group.stack(gs)
+            blocks = group.stack(grads, self.merged, group.members)
             n = blocks.shape[0]
             for k, d in enumerate(group.dims):
                 unfolded = blocks.movedim(k + 1, 1).reshape(n, d, -1)        # G_(k)
                 outer = unfolded @ unfolded.transpose(1, 2)
-                factors = [m.factors[k] for m in group.members]
                 if beta2 != 1:
-                    torch._foreach_mul_(factors, beta2)
-                torch._foreach_add_(factors, _split(outer, group.members),
-                                    alpha=1 - beta2 if beta2 != 1 else 1.0)
+                    torch._foreach_mul_(group.factors[k], beta2)
+                parts = outer.unbind(0) if group.whole is not None else _split(outer, group.members)
+                torch._foreach_add_(group.factors[k], parts, alpha=1 - beta2 if beta2 != 1 else 1.0)
 
     def refresh_roots(self, due: list[bool], bc2: list[float], epsilon: float) -> None:
         r""":math:`X_k = (L_k / bc_2 + \epsilon I)^{-1/(2o)}` for the blocks of the tensors that are
@@ -195,31 +215,36 @@ class BlockPlan:
 
     def directions(self, g_bar: list[Tensor], graft: list[Tensor] | None,
                    skip: list[bool]) -> list[Tensor | None]:
-        r"""Each tensor's :math:`P = \bar G \times_1 X_1 \cdots \times_o X_o`, block by block,
-        with the norm of the grafted direction's block where there is one; None where ``skip``."""
-        gs = [g.reshape(b.shape) for g, b in zip(g_bar, self.blocks)]
-        gr = None if graft is None else [a.reshape(b.shape) for a, b in zip(graft, self.blocks)]
+        r"""Each tensor's :math:`P = \bar G \times_1 X_1 \cdots \times_o X_o`, block by block, with
+        the norm of the grafted direction's block where there is one; None where ``skip``."""
         out: list[Tensor | None] = [None] * len(g_bar)
+        cut: list[int] = []
         for group in self.groups:
-            members = [m for m in group.members if not skip[m.tensor]]
+            members = [m for m in group.members if not skip[m.tensor]] if any(skip) else group.members
             if not members:
                 continue
-            roots = [torch.cat([m.roots[k] for m in members]) if len(members) > 1 else members[0].roots[k]
+            everyone = len(members) == len(group.members)
+            roots = [group.roots[k] if everyone else [m.roots[k] for m in members]
                      for k in range(len(group.dims))]
-            d = precondition(group.stack(gs, members), roots)
-            if gr is not None:                                  # D = |A| / (|P| + 1e-16) P
-                a = group.stack(gr, members)
+            roots = [rs[0] if len(rs) == 1 else torch.cat(rs) for rs in roots]     # (n, d, d) each
+            d = precondition(group.stack(g_bar, self.merged, members), roots)
+            if graft is not None:                                   # D = |A| / (|P| + 1e-16) P
+                a = group.stack(graft, self.merged, members)
                 ratio = a.flatten(1).norm(dim=1) / (d.flatten(1).norm(dim=1) + 1e-16)
                 d.mul_(ratio.view(-1, *[1] * len(group.dims)))
-            for m, part in zip(members, _split(d, members)):
-                blocks = self.blocks[m.tensor]
-                if len(blocks.groups) == 1 and len(m.slices) == 1:      # the whole tensor: a view
-                    out[m.tensor] = part.view(g_bar[m.tensor].shape)
-                    continue
+            if group.whole is not None:
+                for j, part in zip(group.tensors if everyone else [m.tensor for m in members],
+                                   group.split(d, members)):
+                    out[j] = part
+                continue
+            for m, part in zip(members, group.split(d, members)):
                 if out[m.tensor] is None:
-                    out[m.tensor] = torch.empty(blocks.shape, dtype=part.dtype, device=part.device)
+                    out[m.tensor] = torch.empty(self.merged[m.tensor], dtype=part.dtype, device=part.device)
+                    cut.append(m.tensor)
                 scatter(out[m.tensor], m.slices, part)
-        return [None if x is None else x.view(g.shape) for x, g in zip(out, g_bar)]
+        for j in cut:                                               # assembled in blocked shape
+            out[j] = out[j].view(g_bar[j].shape)
+        return out
 
 
 def _split(stacked: Tensor, members: list[Member]) -> list[Tensor]:
