@@ -111,8 +111,10 @@ class Muon(Optimizer):
     (3.4445, -4.7750, 2.0315), as torch's.
 
     ``ns_dtype``: the dtype the Newton-Schulz iteration runs in: ``"bfloat16"`` (the default,
-    as Jordan's and torch's: it is stable in bf16 and fast on accelerators), ``"float32"``,
-    ``"float64"``, or ``"param"``: the parameter's dtype (exact float64 runs, for parity tests).
+    as Jordan's and torch's: it is stable in bf16 and fast on accelerators and on CPUs with
+    native bf16 matmuls, AVX512-BF16 or AMX), ``"float32"`` (faster on CPUs without them, whose
+    bf16 matmuls are emulated: check with ``benchmarks/muon_speed.py``), ``"float64"``, or
+    ``"param"``: the parameter's dtype (exact float64 runs, for parity tests).
     The signature is ``torch.optim.Muon``'s, with its defaults (lr 1e-3, weight decay 0.1;
     Jordan's reference uses lr 0.02 and no decay), then optforge's keyword-only options; the
     AdamW fallback's defaults are Jordan's (betas (0.9, 0.95), eps 1e-10), the iteration
@@ -122,8 +124,11 @@ class Muon(Optimizer):
     here :math:`A, B` are those of the flattened matrix. State: ``step``, ``momentum_buffer``
     (Muon), ``exp_avg``, ``exp_avg_sq`` (AdamW); in a ``use_muon=None`` group holding both
     kinds, a param's unused entries are empty tensors. State dicts move both ways with
-    torch.optim.Muon (whose state has no ``step``). Eager only (per-matrix iterations);
-    ``fused=True`` is refused. Under FSDP2 / tensor parallel (DTensor params) the momentum is
+    torch.optim.Muon (whose state has no ``step``). Same-shape matrices of a (device, dtype)
+    bucket are orthogonalized as one stack, in stacks of up to ``ns_batch_numel`` elements (a
+    class attribute; 0: one matrix at a time): one batched matmul per iteration step instead of
+    one per matrix, and a step's temporaries are those of one stack. Eager only; ``fused=True``
+    is refused. Under FSDP2 / tensor parallel (DTensor params) the momentum is
     sharded like the params and each matrix is orthogonalized by one owner rank
     (:mod:`optforge.distributed_matrix`, docs/distributed.md).
     """

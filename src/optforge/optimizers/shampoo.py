@@ -105,8 +105,10 @@ class Shampoo(Optimizer):
     and AdaGrad grafting). Bytes per parameter, with float32 factors and parameters: 4 for each
     of ``filtered_grad`` and ``grafting_second_moment``, plus :math:`8 \sum_k d_k^2 / \prod_k d_k`
     for a block of dims :math:`d_k` (factors and inverse roots): 28 for a (64, 32) matrix,
-    8 + 8n for a merged vector of n (a (5, 48) matrix: 1928). Eager only (per-block
-    eigendecompositions): ``fused=True`` is refused.
+    8 + 8n for a merged vector of n (a (5, 48) matrix: 1928). Blocks of one shape across the
+    tensors of a (device, dtype) bucket are computed together: one batched matmul per block
+    shape and dim for the factors and the preconditioning, one batched eigendecomposition for
+    the inverse roots. Eager only: ``fused=True`` is refused.
     DTensor parameters (FSDP2, tensor parallel): by owner compute
     (:mod:`optforge.distributed_matrix`): each parameter's whole gradient goes to one owner
     rank, which keeps all of its state whole and returns the direction's shards; the decay
