@@ -30,6 +30,7 @@ ENTRIES = {
     "torch.AdamW[foreach]": lambda ps: torch.optim.AdamW(ps, foreach=True),
     "torch.AdamW[fused]": lambda ps: torch.optim.AdamW(ps, fused=True),
     "optforge.AdamW[default]": lambda ps: of.AdamW(ps),
+    "optforge.AdamW[fused]": lambda ps: of.AdamW(ps, fused=True),
     "optforge.AdamW[eager]": lambda ps: of.AdamW(ps, fused=False),
     "optforge.Lion[eager]": lambda ps: of.Lion(ps, fused=False),
     "optforge.Lion[fused]": lambda ps: of.Lion(ps, fused=True),
