@@ -7,7 +7,8 @@ the entries run interleaved, so machine noise hits all alike).
 For the generated fused kernel (Lion, ``fused=True``) the step is also split into the compiled
 kernel, the copy of the gradients into the flat buffer (``p.grad`` is left alone, so this C++
 copy runs every step) and the rest (Python: the step's checks and bookkeeping), at each count
-(with a fit ``rest = a + b * tensors``) and at ``--split-tensors`` tensors (default 2,000) of
+(median and minimum over the steps: preemption on a loaded machine only adds; with a fit
+``rest = a + b * tensors``) and at ``--split-tensors`` tensors (default 2,000) of
 ``--split-numel`` entries, where the kernel has real work to do.
 
     python benchmarks/step_overhead.py                 # about 2 minutes on 2 cores
@@ -109,7 +110,7 @@ def split_step(opt, steps: int) -> dict[str, float]:
             totals.append(time.perf_counter() - start)
     rest = [t - k - c for t, k, c in zip(totals, parts["kernel"], parts["copy"])]
     return dict(step=statistics.median(totals), kernel=statistics.median(parts["kernel"]),
-                copy=statistics.median(parts["copy"]), rest=statistics.median(rest))
+                copy=statistics.median(parts["copy"]), rest=statistics.median(rest), rest_min=min(rest))
 
 
 def fused_split_table(counts: list[int], numel: int, rounds: int) -> None:
@@ -121,13 +122,14 @@ def fused_split_table(counts: list[int], numel: int, rounds: int) -> None:
     for n in counts:
         _, opt = make(n, numel, lambda ps: of.Lion(ps, fused=True))
         rows[n] = split_step(opt, rounds * max(3, 2000 // n))
-    for part in ("step", "kernel", "copy", "rest"):
+    for part in ("step", "kernel", "copy", "rest", "rest_min"):
         print(f"{part:28s}" + "".join(f"{rows[n][part] / n * 1e6:12.2f}" for n in counts))
     if len(counts) >= 2:
         lo, hi = counts[-2], counts[-1]
-        slope = (rows[hi]["rest"] - rows[lo]["rest"]) / (hi - lo)
-        print(f"rest = {(rows[lo]['rest'] - slope * lo) * 1e6:.1f} us + {slope * 1e6:.3f} us x tensors "
-              f"(fit through {lo} and {hi} tensors)")
+        for part in ("rest", "rest_min"):
+            slope = (rows[hi][part] - rows[lo][part]) / (hi - lo)
+            print(f"{part} = {(rows[lo][part] - slope * lo) * 1e6:.1f} us + {slope * 1e6:.3f} us x tensors "
+                  f"(fit through {lo} and {hi} tensors)")
 
 
 def kernel_share(n: int, numel: int, rounds: int) -> None:
