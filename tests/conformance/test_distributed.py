@@ -271,10 +271,19 @@ def test_dcp_checkpoint_of_2_ranks_resumed_by_1_and_by_4_equals_never_stopping(r
     close(ok(got[("resumed", label(case))])["params"], expected)
 
 
+def test_fsdp2_lbfgs_resumes_from_a_per_rank_torch_save(results):
+    """The same world size: a state dict saved with torch.save on each rank, loaded by a new
+    L-BFGS, 2 steps then 3 more: the parameters of 5 uninterrupted steps of one process."""
+    expected = lbfgs_reference("strong_wolfe", steps=5)
+    assert (expected - lbfgs_reference("strong_wolfe", steps=2)).abs().max() > 1e-6
+    close(ok(results[("fsdp_lbfgs_torch_save", "strong_wolfe")])["params"], expected)
+
+
 @pytest.mark.parametrize("case,message", [
     ("flat_into_sharded", r"LBFGS cannot continue the state of parameter 0 \(a DTensor of shape \(8, 6\) "
                           r"with placements \(Shard\(dim=0\),\) on .*\) with DTensor parameters: its 'd' is "
-                          r"a plain tensor of shape \(107,\)\..* resume it with plain parameters"),
+                          r"a plain tensor of shape \(107,\) \(torch.float64\)\..* resume it with plain "
+                          r"parameters"),
     ("sharded_into_flat", r"LBFGS cannot continue this state with plain parameters: it holds vectors per "
                           r"parameter, .* not flat vectors of all 107 entries"),
 ])
