@@ -52,8 +52,8 @@ def _use_count(storage: torch.UntypedStorage) -> int:
 class _Buffer:
     __slots__ = ("tensor", "storage", "idle_count", "used")
 
-    def __init__(self, like: Tensor) -> None:
-        self.tensor = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    def __init__(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> None:
+        self.tensor = torch.empty(shape, dtype=dtype, device=device)
         self.storage = self.tensor.untyped_storage()
         self.idle_count = _use_count(self.storage)   # the pool's own references
         self.used = False
@@ -84,11 +84,15 @@ class ScratchPool:
     def take(self, like: Tensor) -> Tensor:
         """A contiguous tensor shaped like ``like`` whose memory nothing else refers to (its
         contents are arbitrary): a free buffer of the pool, or a new one."""
-        key = (like.shape, like.dtype, like.device)
+        return self.take_new(like.shape, like.dtype, like.device)
+
+    def take_new(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """:meth:`take` of a tensor of this shape, dtype and device."""
+        key = (torch.Size(shape), dtype, device)
         buffers = self._buffers.setdefault(key, [])
         buf = next((b for b in buffers if b.is_free()), None)
         if buf is None:
-            buf = _Buffer(like)
+            buf = _Buffer(*key)
             buffers.append(buf)
         buf.used = True
         return buf.tensor.detach()   # a new tensor on the buffer's memory: it counts as a use
