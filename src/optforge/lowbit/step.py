@@ -98,9 +98,9 @@ class _Decoded:
                   _joined([x.scales[s] for (x, *_), (_, s) in zip(self.items, ranges)]))
         self.in_place = in_place(code, dtype)
         if self.in_place:
-            n = sum(map(len, parts))
-            joined = buffers.take("codes", n, code.code_dtype)
-            codes = parts[0] if len(parts) == 1 else torch.cat(parts, out=joined)
+            n, codes = sum(map(len, parts)), parts[0]
+            if len(parts) > 1:
+                codes = torch.cat(parts, out=buffers.take("codes", n, torch.int8))
             self.buffer = buffers.take(self.key, n, dtype)
             decode_into(code, codes, scales, self.buffer)
         else:   # (its result may be the codes themselves: bf16 state of bf16 parameters)
