@@ -21,13 +21,16 @@ Sections (each prints a Markdown table; docs/memory.md shows the results):
   spends the levels near zero; SR is stochastic rounding), and the digits quality of int4
   with nearest and stochastic rounding of the signed states.
 - ``speed``: ``opt.step()`` time on one 4096 x 4096 float32 tensor (16.8M parameters),
-  2 threads, a fixed random gradient; entries interleaved in rounds, the median step of each
-  as a ratio to optforge AdamW ``fused=True`` (torch's fused kernel) in float32, and the peak
-  resident memory a step adds (Linux: the high-water mark, reset before each step).
+  2 threads, a fixed random gradient: optforge AdamW eager (``fused=False``) and fused with
+  float32 state and each of ``--precisions``, torch's fused AdamW, bitsandbytes' and torchao's
+  8-bit AdamW; entries interleaved in rounds, the median step of each (wall clock and process
+  CPU time) as a ratio to optforge AdamW ``fused=True`` (torch's fused kernel) and eager in
+  float32, the peak resident memory a step adds (Linux: the high-water mark, reset before
+  each step) and the scratch buffers the optimizer keeps between steps.
 
     python benchmarks/state_precision.py bytes fidelity        # a few minutes on 2 cores
     python benchmarks/state_precision.py quality --steps 1000
-    python benchmarks/state_precision.py speed --rounds 5
+    python benchmarks/state_precision.py speed --rounds 7 --precisions int8 --threads 1
 """
 
 from __future__ import annotations

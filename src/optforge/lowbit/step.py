@@ -33,11 +33,12 @@ Piece = tuple[int, int, int]       # (tensor index in the bucket, first entry, e
 #: rounding keeps the eager pieces, whose positions place its noise.
 FUSED_CHUNK = 1 << 22
 
-#: Entries one eager chunk takes when no state of the bucket rounds stochastically (int8,
-#: fp8): each chunk costs about 40 torch calls beside its arithmetic, and on several threads
-#: as many parallel regions (very slow where other processes share the cores); a chunk's few
-#: float32 buffers (4 MiB each) stay in a 32 MiB L3. Stochastic rounding keeps CHUNK, whose
-#: positions place its noise.
+#: Entries one eager chunk takes when every low-bit state of the bucket is int8 (decoded into
+#: reused buffers): each chunk costs about 40 torch calls beside its arithmetic, and on several
+#: threads as many parallel regions (very slow where other processes share the cores); a
+#: chunk's few float32 buffers (4 MiB each) stay in a 32 MiB L3. The other codes keep CHUNK:
+#: stochastic rounding (bf16, int4) because the chunks place its noise, fp8 because its
+#: temporaries are allocated per chunk (measured slower in larger chunks).
 EAGER_CHUNK = 1 << 20
 
 
@@ -139,8 +140,8 @@ def step_eager(opt: Any, group: dict[str, Any], b: Any, w: Any) -> None:
     index = param_positions(opt)
     names = list(b.s)
     grads: dict[int, Tensor] = {}
-    stochastic = any(x.code.stochastic for xs in b.s.values() for x in xs if isinstance(x, LowBitState))
-    size = CHUNK if stochastic else EAGER_CHUNK
+    low = [x for xs in b.s.values() for x in xs if isinstance(x, LowBitState)]
+    size = EAGER_CHUNK if all(in_place(x.code, w.p[0].dtype) for x in low) else CHUNK
     buffers = ChunkBuffers(w.p[0].device, size)
     for chunk in pieces(w.p, b.s, size):
         dtype = w.p[chunk[0][0]].dtype
