@@ -331,8 +331,8 @@ class _Exchange:
         for i in rnd.items:
             owner = self.owners[i]
             if owner == me:
-                for r in range(self.world):
-                    chunks[r].append(results[i][_index(self.boxes[i][r])])
+                for r in range(self.world):       # fn may compute in another dtype (Muon's bf16)
+                    chunks[r].append(results[i][_index(self.boxes[i][r])].to(self.dtype))
             recv[owner] += _volume(self.boxes[i][me])
         back = _Round(rnd.items)
         self._exchange(back, chunks, recv)
