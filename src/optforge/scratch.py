@@ -8,7 +8,8 @@ large tensor is paid in page faults: on a 2-core CPU, ``v.sqrt()`` of a 128 MiB 
 What: during an eager :meth:`optforge.Optimizer.step`, the out-of-place :class:`TensorList`
 methods (``sqrt``, ``add``, ``mul``, ``clone``, ...) write the results of contiguous CPU tensors
 of at least :data:`MIN_BYTES` into buffers of this optimizer's :class:`ScratchPool` (with
-per-tensor ``torch.<op>(..., out=buffer)``); smaller tensors keep foreach and the heap.
+per-tensor ``torch.<op>(..., out=buffer)``); smaller tensors keep foreach and the heap. The
+eager low-bit step takes its chunk buffers from the same pool (:mod:`optforge.lowbit.buffers`).
 
 - A buffer is reused only when no tensor refers to its memory any more (the storage's use
   count is back to the pool's own references): a temporary still alive, a view of it, or one
