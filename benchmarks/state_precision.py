@@ -25,15 +25,18 @@ Sections (each prints a Markdown table; docs/memory.md shows the results):
   with the second moment rounded to nearest or stochastically and AdEMAMix's slow average in
   int4 or int8.
 - ``speed``: ``opt.step()`` time on one 4096 x 4096 float32 tensor (16.8M parameters),
-  2 threads, a fixed random gradient; entries interleaved in rounds, the median step of each
-  as a ratio to optforge AdamW ``fused=True`` (torch's fused kernel) in float32, and the peak
-  resident memory a step adds (Linux: the high-water mark, reset before each step).
+  2 threads, a fixed random gradient: optforge AdamW eager (``fused=False``) and fused with
+  float32 state and each of ``--precisions``, torch's fused AdamW, bitsandbytes' and torchao's
+  8-bit AdamW; entries interleaved in rounds, the median step of each (wall clock and process
+  CPU time) as a ratio to optforge AdamW ``fused=True`` (torch's fused kernel) and eager in
+  float32, the peak resident memory a step adds (Linux: the high-water mark, reset before
+  each step) and the scratch buffers the optimizer keeps between steps.
 
     python benchmarks/state_precision.py bytes fidelity        # a few minutes on 2 cores
     python benchmarks/state_precision.py quality --steps 1000 --save digits.json --plot digits.png
     python benchmarks/state_precision.py quality --task mnist1d --steps 2000 --optimizers adamw,lion \\
         --save a.json      # then: quality --load a.json b.json --plot mnist1d.png
-    python benchmarks/state_precision.py speed --rounds 5
+    python benchmarks/state_precision.py speed --rounds 7 --precisions int8 --threads 1
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -49,6 +53,7 @@ import torch
 from torch import nn
 
 import optforge as of
+from optforge import scratch
 from optforge.lowbit import PRECISIONS, LowBitState, formats
 from optforge.lowbit.codes import Code, PowerCode
 
@@ -191,7 +196,7 @@ def quality_runs(args: argparse.Namespace) -> dict:
     for name in args.optimizers.split(","):
         info = of.get_optimizer_info(name)
         lr = info.compare_lr or info.defaults.get("lr", 1e-3)
-        for precision in args.precisions.split(","):
+        for precision in (args.precisions or ",".join(QUALITY_PRECISIONS)).split(","):
             hp = dict(lr=lr, state_precision=None if precision == "float32" else precision,
                       min_quantized_size=args.min_quantized_size)
             runs = [train_run(task, data, name, hp, seed, settings) for seed in range(args.seeds)]
@@ -331,11 +336,12 @@ def speed_section(args: argparse.Namespace) -> None:
     shape = (4096, 4096)
     builders: dict[str, Callable] = {
         "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, fused=True),
-        "optforge AdamW eager float32": lambda ps: of.AdamW(ps),
+        "optforge AdamW eager float32": lambda ps: of.AdamW(ps, fused=False),
         "optforge AdamW fused float32": lambda ps: of.AdamW(ps, fused=True),
     }
-    for p in PRECISIONS:
-        builders[f"optforge AdamW eager {p}"] = lambda ps, p=p: of.AdamW(ps).configure(state_precision=p)
+    for p in (args.precisions or ",".join(PRECISIONS)).split(","):
+        builders[f"optforge AdamW eager {p}"] = (
+            lambda ps, p=p: of.AdamW(ps, fused=False).configure(state_precision=p))
         builders[f"optforge AdamW fused {p}"] = (
             lambda ps, p=p: of.AdamW(ps, fused=True).configure(state_precision=p))
     refs = reference_adamw()
@@ -350,26 +356,28 @@ def speed_section(args: argparse.Namespace) -> None:
         opt = build([w])
         for _ in range(2):   # warm-up: state, compiles
             opt.step()
-        entries[name] = (opt, [], [])
+        entries[name] = (opt, [], [], [])
     names = list(entries)
     for r in range(args.rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            opt, times, peaks = entries[name]
-            t0 = time.perf_counter()
+            opt, times, cpu, peaks = entries[name]
+            t0, c0 = time.perf_counter(), time.process_time()
             peaks.append(peak_added_mib(opt.step))
+            cpu.append(time.process_time() - c0)
             times.append(time.perf_counter() - t0)
     base = statistics.median(entries["optforge AdamW fused float32"][1])
     eager_base = statistics.median(entries["optforge AdamW eager float32"][1])
     rows = []
-    for name, (_, times, peaks) in entries.items():
+    for name, (opt, times, cpu, peaks) in entries.items():
         t = statistics.median(times)
-        rows.append([name, f"{t * 1e3:.0f}", f"{t / base:.2f}", f"{t / eager_base:.2f}", f"{max(peaks):.0f}"])
+        held = scratch.held_bytes(opt) / 2**20 if isinstance(opt, of.Optimizer) else 0.0
+        rows.append([name, f"{t * 1e3:.0f}", f"{statistics.median(cpu) * 1e3:.0f}", f"{t / base:.2f}",
+                     f"{t / eager_base:.2f}", f"{max(peaks):.0f}", f"{held:.0f}"])
     n = shape[0] * shape[1]
     print(f"opt.step() on one {shape[0]} x {shape[1]} tensor ({n / 1e6:.1f}M parameters), "
-          f"{args.threads} threads, "
-          f"{args.rounds} rounds\n")
-    print(table(["entry", "median ms", "vs optforge fused float32", "vs optforge eager float32",
-                 "peak MiB added by a step"], rows))
+          f"{args.threads} threads, {args.rounds} rounds (load average before: {os.getloadavg()[0]:.1f})\n")
+    print(table(["entry", "median ms", "CPU ms", "vs optforge fused float32", "vs optforge eager float32",
+                 "peak MiB added by a step", "scratch MiB held between steps"], rows))
 
 
 # ---- codes ----------------------------------------------------------------------------------
@@ -497,12 +505,13 @@ def main() -> None:
     parser.add_argument("--min-quantized-size", type=int, default=4096,
                         help="quality: tensors below this keep full-precision state (the default's)")
     parser.add_argument("--optimizers", default=",".join(QUALITY_OPTIMIZERS), help="quality: which")
-    parser.add_argument("--precisions", default=",".join(QUALITY_PRECISIONS), help="quality: which")
     parser.add_argument("--save", help="quality: write the runs (curves included) to this JSON file")
     parser.add_argument("--load", nargs="+", help="quality: report saved runs (merged) instead of training")
     parser.add_argument("--plot", help="quality: draw the curves into this PNG file")
     parser.add_argument("--rounds", type=int, default=5, help="speed: timed rounds")
     parser.add_argument("--threads", type=int, default=THREADS, help="speed: torch threads")
+    parser.add_argument("--precisions", help="comma-separated; quality: of float32, int8, int4 (default: "
+                        "all three); speed: the low-bit precisions to time (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(1)     # the speed section sets its own; the others' numbers do not depend on it
     for name in args.sections:

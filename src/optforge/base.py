@@ -34,7 +34,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from . import lowbit, paths, step_plan
+from . import eager_chunks, lowbit, paths, step_plan
 from .constraints import Constraint, boolean, non_negative, one_of, tensor_or
 from .distributed import check_supported, is_dtensor, local_shards
 from .distributed_matrix import check_layout
@@ -442,6 +442,8 @@ class Optimizer(torch.optim.Optimizer):
                     step_plan.remember(self, group, buckets)
             with numbers_for_step(group):    # a tensor lr / weight_decay, as a number
                 self.step_group(group, buckets)
+            if plans is not None:
+                step_plan.release(buckets)
 
     @classmethod
     def _plannable(cls) -> bool:
@@ -468,6 +470,9 @@ class Optimizer(torch.optim.Optimizer):
         if group.get("fused") is None and paths.native_applies(self, group, b):
             advance_steps(b.steps, values=False)
             self.fused_update(group, b.p, b.g, b.s, b.steps)
+            return
+        if eager_chunks.applies(self, group, b):   # large CPU buckets: cache-sized chunks
+            eager_chunks.step(self, group, b)
             return
         w = self.prepare(group, b)
         self.update(group, w.p, w.g, w.s, w.t)
@@ -611,7 +616,7 @@ class Optimizer(torch.optim.Optimizer):
             advance_steps(b.steps, values=False)
             self.fused_update(group, *local_shards(b.p, b.g, b.s), b.steps)   # DTensors: elementwise
             return True
-        if not self.has_kernel() or b.is_complex or not all(map(Tensor.is_contiguous, b.params)):
+        if not self.has_kernel() or b.is_complex:
             return False
         # Frozen params (requires_grad=False, no grad) stay out of the flat buffers for good;
         # a trainable one without a grad this step would make the flat kernel move them.

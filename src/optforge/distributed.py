@@ -22,8 +22,11 @@ __all__ = ["block_index", "block_sums", "check_same_layout", "check_supported", 
            "reduction_key", "shards", "zeros_reduced"]
 
 
+_PLAIN = frozenset({Tensor, torch.nn.Parameter})
+
+
 def is_dtensor(x: Tensor) -> bool:
-    if not torch.distributed.is_available():
+    if type(x) in _PLAIN or not torch.distributed.is_available():
         return False
     from torch.distributed.tensor import DTensor
 
@@ -265,6 +268,8 @@ def local_shards(*lists: Any) -> tuple:
     def one(xs: Any) -> Any:
         if isinstance(xs, dict):
             return {k: one(v) for k, v in xs.items()}
+        if _PLAIN.issuperset(map(type, xs)):       # no DTensor, found without a call per tensor
+            return xs
         return type(xs)(local(x) for x in xs) if any(is_dtensor(x) for x in xs) else xs
     return tuple(one(xs) for xs in lists)
 
