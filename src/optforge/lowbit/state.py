@@ -84,7 +84,10 @@ class LowBitState:
         zeros; slice ``[:stop - start]`` for the entries)."""
         codes, scales = self.ranges(start, stop)
         scales = None if scales is None else self.scales[scales]
-        return self.code.decode(self.codes[codes], scales, dtype).view(-1)
+        out = self.code.decode(self.codes[codes], scales, dtype).view(-1)
+        if out.numel() > stop - start:   # (an unsigned code's padding decodes to its smallest level)
+            out[stop - start:].zero_()
+        return out
 
     def write(self, start: int, x: Tensor, seed: int) -> None:
         """Encode ``x`` into entries [start, start + len(x)) (block-aligned ``start``; a length

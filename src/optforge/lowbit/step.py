@@ -108,8 +108,11 @@ class _Decoded:
             self.buffer = code.decode(_joined(parts), scales, dtype).view(-1)
         views, at = [], 0
         for _, start, stop, _ in self.items:
-            views.append(self.buffer[at:at + stop - start])
-            at += code.padded(stop - start)
+            n, padded = stop - start, code.padded(stop - start)
+            views.append(self.buffer[at:at + n])
+            if padded > n:   # encoded as zeros, as a fresh encoding pads (not as an unsigned code's least level)
+                self.buffer[at + n:at + padded].zero_()
+            at += padded
         return views
 
     def encode(self) -> None:
