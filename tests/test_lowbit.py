@@ -118,9 +118,61 @@ def test_a_tensor_whose_size_the_block_does_not_divide_is_padded(code, kind):
     assert q.codes.numel() == code.code_len(x.numel()) and q.numel == x.numel()
     tail = LowBitState.quantize(code, x[CHUNK:], seed=0)
     assert torch.equal(q.dequantize(torch.float32)[CHUNK:], tail.dequantize(torch.float32))
-    if kind != "non_negative":                              # (there, padding reads as the smallest level)
-        padding = q.read(CHUNK, x.numel(), torch.float32)[1001:]
-        assert torch.equal(padding, torch.zeros(code.padded(1001) - 1001))
+    padding = q.read(CHUNK, x.numel(), torch.float32)[1001:]
+    assert torch.equal(padding, torch.zeros(code.padded(1001) - 1001))
+
+
+#: Magnitudes near float32's least: a block of them has a scale whose inverse overflows.
+TINY = [1e-38, -1e-38, 3e-39, 1e-40, -1e-40, 1e-44, -1.4e-45, 0.0]
+
+
+def tiny_values(n, kind="signed"):
+    """Blocks mixing TINY's values, then blocks of its denormals alone."""
+    mixed = torch.tensor(TINY).repeat(n // 16 + 1)[:n // 2]
+    denormal = torch.tensor(TINY[3:]).repeat(n // 10 + 1)[:n - n // 2]
+    x = torch.cat((mixed, denormal))
+    return x.abs() if kind == "non_negative" else x
+
+
+def assert_close_to_tiny(back, x, stochastic):
+    """Finite, never the wrong sign, within a level of the least scale of the coarsest code
+    (int4: 7 levels over 7 * 2**-127) of ``x``: what it cannot hold reads as (nearly) 0."""
+    assert torch.isfinite(back).all()
+    assert (back.sign() * x.sign() >= 0).all()
+    assert (back - x).abs().max() <= (2.0**-127 if stochastic else 2.0**-128)
+
+
+@pytest.mark.parametrize("code,kind", ALL_CODES)
+def test_blocks_of_tiny_magnitudes_round_trip(code, kind):
+    x = tiny_values(2000, kind)
+    back = LowBitState.quantize(code, x, seed=2).dequantize(torch.float32)
+    assert_close_to_tiny(back, x, code.stochastic)
+    assert (back[x == 0] == 0).all() or kind == "non_negative"
+
+
+@pytest.mark.parametrize("precision,fused", [(p, f) for f in (False, True) for p in PRECISIONS],
+                         ids=[f"{p}-{'fused' if f else 'eager'}" for f in ("", "f") for p in PRECISIONS])
+def test_a_step_encodes_tiny_state_finite_and_close(precision, fused):
+    """The step's encoding (the compiled one too) of tiny state: a zero gradient scales it by
+    the betas, and it stays finite and close (whole blocks and a partial one). float32
+    parameters take the eager int8 buffers; float64 ones share the other tests' compiled step."""
+    dtype = torch.float64 if fused else torch.float32
+    w = nn.Parameter(torch.zeros(3 * 256 + 5, dtype=dtype))
+    opt = of.AdamW([w], lr=1e-2, fused=fused).configure(state_precision=precision, min_quantized_size=0)
+    x = tiny_values(w.numel()).to(dtype)
+    groups = opt.state_dict()["param_groups"]
+    opt.load_state_dict({"state": {0: {"step": torch.tensor(1.0), "exp_avg": x, "exp_avg_sq": x.abs()}},
+                         "param_groups": groups})
+    w.grad = torch.zeros_like(w)
+    for name, target in (("exp_avg", x), ("exp_avg_sq", x.abs())):
+        st = opt.state[w][name]
+        assert_close_to_tiny(st.dequantize(dtype), target, st.code.stochastic)
+    before = {name: opt.state[w][name].dequantize(dtype) for name in ("exp_avg", "exp_avg_sq")}
+    opt.step()
+    assert torch.isfinite(w).all()
+    for name, beta in (("exp_avg", 0.9), ("exp_avg_sq", 0.999)):
+        st = opt.state[w][name]
+        assert_close_to_tiny(st.dequantize(dtype), beta * before[name], st.code.stochastic)
 
 
 EIGHT_BIT = [PowerCode(f"int8-{'s' if signed else 'u'}-p{power}", 8, 256, power, signed, stochastic=False)
@@ -132,7 +184,7 @@ def test_int8_codes_decode_into_and_encode_from_a_buffer_as_the_code_does(code):
     """The eager step's buffered int8 decode and encode: the code's own numbers, bit for bit."""
     kind = "signed" if code.signed else "non_negative"
     x = torch.cat([sample(kind, n=256 * 20), torch.zeros(256), torch.full((256,), 1e-30),
-                   sample(kind, n=256, seed=1) * 1e-6]).contiguous()
+                   sample(kind, n=256, seed=1) * 1e-6, tiny_values(256 * 4, kind)]).contiguous()
     x[:40] = 0                                              # zeros in a non-zero block
     assert in_place(code, torch.float32) and not in_place(code, torch.float64)
     work = torch.full_like(x, float("nan"))

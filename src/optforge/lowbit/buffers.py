@@ -69,10 +69,7 @@ def encode_into(code: PowerCode, x: Tensor, work: Tensor) -> tuple[Tensor, Tenso
     temporary: (codes as floats, a view of ``work``; scales)."""
     K = code.levels
     xb, y = x.view(-1, code.block), work.view(-1, code.block)
-    if code.signed:
-        s = torch.abs(xb, out=y).amax(1, keepdim=True)
-    else:
-        s = xb.amax(1, keepdim=True)
+    s = code.invertible((torch.abs(xb, out=y) if code.signed else xb).amax(1, keepdim=True))
     if code.power == 1:
         torch.mul(xb, torch.where(s > 0, K / s, 0.0), out=y)
     else:

@@ -130,12 +130,22 @@ class PowerCode(Code):
         self.levels = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
         self.code_dtype = torch.int8 if bits == 8 else torch.uint8
         self.offset = (0 if signed else -128) if bits == 8 else (self.levels + 1 if signed else 0)
+        #: The least scale of a non-zero block: ``K / s`` (power 1; ``K / sqrt(s)`` cannot
+        #: overflow) stays finite, with room for a division rounded less carefully than IEEE's.
+        self.least_scale = self.levels * 2.0**-127 if power == 1 else 0.0
+
+    def invertible(self, s: Tensor) -> Tensor:
+        """Block scales ``s`` (largest magnitudes), those of non-zero blocks raised to
+        :attr:`least_scale` (its levels then stand for the block's tiny entries)."""
+        if not self.least_scale:
+            return s
+        return torch.where(s > 0, s.clamp(min=self.least_scale), s)
 
     def encode(self, x, noise):
         K = self.levels
         xb = x.view(-1, self.block)
         mag = xb.abs() if self.signed else xb      # (so a fused kernel shares v.sqrt() with the update)
-        s = mag.amax(1, keepdim=True)
+        s = self.invertible(mag.amax(1, keepdim=True))
         if self.scale_dtype == torch.bfloat16:
             s = _round_up_bf16(s)                             # so that |x| / s <= 1 still holds
         if self.power == 1:                                   # y = K x / s, in [-K, K] (no sign work)
@@ -198,13 +208,17 @@ class Fp8Code(Code):
     code_dtype = torch.float8_e4m3fn
     _MAX = 448.0
     _TINY = 2.0**-9              # e4m3's smallest subnormal
+    #: The least scale of a non-zero block (``1 / s`` stays finite, as in PowerCode).
+    _LEAST_SCALE = 2.0**-127
 
     def __init__(self, name: str, block: int, signed: bool) -> None:
         self.name, self.block, self.signed = name, block, signed
 
     def encode(self, x, noise):
         xb = x.view(-1, self.block)
-        s = (xb.abs() if self.signed else xb).amax(1, keepdim=True) * (1.0 / self._MAX)
+        top = (xb.abs() if self.signed else xb).amax(1, keepdim=True)
+        s = top * (1.0 / self._MAX)
+        s = torch.where(top > 0, s.clamp(min=self._LEAST_SCALE), s)   # (top / 448 of denormals may be 0)
         y = xb * torch.where(s > 0, 1.0 / s, 0.0)
         if not self.signed:          # never 0 in a non-zero block (see PowerCode)
             y = y.clamp_(min=self._TINY)

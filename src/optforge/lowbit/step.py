@@ -110,7 +110,7 @@ class _Decoded:
         for _, start, stop, _ in self.items:
             n, padded = stop - start, code.padded(stop - start)
             views.append(self.buffer[at:at + n])
-            if padded > n:   # encoded as zeros, as a fresh encoding pads (not as an unsigned code's least level)
+            if padded > n:   # zeros, as a fresh encoding pads (not the least level an unsigned code reads)
                 self.buffer[at + n:at + padded].zero_()
             at += padded
         return views
