@@ -15,6 +15,7 @@ import optforge as of
 from optforge.lowbit import CODES, PRECISIONS, LowBitState
 from optforge.lowbit.buffers import ChunkBuffers, decode_into, encode_into, in_place
 from optforge.lowbit.codes import NOISE_WINDOW, PowerCode, noise_offset, uniform_noise
+from optforge.lowbit.shards import _per_entry as per_entry
 from optforge.lowbit.state import CHUNK
 
 # ---- the codes -----------------------------------------------------------------------------
@@ -173,6 +174,29 @@ def test_a_step_encodes_tiny_state_finite_and_close(precision, fused):
     for name, beta in (("exp_avg", 0.9), ("exp_avg_sq", 0.999)):
         st = opt.state[w][name]
         assert_close_to_tiny(st.dequantize(dtype), beta * before[name], st.code.stochastic)
+
+
+BLOCKED = [p for p in PRECISIONS if p != "bf16"]
+
+
+@pytest.mark.parametrize("precision,fused", [(p, f) for f in (False, True) for p in BLOCKED],
+                         ids=[f"{p}-{'fused' if f else 'eager'}" for f in ("", "f") for p in BLOCKED])
+def test_a_step_keeps_the_padding_of_a_partial_block_as_codes_of_zeros(precision, fused):
+    """As an encoding afresh pads: not with the stale least level of an unsigned code, which
+    a shrinking average (beta2 = 0.4, zero gradients) would push up a level or more."""
+    w = nn.Parameter(torch.ones(3))
+    opt = of.AdamW([w], lr=1e-2, betas=(0.9, 0.4), fused=fused).configure(state_precision=precision,
+                                                                           min_quantized_size=0)
+    w.grad = torch.ones(3)
+    for _ in range(6):
+        opt.step()
+        w.grad = torch.zeros(3)
+    low = [st for st in opt.state[w].values() if isinstance(st, LowBitState)]
+    assert len(low) == 2
+    for st in low:
+        zeros, padded = LowBitState.quantize(st.code, torch.zeros(3), seed=0), st.code.padded(3)
+        assert torch.equal(per_entry(st.code, st.codes, padded)[3:],
+                           per_entry(st.code, zeros.codes, padded)[3:])
 
 
 EIGHT_BIT = [PowerCode(f"int8-{'s' if signed else 'u'}-p{power}", 8, 256, power, signed, stochastic=False)
