@@ -142,31 +142,3 @@ def test_no_parameter_sized_scratch_is_held(info, monkeypatch):
             opt.step()
         held[size] = scratch.held_bytes(opt)
     assert held[None] >= 2**20 and held[2**14] == 0
-
-
-def test_the_thread_count_is_restored(monkeypatch, count_chunked):
-    """Chunks run on one thread; the caller's thread count comes back, also after an error."""
-    monkeypatch.setattr(eager_chunks, "CHUNK", 8)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        p = torch.nn.Parameter(torch.randn(40))
-        p.grad = torch.randn(40)
-        opt = of.Lion([p], fused=False)
-        seen = []
-        kernel = of.Lion.kernel
-
-        def watched(*args):
-            seen.append(torch.get_num_threads())
-            if len(seen) > 5:
-                raise RuntimeError("a failing kernel")
-            kernel(*args)
-
-        monkeypatch.setattr(of.Lion, "kernel", staticmethod(watched))
-        opt.step()                                                    # 5 chunks
-        assert seen == [1] * 5 and torch.get_num_threads() == 2
-        with pytest.raises(RuntimeError, match="a failing kernel"):
-            opt.step()
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)

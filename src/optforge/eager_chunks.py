@@ -14,13 +14,11 @@ operand and one write of each result, and temporaries are chunk-sized (the step 
 parameter-sized scratch). An elementwise update gives the same numbers on any split of its
 tensors; the step counts advance and the gradient transforms run once over the whole bucket.
 
-The chunks run on one thread (``torch.set_num_threads(1)`` for the step, restored after): the
-kernels over a chunk are too short to split across threads, and each split is a
-synchronization that, on a CPU shared with other work, waits for a descheduled thread (one
-``sqrt`` over 4,096 entries measured 30 ms with 2 threads and 8 us with one, at a load
-average of 20 on 2 cores). Other Python threads running torch operations during the step see
-one thread too. On a CPU with many idle cores, one thread may not reach the memory bandwidth
-that many would: set ``CHUNK = None`` there (not measured: docs/benchmarks.md).
+The chunks run with the caller's thread count. On a quiet CPU the chunked step on 2 threads
+took 0.43-0.62x the whole step's time (AdamW, Adan, Lion on 16.8M entries), against 0.71-0.91x
+on one thread. On a CPU oversubscribed by other processes, each short parallel region of a
+chunk can wait for a descheduled thread: there, ``OMP_WAIT_POLICY=PASSIVE`` or
+``torch.set_num_threads(1)`` helps (docs/benchmarks.md), and ``CHUNK = None`` runs buckets whole.
 
 Buckets of at most :data:`CHUNK` entries run whole (one chunk is the whole bucket). Not
 chunked: CUDA buckets (foreach kernels there do not go through the CPU's caches, and each chunk
@@ -121,15 +119,8 @@ def step(opt: Any, group: dict[str, Any], b: Any) -> None:
     grads = opt.transform_grads(group, b.g)
     decay_lr = opt.decay_lr(group, t)
     names = list(b.s)
-    threads = torch.get_num_threads()
-    if threads > 1:
-        torch.set_num_threads(1)
-    try:
-        for chunk in chunks(b.p, grads, b.s, CHUNK):
-            _step_chunk(opt, group, b, chunk, t, grads, decay_lr, names)
-    finally:
-        if threads > 1:
-            torch.set_num_threads(threads)
+    for chunk in chunks(b.p, grads, b.s, CHUNK):
+        _step_chunk(opt, group, b, chunk, t, grads, decay_lr, names)
 
 
 def _step_chunk(opt: Any, group: dict[str, Any], b: Any, chunk: list[Piece], t: list[float],
