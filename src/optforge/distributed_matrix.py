@@ -320,7 +320,7 @@ class _Exchange:
                         box = self.boxes[i][r]
                         x[_index(box)] = rnd.recv[offset[i, r]:offset[i, r] + _volume(box)].view(_sizes(box))
             ys = self.fn(whole, [self.opt.state[self.params[i]] for i in stack])
-            results.update(zip(stack, ys))
+            results.update(zip(stack, ys.to(self.dtype)))    # (Muon's may be bf16) travels as the input
         return results
 
     def _scatter(self, rnd: _Round, results: dict[int, Tensor]) -> _Round:

@@ -12,19 +12,20 @@ from ..constraints import beta_tuple, non_negative, positive
 from ..distributed import on_shards
 from ..registry import register
 from ..tensorlist import TensorList
-from .adafactor import FactoredOptimizer, dim_mean, is_factored, mean_square, rms_scale, unused_shape
+from .adafactor import FactoredOptimizer, dim_means, is_factored, mean_squares, rms_scale, unused_shape
 
 __all__ = ["CAME"]
 
 
-def factored_rsqrt(x: Tensor, row: Tensor, col: Tensor) -> Tensor:
+def factored_rsqrts(xs: list[Tensor], rows: list[Tensor], cols: list[Tensor]) -> list[Tensor]:
     """x / sqrt(R C / mean(R)) for row statistics R (shape (..., n)) and column statistics C
-    (shape (..., m)) of an (..., n, m) tensor x: a new tensor (a DTensor's: from the local
-    shards of x, R and C, which line up)."""
+    (shape (..., m)) of each (..., n, m) tensor x: new tensors (a DTensor's: from the local
+    shards of x, R and C, which line up; the means of R are one reduction for the list)."""
     def scaled(x: Tensor, row: Tensor, col: Tensor, row_mean: Tensor) -> Tensor:
         r = (row / row_mean).rsqrt_().unsqueeze(-1)
         return torch.mul(r, col.unsqueeze(-2).rsqrt()).mul_(x)
-    return on_shards(scaled, x, x, row, col, dim_mean(row, -1))
+    means = dim_means(rows, -1)
+    return [on_shards(scaled, x, x, row, col, mean) for x, row, col, mean in zip(xs, rows, cols, means)]
 
 
 class CAME(FactoredOptimizer):
@@ -100,10 +101,10 @@ class CAME(FactoredOptimizer):
     def _factored_ema(rows: TensorList, cols: TensorList, xs: list[Tensor], beta: float,
                       added: float) -> None:
         """rows, cols <- beta (rows, cols) + (1 - beta) (mean over columns, rows) of x^2 + added,
-        for each x of xs (the reductions one tensor at a time, the rest as foreach kernels)."""
-        for stats, dim in ((rows, -1), (cols, -2)):
-            means = TensorList(mean_square(x, dim, keepdim=False) for x in xs).add_(added)
-            stats.mul_(beta).add_(means, alpha=1 - beta)
+        for each x of xs (the reductions one call for all of them, the rest as foreach kernels)."""
+        means = TensorList(mean_squares(xs + xs, [-1] * len(xs) + [-2] * len(xs), keepdim=False)).add_(added)
+        for stats, half in ((rows, means[:len(xs)]), (cols, means[len(xs):])):
+            stats.mul_(beta).add_(half, alpha=1 - beta)
 
     def update(self, group, p, g, s, t):
         (b1, b2, b3), eps = group["betas"], group["eps"]
@@ -113,8 +114,8 @@ class CAME(FactoredOptimizer):
         if fac:
             rows, cols = (TensorList(s[n][i] for i in fac) for n in ("exp_avg_sq_row", "exp_avg_sq_col"))
             self._factored_ema(rows, cols, [g[i] for i in fac], b2, added=eps)       # r_t, c_t
-            for i, row, col in zip(fac, rows, cols):
-                u[i] = factored_rsqrt(g[i], row, col)                 # u_t = G_t / sqrt(r c / mean r)
+            for i, ui in zip(fac, factored_rsqrts([g[i] for i in fac], rows, cols)):
+                u[i] = ui                                             # u_t = G_t / sqrt(r c / mean r)
         if vec:
             v, gv = TensorList(s["exp_avg_sq"][i] for i in vec), TensorList(g[i] for i in vec)
             v.mul_(b2).add_(gv.mul(gv).add_(eps), alpha=1 - b2)        # v_t
@@ -131,8 +132,8 @@ class CAME(FactoredOptimizer):
             res = TensorList(u[i] for i in fac).sub_(TensorList(m[i] for i in fac))
             rows, cols = (TensorList(s[n][i] for i in fac) for n in ("exp_avg_res_row", "exp_avg_res_col"))
             self._factored_ema(rows, cols, list(res), b3, added=group["eps_instability"])
-            for i, row, col in zip(fac, rows, cols):
-                steps[i] = factored_rsqrt(m[i], row, col)            # m_t / sqrt(S_t)
+            for i, step in zip(fac, factored_rsqrts([m[i] for i in fac], rows, cols)):
+                steps[i] = step                                       # m_t / sqrt(S_t)
         p.add_(steps, alpha=-float(group["lr"]))                      # theta_t = theta - lr m_t / sqrt(S_t)
 
 
