@@ -20,7 +20,7 @@ from ..constraints import (
     tuple_of,
     unit_interval,
 )
-from ..distributed import dim_sums, full_norms, on_shards, zeros_reduced
+from ..distributed import dim_sums, full_norms, local, on_shards, zeros_reduced
 from ..registry import register
 from ..tensorlist import TensorList
 
@@ -67,6 +67,15 @@ def _factored_u(g: Tensor, row: Tensor, col: Tensor, row_mean: Tensor, eps: floa
         return torch.mul(g, row.div(row_mean).rsqrt_()).mul_(col.rsqrt())
     denom = torch.mul(row, col).div_(row_mean.clamp_(min=eps)).sqrt_()     # sqrt(V_t), torch's
     denom.clamp_(min=eps)                                                   # max(sqrt(V_t), eps1)
+    return torch.div(g, denom, out=denom)
+
+
+def _full_u(g: Tensor, var: Tensor, mix: float, added: float, eps: float, clamp: bool) -> Tensor:
+    """V_t = b2 V + (1 - b2)(G_t^2 + eps1) in place; U_t = G_t / sqrt(V_t) (a new tensor)."""
+    var.lerp_(torch.mul(g, g).add_(added), mix)
+    denom = var.sqrt()
+    if clamp:
+        denom.clamp_(min=eps)                                # torch: max(sqrt(V_t), eps1)
     return torch.div(g, denom, out=denom)
 
 
@@ -250,19 +259,16 @@ class Adafactor(FactoredOptimizer):
             rows, cols = [s["row_var"][i] for i in fac], [s["col_var"][i] for i in fac]
             grads = [g[i] for i in fac]
             means = mean_squares(grads + grads, [-1] * len(fac) + [-2] * len(fac))
+            # on the local shards of DTensors, which line up (placed alike by dim_sums and
+            # zeros_reduced): DTensor ops would work out the placements of a new mix each step
             for i, row, col, row_mean, col_mean in zip(fac, rows, cols, means, means[len(fac):]):
-                row.lerp_(row_mean.add_(added), mixes[i])       # R_t: mean over columns
-                col.lerp_(col_mean.add_(added), mixes[i])       # C_t: mean over rows
-            # (a DTensor's U_t: from the local shards of G_t, R_t, C_t, which line up)
+                local(row).lerp_(local(row_mean).add_(added), mixes[i])   # R_t: mean over columns
+                local(col).lerp_(local(col_mean).add_(added), mixes[i])   # C_t: mean over rows
             for i, row, col, mean_r in zip(fac, rows, cols, dim_means(rows, -2)):
                 u[i] = on_shards(lambda *a: _factored_u(*a, eps, clamp), g[i], g[i], row, col, mean_r)
         for i in (i for i, x in enumerate(p) if not is_factored(x)):
-            var = s["variance"][i]
-            var.lerp_(torch.mul(g[i], g[i]).add_(added), mixes[i])   # V_t = b2 V + (1 - b2)(G^2 + eps1)
-            denom = var.sqrt()
-            if clamp:
-                denom.clamp_(min=eps)                                # torch: max(sqrt(V_t), eps1)
-            u[i] = torch.div(g[i], denom, out=denom)                 # U_t = G_t / sqrt(V_t)
+            u[i] = on_shards(lambda gx, var, mix=mixes[i]: _full_u(gx, var, mix, added, eps, clamp),
+                             g[i], g[i], s["variance"][i])
         return TensorList(u)
 
     def update(self, group, p, g, s, t):
