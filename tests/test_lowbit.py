@@ -262,7 +262,7 @@ def test_fused_pieces_larger_than_the_eager_chunks(precision, monkeypatch):
     lowbit_step = importlib.import_module("optforge.lowbit.step")   # (the package's step() hides it)
     calls = []
     run_piece = lowbit_step._run_piece
-    monkeypatch.setattr(lowbit_step, "_run_piece", lambda *a: calls.append(a[7] - a[6]) or run_piece(*a))
+    monkeypatch.setattr(lowbit_step, "_run_piece", lambda *a: calls.append(a[6] - a[5]) or run_piece(*a))
     results = []
     for fused_chunk in (CHUNK, 2 * CHUNK):
         monkeypatch.setattr(lowbit_step, "FUSED_CHUNK", fused_chunk)

@@ -596,7 +596,7 @@ class Optimizer(torch.optim.Optimizer):
         if not is_dtensor(param):
             return
         name = type(self).__name__
-        lowbit.refuse_distributed(name, group)
+        lowbit.check_distributed(name, group, param)
         if self.whole_matrices:
             check_layout(name, param, group)
         on_shards = self.shard_reductions or self.whole_matrices

@@ -320,7 +320,7 @@ class _Exchange:
                         box = self.boxes[i][r]
                         x[_index(box)] = rnd.recv[offset[i, r]:offset[i, r] + _volume(box)].view(_sizes(box))
             ys = self.fn(whole, [self.opt.state[self.params[i]] for i in stack])
-            results.update(zip(stack, ys.to(self.dtype)))    # (Muon's may be bf16) travels as the input
+            results.update(zip(stack, ys))
         return results
 
     def _scatter(self, rnd: _Round, results: dict[int, Tensor]) -> _Round:
@@ -331,8 +331,8 @@ class _Exchange:
         for i in rnd.items:
             owner = self.owners[i]
             if owner == me:
-                for r in range(self.world):
-                    chunks[r].append(results[i][_index(self.boxes[i][r])])
+                for r in range(self.world):       # fn may compute in another dtype (Muon's bf16)
+                    chunks[r].append(results[i][_index(self.boxes[i][r])].to(self.dtype))
             recv[owner] += _volume(self.boxes[i][me])
         back = _Round(rnd.items)
         self._exchange(back, chunks, recv)

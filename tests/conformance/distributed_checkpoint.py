@@ -13,10 +13,23 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from distributed_worker import STEPS, _fsdp, data, flat, make_model, make_wrapped, train, train_wrapped
+from distributed_worker import (
+    LBFGS_CASES,
+    STEPS,
+    _fsdp,
+    data,
+    flat,
+    make_model,
+    make_wrapped,
+    train,
+    train_lbfgs,
+    train_wrapped,
+)
 
 SAVED_AT = 3                          # steps before the checkpoint; STEPS - SAVED_AT after it
 WRAPPED_KINDS = ("lookahead", "sam")
+# L-BFGS with a fixed step and with the strong-Wolfe line search
+LBFGS_KINDS = {"lbfgs": LBFGS_CASES["fixed"], "lbfgs_strong_wolfe": LBFGS_CASES["strong_wolfe"]}
 
 Case = tuple[str, dict, bool]         # (optimizer name or wrapper kind, kwargs, fused)
 
@@ -27,14 +40,25 @@ def build(case: Case, params):
     name, kwargs, fused = case
     if name in WRAPPED_KINDS:
         return make_wrapped(name, params)
+    if name in LBFGS_KINDS:
+        return of.LBFGS(params, **kwargs)
     return of.get_optimizer_info(name).cls(params, **kwargs, **({"fused": True} if fused else {}))
 
 
 def advance(case: Case, model, opt, x, y, steps: int) -> None:
     if case[0] in WRAPPED_KINDS:
         train_wrapped(case[0], model, x, y, opt=opt, steps=steps)
+    elif case[0] in LBFGS_KINDS:
+        train_lbfgs(model, opt, x, y, loss_over_ranks=dist.is_initialized(), steps=steps)
     else:
         train(model, opt, x, y, steps=steps)
+
+
+def one_process(case: Case, steps: int) -> torch.Tensor:
+    """The parameters after ``steps`` steps of one process on the full batch, never stopped."""
+    model = make_model()
+    advance(case, model, build(case, model.parameters()), *data(), steps)
+    return flat(model.parameters())
 
 
 def stateful(opt):
@@ -93,6 +117,57 @@ def partial_placement(rank: int) -> dict:
     return {"error": None}
 
 
+def _snapshot(opt) -> list:
+    """The optimizer's state, flattened, with local copies of its tensors."""
+    def leaves(x):
+        if isinstance(x, dict):
+            return [(k, leaf) for k, v in x.items() for leaf in leaves(v)]
+        if isinstance(x, list):
+            return [leaf for v in x for leaf in leaves(v)]
+        return [x.to_local().clone() if hasattr(x, "to_local") else x.clone() if torch.is_tensor(x) else x]
+    return [leaf for p in opt.param_groups[0]["params"] for leaf in leaves(opt.state[p])]
+
+
+def _refused(model, opt, x, y) -> dict:
+    before, state = flat(model.parameters()), _snapshot(opt)
+    try:
+        train_lbfgs(model, opt, x, y, loss_over_ranks=True, steps=1)
+    except ValueError as err:
+        after = _snapshot(opt)
+        same = len(after) == len(state) and all(
+            torch.equal(a, b) if torch.is_tensor(a) else a == b for a, b in zip(after, state))
+        return {"error": str(err), "unchanged": torch.equal(flat(model.parameters()), before) and same}
+    return {"error": None}
+
+
+def lbfgs_layouts() -> dict:
+    """L-BFGS keeps flat vectors for plain parameters (torch's layout) and per-parameter ones for
+    DTensor parameters: each refuses the other's state, clearly, before any change."""
+    import optforge as of
+
+    x, y = data()
+    plain = make_model()
+    flat_state = torch.optim.LBFGS(plain.parameters(), **LBFGS_KINDS["lbfgs"])     # torch's own
+    train_lbfgs(plain, flat_state, x, y)
+    model = _fsdp(make_model())
+    sharded = of.LBFGS(model.parameters(), **LBFGS_KINDS["lbfgs"])
+    sharded.load_state_dict(flat_state.state_dict())
+    results = {"flat_into_sharded": _refused(model, sharded, x, y)}
+
+    per_parameter = of.LBFGS(model.parameters(), **LBFGS_KINDS["lbfgs"])
+    train_lbfgs(model, per_parameter, x, y)
+    saved = per_parameter.state_dict()              # as full tensors (what a full state dict holds)
+    full = {"state": {k: {n: ([v.full_tensor() for v in x] if isinstance(x, list) else
+                              x.full_tensor() if hasattr(x, "full_tensor") else x) for n, x in st.items()}
+                      for k, st in saved["state"].items()},
+            "param_groups": saved["param_groups"]}
+    plain = make_model()
+    opt = of.LBFGS(plain.parameters(), **LBFGS_KINDS["lbfgs"])
+    opt.load_state_dict(full)
+    results["sharded_into_flat"] = _refused(plain, opt, x, y)
+    return results
+
+
 def run_group(rank: int, world: int, port: int, out: str, directory: str, cases: list[Case],
               tp_cases: list[str]) -> None:
     """One process group of ``world`` ranks: every checkpoint of ``cases`` resumed; with 4
@@ -114,6 +189,11 @@ def run_group(rank: int, world: int, port: int, out: str, directory: str, cases:
 
     for case in cases:
         run(("resumed", label(case)), resume, case, rank, world, directory)
+    if world == 1:
+        run(("lbfgs_layouts",), lbfgs_layouts)
+    from distributed_lowbit import resume_low_bit
+
+    resume_low_bit(results, run, rank, world, directory)
     if world == 4:
         for case in tp_cases:
             run(("tp", case), tensor_parallel, case, rank)

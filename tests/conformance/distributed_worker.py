@@ -75,6 +75,8 @@ ADAM_MINI_BLOCKS = {"lr": 1e-2, "betas": (0.9, 0.99)}
 LBFGS_CASES = {"fixed": dict(lr=0.5, max_iter=4, history_size=3),
                "strong_wolfe": dict(lr=1, max_iter=4, history_size=3, line_search_fn="strong_wolfe")}
 LBFGS_STEPS = 3
+LBFGS_VECTORS = ("d", "prev_flat_grad")       # L-BFGS's vectors, per parameter under FSDP2
+LBFGS_HISTORY = ("old_dirs", "old_stps")     # history_size of them per parameter
 
 
 def adam_mini_blocks_reference() -> torch.Tensor:
@@ -85,7 +87,7 @@ def adam_mini_blocks_reference() -> torch.Tensor:
     return flat(model.parameters())
 
 
-def train_lbfgs(model, opt, x, y, loss_over_ranks=False) -> None:
+def train_lbfgs(model, opt, x, y, loss_over_ranks=False, steps=LBFGS_STEPS) -> None:
     """L-BFGS steps; ``loss_over_ranks``: each rank's loss averaged over the ranks, the loss of
     the whole batch that the closure must return on every rank."""
     def closure():
@@ -98,15 +100,42 @@ def train_lbfgs(model, opt, x, y, loss_over_ranks=False) -> None:
             loss /= dist.get_world_size()
         return loss
 
-    for _ in range(LBFGS_STEPS):
+    for _ in range(steps):
         opt.step(closure)
 
 
-def lbfgs_reference(case: str) -> torch.Tensor:
+def lbfgs_reference(case: str, steps: int = LBFGS_STEPS) -> torch.Tensor:
     import optforge as of
 
     model = make_model()
-    train_lbfgs(model, of.LBFGS(model.parameters(), **LBFGS_CASES[case]), *data())
+    train_lbfgs(model, of.LBFGS(model.parameters(), **LBFGS_CASES[case]), *data(), steps=steps)
+    return flat(model.parameters())
+
+
+def make_embedding() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Embedding(25, 4, sparse=True, dtype=torch.float64)
+
+
+def train_sparse(model: nn.Module, opt, rank: int | None = None, steps: int = STEPS) -> None:
+    """Batches of ROWS indices that repeat rows and leave rows 15.. out; data-parallel rank
+    ``rank`` takes its equal share of each."""
+    g = torch.Generator().manual_seed(1)
+    target = torch.randn(25, 4, generator=g, dtype=torch.float64)
+    for _ in range(steps):
+        idx = torch.randint(0, 15, (ROWS,), generator=g)
+        if rank is not None:
+            idx = idx[rank * ROWS // WORLD:(rank + 1) * ROWS // WORLD]
+        opt.zero_grad()
+        ((model(idx) - target[idx]) ** 2).mean().backward()
+        opt.step()
+
+
+def sparse_adam_reference() -> torch.Tensor:
+    import optforge as of
+
+    model = make_embedding()
+    train_sparse(model, of.SparseAdam(model.parameters(), lr=0.05))
     return flat(model.parameters())
 
 
@@ -207,23 +236,45 @@ def run_rank(rank: int, port: int, out: str, cases: list[tuple[str, dict, bool, 
 
     def fsdp_lbfgs(case):
         model = _fsdp(make_model())
-        train_lbfgs(model, of.LBFGS(model.parameters(), **LBFGS_CASES[case]), x, y, loss_over_ranks=True)
-        return {"params": flat(model.parameters())}
+        opt = of.LBFGS(model.parameters(), **LBFGS_CASES[case])
+        train_lbfgs(model, opt, x, y, loss_over_ranks=True)
+        vectors = [(p, v) for p in model.parameters() for k, v in opt.state[p].items() if k in LBFGS_VECTORS]
+        vectors += [(p, v) for p in model.parameters() for k in LBFGS_HISTORY for v in opt.state[p][k]]
+        return {"params": flat(model.parameters()), "pairs": len(opt.state[next(model.parameters())]["ro"]),
+                "state_sharded": len(vectors) == 6 * (2 + 2 * LBFGS_CASES[case]["history_size"]) and all(
+                    isinstance(v, DTensor) and v.placements == p.placements and v.shape == p.shape
+                    for p, v in vectors)}
 
     _case(results, ("fsdp_blocks", "adam_mini"), fsdp_adam_mini_blocks)
     for case in LBFGS_CASES:
         _case(results, ("fsdp_lbfgs", case), fsdp_lbfgs, case)
 
-    def ddp_low_bit(precision):
+    from distributed_lowbit import run_low_bit
+
+    run_low_bit(results, _case, rank, directory)
+
+    def ddp_lbfgs(case):
+        """Every rank's closure returns the loss of the whole batch (its own, averaged over the ranks)."""
         model = DDP(make_model())
-        opt = of.AdamW(model.parameters(), lr=1e-2).configure(state_precision=precision, min_quantized_size=0)
-        train(model, opt, x, y)
+        train_lbfgs(model, of.LBFGS(model.parameters(), **LBFGS_CASES[case]), x, y, loss_over_ranks=True)
+        return {"params": flat(model.module.parameters())}
+
+    def ddp_sparse_adam():
+        """nn.Embedding(sparse=True): gloo all-reduces DDP's sparse gradients (sums of the
+        ranks' rows, coalesced), which SparseAdam steps on."""
+        model = DDP(make_embedding())
+        opt = of.SparseAdam(model.parameters(), lr=0.05)
+        train_sparse(model, opt, rank)
         params = flat(model.module.parameters())
         replicas = [torch.empty_like(params) for _ in range(WORLD)]
         dist.all_gather(replicas, params)
-        return {"params": params, "replicas_equal": all(torch.equal(r, params) for r in replicas)}
+        grad = model.module.weight.grad                       # the last step's, all-reduced
+        return {"params": params, "replicas_equal": all(torch.equal(r, params) for r in replicas),
+                "grad_sparse": grad.is_sparse}
 
-    _case(results, ("ddp_low_bit", "int4"), ddp_low_bit, "int4")
+    for case in LBFGS_CASES:
+        _case(results, ("ddp_lbfgs", case), ddp_lbfgs, case)
+    _case(results, ("ddp", "sparse_adam"), ddp_sparse_adam)
     for name, kwargs, has_fused, on_dtensors in cases:
         for fused in (False, True) if has_fused else (False,):
             _case(results, ("ddp", name, fused), ddp, name, kwargs, fused)
@@ -273,9 +324,6 @@ def run_rank(rank: int, port: int, out: str, cases: list[tuple[str, dict, bool, 
         except ValueError as err:
             return {"error": str(err), "unchanged": torch.equal(flat(model.parameters()), before)}
         return {"error": None}
-
-    _case(results, ("refuse", "state_precision"),
-          lambda: refused(lambda ps: of.AdamW([{"params": list(ps), "state_precision": "int8"}])))
 
     _case(results, ("refuse", "sparse_adam"), lambda: refused(lambda ps: of.SparseAdam(ps, lr=0.1)))
 

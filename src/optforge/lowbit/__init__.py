@@ -23,7 +23,9 @@ The step decodes a chunk of entries, runs the optimizer's update on it, and enco
 (:mod:`optforge.lowbit.step`); ``fused=True`` does the three in one compiled pass per chunk.
 ``state_dict()`` holds the codes and scales (:class:`LowBitState.to_dict`); a full-precision
 checkpoint loads into a low-bit optimizer (encoded on load) and a low-bit one into a
-full-precision optimizer (decoded). See docs/memory.md.
+full-precision optimizer (decoded). DTensor parameters sharded on dim 0 (FSDP2) keep their
+local shard's state, in blocks of its own (:mod:`optforge.lowbit.shards`). See docs/memory.md
+and docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -35,14 +37,17 @@ import torch
 from torch import Tensor
 
 from ..constraints import integer_at_least, one_of
+from ..distributed import is_dtensor, local, placed_as
+from ..tensorlist import TensorList
 from .checkpoint import convert_state, export_state, plan_load
 from .formats import CODES, KINDS, PRECISIONS, code_for
+from .shards import quantize_shard
 from .state import LowBitState, noise_seed
 from .step import fused_applies, step_eager, step_fused
 
 __all__ = ["CODES", "KINDS", "OPTIONS", "OPTION_CONSTRAINTS", "PRECISIONS", "LowBitState", "check_configure",
-           "check_supported", "code_for", "convert_state", "export_state", "holds", "plan_load",
-           "refuse_distributed", "step", "stored"]
+           "check_distributed", "check_supported", "code_for", "convert_state", "export_state", "holds",
+           "plan_load", "step", "stored"]
 
 #: The base options this module adds to every optforge optimizer (see ``Optimizer.configure``).
 OPTIONS: dict[str, Any] = dict(state_precision=None, min_quantized_size=4096)
@@ -68,21 +73,28 @@ def check_supported(cls: type, values: dict[str, Any]) -> None:
                              + ", ".join(map(repr, KINDS)))
 
 
-def refuse_distributed(optimizer_name: str, group: dict[str, Any]) -> None:
-    """ValueError for a DTensor parameter (FSDP2, tensor parallel) in a low-bit group."""
-    if group.get("state_precision") is not None:
-        raise ValueError(f"{optimizer_name}(state_precision={group['state_precision']!r}) does not support "
-                         "DTensor parameters (FSDP2, tensor parallel) yet: use state_precision=None "
-                         "for them (plain parameters, DDP included, are supported)")
+def check_distributed(optimizer_name: str, group: dict[str, Any], param: Tensor) -> None:
+    """ValueError for a DTensor parameter that a low-bit group cannot hold: its state is
+    quantized in blocks of each rank's shard, which must be a run of whole rows (placements
+    ``Shard(0)`` or ``Replicate()``: FSDP2, HSDP)."""
+    if group.get("state_precision") is None or not is_dtensor(param):
+        return
+    from torch.distributed.tensor import Replicate, Shard
+
+    if not all(type(p) is Replicate or (type(p) is Shard and p.dim == 0) for p in param.placements):
+        raise ValueError(f"{optimizer_name}(state_precision={group['state_precision']!r}) supports DTensor "
+                         "parameters sharded on dim 0 (placements Shard(0) or Replicate(): FSDP2, HSDP); "
+                         f"a parameter of shape {tuple(param.shape)} has placements {param.placements} on "
+                         f"mesh {param.device_mesh}: use state_precision=None for it (a param group of "
+                         "its own)")
 
 
 def check_configure(opt: Any, given: dict[str, Any]) -> None:
     """The checks of ``configure(**given)`` that look at the parameters (before it changes anything)."""
     check_supported(type(opt), given)
-    if given.get("state_precision") is not None:
-        for p in (p for group in opt.param_groups for p in group["params"]):
-            if type(p) not in (Tensor, torch.nn.Parameter) and hasattr(p, "device_mesh"):
-                refuse_distributed(type(opt).__name__, given)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            check_distributed(type(opt).__name__, given, p)
 
 
 def stored(opt: Any, group: dict[str, Any], param: Tensor, name: str, x: Tensor) -> Any:
@@ -91,8 +103,8 @@ def stored(opt: Any, group: dict[str, Any], param: Tensor, name: str, x: Tensor)
     if group.get("state_precision") is None or not torch.is_tensor(x):
         return x
     real = torch.view_as_real(x) if x.is_complex() else x
-    code = code_for(opt, group, name, real.shape)
-    return x if code is None else LowBitState.quantize(code, real, noise_seed(0, 0, name))
+    code = code_for(opt, group, name, real.shape)     # a DTensor's whole shape: every rank decides alike
+    return x if code is None else quantize_shard(code, real, noise_seed(0, 0, name))
 
 
 def holds(b: Any) -> bool:
@@ -110,5 +122,12 @@ def step(opt: Any, group: dict[str, Any], b: Any) -> None:
     stateless = copy.copy(b)
     stateless.s = {}               # prepare's float32 copies would not know low-bit state
     w = opt.prepare(group, stateless)
-    step_eager(opt, group, b, w)
+    if any(is_dtensor(p) for p in b.params):       # FSDP2: the update runs on the local shards
+        on_shards = copy.copy(b)
+        on_shards.s = {name: TensorList(local(x) for x in xs) for name, xs in b.s.items()}
+        p = TensorList(local(x) for x in w.p)
+        g = TensorList(local(placed_as(g, x)) for g, x in zip(w.g, w.p))
+        step_eager(opt, group, on_shards, w._replace(p=p, g=g))
+    else:
+        step_eager(opt, group, b, w)
     opt.finish(group, w)

@@ -1,7 +1,8 @@
 """Low-bit state in ``state_dict`` / ``load_state_dict``, and conversion when options change.
 
 - ``state_dict()``: each low-bit entry becomes ``{"code", "shape", "codes", "scales"}`` (plain
-  tensors, a string and a list: ``torch.load(weights_only=True)`` reads it).
+  tensors, a string and a list: ``torch.load(weights_only=True)`` reads it); a DTensor
+  parameter's, DTensors and its sharding (:mod:`optforge.lowbit.shards`).
 - ``load_state_dict()``: torch casts every tensor of a state entry to the parameter's dtype,
   codes included, so low-bit entries are rebuilt from the checkpoint's own tensors: bit for
   bit when the code is the one this optimizer uses, else decoded and encoded again. A
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .formats import code_for, code_named
+from .shards import dequantize_shard, entry_of, load_entry, quantize_shard
 from .state import LowBitState, noise_seed
 
 __all__ = ["convert_state", "export_state", "plan_load"]
@@ -27,7 +29,7 @@ def export_state(state_dict: dict[str, Any]) -> dict[str, Any]:
     state = state_dict["state"]
     for k, st in state.items():      # a state_dict hook may have put anything there
         if isinstance(st, dict) and any(isinstance(x, LowBitState) for x in st.values()):
-            state[k] = {n: x.to_dict() if isinstance(x, LowBitState) else x for n, x in st.items()}
+            state[k] = {n: entry_of(x) if isinstance(x, LowBitState) else x for n, x in st.items()}
     return state_dict
 
 
@@ -56,14 +58,14 @@ def _recode(opt: Any, group: dict[str, Any], p: Tensor, name: str, x: Any, step:
     if isinstance(x, LowBitState):
         if x.code is code:
             return x
-        full = x.dequantize(torch.float32 if code is not None else _full_dtype(group, p))
+        full = dequantize_shard(x, torch.float32 if code is not None else _full_dtype(group, p))
     else:
         if code is None:
             return x
         full = torch.view_as_real(x) if x.is_complex() else x
     if code is None:
         return _as_param_state(p, full)
-    return LowBitState.quantize(code, full.to(p.device), noise_seed(step, index, name))
+    return quantize_shard(code, full.to(p.device), noise_seed(step, index, name))
 
 
 def _step_of(st: dict[str, Any]) -> float:
@@ -112,7 +114,7 @@ def plan_load(opt: Any, state_dict: dict[str, Any], where: dict[Any, tuple[Tenso
                     raise ValueError(f"the loaded state {name!r} of parameter {k} has shape "
                                      f"{tuple(x['shape'])}, expected {tuple(real_shape)} (the parameter "
                                      f"has shape {tuple(p.shape)})")
-                x = LowBitState.from_dict(x, code, p.device)
+                x = load_entry(x, code, p, f"the loaded state {name!r} of parameter {k}")
             elif not (torch.is_tensor(x) and name != "step" and name in opt.state_names_for(group)):
                 continue
             new = _recode(opt, group, p, name, x, _step_of(st), positions[id(p)])

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .codes import Code, noise_offset, uniform_noise
 
-__all__ = ["CHUNK", "LowBitState", "noise_seed"]
+__all__ = ["CHUNK", "LowBitState", "noise_for", "noise_seed"]
 
 #: Entries decoded at a time (a multiple of every block size): bounds the float32
 #: temporaries of a step or a conversion to a few of this size per state.
@@ -27,14 +27,21 @@ CHUNK = 1 << 18
 
 class LowBitState:
     """``shape`` entries in ``code``'s format: ``codes`` and ``scales``, flat, padded to whole
-    blocks. Complex parameters' state is held as its real view (a trailing dimension of 2)."""
+    blocks. Complex parameters' state is held as its real view (a trailing dimension of 2).
 
-    __slots__ = ("code", "codes", "scales", "shape", "numel")
+    The state of a DTensor parameter (FSDP2) is its local shard's, in blocks of its own:
+    ``origin`` is where the shard begins in the whole tensor (row-major), so stochastic
+    rounding draws the noise an unsharded state would at the same entries; ``layout`` is the
+    parameter's ``(mesh, placements, shape)`` (None for a plain tensor)."""
+
+    __slots__ = ("code", "codes", "scales", "shape", "numel", "origin", "layout")
 
     def __init__(self, code: Code, codes: Tensor, scales: Tensor | None, shape: torch.Size) -> None:
         self.code, self.codes, self.scales = code, codes, scales
         self.shape = torch.Size(shape)
         self.numel = math.prod(self.shape)
+        self.origin = 0
+        self.layout: tuple | None = None
 
     @classmethod
     def empty(cls, code: Code, shape: torch.Size, device: torch.device) -> LowBitState:
@@ -45,9 +52,11 @@ class LowBitState:
         return cls(code, codes, scales, shape)
 
     @classmethod
-    def quantize(cls, code: Code, x: Tensor, seed: int) -> LowBitState:
-        """``x`` (a real tensor) encoded, a chunk at a time."""
+    def quantize(cls, code: Code, x: Tensor, seed: int, origin: int = 0) -> LowBitState:
+        """``x`` (a real tensor, beginning at entry ``origin`` of a whole one) encoded, a chunk
+        at a time."""
         out = cls.empty(code, x.shape, x.device)
+        out.origin = origin
         flat = x.reshape(-1)
         for start in range(0, out.numel, CHUNK):
             out.write(start, flat[start:start + CHUNK], seed)
@@ -77,18 +86,17 @@ class LowBitState:
         scales = None if scales is None else self.scales[scales]
         return self.code.decode(self.codes[codes], scales, dtype).view(-1)
 
-    def write(self, start: int, x: Tensor, seed: int, noise_at: int | None = None) -> None:
+    def write(self, start: int, x: Tensor, seed: int) -> None:
         """Encode ``x`` into entries [start, start + len(x)) (block-aligned ``start``; a length
         that ends off a block boundary must end the tensor; :meth:`read`'s padded result, as
-        it is, fits). ``seed`` (an int) and ``start`` place the noise of stochastic rounding in
-        its table, unless ``noise_at`` does."""
+        it is, fits). ``seed`` (an int) and the entries' place in the whole tensor place the
+        noise of stochastic rounding (:func:`noise_for`)."""
         n = x.numel()
         padded = self.code.padded(n)
         x = x.reshape(-1).to(torch.float32)
         if padded != n:
             x = torch.cat((x, x.new_zeros(padded - n)))
-        at = noise_offset(seed, start) if noise_at is None else noise_at
-        noise = uniform_noise(at, padded, x.device) if self.code.stochastic else None
+        noise = noise_for(seed, self.origin + start, padded, x.device) if self.code.stochastic else None
         codes, scales = self.code.encode(x, noise)
         c, s = self.ranges(start, start + n)
         self.codes[c] = codes.view(-1)
@@ -121,6 +129,23 @@ class LowBitState:
                                  f"{dtype} and length {length}, got {got}")
         return cls(code, codes.to(device, copy=True),
                    None if code.scale_dtype is None else scales.to(device, copy=True), shape)
+
+
+def noise_for(seed: int, start: int, n: int, device: torch.device) -> Tensor:
+    """The noise of stochastic rounding for entries [start, start + n) of a whole state tensor
+    (``start`` counted from its first entry, a shard's origin included) seeded ``seed``: each run
+    of :data:`CHUNK` entries from a multiple of it takes the window of the table that its seed
+    and first entry place. The noise of an entry depends on its place alone, so a shard rounds
+    as the whole tensor would, however the tensor is split."""
+    parts = []
+    while n > 0:
+        run = start // CHUNK * CHUNK
+        take = min(n, run + CHUNK - start)
+        parts.append(uniform_noise(noise_offset(seed, run) + start - run, take, device))
+        start, n = start + take, n - take
+    if not parts:
+        return torch.empty(0, device=device)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def noise_seed(step: float, index: int, name: str) -> int:

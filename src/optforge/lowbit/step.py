@@ -16,11 +16,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..distributed import local, placed_as
 from ..fused import _frozen, _fused_entry
 from ..steps import advance_steps
 from ..tensorlist import TensorList
-from .codes import Code, noise_offset, uniform_noise
-from .state import CHUNK, LowBitState, noise_seed
+from .codes import Code
+from .state import CHUNK, LowBitState, noise_for, noise_seed
 
 __all__ = ["fused_applies", "param_positions", "pieces", "step_eager", "step_fused"]
 
@@ -98,8 +99,8 @@ class _Decoded:
         code, buffer = self.code, self.buffer.to(torch.float32)
         noise = None
         if code.stochastic:
-            noise = _joined([uniform_noise(noise_offset(seed, start), code.padded(stop - start),
-                                           buffer.device) for _, start, stop, seed in self.items])
+            noise = _joined([noise_for(seed, x.origin + start, code.padded(stop - start), buffer.device)
+                             for x, start, stop, seed in self.items])
         codes, scales = code.encode(buffer, noise)
         codes = codes.view(-1)
         at_code = at_scale = 0
@@ -193,8 +194,8 @@ def _compiled(cls: type, consts: dict[str, Any], codes: dict[str, Code], dtype: 
 
 def fused_applies(b: Any) -> bool:
     """Whether the fused low-bit step can run bucket ``b`` (else the eager one does)."""
-    return not (b.is_complex or b.low_precision) and all(p.is_contiguous() for p in b.params) and all(
-        isinstance(x, LowBitState) or x.is_contiguous() for xs in b.s.values() for x in xs)
+    return not (b.is_complex or b.low_precision) and all(local(p).is_contiguous() for p in b.params) and all(
+        isinstance(x, LowBitState) or local(x).is_contiguous() for xs in b.s.values() for x in xs)
 
 
 def step_fused(opt: Any, group: dict[str, Any], b: Any) -> None:
@@ -203,9 +204,12 @@ def step_fused(opt: Any, group: dict[str, Any], b: Any) -> None:
     path, one tensor or a slice of one each; slices of up to :data:`FUSED_CHUNK` entries where
     no state rounds stochastically), so each entry is read and written once. The
     compiled pass takes whole blocks (its index arithmetic then stays simple); the entries of a
-    tensor's last, partial block run the same function uncompiled."""
+    tensor's last, partial block run the same function uncompiled. DTensor parameters
+    (FSDP2) run on their local shards."""
     t = advance_steps(b.steps)
-    g_all = opt.transform_grads(group, b.g)
+    g_all = [local(placed_as(g, p)) for g, p in zip(opt.transform_grads(group, b.g), b.p)]
+    p_all = [local(p) for p in b.p]
+    s_all = {name: [local(x) for x in xs] for name, xs in b.s.items()}
     index = param_positions(opt)
     consts = opt.kernel_constants(group)
     p0 = b.params[0]
@@ -219,23 +223,22 @@ def step_fused(opt: Any, group: dict[str, Any], b: Any) -> None:
         values = torch.tensor([float(v) for v in c.values()], dtype=scalar_dtype, device=p0.device)
         scalars[k] = dict(zip(c, values.unbind()))
     stochastic = any(x.code.stochastic for xs in b.s.values() for x in xs if isinstance(x, LowBitState))
-    for chunk in pieces(b.p, b.s, CHUNK if stochastic else FUSED_CHUNK):
+    for chunk in pieces(p_all, s_all, CHUNK if stochastic else FUSED_CHUNK):
         for i, start, stop in chunk:
-            states = {name: xs[i] for name, xs in b.s.items()}
+            states = {name: xs[i] for name, xs in s_all.items()}
             block = max((x.code.block for x in states.values() if isinstance(x, LowBitState)), default=1)
             whole_blocks = start + (stop - start) // block * block
             g = g_all[i].reshape(-1)
             for a, z, compiled in ((start, whole_blocks, True), (whole_blocks, stop, False)):
                 if z > a:
-                    _run_piece(opt, consts, b.p[i].view(-1)[a:z], g[a:z], states, start, a, z, scalars[t[i]],
+                    _run_piece(opt, consts, p_all[i].view(-1)[a:z], g[a:z], states, a, z, scalars[t[i]],
                                (t[i], index[id(b.params[i])]), compiled)
 
 
-def _run_piece(opt: Any, consts: dict[str, Any], p: Tensor, g: Tensor, states: dict[str, Any], piece: int,
-               start: int, stop: int, c: dict[str, Tensor], seed_of: tuple[float, int],
-               compiled: bool) -> None:
-    """Entries [start, stop) of one tensor (part of the eager path's piece from ``piece``,
-    whose noise they take, so both paths round alike)."""
+def _run_piece(opt: Any, consts: dict[str, Any], p: Tensor, g: Tensor, states: dict[str, Any], start: int,
+               stop: int, c: dict[str, Tensor], seed_of: tuple[float, int], compiled: bool) -> None:
+    """Entries [start, stop) of one tensor (stochastic rounding takes the noise of their
+    place in the whole tensor, as the eager path does, so both paths round alike)."""
     full, low, codes, noise = {}, {}, {}, {}
     block = max((x.code.block for x in states.values() if isinstance(x, LowBitState)), default=1)
     rows = (-1, block) if compiled else (-1,)
@@ -247,8 +250,8 @@ def _run_piece(opt: Any, consts: dict[str, Any], p: Tensor, g: Tensor, states: d
                          None if s_range is None else x.scales[s_range])
             codes[name] = x.code
             if x.code.stochastic:
-                at = noise_offset(noise_seed(seed_of[0], seed_of[1], name), piece) + start - piece
-                noise[name] = uniform_noise(at, x.code.padded(stop - start), p.device).view(rows)
+                seed, n = noise_seed(seed_of[0], seed_of[1], name), x.code.padded(stop - start)
+                noise[name] = noise_for(seed, x.origin + start, n, p.device).view(rows)
         else:
             full[name] = x.view(-1)[start:stop].view(rows)
     p, g = p.view(rows), g.view(rows)
@@ -265,5 +268,4 @@ def _run_piece(opt: Any, consts: dict[str, Any], p: Tensor, g: Tensor, states: d
             state[name] = decoded[name][:stop - start]
     _fused_entry(type(opt).kernel, consts, p, g, state, c)
     for name, buffer in decoded.items():
-        seed = noise_seed(seed_of[0], seed_of[1], name)
-        states[name].write(start, buffer, seed, noise_at=noise_offset(seed, piece) + start - piece)
+        states[name].write(start, buffer, noise_seed(seed_of[0], seed_of[1], name))

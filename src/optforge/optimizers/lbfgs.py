@@ -13,6 +13,7 @@ from ..constraints import integer_at_least, non_negative, one_of
 from ..distributed import full_max, full_sums, is_dtensor, local
 from ..registry import register
 from ..torch_compat import numbers_for_step
+from .lbfgs_state import History, ShardedState
 
 # (step length, loss, flat gradient, directional derivative) at one point of a line search
 Point = tuple[Any, float, Tensor, Any]
@@ -169,13 +170,19 @@ class LBFGS(Optimizer):
     the local shards, and every dot product and norm is reduced over the mesh, so every rank
     takes the same direction and step. The closure must return the same loss on every rank,
     the loss over the whole batch (e.g. each rank's loss all-reduced and averaged): the line
-    search and the stopping tests compare losses. The flat state is per rank, so a checkpoint
-    resumes at the same world size and layout only.
+    search and the stopping tests compare losses.
 
-    State (on the first parameter, torch's names):
-    ``func_evals``, ``n_iter``, ``d``, ``t``, ``old_dirs``, ``old_stps``, ``ro``, ``H_diag``,
-    ``prev_flat_grad``, ``prev_loss``, ``al``. Memory: about ``2 * history_size + 3`` copies of
-    the parameters (the pairs s, y; the direction; two gradients), one more with the line search.
+    State (torch's names): ``func_evals``, ``n_iter``, ``d``, ``t``, ``old_dirs``, ``old_stps``,
+    ``ro``, ``H_diag``, ``prev_flat_grad``, ``prev_loss``, and torch's scratch ``al``. With plain
+    parameters all of it is on the first parameter, the vectors flat (torch's layout: a state
+    dict moves between this class and ``torch.optim.LBFGS``). With DTensor parameters each
+    vector is kept per parameter, a DTensor of its shape and placements, and the history is
+    ``history_size`` slots allocated at the first step (``len(ro)`` of them in use), so
+    ``torch.distributed.checkpoint`` saves each once and loads it at another world size (see
+    :mod:`optforge.optimizers.lbfgs_state`); ``step()`` without a closure at lr 0 (the
+    state-creating step of its ``get_state_dict``) creates that state. Memory: about
+    ``2 * history_size + 3`` copies of the parameters (the pairs s, y; the direction; two
+    gradients), one more with the line search.
     """
 
     constraints = dict(max_iter=integer_at_least(1), max_eval=integer_at_least(1),
@@ -237,22 +244,48 @@ class LBFGS(Optimizer):
     # ---- the step -----------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """Up to ``max_iter`` L-BFGS iterations; returns the loss the closure first returned."""
-        if closure is None:
+        """Up to ``max_iter`` L-BFGS iterations; returns the loss the closure first returned.
+        Without a closure, at lr 0 and with DTensor parameters (what the ``get_state_dict`` of
+        ``torch.distributed.checkpoint`` does to a fresh optimizer): creates the state, changes
+        no parameter, returns None."""
+        group = self.param_groups[0]
+        sharded = any(is_dtensor(p) for p in group["params"])
+        if closure is None and not (sharded and float(group["lr"]) == 0):
             raise TypeError("LBFGS.step needs a closure (it evaluates the loss several times per "
                             "step): opt.step(closure), with a closure that zeroes the gradients, "
-                            "computes the loss, calls backward() and returns the loss")
-        group = self.param_groups[0]
+                            "computes the loss, calls backward() and returns the loss. (The state-creating "
+                            "step of torch.distributed.checkpoint's get_state_dict, at lr 0 without a "
+                            "closure, is supported with DTensor parameters only (FSDP2, tensor parallel); "
+                            "with plain parameters, save opt.state_dict() with torch.save)")
         unsupported = sorted(k for k, off in BASE_OPTIONS.items() if group.get(k, off) != off)
         if unsupported:
             raise ValueError(f"LBFGS does not support the options {unsupported} (it steps all "
                              "parameters as one flattened vector)")
         for p in group["params"]:             # refuses Partial placements, low-bit state
             self._check_new_param(group, p)
+        layout = ShardedState(self, group) if sharded else None
+        if layout is not None:
+            layout.check()
+            layout.rows()                     # creates a fresh state, takes in a loaded one
+        else:
+            self._check_flat_state(group)
+        if closure is None:
+            return None
         with numbers_for_step(group):
-            return self._iterate(group, torch.enable_grad()(closure))
+            return self._iterate(group, torch.enable_grad()(closure), layout)
 
-    def _iterate(self, group: dict[str, Any], closure: Callable[[], Any]) -> Any:
+    def _check_flat_state(self, group: dict[str, Any]) -> None:
+        """Refuse a state saved with DTensor parameters (per-parameter vectors) for plain ones."""
+        params = group["params"]
+        d = self.state[params[0]].get("d")
+        numel = sum(torch.view_as_real(p).numel() if p.is_complex() else p.numel() for p in params)
+        if any(self.state[p] for p in params[1:]) or (torch.is_tensor(d) and tuple(d.shape) != (numel,)):
+            raise ValueError("LBFGS cannot continue this state with plain parameters: it holds vectors per "
+                             "parameter, as L-BFGS keeps them for DTensor parameters (FSDP2, tensor "
+                             f"parallel), not flat vectors of all {numel} entries: resume it with DTensor "
+                             "parameters (torch.distributed.checkpoint loads it at any world size)")
+
+    def _iterate(self, group: dict[str, Any], closure: Callable[[], Any], layout: ShardedState | None) -> Any:
         lr, max_iter, max_eval = group["lr"], group["max_iter"], group["max_eval"]
         tol_grad, tol_change = group["tolerance_grad"], group["tolerance_change"]
         st = self.state[group["params"][0]]
@@ -268,24 +301,26 @@ class LBFGS(Optimizer):
         if flat.abs_max(g) <= tol_grad:       # already optimal: nothing changes
             return first_loss
 
-        d, t, prev_g = st.get("d"), st.get("t"), st.get("prev_flat_grad")
-        dirs, stps, ro, h_diag = st.get("old_dirs"), st.get("old_stps"), st.get("ro"), st.get("H_diag")
-        prev_loss = st.get("prev_loss")
+        if layout is None:
+            d, prev_g = st.get("d"), st.get("prev_flat_grad")
+            history = History(group["history_size"], st.get("old_dirs"), st.get("old_stps"), st.get("ro"))
+        else:
+            d, prev_g, history = layout.vectors()
+        t, h_diag, prev_loss = st.get("t"), st.get("H_diag"), st.get("prev_loss")
         for it in range(1, max_iter + 1):
             st["n_iter"] += 1
             if st["n_iter"] == 1:
-                d, dirs, stps, ro, h_diag = g.neg(), [], [], [], 1
+                history.clear()
+                d, h_diag = g.neg(), 1
             else:
                 y, s = g.sub(prev_g), d.mul(t)
                 ys = flat.dot(y, s)
                 if ys > CURVATURE_MIN:
-                    if len(dirs) == group["history_size"]:
-                        del dirs[0], stps[0], ro[0]
-                    dirs.append(y)
-                    stps.append(s)
-                    ro.append(1.0 / ys)
+                    history.push(y, s, ys)
                     h_diag = ys / flat.dot(y, y)
-                d = self._direction(st, group["history_size"], g, dirs, stps, ro, h_diag, flat)
+                # torch keeps the two-loop's scratch in the state; the per-parameter layout does not
+                scratch = st if layout is None else {}
+                d = self._direction(scratch, group["history_size"], g, history, h_diag, flat)
             if prev_g is None:
                 prev_g = g.clone(memory_format=torch.contiguous_format)
             else:
@@ -326,15 +361,19 @@ class LBFGS(Optimizer):
             if flat.abs_max(d.mul(t)) <= tol_change or abs(loss - prev_loss) < tol_change:
                 break
 
-        st.update(d=d, t=t, old_dirs=dirs, old_stps=stps, ro=ro, H_diag=h_diag,
-                  prev_flat_grad=prev_g, prev_loss=prev_loss)
+        if layout is None:
+            st.update(d=d, t=t, old_dirs=history.dirs, old_stps=history.stps, ro=history.ro, H_diag=h_diag,
+                      prev_flat_grad=prev_g, prev_loss=prev_loss)
+        else:
+            layout.store(d, history, dict(t=t, H_diag=h_diag, prev_loss=prev_loss))
         return first_loss
 
     @staticmethod
-    def _direction(st: dict[str, Any], history_size: int, g: Tensor, dirs: list[Tensor],
-                   stps: list[Tensor], ro: list[Tensor], h_diag, flat: FlatReductions) -> Tensor:
+    def _direction(st: dict[str, Any], history_size: int, g: Tensor, history: History, h_diag,
+                   flat: FlatReductions) -> Tensor:
         """-H g by the two-loop recursion (Nocedal & Wright, Algorithm 7.4)."""
-        alpha = st.setdefault("al", [None] * history_size)   # kept in the state, as torch does
+        dirs, stps, ro = history.dirs, history.stps, history.ro
+        alpha = st.setdefault("al", [None] * history_size)
         q = g.neg()
         for i in reversed(range(len(dirs))):
             alpha[i] = flat.dot(stps[i], q) * ro[i]
