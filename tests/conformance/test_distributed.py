@@ -14,7 +14,8 @@
   a native and a generated fused path, and Lookahead and SAM;
 - FSDP2 x tensor parallel on a 2 x 2 mesh (4 ranks): every optimizer that takes DTensor
   parameters (foreach; fused: AdamW and Adan), L-BFGS, Adam-mini with blocks spanning shards,
-  Lookahead, SAM and ASAM;
+  Lookahead, SAM and ASAM; and, on 4 ranks, the reduction and whole-matrix optimizers on other
+  layouts (Shard(1), two mesh dims on one tensor dim or on two, HSDP);
 - low-bit state (``state_precision``) under FSDP2, quantized in blocks of each rank's shard
   (distributed_lowbit.py): the unsharded state bit for bit where the shards are whole blocks,
   within quantization error elsewhere (uneven and empty shards); checkpoints resume bit for bit
@@ -22,8 +23,9 @@
 - refused with a clear error, before any change: ``state_precision`` with DTensor
   parameters sharded on another dim than 0, DTensor parameters for an optimizer the registry
   marks ``elementwise=False``
-  that does not reduce over shards, SparseAdam's DTensor parameters, and ``Partial``
-  placements;
+  that does not reduce over shards, SparseAdam's DTensor parameters, ``Partial``
+  placements, a gradient laid out otherwise than its parameter (reductions, whole matrices;
+  elementwise optimizers redistribute it), and Adam-mini's blocks on shards that are not boxes;
 - ``skip_nonfinite`` decides alike on every rank (a NaN in one rank's shard skips the step
   everywhere)."""
 
