@@ -16,11 +16,16 @@ mean step at ``precondition_frequency=100``: plain + (roots - plain) / 100.
 
     python benchmarks/shampoo_speed.py                       # many-small, ~5 min on 2 busy cores
     python benchmarks/shampoo_speed.py --workload many-tiny --rounds 5 --threads 1
+    # against another version, interleaved in the same run:
+    git archive COMMIT src/optforge | tar -x -C /tmp/old && mv /tmp/old/src/optforge /tmp/old/optforge_before
+    python benchmarks/shampoo_speed.py --workload many-tiny --before /tmp/old
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -32,9 +37,9 @@ import optforge
 NEVER = 10**9   # a period no run reaches: no more inverse roots after the first step
 
 
-def optforge_shampoo(roots_every_step: bool) -> Callable[[list[torch.Tensor]], Any]:
+def optforge_shampoo(roots_every_step: bool, package: Any = optforge) -> Callable[[list[torch.Tensor]], Any]:
     def make(params):
-        opt = optforge.Shampoo(params, precondition_frequency=1, start_preconditioning_step=1)
+        opt = package.Shampoo(params, precondition_frequency=1, start_preconditioning_step=1)
         if not roots_every_step:
             opt.first_step_done = lambda: opt.param_groups[0].update(precondition_frequency=NEVER)
         return opt
@@ -55,10 +60,15 @@ def peer_shampoo(roots_every_step: bool) -> Callable[[list[torch.Tensor]], Any] 
     return make
 
 
-def entries() -> dict[str, Callable[[list[torch.Tensor]], Any]]:
+def entries(before: str | None = None) -> dict[str, Callable[[list[torch.Tensor]], Any]]:
     out = {"torch.AdamW[foreach]": lambda ps: torch.optim.AdamW(ps, foreach=True),
            "optforge.Shampoo[plain]": optforge_shampoo(False),
            "optforge.Shampoo[roots]": optforge_shampoo(True)}
+    if before is not None:                   # another optforge version, as package optforge_before
+        sys.path.insert(0, before)
+        older = importlib.import_module("optforge_before")
+        out.update({"before.Shampoo[plain]": optforge_shampoo(False, older),
+                    "before.Shampoo[roots]": optforge_shampoo(True, older)})
     for kind, every in (("plain", False), ("roots", True)):
         make = peer_shampoo(every)
         if make is not None:
@@ -74,12 +84,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=THREADS,
                         help="torch threads (default: the shared workloads' 2; on a machine whose cores "
                              "are oversubscribed, 1 keeps LAPACK's eigh from stalling)")
+    parser.add_argument("--before", metavar="DIR",
+                        help="also time the Shampoo of another optforge version: DIR holds its "
+                             "src/optforge renamed to optforge_before (see the module docstring)")
+    parser.add_argument("--plain-only", action="store_true", help="leave out the [roots] entries")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     workload = WORKLOADS[args.workload]
     grads = make_tensors(workload, seed=1)
     opts: dict[str, Any] = {}
-    for name, make in entries().items():
+    chosen = {name: make for name, make in entries(args.before).items()
+              if not (args.plain_only and name.endswith("[roots]"))}
+    for name, make in chosen.items():
         params = [p.requires_grad_() for p in make_tensors(workload, seed=0)]
         for p, g in zip(params, grads):
             p.grad = g.clone()            # pytorch_optimizer's Shampoo changes its gradients in place
@@ -91,7 +107,11 @@ def main() -> None:
     print(f"workload {workload.name}: {workload.n_tensors} tensors, {workload.n_params:,} params; "
           f"{args.threads} thread(s); median of {args.rounds * args.steps_per_round} steps each")
     for name, t in median.items():
-        print(f"  {name:36s} {1e3 * t:10.1f} ms   {t / base:8.1f} x AdamW")
+        peer = median.get(f"pytorch_optimizer.Shampoo[{name.rsplit('[', 1)[-1]}")
+        print(f"  {name:36s} {1e3 * t:10.1f} ms   {t / base:8.2f} x AdamW" + (
+            f"   {t / peer:6.2f} x pytorch_optimizer's" if peer and name.endswith("]") else ""))
+    if args.plain_only:
+        return
     plain, roots = median["optforge.Shampoo[plain]"], median["optforge.Shampoo[roots]"]
     mean = plain + (roots - plain) / 100
     print(f"optforge.Shampoo at precondition_frequency=100: {1e3 * mean:.1f} ms a step on average, "

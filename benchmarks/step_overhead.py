@@ -2,9 +2,14 @@
 
 Each tensor is small (``--numel`` entries, default 64), so the time is mostly the Python and
 dispatch cost per tensor, printed in microseconds per tensor (median of ``--rounds`` rounds;
-the entries run interleaved, so machine noise hits all alike). Also printed: for the generated
-fused kernel (Lion, ``fused=True``), the share of the step spent outside the compiled kernel
-at ``--split-tensors`` tensors (default 2,000) of ``--split-numel`` entries.
+the entries run interleaved, so machine noise hits all alike).
+
+For the generated fused kernel (Lion, ``fused=True``) the step is also split into the compiled
+kernel, the copy of the gradients into the flat buffer (``p.grad`` is left alone, so this C++
+copy runs every step) and the rest (Python: the step's checks and bookkeeping), at each count
+(median and minimum over the steps: preemption on a loaded machine only adds; with a fit
+``rest = a + b * tensors``) and at ``--split-tensors`` tensors (default 2,000) of
+``--split-numel`` entries, where the kernel has real work to do.
 
     python benchmarks/step_overhead.py                 # about 2 minutes on 2 cores
     python benchmarks/step_overhead.py --counts 10,100 --rounds 5
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -25,6 +31,7 @@ ENTRIES = {
     "torch.AdamW[foreach]": lambda ps: torch.optim.AdamW(ps, foreach=True),
     "torch.AdamW[fused]": lambda ps: torch.optim.AdamW(ps, fused=True),
     "optforge.AdamW[default]": lambda ps: of.AdamW(ps),
+    "optforge.AdamW[fused]": lambda ps: of.AdamW(ps, fused=True),
     "optforge.AdamW[eager]": lambda ps: of.AdamW(ps, fused=False),
     "optforge.Lion[eager]": lambda ps: of.Lion(ps, fused=False),
     "optforge.Lion[fused]": lambda ps: of.Lion(ps, fused=True),
@@ -65,34 +72,74 @@ def per_tensor_table(counts: list[int], numel: int, rounds: int) -> None:
         print(f"{name:28s}" + "".join(f"{results[name][n]:12.2f}" for n in counts))
 
 
-def kernel_share(n: int, numel: int, rounds: int) -> None:
-    """Step time and time inside the compiled kernel of Lion(fused=True), medians."""
-    inside = []
-    original = fused_module.compiled_step
+@contextmanager
+def timed_parts():
+    """Record, per call, the seconds spent in the compiled fused kernel and in the gradient copy."""
+    parts = {"kernel": [], "copy": []}
+    compiled, gather = fused_module.compiled_step, fused_module.FlatBucket.gather_grads
 
-    def timed(*args, **kwargs):
-        fn = original(*args, **kwargs)
+    def compiled_step(*args, **kwargs):
+        fn = compiled(*args, **kwargs)
 
         def run(*a, **k):
             start = time.perf_counter()
             fn(*a, **k)
-            inside.append(time.perf_counter() - start)
+            parts["kernel"].append(time.perf_counter() - start)
         return run
 
-    _, opt = make(n, numel, lambda ps: of.Lion(ps, fused=True))
-    fused_module.compiled_step = timed
+    def gather_grads(self, grads):
+        start = time.perf_counter()
+        out = gather(self, grads)
+        parts["copy"].append(time.perf_counter() - start)
+        return out
+
+    fused_module.compiled_step, fused_module.FlatBucket.gather_grads = compiled_step, gather_grads
     try:
-        totals = []
-        for _ in range(rounds * 5):
+        yield parts
+    finally:
+        fused_module.compiled_step, fused_module.FlatBucket.gather_grads = compiled, gather
+
+
+def split_step(opt, steps: int) -> dict[str, float]:
+    """Median seconds of a fused step, its kernel, its gradient copy, and the rest."""
+    totals = []
+    with timed_parts() as parts:
+        for _ in range(steps):
             start = time.perf_counter()
             opt.step()
             totals.append(time.perf_counter() - start)
-    finally:
-        fused_module.compiled_step = original
-    total, kernel = statistics.median(totals), statistics.median(inside)
-    print(f"\n== Lion(fused=True), {n} tensors x {numel}: step {total * 1e3:.2f} ms, compiled kernel "
-          f"{kernel * 1e3:.2f} ms, outside it {(total - kernel) * 1e3:.2f} ms "
-          f"= {(total - kernel) / kernel:.2f}x the kernel ==")
+    rest = [t - k - c for t, k, c in zip(totals, parts["kernel"], parts["copy"])]
+    return dict(step=statistics.median(totals), kernel=statistics.median(parts["kernel"]),
+                copy=statistics.median(parts["copy"]), rest=statistics.median(rest), rest_min=min(rest))
+
+
+def fused_split_table(counts: list[int], numel: int, rounds: int) -> None:
+    """Lion(fused=True): microseconds per tensor in each part of the step, and a linear fit of
+    the rest (the Python cost) against the number of tensors."""
+    print(f"\n== Lion(fused=True), microseconds per tensor per step, by part ({numel} entries each) ==")
+    print(f"{'part':28s}" + "".join(f"{n:>12d}" for n in counts))
+    rows = {}
+    for n in counts:
+        _, opt = make(n, numel, lambda ps: of.Lion(ps, fused=True))
+        rows[n] = split_step(opt, rounds * max(3, 2000 // n))
+    for part in ("step", "kernel", "copy", "rest", "rest_min"):
+        print(f"{part:28s}" + "".join(f"{rows[n][part] / n * 1e6:12.2f}" for n in counts))
+    if len(counts) >= 2:
+        lo, hi = counts[-2], counts[-1]
+        for part in ("rest", "rest_min"):
+            slope = (rows[hi][part] - rows[lo][part]) / (hi - lo)
+            print(f"{part} = {(rows[lo][part] - slope * lo) * 1e6:.1f} us + {slope * 1e6:.3f} us x tensors "
+                  f"(fit through {lo} and {hi} tensors)")
+
+
+def kernel_share(n: int, numel: int, rounds: int) -> None:
+    _, opt = make(n, numel, lambda ps: of.Lion(ps, fused=True))
+    r = split_step(opt, rounds * 5)
+    ms = {k: v * 1e3 for k, v in r.items()}
+    print(f"\n== Lion(fused=True), {n} tensors x {numel}: step {ms['step']:.2f} ms = compiled kernel "
+          f"{ms['kernel']:.2f} ms + gradient copy {ms['copy']:.2f} ms + the rest {ms['rest']:.2f} ms; "
+          f"outside the kernel {(r['step'] - r['kernel']) / r['kernel']:.2f}x the kernel, of which the "
+          f"rest (Python) {r['rest'] / r['kernel']:.2f}x ==")
 
 
 def main() -> None:
@@ -105,7 +152,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    per_tensor_table([int(c) for c in args.counts.split(",")], args.numel, args.rounds)
+    counts = [int(c) for c in args.counts.split(",")]
+    per_tensor_table(counts, args.numel, args.rounds)
+    fused_split_table(counts, args.numel, args.rounds)
     kernel_share(args.split_tensors, args.split_numel, args.rounds)
 
 

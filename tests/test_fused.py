@@ -183,3 +183,22 @@ def test_step_counts_that_diverge_and_meet_again_resume_the_fused_kernel():
     assert opt._flat_buckets and next(iter(opt._flat_buckets.values())).uniform_step() == 7
     for a, b in zip(fused, eager):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_gradients_of_interleaved_shapes_reach_their_params():
+    """The flat buffers group tensors by shape (one gradient copy per shape): with shapes
+    interleaved, each parameter still gets its own gradient, as on the eager path."""
+    shapes = [(3, 4), (4,), (3, 4), (), (4,), (3, 4), (2, 1, 2)]
+    torch.manual_seed(0)
+    start = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    runs = []
+    for fused in (False, True):
+        ps = [torch.nn.Parameter(x.clone()) for x in start]
+        opt = of.Lion(ps, lr=0.1, fused=fused)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            for p in ps:
+                p.grad = torch.randn(p.shape, dtype=p.dtype, generator=g)
+            opt.step()
+        runs.append(ps)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

@@ -1,6 +1,8 @@
 """The bucket structure kept between steps (optforge.step_plan) never hides a change: each
 step sees the params, gradients and state that a step building everything afresh would see."""
 
+import weakref
+
 import pytest
 import torch
 
@@ -103,3 +105,35 @@ def test_load_state_dict_drops_the_plans():
     assert step_plan.plan_for(opt)
     opt.load_state_dict(opt.state_dict())
     assert not step_plan.plan_for(opt)
+
+
+@pytest.mark.parametrize("fused", PATHS)
+def test_a_kept_plan_lets_go_of_the_gradients(fused):
+    """zero_grad() frees the gradients as it would without a plan: none is kept for the next step."""
+    ps = params()
+    opt = of.Lion(ps, lr=0.1, fused=fused)
+    for k in range(3):
+        step(opt, ps, k)
+    grads = [weakref.ref(p.grad) for p in ps]
+    opt.zero_grad()
+    assert step_plan.plan_for(opt) and all(g() is None for g in grads)
+
+
+@pytest.mark.parametrize("fused", PATHS)
+def test_a_replaced_state_tensor_of_a_kept_plan_is_seen(fused):
+    """Only state entries change (no param moves): a kept plan still sees them, the fused path too."""
+    a, opt, b, ref = twins(of.Lion, fused, lr=0.1)
+    for k in range(4):
+        step(opt, a, k)
+        step(ref, b, k)
+    opt.state[a[0]]["exp_avg"] = torch.zeros(4, dtype=torch.float64)
+    ref.state[b[0]]["exp_avg"].zero_()
+    for k in range(4, 6):
+        step(opt, a, k)
+        step(ref, b, k)
+    opt.state[a[1]]["step"] = torch.tensor(6.0)                # the same count, a new tensor
+    for k in range(6, 8):
+        step(opt, a, k)
+        step(ref, b, k)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert opt.state[a[0]]["exp_avg"].abs().sum() > 0 and opt.state[a[1]]["step"].item() == 8

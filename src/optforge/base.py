@@ -441,6 +441,8 @@ class Optimizer(torch.optim.Optimizer):
                     step_plan.remember(self, group, buckets)
             with numbers_for_step(group):    # a tensor lr / weight_decay, as a number
                 self.step_group(group, buckets)
+            if plans is not None:
+                step_plan.release(buckets)
 
     @classmethod
     def _plannable(cls) -> bool:
@@ -610,7 +612,7 @@ class Optimizer(torch.optim.Optimizer):
             advance_steps(b.steps, values=False)
             self.fused_update(group, *local_shards(b.p, b.g, b.s), b.steps)   # DTensors: elementwise
             return True
-        if not self.has_kernel() or b.is_complex or not all(map(Tensor.is_contiguous, b.params)):
+        if not self.has_kernel() or b.is_complex:
             return False
         # Frozen params (requires_grad=False, no grad) stay out of the flat buffers for good;
         # a trainable one without a grad this step would make the flat kernel move them.

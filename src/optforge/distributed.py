@@ -24,8 +24,11 @@ __all__ = ["block_index", "block_sums", "check_blocks", "check_same_layout", "ch
            "placed_as", "reduced_placements", "reduction_key", "shards", "sum_over_meshes", "zeros_reduced"]
 
 
+_PLAIN = frozenset({Tensor, torch.nn.Parameter})
+
+
 def is_dtensor(x: Tensor) -> bool:
-    if not torch.distributed.is_available():
+    if type(x) in _PLAIN or not torch.distributed.is_available():
         return False
     from torch.distributed.tensor import DTensor
 
@@ -300,8 +303,11 @@ def local_shards(params: Any, grads: Any, states: dict[str, Any]) -> tuple:
     as its param (``placed_as``: a gradient laid out otherwise is redistributed, as DTensor ops
     would, so that the shards line up); the lists themselves where none holds a DTensor."""
     def one(xs: Any) -> Any:
+        if _PLAIN.issuperset(map(type, xs)):       # no DTensor, found without a call per tensor
+            return xs
         return type(xs)(local(x) for x in xs) if any(is_dtensor(x) for x in xs) else xs
-    grads = type(grads)(placed_as(g, p) for g, p in zip(grads, params))
+    if not _PLAIN.issuperset(map(type, grads)):
+        grads = type(grads)(placed_as(g, p) for g, p in zip(grads, params))
     return one(params), one(grads), {k: one(v) for k, v in states.items()}
 
 

@@ -21,12 +21,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
 __all__ = ["contiguous", "native_applies", "native_by_default", "steps_on_device"]
 
 _DEVICES = frozenset({"cpu", "cuda"})
 _DTYPES = frozenset({torch.float32, torch.float64})
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_PLAIN = frozenset({torch.Tensor, torch.nn.Parameter})
 #: The methods whose results ``fused_update`` replaces: overriding any of them (below the class
 #: that declared ``native_fused``) changes the algorithm, so torch's kernel no longer computes it.
 _UPDATE_METHODS = ("native_fused", "fused_update", "update", "kernel", "scalars", "transform_grads",
@@ -70,7 +71,7 @@ def native_applies(opt: Any, group: dict[str, Any], b: Any) -> bool:
     the parameters' device."""
     if b.sparse or b.low_precision or not native_by_default(opt, group, b.key):
         return False
-    if not all(type(p) in _PLAIN for p in b.params) or not contiguous(b):
+    if not _PLAIN.issuperset(map(type, b.params)) or not contiguous(b):
         return False
     device = b.key[0]
     return device.type == "cpu" or all(s.device == device for s in b.steps)
@@ -79,8 +80,7 @@ def native_applies(opt: Any, group: dict[str, Any], b: Any) -> bool:
 def contiguous(b: Any) -> bool:
     """Whether a bucket's params, gradients and state are contiguous: torch's fused kernels walk
     memory as if they were (other layouts, e.g. strided views or channels_last, run eagerly)."""
-    return (all(p.is_contiguous() for p in b.p) and all(g.is_contiguous() for g in b.g)
-            and all(x.is_contiguous() for xs in b.s.values() for x in xs))
+    return all(all(map(Tensor.is_contiguous, xs)) for xs in (b.p, b.g, *b.s.values()))
 
 
 def steps_on_device(opt: Any, group: dict[str, Any], key: tuple) -> bool:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from itertools import repeat
+from operator import attrgetter, is_
+
 import torch
 from torch import Tensor
 
 __all__ = ["advance_steps"]
+
+_base_of = attrgetter("_base")
 
 
 def advance_steps(steps: list[Tensor], values: bool = True) -> list[float]:
@@ -15,7 +20,7 @@ def advance_steps(steps: list[Tensor], values: bool = True) -> list[float]:
     counts agree, one read. Otherwise (e.g. after ``load_state_dict``) one foreach add."""
     base = steps[0]._base
     if base is not None and base.dim() == 1 and base.numel() == len(steps) and all(
-            x._base is base for x in steps):
+            map(is_, map(_base_of, steps), repeat(base))):
         base.add_(1.0)
         if not values:
             return []

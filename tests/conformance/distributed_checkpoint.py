@@ -121,7 +121,7 @@ def _snapshot(opt) -> list:
     """The optimizer's state, flattened, with local copies of its tensors."""
     def leaves(x):
         if isinstance(x, dict):
-            return [(k, leaf) for k, v in x.items() for leaf in leaves(v)]
+            return [leaf for k, v in x.items() for leaf in (k, *leaves(v))]
         if isinstance(x, list):
             return [leaf for v in x for leaf in leaves(v)]
         return [x.to_local().clone() if hasattr(x, "to_local") else x.clone() if torch.is_tensor(x) else x]
@@ -157,9 +157,13 @@ def lbfgs_layouts() -> dict:
     per_parameter = of.LBFGS(model.parameters(), **LBFGS_KINDS["lbfgs"])
     train_lbfgs(model, per_parameter, x, y)
     saved = per_parameter.state_dict()              # as full tensors (what a full state dict holds)
-    full = {"state": {k: {n: ([v.full_tensor() for v in x] if isinstance(x, list) else
-                              x.full_tensor() if hasattr(x, "full_tensor") else x) for n, x in st.items()}
-                      for k, st in saved["state"].items()},
+
+    def whole(x):
+        if isinstance(x, list):
+            return [whole(v) for v in x]
+        return x.full_tensor() if hasattr(x, "full_tensor") else x
+
+    full = {"state": {k: {n: whole(x) for n, x in st.items()} for k, st in saved["state"].items()},
             "param_groups": saved["param_groups"]}
     plain = make_model()
     opt = of.LBFGS(plain.parameters(), **LBFGS_KINDS["lbfgs"])

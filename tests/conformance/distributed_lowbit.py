@@ -186,6 +186,17 @@ def run_low_bit(results: dict, case, rank: int, directory: str) -> None:
             _save_dcp(model, opt, os.path.join(directory, f"low_bit-{precision}{'-full' if full else ''}"))
         return {"saved": True}
 
+    def one_process_state_into_shards():
+        """One process's int8 state dict (plain codes of whole tensors) loaded by the 2 ranks:
+        decoded, and each shard encoded again (its blocks are the whole tensor's here)."""
+        single = make("aligned")
+        single_opt = optimizer("aligned", single.parameters(), "int8")
+        train(single, single_opt, *data("aligned"), SAVED_AT)
+        model = fsdp("aligned")
+        opt = optimizer("aligned", model.parameters(), "int8")
+        opt.load_state_dict(single_opt.state_dict())
+        return {**decoded_state(opt), "one_process": decoded_state(single_opt)["state"]}
+
     def refused_other_sharding(via_configure):
         """A parameter sharded on dim 1 (as tensor parallelism shards some): its shard is no run of rows."""
         from torch.distributed.device_mesh import init_device_mesh
@@ -217,6 +228,7 @@ def run_low_bit(results: dict, case, rank: int, directory: str) -> None:
     for resumed in RESUMED:
         case(results, ("low_bit_resumed", *resumed), resumed_at_same_ranks, *resumed)
     case(results, ("low_bit_saved",), saved_for_other_ranks, "int8")
+    case(results, ("low_bit_from_one_process",), one_process_state_into_shards)
     for via_configure in (False, True):
         case(results, ("low_bit_refused", via_configure), refused_other_sharding, via_configure)
 

@@ -53,8 +53,10 @@ def make_optimizer(case: str, params):
     if case == "psgd_kron":      # momentum: owner-held too; the (8, 5) and (5, 3) ones get dense factors
         return of.PSGDKron(params, lr=1e-2, momentum=0.9, weight_decay=0.01)
     if case == "shampoo":        # blocks of at most 6: the (8, 8) weights are cut in four
+        # float64 factors and an epsilon that keeps the inverse roots well conditioned: one process
+        # batches the blocks of all tensors, an owner those of its own, which rounds differently
         return of.Shampoo(params, lr=1e-2, weight_decay=0.01, precondition_frequency=2,
-                          max_preconditioner_dim=6)
+                          max_preconditioner_dim=6, factor_matrix_dtype="float64", epsilon=1e-6)
     extra = (dict(normalize_grads=True, precondition_1d=True, max_precond_dim=6, weight_decay_mode="coupled",
                   maximize=True) if case == "soap_variants" else {})
     return of.SOAP(params, lr=1e-2, precondition_frequency=2, **extra)

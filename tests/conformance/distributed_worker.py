@@ -245,6 +245,23 @@ def run_rank(rank: int, port: int, out: str, cases: list[tuple[str, dict, bool, 
                     isinstance(v, DTensor) and v.placements == p.placements and v.shape == p.shape
                     for p, v in vectors)}
 
+    def fsdp_lbfgs_torch_save(case, saved_at, steps):
+        """A per-rank torch.save of the state dict, loaded by a new optimizer (the state's tensors
+        are new objects: taken into new flat vectors), which takes the remaining steps."""
+        import io
+
+        model = _fsdp(make_model())
+        opt = of.LBFGS(model.parameters(), **LBFGS_CASES[case])
+        train_lbfgs(model, opt, x, y, loss_over_ranks=True, steps=saved_at)
+        buffer = io.BytesIO()
+        torch.save(opt.state_dict(), buffer)
+        buffer.seek(0)
+        opt = of.LBFGS(model.parameters(), **LBFGS_CASES[case])
+        opt.load_state_dict(torch.load(buffer, weights_only=False))
+        train_lbfgs(model, opt, x, y, loss_over_ranks=True, steps=steps - saved_at)
+        return {"params": flat(model.parameters())}
+
+    _case(results, ("fsdp_lbfgs_torch_save", "strong_wolfe"), fsdp_lbfgs_torch_save, "strong_wolfe", 2, 5)
     _case(results, ("fsdp_blocks", "adam_mini"), fsdp_adam_mini_blocks)
     for case in LBFGS_CASES:
         _case(results, ("fsdp_lbfgs", case), fsdp_lbfgs, case)

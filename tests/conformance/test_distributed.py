@@ -286,10 +286,19 @@ def test_dcp_checkpoint_of_2_ranks_resumed_by_1_and_by_4_equals_never_stopping(r
     close(ok(got[("resumed", label(case))])["params"], expected)
 
 
+def test_fsdp2_lbfgs_resumes_from_a_per_rank_torch_save(results):
+    """The same world size: a state dict saved with torch.save on each rank, loaded by a new
+    L-BFGS, 2 steps then 3 more: the parameters of 5 uninterrupted steps of one process."""
+    expected = lbfgs_reference("strong_wolfe", steps=5)
+    assert (expected - lbfgs_reference("strong_wolfe", steps=2)).abs().max() > 1e-6
+    close(ok(results[("fsdp_lbfgs_torch_save", "strong_wolfe")])["params"], expected)
+
+
 @pytest.mark.parametrize("case,message", [
     ("flat_into_sharded", r"LBFGS cannot continue the state of parameter 0 \(a DTensor of shape \(8, 6\) "
                           r"with placements \(Shard\(dim=0\),\) on .*\) with DTensor parameters: its 'd' is "
-                          r"a plain tensor of shape \(107,\)\..* resume it with plain parameters"),
+                          r"a plain tensor of shape \(107,\) \(torch.float64\)\..* resume it with plain "
+                          r"parameters"),
     ("sharded_into_flat", r"LBFGS cannot continue this state with plain parameters: it holds vectors per "
                           r"parameter, .* not flat vectors of all 107 entries"),
 ])
@@ -482,6 +491,15 @@ def test_fsdp2_low_bit_checkpoint_at_another_world_size(results, resumed):
     quantization_error = (single["params"] - low_bit_one_process("uneven", None)["params"]).norm()
     gap = (full["params"] - single["params"]).norm()
     assert gap <= QUANTIZATION_BOUND * quantization_error, (gap, quantization_error)
+
+
+def test_fsdp2_low_bit_state_loads_one_process_checkpoint(results):
+    """Plain codes of whole tensors, loaded by 2 ranks: decoded and encoded per shard, the same
+    values up to the rounding of a scale (the shards are whole blocks here)."""
+    got = ok(results[("low_bit_from_one_process",)])
+    assert got["low_bit_entries"] == 4
+    assert_same_state(got["state"], got["one_process"],
+                      lambda a, b: torch.testing.assert_close(a, b, rtol=1e-6, atol=0))
 
 
 @pytest.mark.parametrize("via_configure", [False, True], ids=["param-group", "configure"])

@@ -85,3 +85,22 @@ def test_fused_and_complex_are_refused():
     with pytest.raises(ValueError, match="complex"):
         opt.step()
     assert not of.get_optimizer_info("came").elementwise
+
+
+def repeated_shapes_model(seed: int = 0) -> torch.nn.Module:
+    """Convolutions and linear layers of the same shapes, whose statistics optforge computes
+    for all tensors of a shape at once."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(2, 2, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv2d(2, 2, 3, padding=1),
+        torch.nn.Flatten(), torch.nn.Linear(2 * 6 * 6, 6), torch.nn.Tanh(),
+        torch.nn.Linear(6, 6), torch.nn.Tanh(), torch.nn.Linear(6, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1),
+    ).double()
+
+
+def test_tensors_of_one_shape_match_came_pytorch():
+    model_a, model_b = repeated_shapes_model(), repeated_shapes_model()
+    ref = trajectory(model_a, came_pytorch.CAME(two_groups(model_a, 1e-3, 0.1), lr=1e-3))
+    ours = trajectory(model_b, of.CAME(two_groups(model_b, 1e-3, 0.1), lr=1e-3))
+    assert_moves(ours)
+    assert_same_trajectory(ours, ref)

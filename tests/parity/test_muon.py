@@ -11,6 +11,7 @@ from torch import nn
 
 import optforge as of
 from helpers import assert_moves, assert_same_trajectory, make_model, trajectory
+from optforge.optimizers.muon import Muon
 
 NS = (3.4445, -4.7750, 2.0315)
 
@@ -90,6 +91,68 @@ def test_bf16_iteration_matches_torch_muon():
     assert_same_trajectory(mine, reference(*case))
     exact = ours(*case)                         # and bf16 is not float64: the option does something
     assert (mine[-1] - exact[-1]).abs().max() > 1e-6
+
+
+def stacked_mlp(seed=0):
+    """Same-shape matrices: two tall 24x16 and two wide 16x24 (stacked by optforge, one at a
+    time by torch), with a 16x72 and a 1x16."""
+    torch.manual_seed(seed)
+    widths = (72, 16, 24, 16, 24, 16, 1)
+    layers = [nn.Flatten()]
+    for a, b in zip(widths, widths[1:]):
+        layers += [nn.Linear(a, b), nn.Tanh()]
+    return nn.Sequential(*layers[:-1]).double()
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("batch_numel", [Muon.ns_batch_numel, 0], ids=["stacked", "one_at_a_time"])
+def test_same_shape_stacks_match_torch_muon(nesterov, batch_numel, monkeypatch):
+    monkeypatch.setattr(torch.Tensor, "bfloat16", lambda self, *a, **k: self.clone())
+    model = stacked_mlp()
+    mats = [p for p in model.parameters() if p.dim() == 2]
+    ref = trajectory(model, Both(torch.optim.Muon(mats, lr=0.02, nesterov=nesterov),
+                                 torch.optim.AdamW([p for p in model.parameters() if p.dim() == 1],
+                                                   lr=0.02, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.1)))
+    monkeypatch.undo()
+    model = stacked_mlp()
+    opt = of.Muon(model.parameters(), lr=0.02, nesterov=nesterov, ns_dtype="param")
+    opt.ns_batch_numel = batch_numel
+    mine = trajectory(model, opt)
+    assert_moves(mine)
+    assert_same_trajectory(mine, ref)
+
+
+def peak_step_bytes(opt):
+    """Peak of the bytes torch's CPU allocator holds during one step, above what it held before
+    (the profiler's memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        opt.step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    assert events, "the profiler recorded no allocations"
+    running = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):      # stable: ties keep their order
+        running += e.nbytes()
+        peak = max(peak, running)
+    return peak
+
+
+def test_step_temporaries_are_one_stack():
+    """32 same-shape float32 matrices: a step's temporaries are those of one stack (its input,
+    the bf16 iterates: under 4 float32 stacks' bytes), not the 32 matrices' (which an input per
+    matrix would take), and grow with the stack size."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(48, 96, generator=gen).requires_grad_() for _ in range(32)]
+    for p in params:
+        p.grad = torch.randn(48, 96, generator=gen)
+    opt = of.Muon(params)
+    opt.step()
+    matrix = 48 * 96 * 4
+    for per_stack in (2, 8):
+        opt.ns_batch_numel = per_stack * 48 * 96
+        peak = peak_step_bytes(opt)
+        assert per_stack * matrix < peak < 4 * per_stack * matrix, (per_stack, peak)
 
 
 # ---- conv kernels: a per-tensor reference of Jordan's algorithm ------------------------------------

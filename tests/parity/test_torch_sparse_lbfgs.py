@@ -220,6 +220,10 @@ def test_lbfgs_errors():
     opt = of.LBFGS([p])
     with pytest.raises(TypeError, match="needs a closure"):
         opt.step()
+    opt.param_groups[0]["lr"] = 0.0      # the state-creating step of DCP's get_state_dict: DTensors only
+    with pytest.raises(TypeError, match="supported with DTensor parameters only"):
+        opt.step()
+    opt.param_groups[0]["lr"] = 1
     with pytest.raises(ValueError, match="parameter groups"):
         of.LBFGS([{"params": [p]}, {"params": [nn.Parameter(torch.zeros(2))]}])
     for bad, shown in ((dict(lr=-1.0), "lr=-1.0"), (dict(max_iter=0), "max_iter=0"),

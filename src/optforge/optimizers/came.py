@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -9,7 +10,7 @@ from torch import Tensor
 
 from ..base import ParamsT
 from ..constraints import beta_tuple, non_negative, positive
-from ..distributed import on_shards
+from ..distributed import is_dtensor, on_shards
 from ..registry import register
 from ..tensorlist import TensorList
 from .adafactor import FactoredOptimizer, dim_means, is_factored, mean_squares, rms_scale, unused_shape
@@ -26,6 +27,29 @@ def factored_rsqrts(xs: list[Tensor], rows: list[Tensor], cols: list[Tensor]) ->
         return torch.mul(r, col.unsqueeze(-2).rsqrt()).mul_(x)
     means = dim_means(rows, -1)
     return [on_shards(scaled, x, x, row, col, mean) for x, row, col, mean in zip(xs, rows, cols, means)]
+
+
+def same_shapes(xs: Sequence[Tensor]) -> list[list[int]]:
+    """The positions of ``xs`` grouped by shape, in order; each DTensor alone (its local shard
+    is what the ops see: shards of DTensors are not stacked)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, x in enumerate(xs):
+        groups.setdefault((x.shape, id(x) if is_dtensor(x) else None), []).append(i)
+    return list(groups.values())
+
+
+def stacked(xs: Sequence[Tensor]) -> Tensor:
+    """Tensors of one shape as one tensor along a new leading dim, so that every reduction over
+    their last dims (and every op that broadcasts over them) runs once for all of them. A single
+    tensor is a view (no copy); a DTensor is itself (it is alone: ``same_shapes``)."""
+    if len(xs) > 1:
+        return torch.stack(list(xs))
+    return xs[0] if is_dtensor(xs[0]) else xs[0].unsqueeze(0)
+
+
+def unstacked(x: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    """The tensors of ``stacked(like)``-shaped ``x``, one per tensor of ``like`` (views)."""
+    return [x] if is_dtensor(like[0]) else list(x.unbind(0))
 
 
 class CAME(FactoredOptimizer):
@@ -98,29 +122,40 @@ class CAME(FactoredOptimizer):
         return shape[:-1] if name.endswith("_row") else (*shape[:-2], shape[-1])
 
     @staticmethod
-    def _factored_ema(rows: TensorList, cols: TensorList, xs: list[Tensor], beta: float,
+    def _factored_ema(rows: list[TensorList], cols: list[TensorList], xs: list[Tensor], beta: float,
                       added: float) -> None:
-        """rows, cols <- beta (rows, cols) + (1 - beta) (mean over columns, rows) of x^2 + added,
-        for each x of xs (the reductions one call for all of them, the rest as foreach kernels)."""
-        means = TensorList(mean_squares(xs + xs, [-1] * len(xs) + [-2] * len(xs), keepdim=False)).add_(added)
-        for stats, half in ((rows, means[:len(xs)]), (cols, means[len(xs):])):
-            stats.mul_(beta).add_(half, alpha=1 - beta)
+        """rows[k], cols[k] <- beta (rows[k], cols[k]) + (1 - beta) (mean over columns, rows) of
+        xs[k]^2 + added, for ``xs[k] = stacked(...)`` of the tensors whose statistics ``rows[k]``
+        and ``cols[k]`` are (the means: one reduction for every k, one all-reduce per mesh dim
+        for DTensors)."""
+        means = mean_squares(xs + xs, [-1] * len(xs) + [-2] * len(xs), keepdim=False)
+        for stats, mean in zip(rows + cols, means):
+            stats.mul_(beta).add_(unstacked(mean.add_(added), stats), alpha=1 - beta)
+
+    @staticmethod
+    def _by_shape(xs: list[Tensor], groups: list[list[int]]) -> list[TensorList]:
+        return [TensorList(xs[i] for i in idx) for idx in groups]
 
     def update(self, group, p, g, s, t):
+        # Same-shape tensors are stacked, so each line below runs once per shape, not per tensor.
         (b1, b2, b3), eps = group["betas"], group["eps"]
-        fac = [i for i, x in enumerate(p) if is_factored(x)]
-        vec = [i for i, x in enumerate(p) if not is_factored(x)]
+        shapes = same_shapes(p)
+        fac = [idx for idx in shapes if is_factored(p[idx[0]])]
+        vec = [idx for idx in shapes if not is_factored(p[idx[0]])]
         u: list[Tensor | None] = [None] * len(p)
-        if fac:
-            rows, cols = (TensorList(s[n][i] for i in fac) for n in ("exp_avg_sq_row", "exp_avg_sq_col"))
-            self._factored_ema(rows, cols, [g[i] for i in fac], b2, added=eps)       # r_t, c_t
-            for i, ui in zip(fac, factored_rsqrts([g[i] for i in fac], rows, cols)):
-                u[i] = ui                                             # u_t = G_t / sqrt(r c / mean r)
-        if vec:
-            v, gv = TensorList(s["exp_avg_sq"][i] for i in vec), TensorList(g[i] for i in vec)
+        rows, cols = (self._by_shape(s[n], fac) for n in ("exp_avg_sq_row", "exp_avg_sq_col"))
+        grads = [stacked([g[i] for i in idx]) for idx in fac]
+        self._factored_ema(rows, cols, grads, b2, added=eps)                          # r_t, c_t
+        # u_t = G_t / sqrt(r_t c_t / mean(r_t)), each factored shape's stacked
+        stacked_u = factored_rsqrts(grads, [stacked(r) for r in rows], [stacked(c) for c in cols])
+        for idx, r, su in zip(fac, rows, stacked_u):
+            for i, x in zip(idx, unstacked(su, r)):
+                u[i] = x
+        for idx in vec:
+            v, gv = TensorList(s["exp_avg_sq"][i] for i in idx), TensorList(g[i] for i in idx)
             v.mul_(b2).add_(gv.mul(gv).add_(eps), alpha=1 - b2)        # v_t
-            for i, vi, gi in zip(vec, v, gv):
-                u[i] = vi.rsqrt().mul_(gi)                            # u_t = G_t / sqrt(v_t)
+            for i, x in zip(idx, unstacked(stacked(v).rsqrt().mul_(stacked(gv)), v)):
+                u[i] = x                                              # u_t = G_t / sqrt(v_t)
         u = TensorList(u)
         clip = (torch.stack(u.norm()) / rms_scale(p)).div_(group["clip_threshold"]).clamp_(min=1.0)
         u.div_(list(clip.unbind()))                                   # u^_t = u_t / max(1, RMS(u_t)/d)
@@ -128,12 +163,16 @@ class CAME(FactoredOptimizer):
         m.lerp_(u, 1 - b1)                                            # m_t = b1 m + (1 - b1) u^_t
         steps: list[Tensor] = list(m)                                 # vectors: no confidence
         if fac:
-            # R_t, C_t from U_t = (u^_t - m_t)^2 + eps2 (u^_t is spent)
-            res = TensorList(u[i] for i in fac).sub_(TensorList(m[i] for i in fac))
-            rows, cols = (TensorList(s[n][i] for i in fac) for n in ("exp_avg_res_row", "exp_avg_res_col"))
-            self._factored_ema(rows, cols, list(res), b3, added=group["eps_instability"])
-            for i, step in zip(fac, factored_rsqrts([m[i] for i in fac], rows, cols)):
-                steps[i] = step                                       # m_t / sqrt(S_t)
+            # U_t = (u^_t - m_t)^2 + eps2, into u^_t's (spent) memory: stacked_u holds u^_t - m_t
+            factored = [i for idx in fac for i in idx]
+            TensorList(u[i] for i in factored).sub_(TensorList(m[i] for i in factored))
+        rows, cols = (self._by_shape(s[n], fac) for n in ("exp_avg_res_row", "exp_avg_res_col"))
+        self._factored_ema(rows, cols, stacked_u, b3, added=group["eps_instability"])   # R_t, C_t
+        scaled = factored_rsqrts([stacked([m[i] for i in idx]) for idx in fac], [stacked(r) for r in rows],
+                                 [stacked(c) for c in cols])
+        for idx, r, sc in zip(fac, rows, scaled):
+            for i, x in zip(idx, unstacked(sc, r)):
+                steps[i] = x                                          # m_t / sqrt(S_t)
         p.add_(steps, alpha=-float(group["lr"]))                      # theta_t = theta - lr m_t / sqrt(S_t)
 
 

@@ -13,7 +13,7 @@ from ..constraints import integer_at_least, non_negative, one_of
 from ..distributed import full_max, full_sums, is_dtensor, local
 from ..registry import register
 from ..torch_compat import numbers_for_step
-from .lbfgs_state import History, ShardedState
+from .lbfgs_state import History, ShardedState, Vector
 
 # (step length, loss, flat gradient, directional derivative) at one point of a line search
 Point = tuple[Any, float, Tensor, Any]
@@ -37,31 +37,29 @@ def cubic_minimizer(t1, f1, g1, t2, f2, g2, bounds=None):
 
 
 class FlatReductions:
-    """Dot products and norms of flat vectors laid out as the concatenation of ``params``
-    (their local shards, for DTensors: FSDP2, tensor parallel). Plain tensors: the plain
-    ops. DTensors: each param's part reduced locally, then over the mesh dims that shard it
-    (one all-reduce per layout), so every rank gets the numbers of the whole vector and takes
-    the same direction and step."""
+    """Dot products and norms of L-BFGS's vectors over ``params``. Plain tensors: flat vectors,
+    the plain ops. DTensors (FSDP2, tensor parallel): ``Vector``s of local shards, each part
+    reduced locally, then over the mesh dims that shard its parameter (one all-reduce per
+    layout), so every rank gets the numbers of the whole vector and takes the same direction
+    and step."""
 
     def __init__(self, params: list[Tensor]) -> None:
         self.params = params
         self.sharded = any(is_dtensor(p) for p in params)
-        self.sizes = [local(p).numel() for p in params]
 
-    def _sums(self, x: Tensor) -> Tensor:
-        parts = [part.sum() for part in x.split(self.sizes)]
-        return torch.stack(full_sums(parts, self.params)).sum()
+    def _sums(self, parts: list[Tensor]) -> Tensor:
+        return torch.stack(full_sums([part.sum() for part in parts], self.params)).sum()
 
-    def dot(self, a: Tensor, b: Tensor) -> Tensor:
-        return self._sums(a * b) if self.sharded else a.dot(b)
+    def dot(self, a: Any, b: Any) -> Tensor:
+        return self._sums(torch._foreach_mul(a.parts, b.parts)) if self.sharded else a.dot(b)
 
-    def abs_sum(self, x: Tensor) -> Tensor:
-        return self._sums(x.abs()) if self.sharded else x.abs().sum()
+    def abs_sum(self, x: Any) -> Tensor:
+        return self._sums(torch._foreach_abs(x.parts)) if self.sharded else x.abs().sum()
 
-    def abs_max(self, x: Tensor) -> Tensor:
+    def abs_max(self, x: Any) -> Tensor:
         if not self.sharded:
             return x.abs().max()
-        parts = [part.abs().max() if part.numel() else x.new_zeros(()) for part in x.split(self.sizes)]
+        parts = [part.abs().max() if part.numel() else part.new_zeros(()) for part in x.parts]
         return full_max(parts, self.params)
 
 
@@ -221,7 +219,8 @@ class LBFGS(Optimizer):
         params = map(local, self.param_groups[0]["params"])
         return [torch.view_as_real(p) if p.is_complex() else p for p in params]
 
-    def _flat_grad(self) -> Tensor:
+    def _flat_grad(self) -> Any:
+        """The gradient: flat (plain parameters), or a ``Vector`` of copies of the local shards."""
         views = []
         for p in self.param_groups[0]["params"]:
             g = p.grad
@@ -231,11 +230,17 @@ class LBFGS(Optimizer):
                 g = g.to_local()
             elif g.is_sparse:
                 g = g.to_dense()
-            views.append((torch.view_as_real(g) if g.is_complex() else g).reshape(-1))
-        return torch.cat(views)
+            views.append(torch.view_as_real(g) if g.is_complex() else g)
+        if any(is_dtensor(p) for p in self.param_groups[0]["params"]):
+            return Vector([g.clone(memory_format=torch.contiguous_format) for g in views])
+        return torch.cat([g.reshape(-1) for g in views])
 
-    def _move(self, t, d: Tensor) -> None:
-        """x <- x + t d, over the parameters' flat concatenation."""
+    def _move(self, t, d: Any) -> None:
+        """x <- x + t d, over the parameters' flat concatenation (or a ``Vector``'s parts)."""
+        if isinstance(d, Vector):
+            for p, part in zip(self._params(), d.parts):
+                p.add_(part, alpha=t)
+            return
         offset = 0
         for p in self._params():
             p.add_(d[offset:offset + p.numel()].view_as(p), alpha=t)
@@ -378,7 +383,7 @@ class LBFGS(Optimizer):
         for i in reversed(range(len(dirs))):
             alpha[i] = flat.dot(stps[i], q) * ro[i]
             q.add_(dirs[i], alpha=-alpha[i])
-        r = torch.mul(q, h_diag)
+        r = q.mul(h_diag)
         for i in range(len(dirs)):
             beta = flat.dot(dirs[i], r) * ro[i]
             r.add_(stps[i], alpha=alpha[i] - beta)

@@ -21,7 +21,7 @@ from ..constraints import (
     real_tuple,
     unit_interval,
 )
-from ..distributed import local
+from ..distributed import is_dtensor, local
 from ..distributed_matrix import map_matrices
 from ..registry import register
 from ..tensorlist import TensorList
@@ -62,7 +62,8 @@ def orthogonalize(x: Tensor, coefficients: tuple[float, float, float] = NS_COEFF
     else:                                                   # a stack of matrices, one norm each
         norm, mm = y.norm(dim=(-2, -1), keepdim=True), torch.baddbmm
     # spectral norm <= Frobenius norm <= 1 (eps = 0: the smallest normal, so 0 stays 0)
-    y = y / (norm + eps) if add_eps else y / norm.clamp(min=eps or torch.finfo(y.dtype).tiny)
+    norm = norm + eps if add_eps else norm.clamp(min=eps or torch.finfo(y.dtype).tiny)
+    y = y.div_(norm) if y.data_ptr() != x.data_ptr() else y / norm   # in place on a cast copy
     for _ in range(steps):
         gram = y @ y.mT                                     # A = X X^T
         poly = mm(gram, gram, gram, beta=b, alpha=c)        # b A + c A^2
@@ -110,8 +111,10 @@ class Muon(Optimizer):
     (3.4445, -4.7750, 2.0315), as torch's.
 
     ``ns_dtype``: the dtype the Newton-Schulz iteration runs in: ``"bfloat16"`` (the default,
-    as Jordan's and torch's: it is stable in bf16 and fast on accelerators), ``"float32"``,
-    ``"float64"``, or ``"param"``: the parameter's dtype (exact float64 runs, for parity tests).
+    as Jordan's and torch's: it is stable in bf16 and fast on accelerators and on CPUs with
+    native bf16 matmuls, AVX512-BF16 or AMX), ``"float32"`` (faster on CPUs without them, whose
+    bf16 matmuls are emulated: check with ``benchmarks/muon_speed.py``), ``"float64"``, or
+    ``"param"``: the parameter's dtype (exact float64 runs, for parity tests).
     The signature is ``torch.optim.Muon``'s, with its defaults (lr 1e-3, weight decay 0.1;
     Jordan's reference uses lr 0.02 and no decay), then optforge's keyword-only options; the
     AdamW fallback's defaults are Jordan's (betas (0.9, 0.95), eps 1e-10), the iteration
@@ -121,8 +124,11 @@ class Muon(Optimizer):
     here :math:`A, B` are those of the flattened matrix. State: ``step``, ``momentum_buffer``
     (Muon), ``exp_avg``, ``exp_avg_sq`` (AdamW); in a ``use_muon=None`` group holding both
     kinds, a param's unused entries are empty tensors. State dicts move both ways with
-    torch.optim.Muon (whose state has no ``step``). Eager only (per-matrix iterations);
-    ``fused=True`` is refused. Under FSDP2 / tensor parallel (DTensor params) the momentum is
+    torch.optim.Muon (whose state has no ``step``). Same-shape matrices of a (device, dtype)
+    bucket are orthogonalized as one stack, in stacks of up to ``ns_batch_numel`` elements (a
+    class attribute; 0: one matrix at a time): one batched matmul per iteration step instead of
+    one per matrix, and a step's temporaries are those of one stack. Eager only; ``fused=True``
+    is refused. Under FSDP2 / tensor parallel (DTensor params) the momentum is
     sharded like the params and each matrix is orthogonalized by one owner rank
     (:mod:`optforge.distributed_matrix`, docs/distributed.md).
     """
@@ -137,6 +143,13 @@ class Muon(Optimizer):
     whole_matrices = True
     #: the state of the params Muon steps (the AdamW fallback's: ``exp_avg``, ``exp_avg_sq``)
     matrix_state: ClassVar[tuple[str, ...]] = ("momentum_buffer",)
+    #: Plain matrices of one shape are orthogonalized together, in stacks of up to this many
+    #: elements (at least one matrix); 0: one at a time. A stack's iterates are the step's
+    #: only temporaries.
+    ns_batch_numel: ClassVar[int] = 1 << 22
+    #: A matrix's update can round differently with other same-shape matrices beside it in its
+    #: bucket (a batched matmul's kernel may depend on the batch size).
+    stacks_across_tensors: ClassVar[bool] = True
 
     def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, weight_decay: float = 0.1,
                  momentum: float = 0.95, nesterov: bool = True,
@@ -195,21 +208,54 @@ class Muon(Optimizer):
                         [t[i] for i in adamw])
 
     def _muon(self, group, lr, params, grads, state):
-        mu, dtype = group["momentum"], NS_DTYPES[group["ns_dtype"]]
+        bufs = state["momentum_buffer"]
+        plain = [i for i, p in enumerate(params) if not is_dtensor(p)]
+        for stack in _same_shape_stacks(plain, params, self.ns_batch_numel):
+            self._muon_stack(group, lr, [params[i] for i in stack], [grads[i] for i in stack],
+                             [bufs[i] for i in stack])
+        sharded = [i for i, p in enumerate(params) if is_dtensor(p)]
+        if sharded:
+            self._muon_sharded(group, lr, [params[i] for i in sharded], [grads[i] for i in sharded],
+                               [bufs[i] for i in sharded])
+
+    def _muon_stack(self, group, lr, params, grads, bufs):
+        """Plain matrices of one shape: their inputs stacked, orthogonalized in one batched
+        iteration; the only temporaries are the stack's."""
+        mu = group["momentum"]
+        torch._foreach_lerp_(bufs, grads, 1 - mu)                      # B_t = mu B + (1 - mu) g
+        if group["nesterov"]:
+            u = torch.stack(grads)
+            torch._foreach_lerp_(list(u.unbind(0)), bufs, mu)          # U_t = (1 - mu) g + mu B_t
+        else:
+            u = torch.stack(bufs)                                       # U_t = B_t
+        o = self._orthogonalized(group, u.flatten(2) if len(params) > 1 else u[0].flatten(1))
+        ratio = _lr_ratio(group["adjust_lr_fn"], params[0].shape[0], math.prod(params[0].shape[1:]))
+        shape = params[0].shape
+        steps = [x.reshape(shape) for x in o.unbind(0)] if len(params) > 1 else [o.reshape(shape)]
+        torch._foreach_add_(params, steps, alpha=-lr * ratio)           # W_t = W - lr rho O_t
+
+    def _muon_sharded(self, group, lr, params, grads, bufs):
+        """DTensor matrices: the momentum on the local shards, each whole U_t orthogonalized on
+        its owner (optforge.distributed_matrix), the step on the local shards."""
+        mu = group["momentum"]
         inputs = []
-        for g, buf in zip(grads, state["momentum_buffer"]):   # elementwise: local shards under FSDP2
-            buf.lerp_(g, 1 - mu)                                   # B_t = mu B + (1 - mu) g
+        for g, buf in zip(grads, bufs):
+            buf.lerp_(g, 1 - mu)                                        # B_t = mu B + (1 - mu) g
             inputs.append(g.lerp(buf, mu) if group["nesterov"] else buf)   # U_t = (1 - mu) g + mu B_t
 
         def orthogonalized(u, _):                   # a stack of whole U_t (conv kernels flattened)
             x = u.flatten(2) if len(u) > 1 else u[0].flatten(1)
-            o = orthogonalize(x, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
-            return o.reshape(u.shape)
+            return self._orthogonalized(group, x).reshape(u.shape)
 
         for p, o in zip(params, map_matrices(self, group, params, inputs, orthogonalized)):
             if o.numel():
                 ratio = _lr_ratio(group["adjust_lr_fn"], p.shape[0], math.prod(p.shape[1:]))
-                local(p).add_(o.to(p.dtype), alpha=-lr * ratio)   # W_t = W - lr rho O_t
+                local(p).add_(o, alpha=-lr * ratio)                     # W_t = W - lr rho O_t
+
+    @staticmethod
+    def _orthogonalized(group, x):
+        return orthogonalize(x, group["ns_coefficients"], group["ns_steps"], group["eps"],
+                             NS_DTYPES[group["ns_dtype"]])
 
     @staticmethod
     def _adamw(group, lr, p, g, m, v, t):
@@ -219,6 +265,21 @@ class Muon(Optimizer):
         bc2 = [math.sqrt(1 - b2**k) for k in t]
         # x -= lr m_hat / (sqrt(v_hat) + eps), the bias corrections folded into the scalars
         p.addcdiv_(m, v.sqrt().div_(bc2).add_(eps), [-lr / (1 - b1**k) for k in t])
+
+
+def _same_shape_stacks(items: list[int], params, max_numel: int) -> list[list[int]]:
+    """``items`` (indices into ``params``) grouped by shape, in stacks of at most ``max_numel``
+    elements (at least one each); empty params are left out."""
+    by_shape: dict[tuple[int, ...], list[list[int]]] = {}
+    for i in items:
+        p = params[i]
+        if not p.numel():
+            continue
+        stacks = by_shape.setdefault(tuple(p.shape), [[]])
+        if stacks[-1] and (len(stacks[-1]) + 1) * p.numel() > max_numel:
+            stacks.append([])
+        stacks[-1].append(i)
+    return [stack for stacks in by_shape.values() for stack in stacks]
 
 
 # ---- splitting a model's parameters -----------------------------------------------------------

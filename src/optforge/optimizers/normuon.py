@@ -68,6 +68,7 @@ class NorMuon(Muon):
     constraints = {**Muon.constraints, "beta2": unit_interval}
     matrix_state = ("momentum_buffer", "second_momentum_buffer")
     owner_state = ("second_momentum_buffer",)      # one number per row: kept by each matrix's owner
+    stacks_across_tensors = False                  # one matrix at a time
 
     def __init__(self, params: ParamsT, lr: float | Tensor = 0.02, weight_decay: float = 0.0,
                  momentum: float = 0.95, beta2: float = 0.95, nesterov: bool = True,

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import itertools
 import numbers
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -19,119 +18,16 @@ from ..constraints import (
     tuple_of,
     unit_interval,
 )
-from ..distributed import local
+from ..distributed import is_dtensor, local
 from ..distributed_matrix import map_matrices
-from ..precision import LOW_PRECISION
 from ..registry import register
+from .shampoo_blocks import BlockPlan, Blocks, merged_shape
 
-__all__ = ["Shampoo"]
+__all__ = ["Blocks", "Shampoo", "merged_shape"]
 
 GRAFTINGS = ("adam", "adagrad", "rmsprop", "sgd", "none")
 FACTOR_DTYPES = {"float32": torch.float32, "float64": torch.float64, "param": None}   # None: the param's
 GRAFTING_STATE = {"adam", "adagrad", "rmsprop"}    # graftings that keep a second moment
-
-
-def merged_shape(shape: tuple[int, ...], max_dim: int) -> tuple[int, ...]:
-    """Their ``merge_small_dims``: dims of size 1 dropped, then neighbouring dims multiplied
-    together from the last one while the product stays <= ``max_dim``: with ``max_dim`` 1024
-    a (64, 3, 3, 3) kernel becomes (64, 27) (64 * 27 > 1024), a (5, 48) matrix (240,), a
-    0-dim tensor (1,)."""
-    if 0 in shape:
-        return (0,)
-    dims = [d for d in reversed(shape) if d != 1] or [1]
-    out = [dims[0]]
-    for d in dims[1:]:
-        if out[-1] * d <= max_dim:
-            out[-1] *= d
-        else:
-            out.append(d)
-    return tuple(reversed(out))
-
-
-class Blocks(NamedTuple):
-    """How a parameter is preconditioned: viewed as ``shape`` (merged dims), cut into blocks of
-    at most ``max_dim`` along every dim, row-major. Blocks of one shape form a group
-    (``groups``: block dims, their slices), whose factors are batched: one (n, d, d) tensor
-    per block dim."""
-
-    shape: tuple[int, ...]
-    groups: tuple[tuple[tuple[int, ...], tuple[tuple[slice, ...], ...]], ...]
-
-    @classmethod
-    def of(cls, param_shape: tuple[int, ...], max_dim: int) -> Blocks:
-        shape = merged_shape(tuple(param_shape), max_dim)
-        by_dims: dict[tuple[int, ...], list[tuple[slice, ...]]] = {}
-        for corner in itertools.product(*[range(0, d, max_dim) for d in shape]):
-            block = tuple(slice(s, min(s + max_dim, d)) for s, d in zip(corner, shape))
-            by_dims.setdefault(tuple(s.stop - s.start for s in block), []).append(block)
-        return cls(shape, tuple((dims, tuple(slices)) for dims, slices in by_dims.items()))
-
-    @property
-    def factor_numel(self) -> int:
-        return sum(len(slices) * d * d for dims, slices in self.groups for d in dims)
-
-    def matrices(self, flat: Tensor) -> list[list[Tensor]]:
-        """Views of a flat state tensor as each group's (n, d, d) factors, one per block dim."""
-        out, at = [], 0
-        for dims, slices in self.groups:
-            out.append([])
-            for d in dims:
-                out[-1].append(flat[at:at + len(slices) * d * d].view(len(slices), d, d))
-                at += len(slices) * d * d
-        return out
-
-
-def gather(x: Tensor, slices: tuple[tuple[slice, ...], ...]) -> Tensor:
-    """The blocks of ``x`` at ``slices``, stacked (read only: a view when there is one block, or
-    when they are the consecutive equal blocks of a vector)."""
-    if len(slices) == 1:
-        return x[slices[0]].unsqueeze(0)
-    if x.dim() == 1:
-        return x[slices[0][0].start:slices[-1][0].stop].reshape(len(slices), -1)
-    return torch.stack([x[s] for s in slices])
-
-
-def scatter(out: Tensor, slices: tuple[tuple[slice, ...], ...], blocks: Tensor) -> None:
-    """Write stacked ``blocks`` into ``out`` at ``slices`` (the inverse of :func:`gather`)."""
-    if out.dim() == 1:
-        out[slices[0][0].start:slices[-1][0].stop] = blocks.reshape(-1)
-        return
-    for s, block in zip(slices, blocks):
-        out[s] = block
-
-
-def inverse_root(matrix: Tensor, root: float, epsilon: float) -> Tensor:
-    r""":math:`(A + \epsilon I)^{-1/r}` of each matrix of a batch, by eigendecomposition, as
-    their default ``EigenConfig``: eigh of :math:`A + \epsilon I` (retried in float64 if it
-    fails), and where the smallest eigenvalue :math:`\lambda_{min}` is below :math:`\epsilon`
-    (A is not positive definite in floating point), every eigenvalue of that matrix shifted by
-    :math:`\epsilon - \lambda_{min}`."""
-    dtype = matrix.dtype
-    if dtype in LOW_PRECISION:                      # eigh has no bf16 / fp16 kernels
-        matrix = matrix.float()
-    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
-    ridged = matrix.add(eye, alpha=epsilon)
-    try:
-        lam, q = torch.linalg.eigh(ridged)
-    except RuntimeError:
-        if ridged.dtype == torch.float64:
-            raise
-        lam, q = (x.to(ridged.dtype) for x in torch.linalg.eigh(ridged.double()))
-    low = lam.amin(-1, keepdim=True)
-    lam = torch.where(low < epsilon, lam - low + epsilon, lam)
-    return (q * lam.pow(-1.0 / root).unsqueeze(-2) @ q.transpose(-2, -1)).to(dtype)
-
-
-def _precondition(blocks: Tensor, roots: list[Tensor]) -> Tensor:
-    r""":math:`G \times_1 X_1 \cdots \times_k X_k` for a batch of blocks (n, d_1, ..., d_k), in
-    the factors' dtype: each step contracts the leading block dim and appends the result as the
-    last (the X are symmetric)."""
-    y = blocks
-    for x in roots:
-        n, d = y.shape[:2]
-        rest = y.shape[2:]
-        y = (y.to(x.dtype).reshape(n, d, -1).transpose(1, 2) @ x).reshape(n, *rest, x.shape[-1])
-    return y.to(blocks.dtype)
 
 
 def start_or_minus_one(name: str, value: Any) -> None:
@@ -209,8 +105,10 @@ class Shampoo(Optimizer):
     and AdaGrad grafting). Bytes per parameter, with float32 factors and parameters: 4 for each
     of ``filtered_grad`` and ``grafting_second_moment``, plus :math:`8 \sum_k d_k^2 / \prod_k d_k`
     for a block of dims :math:`d_k` (factors and inverse roots): 28 for a (64, 32) matrix,
-    8 + 8n for a merged vector of n (a (5, 48) matrix: 1928). Eager only (per-block
-    eigendecompositions): ``fused=True`` is refused.
+    8 + 8n for a merged vector of n (a (5, 48) matrix: 1928). Blocks of one shape across the
+    tensors of a (device, dtype) bucket are computed together: one batched matmul per block
+    shape and dim for the factors and the preconditioning, one batched eigendecomposition for
+    the inverse roots. Eager only: ``fused=True`` is refused.
     DTensor parameters (FSDP2, tensor parallel): by owner compute
     (:mod:`optforge.distributed_matrix`): each parameter's whole gradient goes to one owner
     rank, which keeps all of its state whole and returns the direction's shards; the decay
@@ -236,6 +134,9 @@ class Shampoo(Optimizer):
     no_fused_reason = "it preconditions each block with inverse roots of its factor matrices"
     whole_matrices = True
     owner_state = ("factor_matrices", "inv_factor_matrices", "filtered_grad", "grafting_second_moment")
+    #: Blocks of one shape across a bucket's tensors are preconditioned as one batch, so a
+    #: tensor's update can round differently with other tensors beside it (batched matmuls).
+    stacks_across_tensors = True
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  epsilon: float = 1e-12, weight_decay: float = 0.0, max_preconditioner_dim: int = 1024,
@@ -310,98 +211,100 @@ class Shampoo(Optimizer):
         return super().prepare(group, b)
 
     def update(self, group, p, g, s, t):
-        # Whole tensors: on the owner of each under FSDP2 (optforge.distributed_matrix), which
-        # keeps all of its state; the step itself runs on every rank's shard.
         names = [n for n in self.state_names_for(group) if n in s]
-        states = [{"step": k, **{n: s[n][i] for n in names}} for i, k in enumerate(t)]
-        directions = map_matrices(self, group, p, g, self._directions(group), states=states, batch=False)
-        lr, wd = float(group["lr"]), group["weight_decay"]
-        for x, d in zip(p, directions):
-            if not d.numel():
-                continue
-            x = local(x)
-            if group["weight_decay_mode"] == "decoupled" and wd != 0:
-                d.add_(x, alpha=wd)                                  # D + wd W
-            x.add_(d, alpha=-lr)                                     # W <- W - lr (D + wd W)
+        directions: list[Tensor | None] = [None] * len(p)
+        sharded = is_dtensor(p[0])                  # a bucket holds DTensors of one mesh or plain tensors
+        plain = [] if sharded else [i for i, x in enumerate(p) if x.numel()]
+        if plain:
+            states = {n: [s[n][i] for i in plain] for n in names}
+            plan = self._plan(group, [p[i] for i in plain], states)
+            for i, d in zip(plain, self._directions(group, plan, [g[i] for i in plain], states,
+                                                    [int(t[i]) for i in plain])):
+                directions[i] = d
+        # Whole tensors on the owner of each under FSDP2 (optforge.distributed_matrix), which
+        # keeps all of its state; the step itself runs on every rank's shard.
+        if sharded:
+            results = map_matrices(self, group, p, g, self._owner_direction(group), batch=False)
+            directions = [d if d.numel() else None for d in results]
+        if sharded or any(d is None for d in directions):
+            xs = [local(x) for x, d in zip(p, directions) if d is not None]
+            directions = [d for d in directions if d is not None]
+        else:
+            xs = p
+        if group["weight_decay_mode"] == "decoupled" and group["weight_decay"] != 0:
+            torch._foreach_add_(directions, xs, alpha=group["weight_decay"])       # D + wd W
+        torch._foreach_add_(xs, directions, alpha=-float(group["lr"]))             # W <- W - lr (D + wd W)
 
-    def _directions(self, group: dict[str, Any]):
-        return lambda grads, states: self._direction(group, grads[0], states[0])[None]   # one at a time
+    def _plan(self, group: dict[str, Any], params: list[Tensor],
+              states: dict[str, list[Tensor]]) -> BlockPlan:
+        """The bucket's blocks grouped by shape, kept while its state tensors are the same."""
+        plans = self.__dict__.setdefault("_block_plans", {})
+        key = (id(group), params[0].device, params[0].dtype)
+        plan = plans.get(key)
+        factors, roots = states["factor_matrices"], states["inv_factor_matrices"]
+        if plan is None or not plan.holds(factors, roots):
+            plan = plans[key] = BlockPlan([tuple(x.shape) for x in params], factors, roots,
+                                          group["max_preconditioner_dim"])
+        return plan
 
-    def _direction(self, group: dict[str, Any], grad: Tensor, st: dict[str, Tensor]) -> Tensor:
-        """One whole tensor's direction D (before the decoupled decay and the lr), updating its
-        factors, inverse roots, filtered gradient and grafting state."""
-        (b1, b2), bias, k = group["betas"], group["use_bias_correction"], int(st["step"])
-        blocks = Blocks.of(grad.shape, group["max_preconditioner_dim"])
-        factors, roots = blocks.matrices(st["factor_matrices"]), blocks.matrices(st["inv_factor_matrices"])
-        g = grad.reshape(blocks.shape)
-        for (_, slices), fs in zip(blocks.groups, factors):
-            _accumulate(gather(g, slices), fs, b2)
-        second_moment = self._accumulate_grafting(group, grad, st)
+    def _owner_direction(self, group: dict[str, Any]):
+        def direction(grads: Tensor, states: list[dict[str, Any]]) -> Tensor:      # one whole tensor
+            st = states[0]
+            plan = BlockPlan([tuple(grads.shape[1:])], [st["factor_matrices"]], [st["inv_factor_matrices"]],
+                             group["max_preconditioner_dim"])
+            names = [n for n in self.state_names_for(group) if n in st]
+            return self._directions(group, plan, [grads[0]], {n: [st[n]] for n in names},
+                                    [int(st["step"])])[0][None]
+        return direction
+
+    def _directions(self, group: dict[str, Any], plan: BlockPlan, grads: list[Tensor],
+                    st: dict[str, list[Tensor]], ks: list[int]) -> list[Tensor]:
+        """Each whole tensor's direction D (before the decoupled decay and the lr), updating its
+        factors, inverse roots, filtered gradient and grafting state; ``ks``: their steps."""
+        (b1, b2), bias = group["betas"], group["use_bias_correction"]
+        plan.accumulate(grads, b2)
+        second_moment = self._accumulate_grafting(group, grads, st)
         every, start = group["precondition_frequency"], group["start_preconditioning_step"]
         start = every if start == -1 else start
-        if k == start or (k > start and k % every == 0):
-            bc2 = 1 - b2**k if bias and b2 < 1 else 1.0
-            for fs, xs in zip(factors, roots):
-                for f, root in zip(fs, xs):      # X_k = (L_k / bc2 + eps I)^(-1/(2o)), batched
-                    root.copy_(inverse_root(f / bc2, 2 * len(fs), group["epsilon"]))
-        g_bar = grad
+        due = [k == start or (k > start and k % every == 0) for k in ks]
+        if any(due):
+            plan.refresh_roots(due, [1 - b2**k if bias and b2 < 1 else 1.0 for k in ks], group["epsilon"])
+        g_bar = grads
         if b1 != 0:
             m = st["filtered_grad"]
-            m.lerp_(grad, 1 - b1)                                   # M_t = b1 M + (1 - b1) G
-            g_bar = m / (1 - b1**k) if bias else m
-        graft = self._grafting_direction(group, g_bar, second_moment, k)
-        if graft is not None and k < start:
-            return graft.clone()
-        return _shampoo_direction(blocks, roots, g_bar, graft).reshape(grad.shape)
+            torch._foreach_lerp_(m, grads, 1 - b1)                         # M_t = b1 M + (1 - b1) G
+            g_bar = torch._foreach_div(m, [1 - b1**k for k in ks]) if bias else m
+        graft = self._grafting_direction(group, g_bar, second_moment, ks)
+        early = [graft is not None and k < start for k in ks]
+        directions = plan.directions(g_bar, graft, early)
+        return [a.clone() if e else d for a, d, e in zip(graft or directions, directions, early)]
 
     @staticmethod
-    def _accumulate_grafting(group: dict[str, Any], grad: Tensor, st: dict[str, Tensor]) -> Tensor | None:
+    def _accumulate_grafting(group: dict[str, Any], grads: list[Tensor],
+                             st: dict[str, list[Tensor]]) -> list[Tensor] | None:
         if group["grafting"] not in GRAFTING_STATE:
             return None
         v, beta = st["grafting_second_moment"], group["grafting_beta2"]
         if group["grafting"] == "adagrad":
-            return v.addcmul_(grad, grad)                          # V <- V + G^2
+            torch._foreach_addcmul_(v, grads, grads)                       # V <- V + G^2
+            return v
         if beta != 1:
-            v.mul_(beta)
-        return v.addcmul_(grad, grad, value=1 - beta)              # V <- b V + (1 - b) G^2
+            torch._foreach_mul_(v, beta)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - beta)           # V <- b V + (1 - b) G^2
+        return v
 
     @staticmethod
-    def _grafting_direction(group: dict[str, Any], g_bar: Tensor, v: Tensor | None, k: int) -> Tensor | None:
-        """The grafted method's direction A (None: no grafting)."""
+    def _grafting_direction(group: dict[str, Any], g_bar: list[Tensor], v: list[Tensor] | None,
+                            ks: list[int]) -> list[Tensor] | None:
+        """The grafted method's direction A of each tensor (None: no grafting)."""
         kind = group["grafting"]
         if kind in ("none", "sgd"):
             return None if kind == "none" else g_bar
         beta = group["grafting_beta2"]
-        bc2 = 1 - beta**k if kind == "adam" and beta < 1 else 1.0
-        return g_bar / (v / bc2).sqrt_().add_(group["grafting_epsilon"])   # G_bar / (sqrt(V / bc2) + eps_g)
-
-
-def _shampoo_direction(blocks: Blocks, roots: list[list[Tensor]], g_bar: Tensor,
-                       graft: Tensor | None) -> Tensor:
-    """Each block's :math:`P = \\bar G \\times_1 X_1 \\cdots \\times_o X_o`, with the norm of
-    the grafted direction's block where there is one, in one tensor of the blocks' shape."""
-    g_bar = g_bar.reshape(blocks.shape)
-    graft = None if graft is None else graft.reshape(blocks.shape)
-    direction = torch.empty(blocks.shape, dtype=g_bar.dtype, device=g_bar.device)
-    for (dims, slices), xs in zip(blocks.groups, roots):
-        d = _precondition(gather(g_bar, slices), xs)
-        if graft is not None:                                   # D = |A| / (|P| + 1e-16) P
-            ratio = gather(graft, slices).flatten(1).norm(dim=1) / (d.flatten(1).norm(dim=1) + 1e-16)
-            d.mul_(ratio.view(-1, *[1] * len(dims)))
-        scatter(direction, slices, d)
-    return direction
-
-
-def _accumulate(blocks: Tensor, factors: list[Tensor], beta2: float) -> None:
-    """:math:`L_k \\leftarrow \\beta_2 L_k + (1 - \\beta_2) G_{(k)} G_{(k)}^\\top` for each block
-    dim of a batch of blocks (:math:`\\beta_2 = 1`: a plain sum, as theirs)."""
-    n = blocks.shape[0]
-    for k, f in enumerate(factors):
-        unfolded = blocks.movedim(k + 1, 1).reshape(n, blocks.shape[k + 1], -1)   # G_(k)
-        outer = unfolded @ unfolded.transpose(1, 2)
-        if beta2 != 1:
-            f.mul_(beta2)
-        f.add_(outer, alpha=1 - beta2 if beta2 != 1 else 1.0)
+        denom = torch._foreach_div(v, [1 - beta**k if kind == "adam" and beta < 1 else 1.0 for k in ks])
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, group["grafting_epsilon"])
+        return torch._foreach_div(g_bar, denom)                              # G_bar / (sqrt(V / bc2) + eps_g)
 
 
 # compare_lr: with Adam grafting its steps have AdamW's size: AdamW's lr (their README's example)
