@@ -1,23 +1,46 @@
-"""Memory traffic of one eager step: tensor reads + writes per parameter, by counting the
-parameter-sized operands of every ATen kernel the step runs (a TorchDispatchMode).
+"""Memory traffic of one eager step: tensor reads + writes per parameter, counted and timed.
 
-An in-place kernel reads and writes its first tensor (``copy_``/``zero_``/``fill_`` only write
-it); an out-of-place one writes its result; ``out=`` writes ``out``. The minimum is one pass:
-read the parameter, its gradient and each state tensor once, write the parameter and each
-state tensor once (what a fused kernel does). Printed beside each elementwise optimizer:
+Counted (the default): the parameter-sized operands of every ATen kernel one eager step runs
+(a TorchDispatchMode, one tensor of 4,099 entries, run whole). An in-place kernel reads and
+writes its first tensor (``copy_``/``zero_``/``fill_`` only write it); an out-of-place one
+writes its result; ``out=`` writes ``out``. The minimum is one pass: read the parameter, its
+gradient and each state tensor once, write the parameter and each state tensor once (what a
+fused kernel does).
+
+Timed (``--time``): each elementwise optimizer's eager step on the shared ``one-big`` and
+``many-small`` workloads, run whole (``optforge.eager_chunks.CHUNK = None``) and in chunks
+(the default), interleaved in rounds with a bandwidth probe (``dst.copy_(src)`` over as many
+entries as the workload: one read + one write each). "Effective accesses" = step time / (probe
+time / 2): the accesses per parameter a step would make if it ran at the probe's bandwidth.
+Also the scratch each holds between steps (``optforge.scratch.held_bytes``, bytes per
+parameter, one (2048, 4096) tensor: 32 MiB, the pool's threshold), for every registered
+optimizer but those whose matrix factorizations of that size are too slow to run here.
 
     python benchmarks/pass_counts.py
+    python benchmarks/pass_counts.py --time [--rounds 5] [--workloads one-big,many-small]
+    python benchmarks/pass_counts.py --time --scratch-only lamb,mars
 """
 
 from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import optforge as of
+from optforge import eager_chunks, scratch
 
 N = 4099          # a size no scalar or factored state has
+SHAPES = {
+    "one-big": [(4096, 8192)],
+    "many-small": [(384, 128), (384,), (128, 128), (128,), (512, 128), (512,), (128, 512), (128,),
+                   (128,), (128,), (128,), (128,)] * 25,
+}
 
 
 class _Counter(TorchDispatchMode):
@@ -35,7 +58,8 @@ class _Counter(TorchDispatchMode):
                    if arg.alias_info is not None and arg.alias_info.is_write
                    for a in tree_flatten(value)[0] if isinstance(a, torch.Tensor) and a.numel() == N]
         name = func.__name__.split(".")[0]
-        only_written = name in ("copy_", "zero_", "fill_") or func.__name__.endswith(".out")
+        only_written = name in ("copy_", "zero_", "fill_", "_foreach_copy_", "_foreach_zero_") \
+            or func.__name__.endswith(".out")
         self.reads += len(big) - (len(written) if only_written else 0)
         if written:
             self.writes += len(written)
@@ -45,11 +69,15 @@ class _Counter(TorchDispatchMode):
         return out
 
 
+def _eager(cls, params, **kwargs):
+    eager = {"fused": False} if "fused" in cls.__init__.__code__.co_varnames else {}
+    return cls(params, **eager, **kwargs)
+
+
 def count(cls, **kwargs) -> tuple[int, int]:
     """(accesses per parameter of one eager step after the first, the one-pass minimum)."""
     p = torch.nn.Parameter(torch.randn(N))
-    eager = {"fused": False} if "fused" in cls.__init__.__code__.co_varnames else {}
-    opt = cls([p], **eager, **kwargs)
+    opt = _eager(cls, [p], **kwargs)
     for _ in range(2):
         p.grad = torch.randn(N)
         opt.step()
@@ -61,18 +89,115 @@ def count(cls, **kwargs) -> tuple[int, int]:
     return counter.reads + counter.writes, 2 + 2 * states + 1
 
 
-def main() -> None:
+def _elementwise():
+    return [i for i in of.list_optimizers(with_info=True) if i.elementwise and i.cls.has_kernel()]
+
+
+def print_counts() -> None:
     print(f"{'optimizer':22s} {'eager':>6s} {'min':>4s} {'ratio':>6s}   "
           "(reads + writes per parameter per step)")
-    for info in of.list_optimizers(with_info=True):
-        if not info.elementwise or not info.cls.has_kernel():
-            continue
+    for info in _elementwise():
         try:
             accesses, minimum = count(info.cls, lr=1e-3)
         except (TypeError, ValueError) as e:
             print(f"{info.name:22s} skipped: {e}")
             continue
         print(f"{info.name:22s} {accesses:6d} {minimum:4d} {accesses / minimum:6.2f}")
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def time_workload(name: str, rounds: int) -> None:
+    """Effective accesses per parameter of each elementwise optimizer's eager step, whole and
+    in chunks, against the counted and the minimum ones."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES[name]]
+    grads = [torch.randn(s) for s in SHAPES[name]]
+    n = sum(p.numel() for p in params)
+    src, dst = torch.randn(n), torch.empty(n)
+    chunk = eager_chunks.CHUNK
+    print(f"\n{name}: {len(params)} tensors, {n:,} params, chunk {chunk:,} entries, {rounds} rounds, "
+          f"median; effective accesses = step time / (copy probe time / 2)")
+    print(f"{'optimizer':22s} {'counted':>7s} {'min':>4s} {'whole':>7s} {'chunked':>7s} "
+          f"{'whole/min':>9s} {'chunked/min':>11s} {'ms whole':>9s} {'ms chunked':>10s}")
+    for info in _elementwise():
+        accesses, minimum = count(info.cls, lr=1e-3)
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt = _eager(info.cls, params, lr=1e-6)
+        opt.step()
+        opt.step()
+        probe, times = [], {None: [], chunk: []}
+        try:
+            for r in range(rounds):
+                probe.append(_timed(lambda: dst.copy_(src)))
+                for size in ((None, chunk) if r % 2 == 0 else (chunk, None)):
+                    eager_chunks.CHUNK = size
+                    times[size].append(_timed(opt.step))
+        finally:
+            eager_chunks.CHUNK = chunk
+        access = statistics.median(probe) / 2
+        whole, chunked = (statistics.median(times[k]) for k in (None, chunk))
+        print(f"{info.name:22s} {accesses:7d} {minimum:4d} {whole / access:7.1f} {chunked / access:7.1f} "
+              f"{whole / access / minimum:9.2f} {chunked / access / minimum:11.2f} "
+              f"{whole * 1e3:9.1f} {chunked * 1e3:10.1f}", flush=True)
+        del opt
+    print(f"copy probe: {statistics.median(probe) * 1e3:.1f} ms for {n:,} entries "
+          f"({8 * n / statistics.median(probe) / 1e9:.1f} GB/s read + write)")
+
+
+def print_scratch(shape: tuple[int, ...] = (2048, 4096), steps: int = 3,
+                  only: list[str] | None = None) -> None:
+    """Bytes per parameter of scratch each optimizer's eager step holds between steps."""
+    print(f"\nscratch held between steps, bytes per parameter, one ({shape[0]}, {shape[1]}) tensor, "
+          f"after {steps} eager steps (whole / in chunks):")
+    n = math.prod(shape)
+    p = torch.nn.Parameter(torch.randn(shape))
+    p.grad = torch.randn(shape)
+    chunk = eager_chunks.CHUNK
+    for info in of.list_optimizers(with_info=True):
+        if info.name in ("lbfgs", "sparse_adam", "soap", "shampoo", "kron", "galore") or (
+                only and info.name not in only):
+            continue      # a closure / sparse gradients; matrix factorizations of this size: too slow
+        held = []
+        try:
+            for size in (None, chunk):
+                eager_chunks.CHUNK = size
+                with torch.no_grad():
+                    p.normal_()
+                opt = _eager(info.cls, [p], lr=1e-6)
+                for _ in range(steps):
+                    opt.step()
+                held.append(scratch.held_bytes(opt) / n)
+                del opt
+        finally:
+            eager_chunks.CHUNK = chunk
+        print(f"{info.name:22s} {held[0]:5.1f} / {held[1]:5.1f}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--time", action="store_true", help="time the steps and report scratch")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--workloads", default="one-big,many-small")
+    ap.add_argument("--no-scratch", action="store_true")
+    ap.add_argument("--scratch-only", help="comma list of optimizers: only their held scratch")
+    args = ap.parse_args()
+    if not args.time:
+        print_counts()
+        return
+    torch.set_num_threads(2)
+    if args.scratch_only:
+        print_scratch(only=args.scratch_only.split(","))
+        return
+    for name in args.workloads.split(","):
+        time_workload(name, args.rounds)
+    if not args.no_scratch:
+        print_scratch()
 
 
 if __name__ == "__main__":

@@ -187,3 +187,18 @@ def test_the_fused_path_does_not_use_the_pool(monkeypatch):
     opt.step()
     opt.step()
     assert scratch.held_bytes(opt) == 0
+
+
+@pytest.mark.parametrize("n", [7, 2**18], ids=["foreach", "one-by-one"])
+def test_rdiv_divides_in_place_like_div(n, pool_all):
+    torch.manual_seed(0)
+    num, den = [torch.randn(n), torch.randn(3)], [torch.rand(n) + 0.5, torch.rand(3) + 0.5]
+    expected = [a / b for a, b in zip(num, den)]
+    d = TensorList(x.clone() for x in den)
+    ptrs = [x.data_ptr() for x in d]
+    owner = Owner()
+    with scratch.using(owner):
+        got = d.rdiv_(num)
+    assert got is d and [x.data_ptr() for x in d] == ptrs       # the quotient in the denominator's memory
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert scratch.held_bytes(owner) == 0

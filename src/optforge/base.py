@@ -34,7 +34,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from . import lowbit, paths, step_plan
+from . import eager_chunks, lowbit, paths, step_plan
 from .constraints import Constraint, boolean, non_negative, one_of, tensor_or
 from .distributed import check_supported, is_dtensor, local_shards
 from .distributed_matrix import check_layout
@@ -103,7 +103,7 @@ class Optimizer(torch.optim.Optimizer):
     - ``state_names``: per-parameter state tensors (torch's names), created by ``init_state``
       (zeros like the parameter unless overridden). ``step`` is kept by the base.
     - ``state_kinds``: for low-bit state (``state_precision``), which states are
-      non-negative, sign-only or kept in full precision (others are signed).
+      non-negative, sign-only, slow averages or kept in full precision (others are signed).
     - ``update(group, p, g, s, t)``: the algorithm, over :class:`TensorList` s of one
       (device, dtype) bucket. ``g`` is read-only (it may be the user's ``p.grad``); ``s`` maps a
       state name to its list; ``t`` is the list of step counts (1 on the first step).
@@ -112,7 +112,8 @@ class Optimizer(torch.optim.Optimizer):
     constraints: ClassVar[dict[str, Constraint]] = {}
     state_names: ClassVar[tuple[str, ...]] = ()
     #: How ``state_precision`` may store each state (see :mod:`optforge.lowbit`): "signed"
-    #: (the default), "non_negative", "sign" (only its sign matters) or "full" (never lowered).
+    #: (the default), "non_negative", "sign" (only its sign matters), "slow" (a signed average
+    #: with beta near 1: int8 under int4) or "full" (never lowered).
     state_kinds: ClassVar[dict[str, str]] = {}
     #: Complex parameters are optimized as ``torch.view_as_real`` pairs (as torch.optim does).
     #: An optimizer whose update is not elementwise sets this to False to refuse them.
@@ -469,6 +470,9 @@ class Optimizer(torch.optim.Optimizer):
         if group.get("fused") is None and paths.native_applies(self, group, b):
             advance_steps(b.steps, values=False)
             self.fused_update(group, b.p, b.g, b.s, b.steps)
+            return
+        if eager_chunks.applies(self, group, b):   # large CPU buckets: cache-sized chunks
+            eager_chunks.step(self, group, b)
             return
         w = self.prepare(group, b)
         self.update(group, w.p, w.g, w.s, w.t)

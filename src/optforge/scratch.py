@@ -8,7 +8,8 @@ large tensor is paid in page faults: on a 2-core CPU, ``v.sqrt()`` of a 128 MiB 
 What: during an eager :meth:`optforge.Optimizer.step`, the out-of-place :class:`TensorList`
 methods (``sqrt``, ``add``, ``mul``, ``clone``, ...) write the results of contiguous CPU tensors
 of at least :data:`MIN_BYTES` into buffers of this optimizer's :class:`ScratchPool` (with
-per-tensor ``torch.<op>(..., out=buffer)``); smaller tensors keep foreach and the heap.
+per-tensor ``torch.<op>(..., out=buffer)``); smaller tensors keep foreach and the heap. The
+eager low-bit step takes its chunk buffers from the same pool (:mod:`optforge.lowbit.buffers`).
 
 - A buffer is reused only when no tensor refers to its memory any more (the storage's use
   count is back to the pool's own references): a temporary still alive, a view of it, or one
@@ -52,8 +53,8 @@ def _use_count(storage: torch.UntypedStorage) -> int:
 class _Buffer:
     __slots__ = ("tensor", "storage", "idle_count", "used")
 
-    def __init__(self, like: Tensor) -> None:
-        self.tensor = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    def __init__(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> None:
+        self.tensor = torch.empty(shape, dtype=dtype, device=device)
         self.storage = self.tensor.untyped_storage()
         self.idle_count = _use_count(self.storage)   # the pool's own references
         self.used = False
@@ -84,11 +85,15 @@ class ScratchPool:
     def take(self, like: Tensor) -> Tensor:
         """A contiguous tensor shaped like ``like`` whose memory nothing else refers to (its
         contents are arbitrary): a free buffer of the pool, or a new one."""
-        key = (like.shape, like.dtype, like.device)
+        return self.take_new(like.shape, like.dtype, like.device)
+
+    def take_new(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """:meth:`take` of a tensor of this shape, dtype and device."""
+        key = (torch.Size(shape), dtype, device)
         buffers = self._buffers.setdefault(key, [])
         buf = next((b for b in buffers if b.is_free()), None)
         if buf is None:
-            buf = _Buffer(like)
+            buf = _Buffer(*key)
             buffers.append(buf)
         buf.used = True
         return buf.tensor.detach()   # a new tensor on the buffer's memory: it counts as a use

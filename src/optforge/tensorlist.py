@@ -24,6 +24,7 @@ __all__ = ["TensorList"]
 
 #: From this size on, a tensor's own kernel costs little beside its pass over memory.
 _LARGE_BYTES = 2**20
+_PLAIN = (Tensor, torch.nn.Parameter)
 
 
 def _is_tensors(x: object) -> bool:
@@ -157,6 +158,20 @@ class TensorList(list):
 
     def div_(self, other: Operand) -> TensorList:
         torch._foreach_div_(self, other)
+        return self
+
+    def rdiv_(self, numerator: Sequence[Tensor]) -> TensorList:
+        """self <- numerator / self, in self's memory: a quotient that needs no temporary beside
+        its denominator. Large plain tensors are divided one by one with ``out=`` (the same
+        kernel as foreach on CPU); the others through a foreach quotient copied back."""
+        large = [i for i, x in enumerate(self)
+                 if type(x) in _PLAIN and x.numel() * x.element_size() >= _LARGE_BYTES]
+        for i in large:
+            torch.div(numerator[i], self[i], out=self[i])
+        rest = sorted(set(range(len(self))) - set(large)) if large else range(len(self))
+        if rest:
+            mine = TensorList(self[i] for i in rest)
+            mine.copy_(torch._foreach_div([numerator[i] for i in rest], list(mine)))
         return self
 
     def lerp_(self, end: Sequence[Tensor], weight: Scalar) -> TensorList:

@@ -89,8 +89,9 @@ def test_state_declared_full_is_left_as_it_is(info):
     assert not low_bit_entries(opt)
 
 
-# a compile each (tests/test_lowbit.py resumes fused AdamW int4); Schedule-Free mixes full and low-bit state
-FUSED_CASES = [("adamw", "int4"), ("schedule_free_adamw", "fp8")]
+# a compile each (tests/test_lowbit.py resumes fused AdamW int4); Schedule-Free mixes full and low-bit
+# state, AdEMAMix int4 and int8 codes (its slow average)
+FUSED_CASES = [("adamw", "int4"), ("schedule_free_adamw", "fp8"), ("ademamix", "int4")]
 
 
 @pytest.mark.parametrize("name,precision", FUSED_CASES, ids=[f"{n}-{p}" for n, p in FUSED_CASES])

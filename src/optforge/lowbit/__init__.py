@@ -9,13 +9,14 @@ whose update is elementwise (``scalars`` + ``kernel``), a user's own included::
 - ``"bf16"``: bfloat16, rounded stochastically (2 bytes per entry);
 - ``"int8"``: one byte per entry, a scale per block of 256;
 - ``"fp8"``: float8 e4m3, a scale per block of 256;
-- ``"int4"``: half a byte per entry, a bfloat16 scale per block of 64, signed states
-  rounded stochastically.
+- ``"int4"``: half a byte per entry, a bfloat16 scale per block of 64, rounded
+  stochastically.
 
 Each state is coded by its kind, which the optimizer declares in ``state_kinds`` (undeclared
 states are ``"signed"``): ``"signed"`` (a first moment), ``"non_negative"`` (a second moment:
 never read as zero in a block that is not all zeros), ``"sign"`` (only its sign matters downstream, Lion's
-momentum), or ``"full"`` (kept in full precision: an iterate such as Schedule-Free's ``z``).
+momentum), ``"slow"`` (a signed average with beta near 1, AdEMAMix's slow EMA: ``"int4"`` keeps it in
+int8), or ``"full"`` (kept in full precision: an iterate such as Schedule-Free's ``z``).
 Tensors with fewer than ``min_quantized_size`` entries (default 4096: biases, norms) keep
 full-precision state: they cost little memory and are where rounding hurts most.
 

@@ -20,6 +20,7 @@ from ..distributed import local, placed_as
 from ..fused import _frozen, _fused_entry
 from ..steps import advance_steps
 from ..tensorlist import TensorList
+from .buffers import ChunkBuffers, decode_into, encode_into, in_place
 from .codes import Code
 from .state import CHUNK, LowBitState, noise_for, noise_seed
 
@@ -32,6 +33,13 @@ Piece = tuple[int, int, int]       # (tensor index in the bucket, first entry, e
 #: 4M-entry pieces take 1.5x torch's fused AdamW on int8, 256K-entry ones 2.2x). Stochastic
 #: rounding keeps the eager pieces, whose positions place its noise.
 FUSED_CHUNK = 1 << 22
+
+#: Entries one eager chunk takes when every low-bit state of the bucket is int8 (decoded into
+#: reused buffers): each chunk costs about 40 torch calls beside its arithmetic, and on several
+#: threads as many parallel regions (very slow where other processes share the cores); a
+#: chunk's few float32 buffers (4 MiB each) stay in a 32 MiB L3. The other codes, whose
+#: temporaries are allocated per chunk, keep CHUNK (fp8 measured slower in larger chunks).
+EAGER_CHUNK = 1 << 20
 
 
 def param_positions(opt: Any) -> dict[int, int]:
@@ -78,38 +86,52 @@ class _Decoded:
     """The low-bit pieces of one state in a chunk, decoded into one buffer (one decode and one
     encode per chunk, not per tensor; blocks stay aligned, as each piece is padded to them)."""
 
-    def __init__(self, code: Code) -> None:
-        self.code = code
+    def __init__(self, code: Code, buffers: ChunkBuffers, key: tuple[str, Code]) -> None:
+        self.code, self.buffers, self.key = code, buffers, key
         self.items: list[tuple[LowBitState, int, int, int]] = []    # (state, start, stop, seed)
 
     def decode(self, dtype: torch.dtype) -> list[Tensor]:
         """Each piece's entries (views of one buffer, in the order added)."""
+        code, buffers = self.code, self.buffers
         ranges = [x.ranges(start, stop) for x, start, stop, _ in self.items]
-        codes = _joined([x.codes[c] for (x, *_), (c, _) in zip(self.items, ranges)])
-        scales = (None if self.code.scale_dtype is None else
+        parts = [x.codes[c] for (x, *_), (c, _) in zip(self.items, ranges)]
+        scales = (None if code.scale_dtype is None else
                   _joined([x.scales[s] for (x, *_), (_, s) in zip(self.items, ranges)]))
-        self.buffer = self.code.decode(codes, scales, dtype).view(-1)
+        self.in_place = in_place(code, dtype)
+        if self.in_place:
+            n, codes = sum(map(len, parts)), parts[0]
+            if len(parts) > 1:
+                codes = torch.cat(parts, out=buffers.take("codes", n, torch.int8))
+            self.buffer = buffers.take(self.key, n, dtype)
+            decode_into(code, codes, scales, self.buffer)
+        else:   # (its result may be the codes themselves: bf16 state of bf16 parameters)
+            self.buffer = code.decode(_joined(parts), scales, dtype).view(-1)
         views, at = [], 0
         for _, start, stop, _ in self.items:
             views.append(self.buffer[at:at + stop - start])
-            at += self.code.padded(stop - start)
+            at += code.padded(stop - start)
         return views
 
     def encode(self) -> None:
-        code, buffer = self.code, self.buffer.to(torch.float32)
-        noise = None
-        if code.stochastic:
-            noise = _joined([noise_for(seed, x.origin + start, code.padded(stop - start), buffer.device)
-                             for x, start, stop, seed in self.items])
-        codes, scales = code.encode(buffer, noise)
-        codes = codes.view(-1)
+        code = self.code
+        if self.in_place:
+            codes, scales = encode_into(code, self.buffer, self.buffers.take("scratch", self.buffer.numel(),
+                                                                              torch.float32))
+        else:
+            buffer = self.buffer.to(torch.float32)
+            noise = None
+            if code.stochastic:
+                noise = _joined([noise_for(seed, x.origin + start, code.padded(stop - start), buffer.device)
+                                 for x, start, stop, seed in self.items])
+            codes, scales = code.encode(buffer, noise)
+            codes = codes.view(-1)
         at_code = at_scale = 0
         for x, start, stop, _ in self.items:
             c, s = x.ranges(start, stop)
-            x.codes[c] = codes[at_code:at_code + c.stop - c.start]
+            x.codes[c].copy_(codes[at_code:at_code + c.stop - c.start])
             at_code += c.stop - c.start
             if s is not None:
-                x.scales[s] = scales[at_scale:at_scale + s.stop - s.start]
+                x.scales[s].copy_(scales[at_scale:at_scale + s.stop - s.start])
                 at_scale += s.stop - s.start
 
 
@@ -118,7 +140,10 @@ def step_eager(opt: Any, group: dict[str, Any], b: Any, w: Any) -> None:
     index = param_positions(opt)
     names = list(b.s)
     grads: dict[int, Tensor] = {}
-    for chunk in pieces(w.p, b.s):
+    low = [x for xs in b.s.values() for x in xs if isinstance(x, LowBitState)]
+    size = EAGER_CHUNK if all(in_place(x.code, w.p[0].dtype) for x in low) else CHUNK
+    buffers = ChunkBuffers(w.p[0].device, size)
+    for chunk in pieces(w.p, b.s, size):
         dtype = w.p[chunk[0][0]].dtype
         p, g, t = TensorList(), TensorList(), []
         s: dict[str, TensorList] = {name: TensorList() for name in names}
@@ -137,7 +162,8 @@ def step_eager(opt: Any, group: dict[str, Any], b: Any, w: Any) -> None:
                 if isinstance(x, LowBitState):
                     key = (name, x.code)
                     seed = noise_seed(w.t[i], index[id(b.params[i])], name) if x.code.stochastic else 0
-                    decoded.setdefault(key, _Decoded(x.code)).items.append((x, start, stop, seed))
+                    batch = decoded.setdefault(key, _Decoded(x.code, buffers, key))
+                    batch.items.append((x, start, stop, seed))
                     slots.setdefault(key, []).append((len(s[name]), x.shape if whole else None))
                     s[name].append(None)                          # filled in below
                 else:

@@ -77,7 +77,7 @@ class Adan(Optimizer):
         den = n.sqrt().add_(c["eps"])                    # sqrt(n_t / (1 - b3^t)) + eps, times c
         p.addcdiv_(m, den, c["m"])                       # theta -= lr m_t / (1 - b1^t) / den
         p.addcdiv_(v, den, c["v"])                       # theta -= lr b2 v_t / (1 - b2^t) / den
-        pre.lerp_(g, 1.0)                                # g_{t-1} <- g_t (exact; no foreach copy_ on DTensor)
+        pre.copy_(g)                                     # g_{t-1} <- g_t
 
 
 register(Adan, "Adan: adaptive Nesterov momentum from gradient differences (Xie et al., 2022)")

@@ -59,7 +59,7 @@ class AdEMAMix(Optimizer):
     constraints = dict(betas=beta_tuple(3), eps=non_negative, alpha=non_negative,
                        beta3_warmup=integer_at_least(0), alpha_warmup=integer_at_least(0))
     state_names = ("exp_avg_fast", "exp_avg_slow", "exp_avg_sq")
-    state_kinds = dict(exp_avg_sq="non_negative")
+    state_kinds = dict(exp_avg_slow="slow", exp_avg_sq="non_negative")
 
     def __init__(self, params: ParamsT, lr: float = 1e-3,
                  betas: tuple[float, float, float] = (0.9, 0.999, 0.9999),
@@ -89,8 +89,9 @@ class AdEMAMix(Optimizer):
         m1.lerp_(g, 1 - b1)                                  # m1_t = b1 m1 + (1 - b1) g
         m2.lerp_(g, c["slow_weight"])                        # m2_t = b3_t m2 + (1 - b3_t) g
         v.mul_(b2).addcmul_(g, g, value=1 - b2)              # v_t = b2 v + (1 - b2) g^2
-        u = m1.mul(c["fast"]).add_(m2, alpha=c["slow"])      # -lr c (m1_t / bc1 + alpha_t m2_t)
-        p.addcdiv_(u, v.sqrt().add_(c["eps"]), 1)            # theta += u / (sqrt(v_t) + eps c)
+        den = v.sqrt().add_(c["eps"])                        # sqrt(v_t) + eps c
+        p.addcdiv_(m1, den, c["fast"])                       # theta -= lr c m1_t / bc1 / den
+        p.addcdiv_(m2, den, c["slow"])                       # theta -= lr c alpha_t m2_t / den
 
 
 register(AdEMAMix, "AdEMAMix: Adam with a fast and a slow EMA mixed (Pagliardini et al., 2024)")

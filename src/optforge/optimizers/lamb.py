@@ -70,7 +70,7 @@ class LAMB(Optimizer):
         c1 = [1 - b1**n if group["debias"] else 1.0 for n in t]
         c2 = [math.sqrt(1 - b2**n) if group["debias"] else 1.0 for n in t]
         k = [b / a for a, b in zip(c1, c2)]
-        u = m.div(v.sqrt().add_([eps * c for c in c2]))
+        u = v.sqrt().add_([eps * c for c in c2]).rdiv_(m)   # one temporary: the quotient in its denominator
         if group["weight_decay_mode"] == "decoupled" and wd != 0:
             u.add_(p, alpha=[wd / x for x in k])              # r_t / k = Adam direction / k + lambda x / k
         lr = float(group["lr"])

@@ -231,6 +231,8 @@ class Shampoo(Optimizer):
             directions = [d for d in directions if d is not None]
         else:
             xs = p
+        if not xs:                                  # every local shard empty (foreach needs a tensor)
+            return
         if group["weight_decay_mode"] == "decoupled" and group["weight_decay"] != 0:
             torch._foreach_add_(directions, xs, alpha=group["weight_decay"])       # D + wd W
         torch._foreach_add_(xs, directions, alpha=-float(group["lr"]))             # W <- W - lr (D + wd W)
