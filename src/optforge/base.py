@@ -605,8 +605,8 @@ class Optimizer(torch.optim.Optimizer):
         lowbit.check_distributed(name, group, param)
         if self.whole_matrices:
             check_layout(name, param, group)
-        exact = _registered_elementwise(type(self)) or self.shard_reductions or self.whole_matrices
-        check_supported(name, exact, param)
+        on_shards = self.shard_reductions or self.whole_matrices
+        check_supported(name, _registered_elementwise(type(self)) or on_shards, param, on_shards)
 
     def _fused_step(self, group: dict[str, Any], b: Bucket) -> bool:
         """Run a bucket's step fused; False where the eager path must run it instead."""

@@ -4,9 +4,12 @@ the result), and a sum over whole tensors becomes one DTensor reduction over the
 
 The reductions an optimizer's update may need, exact on shards and plain where nothing is a
 DTensor: per-tensor norms (``full_norms``, behind ``TensorList.norm``), per-tensor sums from
-local ones (``full_sums``), sums along a dim (``dim_sum``, with ``zeros_reduced`` for state
-holding one), and elementwise work on shards that line up (``on_shards``). Every rank runs
-every collective, an empty shard included, so the ranks stay in step."""
+local ones (``full_sums``), sums along a dim (``dim_sums``, with ``zeros_reduced`` for state
+holding one), sums over blocks (``block_sums``), and elementwise work on shards that line up
+(``on_shards``). Each takes a list, so that the sums of a bucket travel in one all-reduce per
+mesh dim that shards them (``sum_over_meshes``) rather than one per tensor: on a slow
+network, or gloo's loopback, a collective's latency is what costs. Every rank runs every
+collective, an empty shard included, so the ranks stay in step."""
 
 from __future__ import annotations
 
@@ -16,10 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["block_index", "block_sums", "check_same_layout", "check_supported", "dim_sum", "full_max",
-           "full_norms", "full_sums", "global_sum",
-           "is_dtensor", "local", "local_shards", "on_shards", "placed_as", "reduced_placements",
-           "reduction_key", "shards", "zeros_reduced"]
+__all__ = ["block_index", "block_sums", "check_blocks", "check_same_layout", "check_supported", "dim_sums",
+           "full_max", "full_norms", "full_sums", "is_dtensor", "local", "local_shards", "on_shards",
+           "placed_as", "reduced_placements", "reduction_key", "shards", "sum_over_meshes", "zeros_reduced"]
 
 
 _PLAIN = frozenset({Tensor, torch.nn.Parameter})
@@ -63,28 +65,42 @@ def shards(placement: Any, dim: int | None = None) -> bool:
     return placement.is_shard(dim)
 
 
-def reduction_key(x: Tensor) -> tuple | None:
-    """What a sum over ``x`` needs from the mesh (its mesh and placements; None for a plain
-    tensor): tensors with one key share one reduction."""
+def reduction_key(x: Tensor, dim: int | None = None) -> tuple | None:
+    """What a sum over ``x`` (over its dim ``dim``, if given) needs from the mesh: its mesh and
+    the mesh dims that shard it (along ``dim``); None for a plain tensor. Sums over one mesh
+    dim travel together (``sum_over_meshes``)."""
     if not is_dtensor(x):
         return None
     if any(p.is_partial() for p in x.placements):
         raise ValueError(f"a DTensor with unreduced (Partial) placements {x.placements}: reduce it first "
                          "(redistribute to Replicate or Shard)")
-    return (x.device_mesh, tuple(x.placements))
+    dim = None if dim is None else dim % x.dim()
+    return (x.device_mesh, tuple(d for d, p in enumerate(x.placements) if shards(p, dim)))
 
 
-def global_sum(local_sum: Tensor, key: tuple | None) -> Tensor:
-    """The sum over whole tensors of ``reduction_key`` ``key``, from ``local_sum``, the sum over
-    this rank's local shards: added up over the mesh dims they are sharded on, taken as it is
-    over those they are replicated on. One all-reduce; a plain 0-d tensor on every rank."""
-    if key is None:
-        return local_sum
-    from torch.distributed.tensor import DTensor, Partial, Replicate
-
-    mesh, placements = key
-    partial = [Partial() if shards(p) else Replicate() for p in placements]
-    return DTensor.from_local(local_sum, mesh, partial, run_check=False).full_tensor()
+def sum_over_meshes(local_sums: Sequence[Tensor], keys: Sequence[tuple | None]) -> list[Tensor]:
+    """Each ``local_sums[i]``, a sum over this rank's shard, added up over the mesh dims of
+    ``keys[i]`` (``reduction_key``; None: taken as it is), as plain tensors of its shape. Per
+    mesh, dtype and device, one all-reduce per mesh dim for all the sums over it: flattened
+    into one buffer, all-reduced over that dim's process group, split back. (The ranks of one
+    such group hold the same shapes: they differ only along a dim the sum runs over.) Every
+    rank must pass the same keys in the same order; they come from the placements, which every
+    rank shares."""
+    out = list(local_sums)
+    batches: dict[tuple, list[int]] = {}
+    for i, (value, key) in enumerate(zip(local_sums, keys)):
+        if key is not None and key[1]:
+            batches.setdefault((key[0], value.dtype, value.device), []).append(i)
+    for (mesh, _, _), batch in batches.items():
+        for dim in range(mesh.ndim):
+            idx = [i for i in batch if dim in keys[i][1]]
+            if not idx:
+                continue
+            flat = torch.cat([out[i].reshape(-1) for i in idx])
+            torch.distributed.all_reduce(flat, group=mesh.get_group(dim))
+            for i, part in zip(idx, flat.split([out[i].numel() for i in idx])):
+                out[i] = part.view(local_sums[i].shape)
+    return out
 
 
 def full_norms(xs: Sequence[Tensor], ord: float = 2) -> list[Tensor]:
@@ -106,19 +122,9 @@ def full_norms(xs: Sequence[Tensor], ord: float = 2) -> list[Tensor]:
 def full_sums(local_sums: Sequence[Tensor], of: Sequence[Tensor]) -> list[Tensor]:
     """Whole-tensor sums from ``local_sums[i]``, a 0-d sum over the local shard of ``of[i]``
     (itself for a plain tensor): added up over the mesh dims that shard ``of[i]`` (one
-    all-reduce per layout, run on every rank even where a shard is empty, so the ranks stay in
-    step). Plain 0-d tensors, equal on every rank."""
-    out = list(local_sums)
-    by_key: dict[tuple, list[int]] = {}
-    for i, x in enumerate(of):
-        key = reduction_key(x)
-        if key is not None:
-            by_key.setdefault(key, []).append(i)
-    for key, idx in by_key.items():
-        sums = global_sum(torch.stack([local_sums[i] for i in idx]), key)
-        for i, total in zip(idx, sums.unbind()):
-            out[i] = total
-    return out
+    all-reduce per mesh dim: ``sum_over_meshes``, run on every rank even where
+    a shard is empty, so the ranks stay in step). Plain 0-d tensors, equal on every rank."""
+    return sum_over_meshes(local_sums, [reduction_key(x) for x in of])
 
 
 def full_max(local_maxes: Sequence[Tensor], of: Sequence[Tensor]) -> Tensor:
@@ -154,40 +160,46 @@ def block_index(like: Tensor, blocks: int) -> Tensor:
     return index.reshape(-1).div_(like.numel() // blocks, rounding_mode="floor")
 
 
-def block_sums(values: Tensor, like: Tensor, blocks: int) -> Tensor:
-    """The sums, over each of ``blocks`` equal runs of consecutive entries (row-major) of the
-    whole tensor ``like``, of ``values``: per-entry values of ``like``'s local shard (e.g. a
-    gradient's squares). A plain ``(blocks,)`` tensor, equal on every rank: each rank adds its
-    entries into their blocks (``block_index``) and one all-reduce over the mesh dims that
-    shard ``like`` adds the ranks' sums up (a block may span shards). A plain ``like``:
-    ``values`` summed per block."""
-    if not is_dtensor(like):
-        return values.reshape(blocks, -1).sum(dim=1)
-    sums = values.new_zeros(blocks).index_add_(0, block_index(like, blocks), values.reshape(-1))
-    return global_sum(sums, reduction_key(like))
+def block_sums(values: Sequence[Tensor], likes: Sequence[Tensor], blocks: Sequence[int]) -> list[Tensor]:
+    """For each ``i``, the sums over each of ``blocks[i]`` equal runs of consecutive entries
+    (row-major) of the whole tensor ``likes[i]``, of ``values[i]``: per-entry values of
+    ``likes[i]``'s local shard (e.g. a gradient's squares). Plain ``(blocks[i],)`` tensors,
+    equal on every rank: each rank adds its entries into their blocks (``block_index``) and the
+    ranks' sums are added up over the mesh dims that shard ``likes[i]`` (a block may span
+    shards), one all-reduce per mesh dim (``sum_over_meshes``). A plain
+    ``likes[i]``: ``values[i]`` summed per block."""
+    sums = [v.reshape(n, -1).sum(dim=1) if not is_dtensor(like)
+            else v.new_zeros(n).index_add_(0, block_index(like, n), v.reshape(-1))
+            for v, like, n in zip(values, likes, blocks)]
+    return sum_over_meshes(sums, [reduction_key(like) for like in likes])
 
 
-def dim_sum(x: Tensor, dim: int, keepdim: bool = False,
-            local_sum: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-    """``x.sum(dim, keepdim)`` of the whole tensor, or ``local_sum(x)``, a sum over ``dim``
-    computed otherwise (e.g. of squares, without an x-sized temporary). For a DTensor: the sum
-    over its local shard, added up over the mesh dims that shard ``dim``; the result is a
-    DTensor placed as ``x`` along its other dims and replicated over those mesh dims (see
-    ``reduced_placements``)."""
+def dim_sums(xs: Sequence[Tensor], dims: Sequence[int], keepdim: bool = False,
+             local_sum: Callable[[Tensor, int], Tensor] | None = None) -> list[Tensor]:
+    """``x.sum(dim, keepdim)`` of each whole tensor ``xs[i]`` over ``dims[i]``, or
+    ``local_sum(x, dim)``, a sum over ``dim`` computed otherwise (e.g. of squares, without an
+    x-sized temporary). For a DTensor: the sum over its local shard, added up over the mesh
+    dims that shard ``dim`` (one all-reduce per mesh dim for all of ``xs``:
+    ``sum_over_meshes``); the result is a DTensor placed as ``x`` along its other dims and
+    replicated over those mesh dims (see ``reduced_placements``)."""
     if local_sum is None:
-        def local_sum(t: Tensor) -> Tensor:
+        def local_sum(t: Tensor, dim: int) -> Tensor:
             return t.sum(dim=dim, keepdim=keepdim)
-    if not is_dtensor(x):
-        return local_sum(x)
-    from torch.distributed.tensor import DTensor, Partial
+    dims = [d % x.dim() for x, d in zip(xs, dims)]
+    totals = sum_over_meshes([local_sum(local(x), d) for x, d in zip(xs, dims)],
+                             [reduction_key(x, d) for x, d in zip(xs, dims)])
+    return [_placed_reduction(total, x, d, keepdim) if is_dtensor(x) else total
+            for total, x, d in zip(totals, xs, dims)]
 
-    dim %= x.dim()
-    out_placements = reduced_placements(x, dim, keepdim)
-    summed = [Partial() if shards(p, dim) else q for p, q in zip(x.placements, out_placements)]
+
+def _placed_reduction(total: Tensor, x: Tensor, dim: int, keepdim: bool) -> Tensor:
+    """``total``, this rank's part of a reduction of DTensor ``x`` over ``dim`` (summed over the
+    mesh dims that shard ``dim``), as a DTensor placed by ``reduced_placements``."""
+    from torch.distributed.tensor import DTensor
+
     shape = _reduced_shape(x.shape, dim, keepdim)
-    total = DTensor.from_local(local_sum(x.to_local()), x.device_mesh, summed, run_check=False,
-                               shape=shape, stride=_contiguous_strides(shape))
-    return total.redistribute(x.device_mesh, out_placements) if summed != out_placements else total
+    return DTensor.from_local(total, x.device_mesh, reduced_placements(x, dim, keepdim), run_check=False,
+                              shape=shape, stride=_contiguous_strides(shape))
 
 
 def reduced_placements(x: Tensor, dim: int, keepdim: bool) -> list:
@@ -218,18 +230,13 @@ def reduced_placements(x: Tensor, dim: int, keepdim: bool) -> list:
 
 
 def zeros_reduced(x: Tensor, dim: int, keepdim: bool = False) -> Tensor:
-    """Zeros shaped and placed as ``dim_sum(x, dim, keepdim)``: state that holds a reduction
-    of ``x`` (e.g. Adafactor's row and column statistics), checkpointed as a DTensor."""
-    if not is_dtensor(x):
-        return x.new_zeros(_reduced_shape(x.shape, dim % x.dim(), keepdim))
-    from torch.distributed.tensor import DTensor
-
+    """Zeros shaped and placed as ``dim_sums([x], [dim], keepdim)[0]``: state that holds a
+    reduction of ``x`` (e.g. Adafactor's row and column statistics), checkpointed as a DTensor."""
+    dim %= x.dim()
     # the local shape is the local shard's, reduced (torch's DTensor factories do not place
     # _StridedShard, FSDP2's placement over tensor-parallel shards, as the parameter is placed)
-    shard = local(x).new_zeros(_reduced_shape(local(x).shape, dim % x.dim(), keepdim))
-    shape = _reduced_shape(x.shape, dim % x.dim(), keepdim)
-    return DTensor.from_local(shard, x.device_mesh, reduced_placements(x, dim, keepdim), run_check=False,
-                              shape=shape, stride=_contiguous_strides(shape))
+    zeros = local(x).new_zeros(_reduced_shape(local(x).shape, dim, keepdim))
+    return _placed_reduction(zeros, x, dim, keepdim) if is_dtensor(x) else zeros
 
 
 def _reduced_shape(shape: Sequence[int], dim: int, keepdim: bool) -> tuple[int, ...]:
@@ -249,35 +256,65 @@ def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def check_supported(optimizer_name: str, exact_on_shards: bool, param: Tensor) -> None:
+def check_supported(optimizer_name: str, exact_on_shards: bool, param: Tensor,
+                    on_local_shards: bool = False) -> None:
     """Refuse a DTensor parameter whose step would not be the unsharded one: an optimizer that
-    needs whole tensors but does not compute over every shard, or unreduced placements."""
+    needs whole tensors but does not compute over every shard, or unreduced placements; with
+    ``on_local_shards`` (the update reduces, or assembles whole matrices, from the local shards
+    of the parameter, its gradient and its state, which must line up), a gradient laid out
+    otherwise than its parameter. (Elementwise updates run DTensor ops, which redistribute
+    such a gradient themselves.)"""
     if not exact_on_shards:
         raise ValueError(f"{optimizer_name} does not support DTensor parameters (FSDP2, tensor parallel): "
                          "the registry marks it elementwise=False (its update needs whole-tensor norms or "
                          "matrix structure), it does not compute them over every shard, and a DTensor "
                          "holds only a shard")
+    where = f"a DTensor parameter with placements {param.placements} on mesh {param.device_mesh}"
     if any(p.is_partial() for p in param.placements):
+        raise ValueError(f"{optimizer_name} does not support {where}: Partial (unreduced) placements")
+    grad = param.grad
+    if on_local_shards and grad is not None and (not is_dtensor(grad) or grad.device_mesh != param.device_mesh
+                                                 or tuple(grad.placements) != tuple(param.placements)):
+        raise ValueError(f"{optimizer_name} does not support {where} whose gradient is "
+                         f"{_layout(grad)}{f' on mesh {grad.device_mesh}' if is_dtensor(grad) else ''}: "
+                         "its update works on local shards, which must line up (redistribute the gradient "
+                         "to the parameter's placements)")
+
+
+def check_blocks(optimizer_name: str, param: Tensor) -> None:
+    """Refuse (ValueError naming the optimizer, the placements and the mesh) a DTensor whose
+    local shard is not a box of the whole tensor: its entries' blocks (``block_index``) cannot
+    be told from the shard's position."""
+    from .distributed_matrix import local_box
+
+    try:
+        local_box(param)
+    except ValueError:
         raise ValueError(f"{optimizer_name} does not support a DTensor parameter with placements "
-                         f"{param.placements} on mesh {param.device_mesh}: Partial (unreduced) placements")
+                         f"{param.placements} on mesh {param.device_mesh} in blocks of more than one entry: "
+                         "its shards are not boxes of the tensor, so the block of each entry is not known "
+                         "(use partition='element', or placements that cut boxes, as FSDP2 and tensor "
+                         "parallelism do)") from None
 
 
-def local_shards(*lists: Any) -> tuple:
-    """Lists of tensors (and dicts of them) with each DTensor replaced by its local shard, for
-    elementwise kernels (torch's fused ones); the lists themselves where none holds a DTensor."""
+def local_shards(params: Any, grads: Any, states: dict[str, Any]) -> tuple:
+    """For elementwise kernels (torch's fused ones): the lists of params, grads and states
+    (a dict of lists) with each DTensor replaced by its local shard, each gradient first placed
+    as its param (``placed_as``: a gradient laid out otherwise is redistributed, as DTensor ops
+    would, so that the shards line up); the lists themselves where none holds a DTensor."""
     def one(xs: Any) -> Any:
-        if isinstance(xs, dict):
-            return {k: one(v) for k, v in xs.items()}
         if _PLAIN.issuperset(map(type, xs)):       # no DTensor, found without a call per tensor
             return xs
         return type(xs)(local(x) for x in xs) if any(is_dtensor(x) for x in xs) else xs
-    return tuple(one(xs) for xs in lists)
+    if not _PLAIN.issuperset(map(type, grads)):
+        grads = type(grads)(placed_as(g, p) for g, p in zip(grads, params))
+    return one(params), one(grads), {k: one(v) for k, v in states.items()}
 
 
 def on_shards(fn: Callable[..., Tensor], like: Tensor, *xs: Tensor) -> Tensor:
     """``fn(*xs)``, for a DTensor ``like`` computed on the local shards of ``xs`` and placed as
     ``like``: for elementwise (broadcasting) work whose operands' shards line up with
-    ``like``'s, as the row and column statistics of ``zeros_reduced`` / ``dim_sum`` do with the
+    ``like``'s, as the row and column statistics of ``zeros_reduced`` / ``dim_sums`` do with the
     tensor they reduce (sharded as it, or replicated where it is sharded along the reduced dim)."""
     if not is_dtensor(like):
         return fn(*xs)

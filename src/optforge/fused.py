@@ -364,11 +364,12 @@ def _run_on_shards(opt: Any, group: dict[str, Any], bucket: Any) -> bool:
     shards' memory belongs to FSDP2, which gathers the parameters from it, so it cannot move
     into a flat buffer. False (the eager path runs it) where a shard is not contiguous."""
     states = [[bucket.s[n][i] for n in bucket.s] for i in range(len(bucket.params))]
-    for p, g, st in zip(bucket.params, bucket.g, states):
-        check_same_layout(p, g, *st)
+    for p, st in zip(bucket.params, states):
+        check_same_layout(p, *st)
     if not all(local(x).is_contiguous() for p, st in zip(bucket.params, states) for x in (p, *st)):
         return False
-    grads = opt.transform_grads(group, bucket.g)
+    # placed as the params (every rank, an empty shard too: a redistribution is a collective)
+    grads = [placed_as(g, p) for g, p in zip(opt.transform_grads(group, bucket.g), bucket.params)]
     steps = advance_steps(bucket.steps)
     consts = opt.kernel_constants(group)
     scalars: dict[float, dict[str, Tensor]] = {}
@@ -379,7 +380,6 @@ def _run_on_shards(opt: Any, group: dict[str, Any], bucket: Any) -> bool:
         if t not in scalars:
             scalars[t] = _kernel_scalars(opt, group, t, shard)
         entry = compiled_step(type(opt), (consts, shard.dtype, shard.device.type))
-        g = local(placed_as(g, p))                # transform_grads may have placed it otherwise
-        entry(type(opt).kernel, consts, shard.view(-1), g.reshape(-1),
+        entry(type(opt).kernel, consts, shard.view(-1), local(g).reshape(-1),
               {n: local(x).view(-1) for n, x in zip(bucket.s, st)}, scalars[t])
     return True

@@ -3,7 +3,7 @@ test_distributed.py: 2 FSDP2 ranks train ``SAVED_AT`` steps and save (``save``, 
 distributed_worker's group); a group of 1 rank and one of 4 load the checkpoint into fresh
 models and optimizers (resharding it) and train the remaining steps (``run_group``), which must
 give the parameters of one process that never stopped. The 4-rank group also trains on a 2 x 2
-(data parallel x tensor parallel) mesh."""
+(data parallel x tensor parallel) mesh (distributed_tensor_parallel)."""
 
 from __future__ import annotations
 
@@ -99,27 +99,6 @@ def resume(case: Case, rank: int, world: int, directory: str) -> dict:
     return {"params": flat(model.parameters())}
 
 
-def tensor_parallel(case: Case, rank: int) -> dict:
-    """FSDP2 over "dp" and tensor parallelism over "tp" (the first Linear column-wise, the
-    second row-wise: placements (_StridedShard(0), Shard(0)), (Shard(0), Shard(1)) and
-    (Shard(0), Replicate())), the last Linear FSDP2 only."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
-    model = make_model()
-    parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer, mesh=mesh["dp"])
-    fully_shard(model, mesh=mesh["dp"])
-    opt = build(case, model.parameters())
-    train(model, opt, *data(rank // 2))               # the two ranks of a "tp" pair see the same rows
-    placements = sorted({(len(p.placements), repr(p.placements)) for p in model.parameters()})
-    return {"params": flat(model.parameters()), "placements": [p for _, p in placements]}
-
-
 def partial_placement(rank: int) -> dict:
     """A DTensor parameter with unreduced (Partial) placements: a clear ValueError, nothing changed."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -194,9 +173,11 @@ def lbfgs_layouts() -> dict:
 
 
 def run_group(rank: int, world: int, port: int, out: str, directory: str, cases: list[Case],
-              tp_cases: list[Case]) -> None:
+              tp_cases: list[str]) -> None:
     """One process group of ``world`` ranks: every checkpoint of ``cases`` resumed; with 4
-    ranks, ``tp_cases`` on the 2 x 2 mesh too. Rank 0 saves the results."""
+    ranks, ``tp_cases`` (distributed_tensor_parallel's labels) on the 2 x 2 mesh too. Rank 0
+    saves the results."""
+    from distributed_tensor_parallel import layouts, refusals, tensor_parallel
     from torch.distributed.checkpoint.api import CheckpointException
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -219,8 +200,10 @@ def run_group(rank: int, world: int, port: int, out: str, directory: str, cases:
     resume_low_bit(results, run, rank, world, directory)
     if world == 4:
         for case in tp_cases:
-            run(("tp", label(case)), tensor_parallel, case, rank)
+            run(("tp", case), tensor_parallel, case, rank)
         run(("partial",), partial_placement, rank)
+        run(("layouts",), layouts, rank)
+        run(("refusals",), refusals, rank)
     if rank == 0:
         torch.save(results, out)
     dist.barrier()

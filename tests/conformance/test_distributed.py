@@ -12,7 +12,10 @@
 - DCP: checkpoints saved by 2 FSDP2 ranks resume on 1 and on 4 as if never stopped, for every
   optimizer that takes DTensor parameters (elementwise, reductions, whole matrices, L-BFGS),
   a native and a generated fused path, and Lookahead and SAM;
-- FSDP2 x tensor parallel on a 2 x 2 mesh (4 ranks): AdamW, Adafactor, LAMB;
+- FSDP2 x tensor parallel on a 2 x 2 mesh (4 ranks): every optimizer that takes DTensor
+  parameters (foreach; fused: AdamW and Adan), L-BFGS, Adam-mini with blocks spanning shards,
+  Lookahead, SAM and ASAM; and, on 4 ranks, the reduction and whole-matrix optimizers on other
+  layouts (Shard(1), two mesh dims on one tensor dim or on two, HSDP);
 - low-bit state (``state_precision``) under FSDP2, quantized in blocks of each rank's shard
   (distributed_lowbit.py): the unsharded state bit for bit where the shards are whole blocks,
   within quantization error elsewhere (uneven and empty shards); checkpoints resume bit for bit
@@ -20,8 +23,9 @@
 - refused with a clear error, before any change: ``state_precision`` with DTensor
   parameters sharded on another dim than 0, DTensor parameters for an optimizer the registry
   marks ``elementwise=False``
-  that does not reduce over shards, SparseAdam's DTensor parameters, and ``Partial``
-  placements;
+  that does not reduce over shards, SparseAdam's DTensor parameters, ``Partial``
+  placements, a gradient laid out otherwise than its parameter (reductions, whole matrices;
+  elementwise optimizers redistribute it), and Adam-mini's blocks on shards that are not boxes;
 - ``skip_nonfinite`` decides alike on every rank (a NaN in one rank's shard skips the step
   everywhere)."""
 
@@ -37,6 +41,14 @@ import torch.distributed as dist
 from conformance_cases import INFOS, has_fused, optimizer_kwargs
 from distributed_checkpoint import LBFGS_KINDS, SAVED_AT, WRAPPED_KINDS, label, one_process, run_group
 from distributed_lowbit import FUSED, RESUMED
+from distributed_tensor_parallel import (
+    LAYOUT_OPTIMIZERS,
+    LAYOUTS,
+    layout_reference,
+    replicated_grad_reference,
+    whole_tensors,
+)
+from distributed_tensor_parallel import reference as tensor_parallel_reference
 from distributed_worker import (
     LBFGS_CASES,
     STEPS,
@@ -67,8 +79,11 @@ CHECKPOINTS = ([(i.name, optimizer_kwargs(i.name), False) for i in ON_DTENSORS +
                + [(name, optimizer_kwargs(name), True) for name in ("adamw", "adan")]
                + [(kind, kwargs, False) for kind, kwargs in LBFGS_KINDS.items()]
                + [(kind, {}, False) for kind in WRAPPED_KINDS])
-TENSOR_PARALLEL = [(name, optimizer_kwargs(name), fused) for name, fused in
-                   (("adamw", False), ("adamw", True), ("adafactor", False), ("lamb", False))]
+# on the 2 x 2 mesh: every optimizer that takes DTensors (foreach; fused: a native and a
+# generated kernel, on the local shards as under FSDP2), L-BFGS, Adam-mini's blocks, the wrappers
+TENSOR_PARALLEL = ([i.name for i in INFOS if i in ON_DTENSORS or i.cls.whole_matrices]
+                   + ["adamw-fused", "adan-fused", *(f"lbfgs-{c}" for c in LBFGS_CASES), "adam_mini-blocks",
+                      *WRAPPED])
 
 
 def free_port() -> int:
@@ -298,15 +313,20 @@ def test_lbfgs_refuses_a_state_of_the_other_layout_before_any_change(resumed, ca
     assert got["unchanged"]
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=label(c)) for c in TENSOR_PARALLEL])
+@pytest.mark.parametrize("case", TENSOR_PARALLEL)
 def test_tensor_parallel_with_fsdp2_on_a_2x2_mesh_equals_one_process(resumed, case):
+    """Column-parallel weights and biases placed (_StridedShard(0), Shard(0)), the row-parallel
+    weight (Shard(0), Shard(1)) and bias (Shard(0), Replicate()), the last layer FSDP2 only (a
+    1-D mesh): every norm, statistic, sum and whole matrix over both mesh dims."""
     world, got = resumed
     if world != 4:
         pytest.skip("the 2 x 2 mesh runs in the 4-rank group")
-    got = ok(got[("tp", label(case))])
+    got = ok(got[("tp", case)])
     assert "_StridedShard(dim=0, sf=2), Shard(dim=0)" in str(got["placements"])   # TP, then FSDP2
     assert "Shard(dim=0), Shard(dim=1)" in str(got["placements"])
-    close(got["params"], reference(case[0], case[1]))
+    expected = tensor_parallel_reference(case)
+    assert (expected - flat(make_model().parameters())).abs().max() > 1e-3     # it trained
+    close(got["params"], expected)
 
 
 def test_a_partial_placement_is_refused_clearly(resumed):
@@ -316,6 +336,52 @@ def test_a_partial_placement_is_refused_clearly(resumed):
     got = ok(got[("partial",)])
     message = r"LAMB does not support a DTensor parameter with placements \(Partial\(sum\),\) on mesh .*"
     assert got["unchanged"] and re.search(message, got["error"]), got["error"]
+
+
+@pytest.mark.parametrize("name", LAYOUT_OPTIMIZERS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_other_layouts_equal_one_process(resumed, layout, name):
+    """Sharded on dim 1 (1-D mesh of 4), on dim 0 over both dims of a 2 x 2 mesh, on the last
+    dim and dim 0, and HSDP (replicated, then sharded): uneven and empty shards included."""
+    world, got = resumed
+    if world != 4:
+        pytest.skip("runs in the 4-rank group")
+    got = ok(ok(got[("layouts",)])[layout, name])
+    expected = layout_reference(name)
+    assert (expected - flat(whole_tensors(None))).abs().max() > 1e-3     # it trained
+    close(got, expected)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw-fused", "adan-fused"])
+def test_a_gradient_laid_out_otherwise_is_redistributed_by_elementwise_optimizers(resumed, name):
+    world, got = resumed
+    if world != 4:
+        pytest.skip("runs in the 4-rank group")
+    got = ok(ok(got[("refusals",)])["replicated_grad", name])
+    assert got["error"] is None
+    close(got["params"], replicated_grad_reference(name))
+
+
+LOCAL_SHARDS = r"does not support a DTensor parameter with placements "
+REPLICATED_GRAD = (r"\(Shard\(dim=0\),\) on mesh DeviceMesh.* whose gradient is a DTensor with placements "
+                   r"\(Replicate\(\),\)")
+
+
+@pytest.mark.parametrize("case,message", [
+    (("replicated_grad", "lamb"), "LAMB " + LOCAL_SHARDS + REPLICATED_GRAD),
+    (("replicated_grad", "adafactor"), "Adafactor " + LOCAL_SHARDS + REPLICATED_GRAD),
+    (("replicated_grad", "adam_mini"), "AdamMini " + LOCAL_SHARDS + REPLICATED_GRAD),
+    (("replicated_grad", "soap"), "SOAP " + LOCAL_SHARDS + REPLICATED_GRAD),
+    (("not_boxes", "adam_mini"), "AdamMini " + LOCAL_SHARDS + r"\(_StridedShard\(dim=0, sf=2\),\) on mesh "
+                                 r"DeviceMesh.* in blocks of more than one entry: its shards are not boxes"),
+])
+def test_layouts_an_update_on_local_shards_cannot_take_are_refused_before_any_change(resumed, case, message):
+    world, got = resumed
+    if world != 4:
+        pytest.skip("runs in the 4-rank group")
+    got = ok(ok(got[("refusals",)])[case])
+    assert got["error"] and re.search(message, got["error"]), got["error"]
+    assert got["unchanged"]
 
 
 # ---- low-bit state (distributed_lowbit.py) ---------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from ..constraints import (
     tuple_of,
     unit_interval,
 )
-from ..distributed import dim_sum, on_shards, zeros_reduced
+from ..distributed import dim_sums, full_norms, local, on_shards, zeros_reduced
 from ..registry import register
 from ..tensorlist import TensorList
 
@@ -44,17 +45,18 @@ def rms_scale(xs: TensorList) -> Tensor:
     return torch.tensor([math.sqrt(max(x.numel(), 1)) for x in xs], dtype=xs[0].dtype, device=xs[0].device)
 
 
-def mean_square(g: Tensor, dim: int, keepdim: bool = True) -> Tensor:
-    """mean(g^2) over ``dim`` of the whole tensor (a DTensor's too: ``dim_sum``), without a
-    g-sized temporary."""
-    def sum_of_squares(x: Tensor) -> Tensor:
+def mean_squares(gs: Sequence[Tensor], dims: Sequence[int], keepdim: bool = True) -> list[Tensor]:
+    """mean(g^2) over ``dims[i]`` of each whole tensor ``gs[i]`` (DTensors too: ``dim_sums``, one
+    reduction for the list), without g-sized temporaries."""
+    def sum_of_squares(x: Tensor, dim: int) -> Tensor:
         return torch.linalg.vector_norm(x, dim=dim, keepdim=keepdim).square_()
-    return dim_sum(g, dim, keepdim, sum_of_squares).div_(g.shape[dim])
+    return [m.div_(g.shape[d]) for m, g, d in zip(dim_sums(gs, dims, keepdim, sum_of_squares), gs, dims)]
 
 
-def dim_mean(x: Tensor, dim: int) -> Tensor:
-    """mean(x) over ``dim`` (kept) of the whole tensor (a DTensor's too: ``dim_sum``)."""
-    return dim_sum(x, dim, keepdim=True).div_(x.shape[dim])
+def dim_means(xs: Sequence[Tensor], dim: int) -> list[Tensor]:
+    """mean(x) over ``dim`` (kept) of each whole tensor (DTensors too: ``dim_sums``, one
+    reduction for the list)."""
+    return [m.div_(x.shape[dim]) for m, x in zip(dim_sums(xs, [dim] * len(xs), keepdim=True), xs)]
 
 
 def _factored_u(g: Tensor, row: Tensor, col: Tensor, row_mean: Tensor, eps: float, clamp: bool) -> Tensor:
@@ -65,6 +67,15 @@ def _factored_u(g: Tensor, row: Tensor, col: Tensor, row_mean: Tensor, eps: floa
         return torch.mul(g, row.div(row_mean).rsqrt_()).mul_(col.rsqrt())
     denom = torch.mul(row, col).div_(row_mean.clamp_(min=eps)).sqrt_()     # sqrt(V_t), torch's
     denom.clamp_(min=eps)                                                   # max(sqrt(V_t), eps1)
+    return torch.div(g, denom, out=denom)
+
+
+def _full_u(g: Tensor, var: Tensor, mix: float, added: float, eps: float, clamp: bool) -> Tensor:
+    """V_t = b2 V + (1 - b2)(G_t^2 + eps1) in place; U_t = G_t / sqrt(V_t) (a new tensor)."""
+    var.lerp_(torch.mul(g, g).add_(added), mix)
+    denom = var.sqrt()
+    if clamp:
+        denom.clamp_(min=eps)                                # torch: max(sqrt(V_t), eps1)
     return torch.div(g, denom, out=denom)
 
 
@@ -232,40 +243,47 @@ class Adafactor(FactoredOptimizer):
         factor = 1 - wd * (float(decay_lr) if mode == "decoupled" else 1.0)
         return abs(factor) or 1.0
 
-    def second_moment_step(self, group: dict[str, Any], x: Tensor, g: Tensor, s: dict[str, Tensor],
-                           k: float) -> Tensor:
-        """Update one tensor's second moment; return U_t = G_t / sqrt(V_t) (a new tensor)."""
+    def second_moment_steps(self, group: dict[str, Any], p: TensorList, g: TensorList,
+                            s: dict[str, TensorList], t: list[float]) -> TensorList:
+        """Update the second moments; return each tensor's U_t = G_t / sqrt(V_t) (new tensors).
+        The factored tensors' row and column means are one reduction, the means of their row
+        statistics another (DTensors: two all-reduces per bucket, not two per tensor)."""
         eps, clamp = group["eps"][0], group["eps_placement"] == "clamp"
         if eps is None:                                          # torch's default: the dtype's
-            eps = torch.finfo(x.dtype).eps
-        mix = k ** group["beta2_decay"]                          # 1 - beta2_t = t^tau
+            eps = torch.finfo(p[0].dtype).eps
+        mixes = [k ** group["beta2_decay"] for k in t]           # 1 - beta2_t = t^tau
         added = 0.0 if clamp else eps                            # paper: G^2 + eps1
-        if is_factored(x):
-            row, col = s["row_var"], s["col_var"]
-            row.lerp_(mean_square(g, -1).add_(added), mix)     # R_t: mean over columns
-            col.lerp_(mean_square(g, -2).add_(added), mix)     # C_t: mean over rows
-            # (a DTensor's U_t: from the local shards of G_t, R_t, C_t, which line up)
-            return on_shards(lambda *a: _factored_u(*a, eps, clamp), g, g, row, col, dim_mean(row, -2))
-        var = s["variance"]
-        var.lerp_(torch.mul(g, g).add_(added), mix)           # V_t = b2 V + (1 - b2)(G^2 + eps1)
-        denom = var.sqrt()
-        if clamp:
-            denom.clamp_(min=eps)                                # torch: max(sqrt(V_t), eps1)
-        return torch.div(g, denom, out=denom)                    # U_t = G_t / sqrt(V_t)
+        u: list[Tensor | None] = [None] * len(p)
+        fac = [i for i, x in enumerate(p) if is_factored(x)]
+        if fac:
+            rows, cols = [s["row_var"][i] for i in fac], [s["col_var"][i] for i in fac]
+            grads = [g[i] for i in fac]
+            means = mean_squares(grads + grads, [-1] * len(fac) + [-2] * len(fac))
+            # on the local shards of DTensors, which line up (placed alike by dim_sums and
+            # zeros_reduced): DTensor ops would work out the placements of a new mix each step
+            for i, row, col, row_mean, col_mean in zip(fac, rows, cols, means, means[len(fac):]):
+                local(row).lerp_(local(row_mean).add_(added), mixes[i])   # R_t: mean over columns
+                local(col).lerp_(local(col_mean).add_(added), mixes[i])   # C_t: mean over rows
+            for i, row, col, mean_r in zip(fac, rows, cols, dim_means(rows, -2)):
+                u[i] = on_shards(lambda *a: _factored_u(*a, eps, clamp), g[i], g[i], row, col, mean_r)
+        for i in (i for i, x in enumerate(p) if not is_factored(x)):
+            u[i] = on_shards(lambda gx, var, mix=mixes[i]: _full_u(gx, var, mix, added, eps, clamp),
+                             g[i], g[i], s["variance"][i])
+        return TensorList(u)
 
     def update(self, group, p, g, s, t):
         lr = float(group["lr"])
-        names = ("row_var", "col_var", "variance")
-        u = TensorList(self.second_moment_step(group, x, gx, {n: s[n][i] for n in names}, k)
-                       for i, (x, gx, k) in enumerate(zip(p, g, t)))
+        u = self.second_moment_steps(group, p, g, s, t)
         sqrt_n = rms_scale(p)
+        # the norms of U_t and of X_{t-1}: one reduction
+        norms = torch.stack(full_norms([*u, *p] if group["scale_parameter"] else u))
         # max(1, RMS(U_t) / d), per tensor
-        clip = (torch.stack(u.norm()) / sqrt_n).div_(group["d"]).clamp_(min=1.0)
+        clip = (norms[:len(p)] / sqrt_n).div_(group["d"]).clamp_(min=1.0)
         rho = [min(lr, 1 / k**0.5) if group["relative_step"] else lr for k in t]                # rho_t
         alpha = torch.tensor(rho, dtype=clip.dtype, device=clip.device)
         if group["scale_parameter"]:
             # RMS(X_{t-1}) before this step's weight decay (the base decayed p already)
-            rms_x = torch.stack(p.norm()).div_(sqrt_n).div_(self._decay_factor(group, t))
+            rms_x = norms[len(p):].div_(sqrt_n).div_(self._decay_factor(group, t))
             alpha = rms_x.clamp_(min=group["eps"][1]).mul_(alpha)                            # alpha_t
         step = alpha.div_(clip)                                                               # alpha_t / clip
         if group["momentum"] > 0:

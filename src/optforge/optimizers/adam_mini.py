@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..base import Optimizer, ParamsT
 from ..constraints import beta_tuple, integer_at_least, non_negative, one_of, optional
-from ..distributed import block_index, block_sums, is_dtensor, local
+from ..distributed import block_index, block_sums, check_blocks, is_dtensor, local
 from ..registry import register
 
 __all__ = ["AdamMini", "partition_by_name"]
@@ -100,7 +100,7 @@ class AdamMini(Optimizer):
     :math:`4 + 4/|B|` bytes per entry, i.e. 8 for "element" blocks (Adam's) and barely over 4
     otherwise (4.002 for the rows of a 2048-wide matrix), about half of AdamW's 8. Eager
     only; ``fused=True`` is refused. DTensor parameters (FSDP2, tensor parallel): a block's
-    sum of squares is added up over every shard it spans (one all-reduce per tensor and step)
+    sum of squares is added up over every shard it spans (one all-reduce per bucket and step)
     and ``exp_avg_sq`` is replicated on every rank (a DTensor, one entry per block); "element"
     blocks are Adam on the shards.
     """
@@ -150,6 +150,11 @@ class AdamMini(Optimizer):
                              "another partition")
         return p.numel() // (dim * dim // heads)
 
+    def _check_tensor_subclass(self, group: dict[str, Any], param: Tensor) -> None:
+        super()._check_tensor_subclass(group, param)
+        if is_dtensor(param) and param.numel() and self._blocks(group, param):
+            check_blocks(type(self).__name__, param)         # before anything changes
+
     def state_shape(self, group: dict[str, Any], p: Tensor, name: str) -> tuple[int, ...]:
         blocks = self._blocks(group, p) if name == "exp_avg_sq" and p.numel() else 0
         return (blocks, 1) if blocks else tuple(p.shape)
@@ -169,11 +174,12 @@ class AdamMini(Optimizer):
         (b1, b2), lr, eps = group["betas"], float(group["lr"]), group["eps"]
         m, v = s["exp_avg"], s["exp_avg_sq"]
         m.lerp_(g, 1 - b1)                                          # m_t = b1 m + (1 - b1) g
+        sharded = [i for i, x in enumerate(p) if is_dtensor(x)]
+        means = self._block_means(group, [p[i] for i in sharded], [g[i] for i in sharded])
+        for i, mean in zip(sharded, means):
+            self._update_shard(p[i], m[i], v[i], g[i], mean, t[i], lr, b1, b2, eps)
         for x, gx, mx, vx, k in zip(p, g, m, v, t):
-            if is_dtensor(x):
-                self._update_shard(group, x, gx, mx, vx, k, lr, b1, b2, eps)
-                continue
-            if not x.numel():
+            if is_dtensor(x) or not x.numel():
                 continue
             n = vx.numel()
             vb = vx.view(n, 1)
@@ -185,23 +191,35 @@ class AdamMini(Optimizer):
             else:            # e.g. a channels-last kernel: the blocks are not contiguous in its memory
                 x.add_(mx.view(n, -1).div(denom).view(x.shape), alpha=step)
 
-    def _update_shard(self, group, p, g, m, v, k, lr, b1, b2, eps) -> None:
-        """The update of a DTensor's local shard. Blocks of one entry: Adam on the shards (the
-        state is sharded like the param). Larger blocks: a block's sum of g^2 is added up over
-        every shard it spans (``block_sums``: every rank runs it, an empty shard included), the
-        state is one replicated entry per block, and each entry takes its block's denominator."""
-        blocks = self._blocks(group, p) if p.numel() else 0
+    def _block_means(self, group, ps, gs) -> list[Tensor | None]:
+        """Each DTensor's per-block mean of g^2 over the whole tensor (None for blocks of one
+        entry): a block's sum is added up over every shard it spans (``block_sums``, one
+        all-reduce for the bucket, run by every rank, an empty shard included)."""
+        blocks = [self._blocks(group, x) if x.numel() else 0 for x in ps]
+        summed = [i for i, n in enumerate(blocks) if n]
+        sums = block_sums([local(gs[i]).square() for i in summed], [ps[i] for i in summed],
+                          [blocks[i] for i in summed])
+        means: list[Tensor | None] = [None] * len(ps)
+        for i, total in zip(summed, sums):
+            means[i] = total.div_(ps[i].numel() // blocks[i])
+        return means
+
+    @staticmethod
+    def _update_shard(p, m, v, g, mean, k, lr, b1, b2, eps) -> None:
+        """The update of a DTensor's local shard. Blocks of one entry (``mean`` None): Adam on
+        the shards (the state is sharded like the param). Larger blocks: the state is one
+        replicated entry per block, updated by its block's ``mean`` of g^2 over the whole
+        tensor, and each entry takes its block's denominator."""
         x, gx, mx, vx = local(p), local(g), local(m), local(v)
         step, bc2 = -lr / (1 - b1**k), math.sqrt(1 - b2**k)
-        if not blocks:
+        if mean is None:
             vx.mul_(b2).addcmul_(gx, gx, value=1 - b2)
             x.addcdiv_(mx, vx.sqrt().div_(bc2).add_(eps), value=step)
             return
-        vb = vx.view(blocks)
-        mean = block_sums(gx.square(), p, blocks).div_(p.numel() // blocks)
+        vb = vx.view(mean.numel())
         vb.mul_(b2).add_(mean, alpha=1 - b2)
         denom = vb.sqrt().div_(bc2).add_(eps)
-        x.addcdiv_(mx, denom[block_index(p, blocks)].view(x.shape), value=step)
+        x.addcdiv_(mx, denom[block_index(p, mean.numel())].view(x.shape), value=step)
 
 
 def _named_groups(model: nn.Module, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:

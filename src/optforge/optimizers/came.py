@@ -13,19 +13,20 @@ from ..constraints import beta_tuple, non_negative, positive
 from ..distributed import is_dtensor, on_shards
 from ..registry import register
 from ..tensorlist import TensorList
-from .adafactor import FactoredOptimizer, dim_mean, is_factored, mean_square, rms_scale, unused_shape
+from .adafactor import FactoredOptimizer, dim_means, is_factored, mean_squares, rms_scale, unused_shape
 
 __all__ = ["CAME"]
 
 
-def factored_rsqrt(x: Tensor, row: Tensor, col: Tensor) -> Tensor:
+def factored_rsqrts(xs: list[Tensor], rows: list[Tensor], cols: list[Tensor]) -> list[Tensor]:
     """x / sqrt(R C / mean(R)) for row statistics R (shape (..., n)) and column statistics C
-    (shape (..., m)) of an (..., n, m) tensor x: a new tensor (a DTensor's: from the local
-    shards of x, R and C, which line up)."""
+    (shape (..., m)) of each (..., n, m) tensor x: new tensors (a DTensor's: from the local
+    shards of x, R and C, which line up; the means of R are one reduction for the list)."""
     def scaled(x: Tensor, row: Tensor, col: Tensor, row_mean: Tensor) -> Tensor:
         r = (row / row_mean).rsqrt_().unsqueeze(-1)
         return torch.mul(r, col.unsqueeze(-2).rsqrt()).mul_(x)
-    return on_shards(scaled, x, x, row, col, dim_mean(row, -1))
+    means = dim_means(rows, -1)
+    return [on_shards(scaled, x, x, row, col, mean) for x, row, col, mean in zip(xs, rows, cols, means)]
 
 
 def same_shapes(xs: Sequence[Tensor]) -> list[list[int]]:
@@ -121,12 +122,19 @@ class CAME(FactoredOptimizer):
         return shape[:-1] if name.endswith("_row") else (*shape[:-2], shape[-1])
 
     @staticmethod
-    def _factored_ema(rows: TensorList, cols: TensorList, x: Tensor, beta: float, added: float) -> None:
-        """rows, cols <- beta (rows, cols) + (1 - beta) (mean over columns, rows) of x^2 + added,
-        for ``x = stacked(...)`` of the tensors whose statistics ``rows`` and ``cols`` are."""
-        for stats, dim in ((rows, -1), (cols, -2)):
-            means = mean_square(x, dim, keepdim=False).add_(added)
-            stats.mul_(beta).add_(unstacked(means, stats), alpha=1 - beta)
+    def _factored_ema(rows: list[TensorList], cols: list[TensorList], xs: list[Tensor], beta: float,
+                      added: float) -> None:
+        """rows[k], cols[k] <- beta (rows[k], cols[k]) + (1 - beta) (mean over columns, rows) of
+        xs[k]^2 + added, for ``xs[k] = stacked(...)`` of the tensors whose statistics ``rows[k]``
+        and ``cols[k]`` are (the means: one reduction for every k, one all-reduce per mesh dim
+        for DTensors)."""
+        means = mean_squares(xs + xs, [-1] * len(xs) + [-2] * len(xs), keepdim=False)
+        for stats, mean in zip(rows + cols, means):
+            stats.mul_(beta).add_(unstacked(mean.add_(added), stats), alpha=1 - beta)
+
+    @staticmethod
+    def _by_shape(xs: list[Tensor], groups: list[list[int]]) -> list[TensorList]:
+        return [TensorList(xs[i] for i in idx) for idx in groups]
 
     def update(self, group, p, g, s, t):
         # Same-shape tensors are stacked, so each line below runs once per shape, not per tensor.
@@ -135,14 +143,13 @@ class CAME(FactoredOptimizer):
         fac = [idx for idx in shapes if is_factored(p[idx[0]])]
         vec = [idx for idx in shapes if not is_factored(p[idx[0]])]
         u: list[Tensor | None] = [None] * len(p)
-        stacked_u = []                                    # each factored shape's u_t, stacked
-        for idx in fac:
-            rows, cols = (TensorList(s[n][i] for i in idx) for n in ("exp_avg_sq_row", "exp_avg_sq_col"))
-            grads = stacked([g[i] for i in idx])
-            self._factored_ema(rows, cols, grads, b2, added=eps)                      # r_t, c_t
-            # u_t = G_t / sqrt(r_t c_t / mean(r_t))
-            stacked_u.append(factored_rsqrt(grads, stacked(rows), stacked(cols)))
-            for i, x in zip(idx, unstacked(stacked_u[-1], rows)):
+        rows, cols = (self._by_shape(s[n], fac) for n in ("exp_avg_sq_row", "exp_avg_sq_col"))
+        grads = [stacked([g[i] for i in idx]) for idx in fac]
+        self._factored_ema(rows, cols, grads, b2, added=eps)                          # r_t, c_t
+        # u_t = G_t / sqrt(r_t c_t / mean(r_t)), each factored shape's stacked
+        stacked_u = factored_rsqrts(grads, [stacked(r) for r in rows], [stacked(c) for c in cols])
+        for idx, r, su in zip(fac, rows, stacked_u):
+            for i, x in zip(idx, unstacked(su, r)):
                 u[i] = x
         for idx in vec:
             v, gv = TensorList(s["exp_avg_sq"][i] for i in idx), TensorList(g[i] for i in idx)
@@ -159,11 +166,12 @@ class CAME(FactoredOptimizer):
             # U_t = (u^_t - m_t)^2 + eps2, into u^_t's (spent) memory: stacked_u holds u^_t - m_t
             factored = [i for idx in fac for i in idx]
             TensorList(u[i] for i in factored).sub_(TensorList(m[i] for i in factored))
-        for idx, res in zip(fac, stacked_u):
-            rows, cols = (TensorList(s[n][i] for i in idx) for n in ("exp_avg_res_row", "exp_avg_res_col"))
-            self._factored_ema(rows, cols, res, b3, added=group["eps_instability"])   # R_t, C_t
-            scaled = factored_rsqrt(stacked([m[i] for i in idx]), stacked(rows), stacked(cols))
-            for i, x in zip(idx, unstacked(scaled, rows)):
+        rows, cols = (self._by_shape(s[n], fac) for n in ("exp_avg_res_row", "exp_avg_res_col"))
+        self._factored_ema(rows, cols, stacked_u, b3, added=group["eps_instability"])   # R_t, C_t
+        scaled = factored_rsqrts([stacked([m[i] for i in idx]) for idx in fac], [stacked(r) for r in rows],
+                                 [stacked(c) for c in cols])
+        for idx, r, sc in zip(fac, rows, scaled):
+            for i, x in zip(idx, unstacked(sc, r)):
                 steps[i] = x                                          # m_t / sqrt(S_t)
         p.add_(steps, alpha=-float(group["lr"]))                      # theta_t = theta - lr m_t / sqrt(S_t)
 

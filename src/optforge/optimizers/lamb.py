@@ -9,6 +9,7 @@ import torch
 
 from ..base import Optimizer, ParamsT
 from ..constraints import beta_tuple, boolean, non_negative, positive
+from ..distributed import full_norms
 from ..registry import register
 
 
@@ -76,8 +77,9 @@ class LAMB(Optimizer):
         if group["adam"]:
             p.add_(u, alpha=[-lr * x for x in k])             # x_t = x - lr r_t
             return
-        w_norm = torch.stack(p.norm()).clamp_(max=group["clamp_value"])   # phi(||x||)
-        u_norm = torch.stack(u.norm())                                     # ||r_t|| / k
+        norms = torch.stack(full_norms([*p, *u]))         # one reduction for DTensors (FSDP2, TP)
+        w_norm = norms[:len(p)].clamp_(max=group["clamp_value"])           # phi(||x||)
+        u_norm = norms[len(p):]                                            # ||r_t|| / k
         rho_k = k[0] if len(set(k)) == 1 else torch.tensor(k, dtype=u_norm.dtype, device=u_norm.device)
         # rho_t k: phi(||x||) / ||u||, or k where rho_t = 1 (a norm is 0); on the device: no host sync
         scale = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, rho_k).mul_(-lr)

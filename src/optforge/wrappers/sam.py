@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..constraints import boolean, non_negative, positive
-from ..distributed import check_same_layout, global_sum, local, reduction_key
+from ..distributed import check_same_layout, local, reduction_key, sum_over_meshes
 from .base import OptimizerWrapper
 
 __all__ = ["SAM"]
@@ -146,14 +146,18 @@ class SAM(OptimizerWrapper):
         if not buckets:
             raise RuntimeError("SAM.first_step: no parameter has a gradient; compute the loss and call "
                                "loss.backward() at the current weights first")
-        norms = []
+        norms, sums, keys = [], [], []
         for (mesh_key, _, _), (ws, gs) in buckets.items():
             scaled = torch._foreach_mul(self._t_w(ws), gs) if self.adaptive else gs   # T_w g
             shard_norms = torch._foreach_norm(scaled, 2)
             if mesh_key is None:
                 norms.extend(shard_norms)
             else:       # the bucket's norm: its shards' sums of squares, added up over the mesh
-                norms.append(global_sum(torch.stack(shard_norms).square().sum(), mesh_key).sqrt())
+                norms.append(len(sums))
+                sums.append(torch.stack(shard_norms).square().sum())
+                keys.append(mesh_key)
+        totals = sum_over_meshes(sums, keys)                # one all-reduce per mesh dim
+        norms = [totals[n].sqrt() if isinstance(n, int) else n for n in norms]
         device = norms[0].device
         return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), 2)
 
