@@ -14,9 +14,10 @@ whose update is elementwise (``scalars`` + ``kernel``), a user's own included::
 
 Each state is coded by its kind, which the optimizer declares in ``state_kinds`` (undeclared
 states are ``"signed"``): ``"signed"`` (a first moment), ``"non_negative"`` (a second moment:
-never read as zero in a block that is not all zeros), ``"sign"`` (only its sign matters downstream, Lion's
-momentum), ``"slow"`` (a signed average with beta near 1, AdEMAMix's slow EMA: ``"int4"`` keeps it in
-int8), or ``"full"`` (kept in full precision: an iterate such as Schedule-Free's ``z``).
+never read as zero in a block that is not all zeros), ``"sign"`` (only its sign matters
+downstream, Lion's momentum), ``"slow"`` (a signed average with beta near 1, AdEMAMix's slow
+EMA; ``"int4"`` keeps both of these in int8, where 4 bits measured worse training), or
+``"full"`` (kept in full precision: an iterate such as Schedule-Free's ``z``).
 Tensors with fewer than ``min_quantized_size`` entries (default 4096: biases, norms) keep
 full-precision state: they cost little memory and are where rounding hurts most.
 
