@@ -28,7 +28,7 @@ and low-bit buckets, and optimizers that override ``prepare`` or ``finish``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -82,13 +82,19 @@ def _splittable(i: int, p: Sequence[Tensor], g: Sequence[Tensor], s: dict[str, S
 
 def chunks(p: Sequence[Tensor], g: Sequence[Tensor], s: dict[str, Sequence[Any]],
            size: int) -> Iterator[list[Piece]]:
-    """The bucket's entries in chunks of about ``size``: small tensors grouped whole, larger
-    splittable ones cut into slices of ``size`` entries (a tensor that cannot be cut: whole)."""
+    """The bucket's entries in chunks of about ``size`` (:func:`group_pieces`)."""
+    return group_pieces([x.numel() for x in p], lambda i: _splittable(i, p, g, s), size)
+
+
+def group_pieces(numels: Sequence[int], splittable: Callable[[int], bool],
+                 size: int) -> Iterator[list[Piece]]:
+    """Entries of tensors of ``numels`` entries in chunks of about ``size``: small tensors
+    grouped whole, larger ones that ``splittable(i)`` cut at multiples of ``size`` (the others
+    whole)."""
     chunk: list[Piece] = []
     filled = 0
-    for i, x in enumerate(p):
-        n = x.numel()
-        if n > size and _splittable(i, p, g, s):
+    for i, n in enumerate(numels):
+        if n > size and splittable(i):
             cuts = [(start, min(start + size, n)) for start in range(0, n, size)]
         else:
             cuts = [(0, n)]

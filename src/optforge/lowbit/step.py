@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..distributed import local, placed_as
+from ..eager_chunks import group_pieces
 from ..fused import _frozen, _fused_entry
 from ..steps import advance_steps
 from ..tensorlist import TensorList
@@ -56,22 +57,8 @@ def _splittable(p: Tensor, states: list[Any]) -> bool:
 def pieces(p: list[Tensor], s: dict[str, list[Any]], size: int | None = None) -> Iterator[list[Piece]]:
     """The bucket's entries in chunks of about ``size``: whole tensors grouped, large
     contiguous ones cut at multiples of ``size`` (block-aligned for every code)."""
-    size = size or CHUNK
-    chunk: list[Piece] = []
-    filled = 0
-    for i, x in enumerate(p):
-        n = x.numel()
-        cuts = (range(0, n, size) if n > size and _splittable(x, [xs[i] for xs in s.values()])
-                else range(0, n or 1, max(n, 1)))
-        for start in cuts:
-            stop = min(start + size, n) if n > size else n
-            chunk.append((i, start, stop))
-            filled += stop - start
-            if filled >= size:
-                yield chunk
-                chunk, filled = [], 0
-    if chunk:
-        yield chunk
+    return group_pieces([x.numel() for x in p],
+                        lambda i: _splittable(p[i], [xs[i] for xs in s.values()]), size or CHUNK)
 
 
 def _cut(x: Tensor, start: int, stop: int) -> Tensor:
