@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import torch
@@ -92,17 +93,22 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 # CPU eigh of a rank-deficient factor (the first step's G G^T, G wider than tall) on several
 # threads stalls for seconds when the cores are busy (measured on 2 shared cores: 768 x 768 eigh
 # at times 9-17 s on 2 threads, at most 0.14 s on one); up to this size one thread is as fast
-# even on idle cores.
+# even on idle cores, so such factors run one thread each, as many at once as torch has
+# threads (QR of the bases' refresh likewise, one at a time).
 SINGLE_THREAD_EIGH_MAX_DIM = 1024
 
 
+def _runs_on_one_thread(m: Tensor) -> bool:
+    return m.device.type == "cpu" and len(m) <= SINGLE_THREAD_EIGH_MAX_DIM
+
+
 @contextlib.contextmanager
-def _one_thread_for(m: Tensor):
+def _torch_threads(n: int):
     threads = torch.get_num_threads()
-    if m.device.type != "cpu" or len(m) > SINGLE_THREAD_EIGH_MAX_DIM or threads == 1:
+    if threads == n:
         yield
         return
-    torch.set_num_threads(1)
+    torch.set_num_threads(n)
     try:
         yield
     finally:
@@ -113,12 +119,41 @@ def _eigenbasis(gram: Tensor) -> Tensor:
     """Eigenvectors of a symmetric matrix, by decreasing eigenvalue (eigh; float64 if it fails)."""
     m = gram.to(_compute_dtype(gram))
     eye = torch.eye(len(m), dtype=m.dtype, device=m.device)
-    with _one_thread_for(m):
-        try:
-            q = torch.linalg.eigh(m + 1e-30 * eye)[1]
-        except RuntimeError:
-            q = torch.linalg.eigh(m.double() + 1e-30 * eye.double())[1].to(m.dtype)
+    try:
+        q = torch.linalg.eigh(m + 1e-30 * eye)[1]
+    except RuntimeError:
+        q = torch.linalg.eigh(m.double() + 1e-30 * eye.double())[1].to(m.dtype)
     return q.flip(1)
+
+
+def _set_eigenbases(pairs: list[tuple[Tensor, Tensor]]) -> None:
+    """``basis <- _eigenbasis(factor)`` for each (factor, basis) pair; the factors that run on
+    one thread (:func:`_runs_on_one_thread`) are shared out, largest first, among as many
+    workers as torch has threads."""
+    small = sorted((fb for fb in pairs if _runs_on_one_thread(fb[0])), key=lambda fb: -len(fb[0]))
+    for f, b in pairs:
+        if not _runs_on_one_thread(f):
+            b.copy_(_eigenbasis(f))
+    shares: list[list[tuple[Tensor, Tensor]]] = [[] for _ in range(min(torch.get_num_threads(), len(small)))]
+    loads = [0] * len(shares)
+    for fb in small:                                      # to the least loaded, by eigh's n^3 cost
+        i = loads.index(min(loads))
+        shares[i].append(fb)
+        loads[i] += len(fb[0]) ** 3
+
+    def run(share: list[tuple[Tensor, Tensor]]) -> None:
+        for f, b in share:
+            b.copy_(_eigenbasis(f))
+
+    if not small:
+        return
+    with _torch_threads(1):                               # set before the workers start: theirs too
+        if len(shares) == 1:
+            run(shares[0])
+            return
+        with ThreadPoolExecutor(len(shares)) as pool:
+            for done in [pool.submit(run, share) for share in shares]:
+                done.result()
 
 
 def _accumulate(grad: Tensor, factors: list[Tensor | None], beta: float) -> None:
@@ -144,7 +179,8 @@ def _power_iteration(factors: list[Tensor | None], bases: list[Tensor | None], v
         lq = f.to(dtype) @ q
         order = torch.argsort((q * lq).sum(0), descending=True)      # diag(Q^T L Q), reusing L Q
         v_rot = v_rot.index_select(i, order)
-        b.copy_(torch.linalg.qr(lq.index_select(1, order))[0])
+        with _torch_threads(1) if _runs_on_one_thread(lq) else contextlib.nullcontext():
+            b.copy_(torch.linalg.qr(lq.index_select(1, order))[0])
     v.copy_(layout.restore(v_rot, v))
 
 
@@ -284,8 +320,10 @@ class SOAP(Optimizer):
         # Whole matrices: on the owner of each under FSDP2 (optforge.distributed_matrix), whose
         # state (exp_avg, exp_avg_sq, GG, Q) it keeps; the rest runs on every rank's shard.
         states = [{"step": k, **{n: xs[i] for n, xs in s.items()}} for i, k in enumerate(t)]
-        directions = map_matrices(self, group, p, g, self._directions(group),
+        first_bases: list[tuple[Tensor, Tensor]] = []        # (factor, basis) to set on a first step
+        directions = map_matrices(self, group, p, g, self._directions(group, first_bases),
                                   states=states, batch=False)
+        _set_eigenbases(first_bases)                          # all at once: shared among threads
         (b1, b2), lr = group["betas"], float(group["lr"])
         for x, d, k in zip(p, directions, t):
             n = int(k) - 1
@@ -296,21 +334,20 @@ class SOAP(Optimizer):
             if group["weight_decay_mode"] == "decoupled" and group["weight_decay"] > 0:
                 x.add_(x, alpha=-lr * group["weight_decay"])                 # W <- W - lr wd W, after
 
-    def _directions(self, group):
-        return lambda grads, states: self._direction(group, grads[0], states[0])[None]    # one at a time
+    def _directions(self, group, first_bases):
+        return lambda grads, states: self._direction(group, grads[0], states[0], first_bases)[None]
 
-    def _direction(self, group, grad, st):
+    def _direction(self, group, grad, st, first_bases):
         """One whole matrix's step: Adam's direction N in the eigenbasis (before the step size),
         the factors' update and, every ``precondition_frequency`` steps, the new eigenbasis.
-        Zeros on the first step, which only sets the preconditioner."""
+        Zeros on the first step, which only sets the factors; their (factor, basis) pairs go to
+        ``first_bases``, for the caller to set the bases."""
         shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else group["betas"][1]
         m, v, layout = st["exp_avg"], st["exp_avg_sq"], self.layout(group, grad)
         factors, bases = layout.matrices(st["GG"]), layout.matrices(st["Q"])
         if int(st["step"]) == 1:
             _accumulate(layout.view(grad), factors, shampoo_beta)
-            for f, b in zip(factors, bases):
-                if f is not None:
-                    b.copy_(_eigenbasis(f))
+            first_bases += [(f, b) for f, b in zip(factors, bases) if f is not None]
             return torch.zeros_like(grad)
         direction = self._adam_in_eigenbasis(group, grad, m, v, bases, layout)
         _accumulate(layout.view(grad), factors, shampoo_beta)
