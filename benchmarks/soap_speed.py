@@ -26,7 +26,7 @@ heavyball's SOAP is not the same algorithm to the digit (it bias-corrects shampo
 by default it compiles its kernels with torch.compile (max-autotune): minutes on a CPU, so
 here it runs eager unless ``--heavyball-compile``.
 
-    python benchmarks/soap_speed.py                              # four-256x768, many-small; ~2 min quiet
+    python benchmarks/soap_speed.py                              # four-256x768, 5-small-blocks
     python benchmarks/soap_speed.py --workloads four-256x768 --load 2 --rounds 3
     python benchmarks/soap_speed.py --threads 1 --rounds 5
     # against another version, interleaved in the same run:
@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from step_speed import THREADS, WORKLOADS, cpu_name, loadavg
+from step_speed import THREADS, WORKLOADS, cpu_name, loadavg, transformer_shapes
 
 import optforge
 
@@ -64,6 +64,7 @@ GRAD_SETS = 3
 SHAPES = {
     "four-256x768": [(256, 768)] * 4 + [(256,)] * 4,           # four linear layers, weights and biases
     "many-small": list(WORKLOADS["many-small"].shapes),        # 25 transformer blocks, d=128, ff=512
+    "5-small-blocks": transformer_shapes(128, 512, blocks=5),  # its first 5 blocks: a shorter run
     "many-tiny": list(WORKLOADS["many-tiny"].shapes),          # the same, d=8, ff=32
 }
 
@@ -210,7 +211,7 @@ def version(pkg: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workloads", default="four-256x768,many-small",
+    parser.add_argument("--workloads", default="four-256x768,5-small-blocks",
                         help="comma list of: " + ", ".join(SHAPES) + " (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--precondition-frequency", type=int, default=10)
