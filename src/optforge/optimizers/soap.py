@@ -239,7 +239,9 @@ class SOAP(Optimizer):
     State: ``step`` (counting the first step too: :math:`t` = ``step`` - 1), ``exp_avg``
     (:math:`M'`, in the eigenbasis), ``exp_avg_sq`` (:math:`V`), ``GG`` (the factors, flattened
     into one tensor) and ``Q`` (their eigenbases, the same way). Eager only (per-tensor
-    decompositions); ``fused=True`` is refused. Under FSDP2 / tensor parallel (DTensor
+    decompositions); ``fused=True`` is refused. On CPU, the decompositions of factors up to
+    1024 wide run on one thread each (several threads stall on busy cores), the first step's
+    shared out among torch's threads. Under FSDP2 / tensor parallel (DTensor
     params) each tensor is updated by one owner rank, which keeps its ``exp_avg``,
     ``exp_avg_sq``, ``GG`` and ``Q`` whole (:mod:`optforge.distributed_matrix`,
     docs/distributed.md); the other ranks keep only ``step``.
