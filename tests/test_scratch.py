@@ -202,3 +202,20 @@ def test_rdiv_divides_in_place_like_div(n, pool_all):
     assert got is d and [x.data_ptr() for x in d] == ptrs       # the quotient in the denominator's memory
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
     assert scratch.held_bytes(owner) == 0
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"betas": (0.0, 0.999), "weight_decay": 0.1},
+                                    {"weight_decay_mode": "absolute", "weight_decay": 0.1}],
+                         ids=["defaults", "beta1-0-decoupled", "absolute"])
+def test_prodigy_holds_one_parameter_sized_buffer(kwargs, monkeypatch):
+    """Its whole-tensor D sums need x_0 - x, then |s|, then the update sqrt(v): one buffer
+    serves all three (4 bytes per float32 entry held between steps, not one per temporary)."""
+    import optforge as of
+    monkeypatch.setattr(scratch, "MIN_BYTES", 2**20)        # 1 MiB: the 2**18-entry tensor pools
+    p = torch.nn.Parameter(torch.randn(2**18))
+    p.grad = torch.randn(2**18)           # the same each step: x_0 - x follows it, D grows
+    opt = of.Prodigy([p], **kwargs)
+    for _ in range(3):
+        opt.step()
+    assert opt.param_groups[0]["d"] > opt.param_groups[0]["d0"]    # the D update ran
+    assert scratch.held_bytes(opt) == 4 * p.numel()
