@@ -23,7 +23,7 @@ the scratch held). Matrix preconditioners are computed once within the first ste
     python benchmarks/pass_counts.py
     python benchmarks/pass_counts.py --time [--rounds 5] [--workloads one-big,many-small]
     python benchmarks/pass_counts.py --time --scratch-only lamb,mars [--shape 2048x4096]
-    python benchmarks/pass_counts.py --time --scratch-only all
+    python benchmarks/pass_counts.py --time --scratch-only all [--maximize-coupled]
 """
 
 from __future__ import annotations
@@ -170,13 +170,22 @@ MATRIX_KWARGS = {
 SCRATCH_STEPS = 3
 
 
-def _scratch_run(info: Any, shape: tuple[int, ...]) -> tuple[Any, list[float], Any, torch.Tensor]:
+def _with_gradient_temporary(info: Any) -> dict[str, Any]:
+    """``maximize=True`` and coupled weight decay where the optimizer has them: each makes the
+    gradient the update reads a parameter-sized temporary."""
+    options = info.cls.__init__.__code__.co_varnames
+    return {**({"maximize": True} if "maximize" in options else {}),
+            **(dict(weight_decay_mode="coupled", weight_decay=0.1) if "weight_decay_mode" in options else {})}
+
+
+def _scratch_run(info: Any, shape: tuple[int, ...],
+                 extra: dict[str, Any]) -> tuple[Any, list[float], Any, torch.Tensor]:
     """An optimizer stepped SCRATCH_STEPS times on one matrix of ``shape``: (it, the step
     times, its step function, the parameter). L-BFGS steps a quadratic through a closure;
     SparseAdam gets a sparse gradient (an eighth of the rows)."""
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(shape))
-    kwargs = dict(lr=1e-6, **MATRIX_KWARGS.get(info.name, {}))
+    kwargs = dict(lr=1e-6, **MATRIX_KWARGS.get(info.name, {}), **extra)
     if info.name == "lbfgs":
         target = torch.randn(shape)
 
@@ -198,16 +207,19 @@ def _scratch_run(info: Any, shape: tuple[int, ...]) -> tuple[Any, list[float], A
     return opt, times, step, p
 
 
-def print_scratch(shape: tuple[int, ...] = (2048, 4096), only: list[str] | None = None) -> None:
+def print_scratch(shape: tuple[int, ...] = (2048, 4096), only: list[str] | None = None,
+                  gradient_temporary: bool = False) -> None:
     """Bytes per parameter of each optimizer's state, of the scratch its eager step holds
     between steps (``optforge.scratch.held_bytes``: whole, and in chunks for the chunked
     elementwise updates), and of the peak temporaries of a step (the profiler's allocation
-    peak during one more step, less the state it added, plus the scratch held)."""
+    peak during one more step, less the state it added, plus the scratch held).
+    ``gradient_temporary``: with maximize and coupled weight decay where it has them."""
     from step_speed import peak_step_bytes, state_stats
 
     n = math.prod(shape)
     print(f"\none {tuple(shape)} float32 tensor ({n:,} params), {SCRATCH_STEPS} eager steps, then one "
-          "profiled; bytes per parameter (held: whole / chunked; '-': not chunked)")
+          f"profiled{', maximize and coupled decay' if gradient_temporary else ''}; bytes per parameter "
+          "(held: whole / chunked; '-': not chunked)")
     print(f"{'optimizer':22s} {'state':>6s} {'held':>13s} {'peak':>6s} {'first s':>8s} {'step s':>7s}")
     chunk = eager_chunks.CHUNK
     for info in of.list_optimizers(with_info=True):
@@ -218,7 +230,8 @@ def print_scratch(shape: tuple[int, ...] = (2048, 4096), only: list[str] | None 
             chunked = eager_chunks._eligible(info.cls)
             for size in ((None, chunk) if chunked else (chunk,)):
                 eager_chunks.CHUNK = size
-                opt, times, step, p = _scratch_run(info, shape)
+                opt, times, step, p = _scratch_run(
+                    info, shape, _with_gradient_temporary(info) if gradient_temporary else {})
                 held.append(scratch.held_bytes(opt) / n)
             state_before = state_stats(opt, [p])[0]
             # the state a step adds (L-BFGS's history) is state, not a temporary
@@ -243,6 +256,8 @@ def main() -> None:
                     "held scratch and peak step temporaries")
     ap.add_argument("--shape", default="2048x4096", help="the matrix of --scratch-only, e.g. 1024x2048 (the "
                     "pool takes temporaries of at least optforge.scratch.MIN_BYTES, 32 MiB)")
+    ap.add_argument("--maximize-coupled", action="store_true", help="--scratch-only with maximize=True "
+                    "and coupled weight decay where the optimizer has them")
     args = ap.parse_args()
     if not args.time:
         print_counts()
@@ -250,7 +265,7 @@ def main() -> None:
     torch.set_num_threads(2)
     if args.scratch_only:
         only = None if args.scratch_only == "all" else args.scratch_only.split(",")
-        print_scratch(tuple(int(x) for x in args.shape.split("x")), only)
+        print_scratch(tuple(int(x) for x in args.shape.split("x")), only, args.maximize_coupled)
         return
     for name in args.workloads.split(","):
         time_workload(name, args.rounds)

@@ -16,10 +16,11 @@ eager low-bit step takes its chunk buffers from the same pool (:mod:`optforge.lo
   that an update kept (e.g. stored in its state) is never written into.
 - Memory held between steps: the buffers of the large temporaries alive at the same time
   during the last step (as CUDA's caching allocator keeps a step's peak), but at most one per
-  parameter of the buffer's shape (at least one per shape): for float32 parameters, at most
-  4 bytes per parameter. At the end of each step the pool drops the buffers that step did not
-  use, those still referenced, and those beyond that limit (an update with two
-  parameter-sized temporaries at once allocates the second one again each step).
+  parameter of the buffer's shape (at least one per shape): for temporaries shaped like
+  float32 parameters, at most 4 bytes per parameter. At the end of each step the pool drops
+  the buffers that step did not use, those still referenced, and those beyond that limit (an
+  update with two parameter-sized temporaries at once allocates the second one again each
+  step).
   :func:`release` frees them all now (the next step allocates again); :func:`held_bytes` says
   how much is held. Setting ``optforge.scratch.MIN_BYTES = None`` turns pooling off.
 - Never used for CUDA tensors (the caching allocator already reuses memory), tensor subclasses

@@ -63,10 +63,10 @@ class Prodigy(Optimizer):
     in the reference (a sum over slices would round differently, and D amplifies that), so an
     eager CPU step keeps one parameter-sized temporary, :math:`x_0 - x` then :math:`|s|` then
     :math:`\sqrt{v}`: 4 bytes per float32 parameter of scratch held between steps
-    (:mod:`optforge.scratch`); ``maximize`` and ``"coupled"`` decay add 4 more for their
-    gradient, which the whole step reads. The group's ``d``, ``d_max``, ``d_numerator``,
-    ``d_hat``, ``d_denom`` and ``k`` live in the param group (saved with ``state_dict``), as in
-    the reference. State: ``step``, ``s``, ``p0`` (the initial
+    (:mod:`optforge.scratch`; with ``maximize`` or ``"coupled"`` decay, the gradient the step
+    reads is a second temporary, allocated again each step). The group's ``d``, ``d_max``,
+    ``d_numerator``, ``d_hat``, ``d_denom`` and ``k`` live in the param group (saved with
+    ``state_dict``), as in the reference. State: ``step``, ``s``, ``p0`` (the initial
     parameters), ``exp_avg`` (if :math:`\beta_1 > 0`), ``exp_avg_sq``.
     """
 
