@@ -38,7 +38,7 @@ from .steps import advance_steps
 from .tensorlist import TensorList
 from .weight_decay import apply_weight_decay
 
-__all__ = ["CHUNK", "applies", "chunks", "step"]
+__all__ = ["CHUNK", "applies", "chunked_class", "chunks", "step"]
 
 #: Entries per chunk (None: never chunk): 1 MiB per float32 operand, so an update's operands
 #: and temporaries fit in a 2 MiB L2 plus a share of L3. Chosen by measurement
@@ -51,7 +51,8 @@ _ELIGIBLE: dict[type, bool] = {}
 Piece = tuple[int, int, int]      # (tensor index in the bucket, first entry, end entry)
 
 
-def _eligible(cls: type) -> bool:
+def chunked_class(cls: type) -> bool:
+    """Whether optimizer class ``cls`` runs its large CPU buckets' eager steps chunk by chunk."""
     from .base import Optimizer, _registered_elementwise  # base imports this module
 
     return (cls.has_kernel() and _registered_elementwise(cls)
@@ -66,7 +67,7 @@ def applies(opt: Any, group: dict[str, Any], b: Any) -> bool:
     cls = type(opt)
     eligible = _ELIGIBLE.get(cls)
     if eligible is None:
-        eligible = _ELIGIBLE[cls] = _eligible(cls)
+        eligible = _ELIGIBLE[cls] = chunked_class(cls)
     if not eligible or sum(map(Tensor.numel, b.p)) <= size:
         return False
     return all(type(p) in _PLAIN for p in b.params)
