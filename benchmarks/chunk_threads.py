@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--load", type=int, default=0, help="busy processes beside the run")
+    ap.add_argument("--state-precision", help="low-bit state (int8, int4, ...; the low-bit eager step)")
     args = ap.parse_args(argv)
     if args.load < 0 or args.entries <= eager_chunks.CHUNK:
         ap.error(f"--load must be >= 0 and --entries > {eager_chunks.CHUNK} "
@@ -57,6 +58,8 @@ def run(args: argparse.Namespace) -> None:
         p = torch.nn.Parameter(torch.randn(args.entries))
         p.grad = torch.randn(args.entries) * 1e-3
         opts[name] = optforge.get_optimizer_info(name).cls([p], fused=False)
+        if args.state_precision:
+            opts[name].configure(state_precision=args.state_precision)
         opts[name].step()
     times: dict[tuple[str, str], list[float]] = {(n, v): [] for n in opts for v in variants}
     saved = chunk_threads.MAX_WORKERS
@@ -70,7 +73,8 @@ def run(args: argparse.Namespace) -> None:
                     times[name, variant].append(time.perf_counter() - start)
     finally:
         chunk_threads.MAX_WORKERS = saved
-    print(f"{args.entries:,d} entries, {args.threads} threads, --load {args.load}, "
+    print(f"{args.entries:,d} entries, state {args.state_precision or 'float32'}, {args.threads} threads, "
+          f"--load {args.load}, "
           f"load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}")
     print("| optimizer | chunks on OpenMP, ms | chunks on threads, ms | threads / OpenMP |")
     print("|---|---|---|---|")

@@ -85,3 +85,30 @@ def test_a_threaded_chunked_step_equals_the_one_thread_step(two_threads, monkeyp
             opt.step()
         results.append([p.detach().clone() for p in params])
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4", "fp8"])
+def test_a_threaded_low_bit_step_equals_the_one_thread_step(precision, two_threads, monkeypatch):
+    import importlib
+
+    import optforge
+
+    lowbit_step = importlib.import_module("optforge.lowbit.step")
+
+    monkeypatch.setattr(lowbit_step, "CHUNK", 4096)
+    monkeypatch.setattr(lowbit_step, "EAGER_CHUNK", 4096)
+    results = []
+    for max_workers in (1, 2):
+        monkeypatch.setattr(chunk_threads, "MAX_WORKERS", max_workers)
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(9 * 4096 + 300)), torch.nn.Parameter(torch.randn(700))]
+        opt = optforge.AdamW(params, lr=1e-2, fused=False).configure(state_precision=precision,
+                                                                     min_quantized_size=0)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        codes = [x for p in params for st in opt.state[p].values() if hasattr(st, "codes")
+                 for x in (st.codes, st.scales) if x is not None]
+        results.append([p.detach().clone() for p in params] + codes)
+    assert len(results[0]) > 2 and all(torch.equal(a, b) for a, b in zip(*results))
