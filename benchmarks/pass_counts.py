@@ -40,7 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import optforge as of
-from optforge import eager_chunks, scratch
+from optforge import chunk_threads, eager_chunks, scratch
 
 N = 4099          # a size no scalar or factored state has
 SHAPES = {
@@ -212,7 +212,8 @@ def print_scratch(shape: tuple[int, ...] = (2048, 4096), only: list[str] | None 
     """Bytes per parameter of each optimizer's state, of the scratch its eager step holds
     between steps (``optforge.scratch.held_bytes``: whole, and in chunks for the chunked
     elementwise updates), and of the peak temporaries of a step (the profiler's allocation
-    peak during one more step, less the state it added, plus the scratch held).
+    peak during one more step, its chunks run in this thread, less the state it added, plus
+    the scratch held).
     ``gradient_temporary``: with maximize and coupled weight decay where it has them."""
     from step_speed import peak_step_bytes, state_stats
 
@@ -221,25 +222,27 @@ def print_scratch(shape: tuple[int, ...] = (2048, 4096), only: list[str] | None 
           f"profiled{', maximize and coupled decay' if gradient_temporary else ''}; bytes per parameter "
           "(held: whole / chunked; '-': not chunked)")
     print(f"{'optimizer':22s} {'state':>6s} {'held':>13s} {'peak':>6s} {'first s':>8s} {'step s':>7s}")
-    chunk = eager_chunks.CHUNK
+    chunk, workers = eager_chunks.CHUNK, chunk_threads.MAX_WORKERS
     for info in of.list_optimizers(with_info=True):
         if only and info.name not in only:
             continue
         held = []
         try:
-            chunked = eager_chunks._eligible(info.cls)
+            chunked = eager_chunks.chunked_class(info.cls)
             for size in ((None, chunk) if chunked else (chunk,)):
                 eager_chunks.CHUNK = size
                 opt, times, step, p = _scratch_run(
                     info, shape, _with_gradient_temporary(info) if gradient_temporary else {})
                 held.append(scratch.held_bytes(opt) / n)
             state_before = state_stats(opt, [p])[0]
-            # the state a step adds (L-BFGS's history) is state, not a temporary
+            # the state a step adds (L-BFGS's history) is state, not a temporary; the chunks
+            # run in this thread: the profiler sees its own thread's allocations only
+            chunk_threads.MAX_WORKERS = 1
             peak = peak_step_bytes(SimpleNamespace(step=step)) / n + held[-1]
             state = state_stats(opt, [p])[0]
             peak -= state - state_before
         finally:
-            eager_chunks.CHUNK = chunk
+            eager_chunks.CHUNK, chunk_threads.MAX_WORKERS = chunk, workers
         held_text = " / ".join(f"{h:.1f}" for h in held) if chunked else f"- / {held[0]:.1f}"
         print(f"{info.name:22s} {state:6.2f} {held_text:>13s} {peak:6.2f} {times[0]:8.2f} "
               f"{statistics.median(times[1:]):7.2f}", flush=True)
