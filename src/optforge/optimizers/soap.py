@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from .. import chunk_threads
 from ..base import Optimizer, ParamsT
 from ..constraints import beta_tuple, boolean, integer_at_least, non_negative, one_of, unit_interval
 from ..distributed import local
@@ -127,33 +127,22 @@ def _eigenbasis(gram: Tensor) -> Tensor:
 
 
 def _set_eigenbases(pairs: list[tuple[Tensor, Tensor]]) -> None:
-    """``basis <- _eigenbasis(factor)`` for each (factor, basis) pair; the factors that run on
-    one thread (:func:`_runs_on_one_thread`) are shared out, largest first, among as many
-    workers as torch has threads."""
+    """``basis <- _eigenbasis(factor)`` for each (factor, basis) pair: the factors that run on
+    one thread (:func:`_runs_on_one_thread`) largest first, shared out among torch's threads
+    (:mod:`optforge.chunk_threads`), the others one after the other on all of them."""
+    def set_basis(pair: tuple[Tensor, Tensor]) -> None:
+        pair[1].copy_(_eigenbasis(pair[0]))
+
     small = sorted((fb for fb in pairs if _runs_on_one_thread(fb[0])), key=lambda fb: -len(fb[0]))
-    for f, b in pairs:
-        if not _runs_on_one_thread(f):
-            b.copy_(_eigenbasis(f))
-    shares: list[list[tuple[Tensor, Tensor]]] = [[] for _ in range(min(torch.get_num_threads(), len(small)))]
-    loads = [0] * len(shares)
-    for fb in small:                                      # to the least loaded, by eigh's n^3 cost
-        i = loads.index(min(loads))
-        shares[i].append(fb)
-        loads[i] += len(fb[0]) ** 3
-
-    def run(share: list[tuple[Tensor, Tensor]]) -> None:
-        for f, b in share:
-            b.copy_(_eigenbasis(f))
-
-    if not small:
+    for fb in pairs:
+        if not _runs_on_one_thread(fb[0]):
+            set_basis(fb)
+    if min(chunk_threads.workers(), len(small)) > 1:
+        chunk_threads.run(set_basis, small)               # each worker on one thread
         return
-    with _torch_threads(1):                               # set before the workers start: theirs too
-        if len(shares) == 1:
-            run(shares[0])
-            return
-        with ThreadPoolExecutor(len(shares)) as pool:
-            for done in [pool.submit(run, share) for share in shares]:
-                done.result()
+    with _torch_threads(1):
+        for fb in small:
+            set_basis(fb)
 
 
 def _accumulate(grad: Tensor, factors: list[Tensor | None], beta: float) -> None:
