@@ -71,27 +71,3 @@ def test_factors_too_wide_for_one_thread_keep_every_thread(monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert sorted(seen) == [(5, 1), (12, 2)]
-
-
-def test_refresh_qr_runs_on_one_thread(monkeypatch):
-    seen = []
-    qr = torch.linalg.qr
-
-    def recording_qr(m):
-        seen.append(torch.get_num_threads())
-        return qr(m)
-
-    monkeypatch.setattr(torch.linalg, "qr", recording_qr)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        p = torch.zeros(3, 10, requires_grad=True)
-        opt = soap.SOAP([p], precondition_frequency=1)
-        gen = torch.Generator().manual_seed(0)
-        for _ in range(3):
-            p.grad = torch.randn(3, 10, generator=gen)
-            opt.step()
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
-    assert seen == [1] * 4                  # steps 2 and 3 refresh both factors

@@ -94,7 +94,8 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 # threads stalls for seconds when the cores are busy (measured on 2 shared cores: 768 x 768 eigh
 # at times 9-17 s on 2 threads, at most 0.14 s on one); up to this size one thread is as fast
 # even on idle cores, so such factors run one thread each, as many at once as torch has
-# threads (QR of the bases' refresh likewise, one at a time).
+# threads. (The refresh's QR stays on all threads: with it on one, a refreshing step took
+# 1.16-1.28x as long on near-idle cores.)
 SINGLE_THREAD_EIGH_MAX_DIM = 1024
 
 
@@ -168,8 +169,7 @@ def _power_iteration(factors: list[Tensor | None], bases: list[Tensor | None], v
         lq = f.to(dtype) @ q
         order = torch.argsort((q * lq).sum(0), descending=True)      # diag(Q^T L Q), reusing L Q
         v_rot = v_rot.index_select(i, order)
-        with _torch_threads(1) if _runs_on_one_thread(lq) else contextlib.nullcontext():
-            b.copy_(torch.linalg.qr(lq.index_select(1, order))[0])
+        b.copy_(torch.linalg.qr(lq.index_select(1, order))[0])
     v.copy_(layout.restore(v_rot, v))
 
 
@@ -228,8 +228,8 @@ class SOAP(Optimizer):
     State: ``step`` (counting the first step too: :math:`t` = ``step`` - 1), ``exp_avg``
     (:math:`M'`, in the eigenbasis), ``exp_avg_sq`` (:math:`V`), ``GG`` (the factors, flattened
     into one tensor) and ``Q`` (their eigenbases, the same way). Eager only (per-tensor
-    decompositions); ``fused=True`` is refused. On CPU, the decompositions of factors up to
-    1024 wide run on one thread each (several threads stall on busy cores), the first step's
+    decompositions); ``fused=True`` is refused. On CPU, the first step's eigendecompositions
+    of factors up to 1024 wide run on one thread each (several threads stall on busy cores),
     shared out among torch's threads. Under FSDP2 / tensor parallel (DTensor
     params) each tensor is updated by one owner rank, which keeps its ``exp_avg``,
     ``exp_avg_sq``, ``GG`` and ``Q`` whole (:mod:`optforge.distributed_matrix`,
