@@ -237,20 +237,21 @@ class Muon(Optimizer):
         stack's."""
         mu, shape = group["momentum"], params[0].shape
         dtype = NS_DTYPES[group["ns_dtype"]] or params[0].dtype
-        u = params[0].new_empty((len(params), shape[0], math.prod(shape[1:])), dtype=dtype)
-        for x, g, buf in zip(u, grads, bufs):
+        u = params[0].new_empty((len(params), *shape), dtype=dtype)
+        for x, g, buf in zip(u.unbind(0), grads, bufs):
             buf.lerp_(g, 1 - mu)                                        # B_t = mu B + (1 - mu) g
             if group["nesterov"]:
-                torch.lerp(g, buf, mu, out=x.view(shape))               # U_t = (1 - mu) g + mu B_t
+                torch.lerp(g, buf, mu, out=x)                           # U_t = (1 - mu) g + mu B_t
             else:
-                x.view(shape).copy_(buf)                                # U_t = B_t
-        o = orthogonalize(u if len(params) > 1 else u[0], group["ns_coefficients"], group["ns_steps"],
-                          group["eps"], None, overwrite=True)
-        alpha = -lr * _lr_ratio(group["adjust_lr_fn"], shape[0], u.size(-1))
-        for p, x in zip(params, o if len(params) > 1 else [o]):
+                x.copy_(buf)                                            # U_t = B_t
+        rows, cols = shape[0], math.prod(shape[1:])
+        o = orthogonalize(u.view(-1, rows, cols) if len(params) > 1 else u.view(rows, cols),
+                          group["ns_coefficients"], group["ns_steps"], group["eps"], None, overwrite=True)
+        alpha = -lr * _lr_ratio(group["adjust_lr_fn"], rows, cols)
+        for p, x in zip(params, o.view(u.shape).unbind(0) if len(params) > 1 else [o.reshape(shape)]):
             if decay != 1:
                 p.mul_(decay)
-            p.add_(x.reshape(shape), alpha=alpha)                          # W_t = W - lr rho O_t
+            p.add_(x, alpha=alpha)                                      # W_t = W - lr rho O_t
 
     def _muon_sharded(self, group, lr, decay, params, grads, bufs):
         """DTensor matrices: the momentum on the local shards, each whole U_t orthogonalized on
