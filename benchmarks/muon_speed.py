@@ -4,8 +4,8 @@ run, with the step's peak temporaries.
 
 The matrices of a shared workload of step_speed.py (``many-small`` by default: 100 matrices,
 25 of each of 4 shapes), float32, CPU, fixed random gradients; entries interleaved in rounds,
-medians; with ``--threads 1,2`` every entry runs at each thread count, all interleaved (the
-count is set before each step, untimed). Entries:
+medians; ``--threads 1,2`` (the default) times every entry at 1 thread, then at 2 (switching
+the count between steps would make a timed step follow the thread pool's resizing). Entries:
 
 - steps: ``torch.optim.Muon``; ``optforge.Muon`` (defaults: bf16 iteration, same-shape
   matrices stacked); ``optforge.Muon`` one matrix at a time (``ns_batch_numel = 0``);
@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps-per-round", type=int, default=2)
     parser.add_argument("--threads", type=thread_counts, default=[1, 2],
-                        help="comma list of thread counts, each entry timed at each (default 1,2)")
+                        help="comma list of thread counts, every entry timed at each in turn (default 1,2)")
     parser.add_argument("--targets-only", action="store_true",
                         help="time only the steps of optforge.Muon and torch.optim.Muon and their "
                         "Newton-Schulz iterations")
@@ -136,47 +136,46 @@ def main() -> None:
     keep = [i for i, s in enumerate(workload.shapes) if len(s) >= 2]
     grads = [make_tensors(workload, seed=1)[i] for i in keep]
 
-    opts: dict[tuple[str, int], Any] = {}
-    threads_of: dict[int, int] = {}
-    for threads in args.threads:
+    median: dict[tuple[str, int], float] = {}
+    load: dict[int, tuple[float, float]] = {}
+    opts: dict[str, Any] = {}
+    stacks: list[torch.Tensor] = []
+    for threads in args.threads:                   # one thread count at a time: no switching mid-round
         torch.set_num_threads(threads)
-        made, stacks = entries(workload, keep, grads, args.targets_only)
-        opts.update({(name, threads): opt for name, opt in made.items()})
-        threads_of.update({id(opt): threads for opt in made.values()})
-    load_before = loadavg()
-    median = interleaved_medians(opts, args.rounds, args.steps_per_round,
-                                 before_step=lambda opt: torch.set_num_threads(threads_of[id(opt)]))
-    load_after = loadavg()
+        opts, stacks = entries(workload, keep, grads, args.targets_only)
+        before = loadavg()
+        median.update({(name, threads): t
+                       for name, t in interleaved_medians(opts, args.rounds, args.steps_per_round).items()})
+        load[threads] = (before, loadavg())
 
     n = sum(g.numel() for g in grads)
     print(f"workload {workload.name}: its {len(grads)} matrices ({n:,} params, "
           f"{len({tuple(g.shape) for g in grads})} shapes, stacks of up to {max(len(s) for s in stacks)}); "
-          f"median of {args.rounds * args.steps_per_round} steps each; load average {load_before:.1f} "
-          f"before, {load_after:.1f} after")
+          f"median of {args.rounds * args.steps_per_round} steps each")
     for threads in args.threads:
-        print(f"{threads} thread(s):")
+        print(f"{threads} thread(s), load average {load[threads][0]:.1f} before and "
+              f"{load[threads][1]:.1f} after:")
         report({name: t for (name, k), t in median.items() if k == threads})
 
-    threads = args.threads[0]
-    torch.set_num_threads(threads)
+    threads = args.threads[-1]                     # the last entries made, at the last thread count
     largest = max(math.prod(x.shape) * 4 for x in stacks)
     names = [STEP, TORCH_STEP] if args.targets_only else [STEP, "optforge.Muon[one at a time]", TORCH_STEP]
     for name in names:
-        peak = peak_step_bytes(opts[name, threads])
+        peak = peak_step_bytes(opts[name])
         print(f"peak temporaries of a step ({threads} thread(s)), {name}: {peak / 1e6:.2f} MB = "
               f"{peak / largest:.2f} x the largest float32 stack ({largest / 1e6:.2f} MB), "
               f"{peak / (4 * n):.2f} x the matrices")
 
     print(f"\n{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {cpu_name()}, torch "
-          f"{torch.__version__}, load average {load_before:.1f} -> {load_after:.1f}, {workload.name}, median "
-          f"of {args.rounds * args.steps_per_round} steps:\n")
-    print("| threads | optforge.Muon step ms | its Newton-Schulz ms | step / its NS | torch's NS ms "
-          "| step / torch's NS | torch.optim.Muon step ms |")
-    print("|---|---|---|---|---|---|---|")
+          f"{torch.__version__}, {workload.name}, median of {args.rounds * args.steps_per_round} steps:\n")
+    print("| threads | load average | optforge.Muon step ms | its Newton-Schulz ms | step / its NS "
+          "| torch's NS ms | step / torch's NS | torch.optim.Muon step ms |")
+    print("|---|---|---|---|---|---|---|---|")
     for k in args.threads:
         step, ns, theirs = median[STEP, k], median[OWN_NS, k], median[TORCH_NS, k]
-        print(f"| {k} | {1e3 * step:.1f} | {1e3 * ns:.1f} | **{step / ns:.2f}** | {1e3 * theirs:.1f} | "
-              f"**{step / theirs:.2f}** | {1e3 * median[TORCH_STEP, k]:.1f} |")
+        print(f"| {k} | {load[k][0]:.1f}-{load[k][1]:.1f} | {1e3 * step:.1f} | {1e3 * ns:.1f} "
+              f"| **{step / ns:.2f}** | {1e3 * theirs:.1f} | **{step / theirs:.2f}** "
+              f"| {1e3 * median[TORCH_STEP, k]:.1f} |")
 
 
 if __name__ == "__main__":
