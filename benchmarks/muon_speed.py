@@ -4,7 +4,9 @@ run, with the step's peak temporaries.
 
 The matrices of a shared workload of step_speed.py (``many-small`` by default: 100 matrices,
 25 of each of 4 shapes), float32, CPU, fixed random gradients; entries interleaved in rounds,
-medians; ``--threads 1,2`` (the default) times every entry at 1 thread, then at 2 (switching
+each entry's fastest step of a round kept; times are medians over rounds, and a ratio is the
+median over rounds of the two entries' ratio in the same round (they met about the same
+load); ``--threads 1,2`` (the default) times every entry at 1 thread, then at 2 (switching
 the count between steps would make a timed step follow the thread pool's resizing). Entries:
 
 - steps: ``torch.optim.Muon``; ``optforge.Muon`` (defaults: bf16 iteration, same-shape
@@ -16,7 +18,7 @@ the count between steps would make a timed step follow the thread pool's resizin
   time, in bf16 (from inputs already in bf16: the iteration alone, as the step runs it) and in
   float32.
 
-It prints each median, the step / Newton-Schulz ratios, bf16 against float32, the peak of the
+It prints each time, the step / Newton-Schulz ratios, bf16 against float32, the peak of the
 bytes torch's CPU allocator holds during one step (the step's temporaries, from the
 profiler's memory events) beside the largest stack of inputs, and a Markdown table of the two
 target ratios per thread count with the load average, ready to paste. ``--targets-only``
@@ -32,11 +34,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
+import statistics
+import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from step_speed import WORKLOADS, cpu_name, interleaved_medians, loadavg, make_tensors, peak_step_bytes
+from step_speed import WORKLOADS, cpu_name, loadavg, make_tensors, peak_step_bytes
 
 import optforge
 from optforge.optimizers.muon import Muon, _same_shape_stacks, orthogonalize
@@ -104,21 +108,44 @@ def entries(workload, keep: list[int], grads: list[torch.Tensor],
     return opts, stacks
 
 
-def report(median: dict[str, float]) -> None:
-    for name, t in median.items():
-        print(f"  {name:36s} {1e3 * t:10.2f} ms")
-    step, ns = median[STEP], median[OWN_NS]
-    print(f"optforge.Muon step / its Newton-Schulz (stacked, bf16): {step / ns:.2f} (target <= {TARGET})")
-    print(f"optforge.Muon step / torch.optim.Muon's Newton-Schulz: {step / median[TORCH_NS]:.2f} "
+def fastest_per_round(opts: dict[str, Any], rounds: int, steps_per_round: int) -> dict[str, list[float]]:
+    """Each entry's fastest step in every round, the entries interleaved (each leads once in
+    turn): a step and a Newton-Schulz timed in the same round met about the same load."""
+    times: dict[str, list[float]] = {name: [] for name in opts}
+    for r in range(rounds):
+        order = list(opts)
+        for name in order[r % len(order):] + order[:r % len(order)]:
+            best = math.inf
+            for _ in range(steps_per_round):
+                start = time.perf_counter()
+                opts[name].step()
+                best = min(best, time.perf_counter() - start)
+            times[name].append(best)
+    return times
+
+
+def ratio(times: dict[str, list[float]], a: str, b: str) -> float:
+    """The median over rounds of a's time / b's time in the same round."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+
+def report(times: dict[str, list[float]]) -> None:
+    for name, ts in times.items():
+        print(f"  {name:36s} {1e3 * statistics.median(ts):10.2f} ms")
+    print(f"optforge.Muon step / its Newton-Schulz (stacked, bf16): {ratio(times, STEP, OWN_NS):.2f} "
           f"(target <= {TARGET})")
-    print(f"optforge.Muon step / torch.optim.Muon step: {step / median[TORCH_STEP]:.2f}")
-    if "optforge.Muon[one at a time]" not in median:
+    print(f"optforge.Muon step / torch.optim.Muon's Newton-Schulz: {ratio(times, STEP, TORCH_NS):.2f} "
+          f"(target <= {TARGET})")
+    print(f"optforge.Muon step / torch.optim.Muon step: {ratio(times, STEP, TORCH_STEP):.2f}")
+    if "optforge.Muon[one at a time]" not in times:
         return
-    print(f"stacked / one at a time: Newton-Schulz {ns / median['NS: optforge, per matrix, bf16']:.2f}, "
-          f"step {step / median['optforge.Muon[one at a time]']:.2f}")
-    per_matrix = median["NS: optforge, per matrix, bf16"] / median["NS: optforge, per matrix, float32"]
-    print(f"bf16 / float32: Newton-Schulz stacked {ns / median['NS: optforge, stacked, float32']:.2f}, "
-          f"per matrix {per_matrix:.2f}, step {step / median['optforge.Muon[float32]']:.2f}")
+    print("stacked / one at a time: Newton-Schulz "
+          f"{ratio(times, OWN_NS, 'NS: optforge, per matrix, bf16'):.2f}, "
+          f"step {ratio(times, STEP, 'optforge.Muon[one at a time]'):.2f}")
+    print("bf16 / float32: Newton-Schulz stacked "
+          f"{ratio(times, OWN_NS, 'NS: optforge, stacked, float32'):.2f}, per matrix "
+          f"{ratio(times, 'NS: optforge, per matrix, bf16', 'NS: optforge, per matrix, float32'):.2f}, "
+          f"step {ratio(times, STEP, 'optforge.Muon[float32]'):.2f}")
 
 
 def main() -> None:
@@ -136,7 +163,7 @@ def main() -> None:
     keep = [i for i, s in enumerate(workload.shapes) if len(s) >= 2]
     grads = [make_tensors(workload, seed=1)[i] for i in keep]
 
-    median: dict[tuple[str, int], float] = {}
+    times: dict[int, dict[str, list[float]]] = {}
     load: dict[int, tuple[float, float]] = {}
     opts: dict[str, Any] = {}
     stacks: list[torch.Tensor] = []
@@ -144,18 +171,18 @@ def main() -> None:
         torch.set_num_threads(threads)
         opts, stacks = entries(workload, keep, grads, args.targets_only)
         before = loadavg()
-        median.update({(name, threads): t
-                       for name, t in interleaved_medians(opts, args.rounds, args.steps_per_round).items()})
+        times[threads] = fastest_per_round(opts, args.rounds, args.steps_per_round)
         load[threads] = (before, loadavg())
 
     n = sum(g.numel() for g in grads)
     print(f"workload {workload.name}: its {len(grads)} matrices ({n:,} params, "
           f"{len({tuple(g.shape) for g in grads})} shapes, stacks of up to {max(len(s) for s in stacks)}); "
-          f"median of {args.rounds * args.steps_per_round} steps each")
+          f"{args.rounds} rounds: medians of each round's fastest of {args.steps_per_round} steps, "
+          "ratios the median of the rounds' ratios")
     for threads in args.threads:
         print(f"{threads} thread(s), load average {load[threads][0]:.1f} before and "
               f"{load[threads][1]:.1f} after:")
-        report({name: t for (name, k), t in median.items() if k == threads})
+        report(times[threads])
 
     threads = args.threads[-1]                     # the last entries made, at the last thread count
     largest = max(math.prod(x.shape) * 4 for x in stacks)
@@ -167,15 +194,15 @@ def main() -> None:
               f"{peak / (4 * n):.2f} x the matrices")
 
     print(f"\n{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {cpu_name()}, torch "
-          f"{torch.__version__}, {workload.name}, median of {args.rounds * args.steps_per_round} steps:\n")
+          f"{torch.__version__}, {workload.name}, {args.rounds} rounds of {args.steps_per_round} steps:\n")
     print("| threads | load average | optforge.Muon step ms | its Newton-Schulz ms | step / its NS "
           "| torch's NS ms | step / torch's NS | torch.optim.Muon step ms |")
     print("|---|---|---|---|---|---|---|---|")
     for k in args.threads:
-        step, ns, theirs = median[STEP, k], median[OWN_NS, k], median[TORCH_NS, k]
-        print(f"| {k} | {load[k][0]:.1f}-{load[k][1]:.1f} | {1e3 * step:.1f} | {1e3 * ns:.1f} "
-              f"| **{step / ns:.2f}** | {1e3 * theirs:.1f} | **{step / theirs:.2f}** "
-              f"| {1e3 * median[TORCH_STEP, k]:.1f} |")
+        ms = {name: 1e3 * statistics.median(ts) for name, ts in times[k].items()}
+        print(f"| {k} | {load[k][0]:.1f}-{load[k][1]:.1f} | {ms[STEP]:.1f} | {ms[OWN_NS]:.1f} "
+              f"| **{ratio(times[k], STEP, OWN_NS):.2f}** | {ms[TORCH_NS]:.1f} "
+              f"| **{ratio(times[k], STEP, TORCH_NS):.2f}** | {ms[TORCH_STEP]:.1f} |")
 
 
 if __name__ == "__main__":
