@@ -27,14 +27,22 @@ times only the entries of that table.
     python benchmarks/muon_speed.py                          # many-small, 1 and 2 threads
     python benchmarks/muon_speed.py --targets-only --rounds 9
     python benchmarks/muon_speed.py --workload many-tiny --rounds 10 --threads 1
+
+``--before DIR`` adds the step of another optforge version's Muon (same ratios, and this
+step / that one), e.g. the commit before a change::
+
+    git archive COMMIT src/optforge | tar -x -C /tmp/old && mv /tmp/old/src/optforge /tmp/old/optforge_before
+    python benchmarks/muon_speed.py --targets-only --before /tmp/old
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -46,6 +54,7 @@ import optforge
 from optforge.optimizers.muon import Muon, _same_shape_stacks, orthogonalize
 
 TARGET = 1.15                      # step / Newton-Schulz time
+BEFORE = "before: optforge.Muon"
 STEP, OWN_NS, TORCH_NS, TORCH_STEP = ("optforge.Muon", "NS: optforge, stacked, bf16", "NS: torch, per matrix",
                                       "torch.optim.Muon")
 
@@ -70,8 +79,8 @@ def thread_counts(text: str) -> list[int]:
     return counts
 
 
-def entries(workload, keep: list[int], grads: list[torch.Tensor],
-            targets_only: bool) -> tuple[dict[str, Any], list[torch.Tensor]]:
+def entries(workload, keep: list[int], grads: list[torch.Tensor], targets_only: bool,
+            before: str | None) -> tuple[dict[str, Any], list[torch.Tensor]]:
     """Every entry (its state created by one untimed step), and the stacks of inputs."""
     from torch.optim._muon import _zeropower_via_newtonschulz as torch_ns
 
@@ -86,6 +95,10 @@ def entries(workload, keep: list[int], grads: list[torch.Tensor],
     }
     if targets_only:
         steps = {name: steps[name] for name in (TORCH_STEP, STEP)}
+    if before is not None:                   # another optforge version, as package optforge_before
+        sys.path.insert(0, before)
+        older = importlib.import_module("optforge_before")
+        steps[BEFORE] = lambda ps: older.Muon(ps)
     opts: dict[str, Any] = {}
     for name, make in steps.items():
         params = [make_tensors(workload, seed=0)[i].requires_grad_() for i in keep]
@@ -137,6 +150,10 @@ def report(times: dict[str, list[float]]) -> None:
     print(f"optforge.Muon step / torch.optim.Muon's Newton-Schulz: {ratio(times, STEP, TORCH_NS):.2f} "
           f"(target <= {TARGET})")
     print(f"optforge.Muon step / torch.optim.Muon step: {ratio(times, STEP, TORCH_STEP):.2f}")
+    if BEFORE in times:
+        print(f"before: step / its Newton-Schulz {ratio(times, BEFORE, OWN_NS):.2f}, step / torch's "
+              f"Newton-Schulz {ratio(times, BEFORE, TORCH_NS):.2f}; step / before's step "
+              f"{ratio(times, STEP, BEFORE):.2f}")
     if "optforge.Muon[one at a time]" not in times:
         return
     print("stacked / one at a time: Newton-Schulz "
@@ -158,6 +175,9 @@ def main() -> None:
     parser.add_argument("--targets-only", action="store_true",
                         help="time only the steps of optforge.Muon and torch.optim.Muon and their "
                         "Newton-Schulz iterations")
+    parser.add_argument("--before", metavar="DIR",
+                        help="also time the Muon of another optforge version: DIR holds its "
+                        "src/optforge renamed to optforge_before (see the module docstring)")
     args = parser.parse_args()
     workload = WORKLOADS[args.workload]
     keep = [i for i, s in enumerate(workload.shapes) if len(s) >= 2]
@@ -169,7 +189,7 @@ def main() -> None:
     stacks: list[torch.Tensor] = []
     for threads in args.threads:                   # one thread count at a time: no switching mid-round
         torch.set_num_threads(threads)
-        opts, stacks = entries(workload, keep, grads, args.targets_only)
+        opts, stacks = entries(workload, keep, grads, args.targets_only, args.before)
         before = loadavg()
         times[threads] = fastest_per_round(opts, args.rounds, args.steps_per_round)
         load[threads] = (before, loadavg())
@@ -203,6 +223,12 @@ def main() -> None:
         print(f"| {k} | {load[k][0]:.1f}-{load[k][1]:.1f} | {ms[STEP]:.1f} | {ms[OWN_NS]:.1f} "
               f"| **{ratio(times[k], STEP, OWN_NS):.2f}** | {ms[TORCH_NS]:.1f} "
               f"| **{ratio(times[k], STEP, TORCH_NS):.2f}** | {ms[TORCH_STEP]:.1f} |")
+    for k in args.threads:
+        if BEFORE in times[k]:
+            print(f"\n{k} thread(s), the version before: its step / its Newton-Schulz "
+                  f"{ratio(times[k], BEFORE, OWN_NS):.2f}, / torch's Newton-Schulz "
+                  f"{ratio(times[k], BEFORE, TORCH_NS):.2f}; this step / its step "
+                  f"{ratio(times[k], STEP, BEFORE):.2f}")
 
 
 if __name__ == "__main__":
