@@ -79,7 +79,7 @@ class ADOPT(Optimizer):
         clip = (t - 1) ** group["clip_exponent"]
         return dict(
             eps=math.inf if first else group["eps"],         # t = 1: u = g / inf = 0 (eps may be 0)
-            clip=-clip,                                      # -c_t
+            clip_low=-clip, clip_high=clip,                  # -c_t, c_t
             m_weight=0.0 if first else 1 - b1,               # t = 1: m stays 0
             step=0.0 if first else -group["lr"],             # t = 1: no update
             v_keep=1.0 if first else b2,                     # t = 1: v = 0 * 1 + 1 * g^2
@@ -98,8 +98,8 @@ class ADOPT(Optimizer):
     def kernel(group, p, g, s, c):
         m, v = s["exp_avg"], s["exp_avg_sq"]
         u = g.div(v.sqrt().maximum_(c["eps"]))               # g_t / max(sqrt(v_{t-1}), eps)
-        if group["clip"]:                                    # clip(u, -c_t, c_t) = -max(-max(u, -c_t), -c_t)
-            u.maximum_(c["clip"]).neg_().maximum_(c["clip"]).neg_()
+        if group["clip"]:
+            u.clamp_(c["clip_low"], c["clip_high"])          # clip(u, -c_t, c_t)
         m.lerp_(u, c["m_weight"])                            # m_t = b1 m + (1 - b1) u
         p.add_(m, alpha=c["step"])                           # theta_t = theta - lr m_t
         v.mul_(c["v_keep"]).addcmul_(g, g, value=c["v_new"])  # v_t = b2 v + (1 - b2) g^2
