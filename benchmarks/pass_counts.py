@@ -9,21 +9,26 @@ fused kernel does).
 
 Timed (``--time``): each elementwise optimizer's eager step on the shared ``one-big`` and
 ``many-small`` workloads, run whole (``optforge.eager_chunks.CHUNK = None``) and in chunks
-(the default), interleaved in rounds with a bandwidth probe (``dst.copy_(src)`` over as many
-entries as the workload: one read + one write each). "Effective accesses" = step time / (probe
-time / 2): the accesses per parameter a step would make if it ran at the probe's bandwidth.
+(the default), its ``fused=True`` step (the generated one-pass kernel, or torch's own where the
+optimizer has one; it also copies the gradients into its flat buffer) and torch's fused AdamW,
+interleaved in rounds with a bandwidth probe (``dst.copy_(src)`` over as many entries as the
+workload: one read + one write each). "Effective accesses" = step time / (probe time / 2): the
+accesses per parameter a step would make if it ran at the probe's bandwidth. Printed as a
+markdown table (docs/benchmarks.md).
 Also the scratch each holds between steps (``optforge.scratch.held_bytes``, bytes per
 parameter, one (2048, 4096) tensor: 32 MiB, the pool's threshold), for every registered
 optimizer but those whose matrix factorizations of that size are too slow to run here.
 
     python benchmarks/pass_counts.py
     python benchmarks/pass_counts.py --time [--rounds 5] [--workloads one-big,many-small]
+                                     [--only adamw,lion] [--threads 2] [--no-scratch]
     python benchmarks/pass_counts.py --time --scratch-only lamb,mars
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import statistics
 import time
@@ -111,42 +116,77 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def time_workload(name: str, rounds: int) -> None:
-    """Effective accesses per parameter of each elementwise optimizer's eager step, whole and
-    in chunks, against the counted and the minimum ones."""
+def _copies(params: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.nn.Parameter]:
+    out = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for p, g in zip(out, grads):
+        p.grad = g
+    return out
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def time_workload(name: str, rounds: int, only: list[str] | None = None) -> None:
+    """Effective accesses per parameter of each elementwise optimizer's eager step (whole and
+    in chunks) and of its ``fused=True`` step (one pass, plus a copy of the gradients), against
+    the counted and the minimum ones, and each eager step's time over the fused one; with
+    torch's fused AdamW for reference. A markdown table."""
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES[name]]
     grads = [torch.randn(s) for s in SHAPES[name]]
+    for p, g in zip(params, grads):
+        p.grad = g
     n = sum(p.numel() for p in params)
     src, dst = torch.randn(n), torch.empty(n)
+    reference = torch.optim.AdamW(_copies(params, grads), lr=1e-6, fused=True)
     chunk = eager_chunks.CHUNK
     print(f"\n{name}: {len(params)} tensors, {n:,} params, chunk {chunk:,} entries, {rounds} rounds, "
-          f"median; effective accesses = step time / (copy probe time / 2)")
-    print(f"{'optimizer':22s} {'counted':>7s} {'min':>4s} {'whole':>7s} {'chunked':>7s} "
-          f"{'whole/min':>9s} {'chunked/min':>11s} {'ms whole':>9s} {'ms chunked':>10s}")
+          "median. x = effective accesses / min, effective accesses = step time / (copy probe "
+          "time / 2); eager/fused = chunked eager time / the same optimizer's fused=True time "
+          "(* torch's own fused kernel, else the generated one)\n")
+    print(_row(["optimizer", "counted", "min", "whole", "chunked", "fused", "chunked / fused",
+                "ms whole", "ms chunked", "ms fused"]))
+    print(_row(["---"] * 10))
+    probe, ref_times = [], []
     for info in _elementwise():
+        if only and info.name not in only:
+            continue
         accesses, minimum = count(info.cls, lr=1e-3)
-        for p, g in zip(params, grads):
-            p.grad = g
         opt = _eager(info.cls, params, lr=1e-6)
-        opt.step()
-        opt.step()
-        probe, times = [], {None: [], chunk: []}
+        fused = (info.cls(_copies(params, grads), lr=1e-6, fused=True)
+                 if "fused" in inspect.signature(info.cls).parameters else None)
+        variants = {"whole": opt.step, "chunked": opt.step, "reference": reference.step}
+        if fused is not None:
+            variants["fused"] = fused.step
+        for step in variants.values():    # state, compilation, the pool's buffers
+            step()
+            step()
+        times: dict[str, list[float]] = {k: [] for k in variants}
         try:
             for r in range(rounds):
                 probe.append(_timed(lambda: dst.copy_(src)))
-                for size in ((None, chunk) if r % 2 == 0 else (chunk, None)):
-                    eager_chunks.CHUNK = size
-                    times[size].append(_timed(opt.step))
+                order = list(variants)
+                for k in order[r % len(order):] + order[:r % len(order)]:
+                    eager_chunks.CHUNK = None if k == "whole" else chunk
+                    times[k].append(_timed(variants[k]))
         finally:
             eager_chunks.CHUNK = chunk
+        ref_times += times.pop("reference")
         access = statistics.median(probe) / 2
-        whole, chunked = (statistics.median(times[k]) for k in (None, chunk))
-        print(f"{info.name:22s} {accesses:7d} {minimum:4d} {whole / access:7.1f} {chunked / access:7.1f} "
-              f"{whole / access / minimum:9.2f} {chunked / access / minimum:11.2f} "
-              f"{whole * 1e3:9.1f} {chunked * 1e3:10.1f}", flush=True)
-        del opt
-    print(f"copy probe: {statistics.median(probe) * 1e3:.1f} ms for {n:,} entries "
+        ms = {k: statistics.median(v) for k, v in times.items()}
+        x = {k: f"{v / access / minimum:.2f}x" for k, v in ms.items()}
+        native = fused is not None and fused.native_fused(fused.param_groups[0])
+        print(_row([info.name, str(accesses), str(minimum), x["whole"], x["chunked"],
+                    x.get("fused", "-") + ("*" if native else ""),
+                    f"{ms['chunked'] / ms['fused']:.2f}" if "fused" in ms else "-",
+                    f"{ms['whole'] * 1e3:.1f}", f"{ms['chunked'] * 1e3:.1f}",
+                    f"{ms['fused'] * 1e3:.1f}" if "fused" in ms else "-"]), flush=True)
+        del opt, fused
+    ref = statistics.median(ref_times)
+    print(f"\ntorch.optim.AdamW(fused=True): {ref * 1e3:.1f} ms, "
+          f"{ref / (statistics.median(probe) / 2) / 7:.2f}x its minimum of 7 accesses; "
+          f"copy probe: {statistics.median(probe) * 1e3:.1f} ms for {n:,} entries "
           f"({8 * n / statistics.median(probe) / 1e9:.1f} GB/s read + write)")
 
 
@@ -184,18 +224,20 @@ def main() -> None:
     ap.add_argument("--time", action="store_true", help="time the steps and report scratch")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--workloads", default="one-big,many-small")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", help="comma list of optimizers to time (default: every elementwise one)")
     ap.add_argument("--no-scratch", action="store_true")
     ap.add_argument("--scratch-only", help="comma list of optimizers: only their held scratch")
     args = ap.parse_args()
     if not args.time:
         print_counts()
         return
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     if args.scratch_only:
         print_scratch(only=args.scratch_only.split(","))
         return
     for name in args.workloads.split(","):
-        time_workload(name, args.rounds)
+        time_workload(name, args.rounds, args.only.split(",") if args.only else None)
     if not args.no_scratch:
         print_scratch()
 
