@@ -1,11 +1,12 @@
 """Memory traffic of one eager step: tensor reads + writes per parameter, counted and timed.
 
 Counted (the default): the parameter-sized operands of every ATen kernel one eager step runs
-(a TorchDispatchMode, one tensor of 4,099 entries, run whole). An in-place kernel reads and
-writes its first tensor (``copy_``/``zero_``/``fill_`` only write it); an out-of-place one
-writes its result; ``out=`` writes ``out``. The minimum is one pass: read the parameter, its
-gradient and each state tensor once, write the parameter and each state tensor once (what a
-fused kernel does).
+(a TorchDispatchMode, one tensor of 4,099 entries, and one of a chunk's 262,144, each run
+whole: tensors of 1 MiB and more take a few one-kernel paths, e.g. a two-sided clamp). An
+in-place kernel reads and writes its first tensor (``copy_``/``zero_``/``fill_`` only write
+it); an out-of-place one writes its result; ``out=`` writes ``out``. The minimum is one
+pass: read the parameter, its gradient and each state tensor once, write the parameter and
+each state tensor once (what a fused kernel does).
 
 Timed (``--time``): each elementwise optimizer's eager step on the shared ``one-big`` and
 ``many-small`` workloads, run whole (``optforge.eager_chunks.CHUNK = None``) and in chunks
@@ -15,6 +16,7 @@ interleaved in rounds with a bandwidth probe (``dst.copy_(src)`` over as many en
 workload: one read + one write each). "Effective accesses" = step time / (probe time / 2): the
 accesses per parameter a step would make if it ran at the probe's bandwidth. Printed as a
 markdown table (docs/benchmarks.md).
+
 Also the scratch each holds between steps (``optforge.scratch.held_bytes``, bytes per
 parameter, one (2048, 4096) tensor: 32 MiB, the pool's threshold), for every registered
 optimizer but those whose matrix factorizations of that size are too slow to run here.
@@ -41,6 +43,7 @@ import optforge as of
 from optforge import eager_chunks, scratch
 
 N = 4099          # a size no scalar or factored state has
+LARGE = eager_chunks.CHUNK or 2**18   # one chunk of a large bucket (1 MiB in float32)
 SHAPES = {
     "one-big": [(4096, 8192)],
     "many-small": [(384, 128), (384,), (128, 128), (128,), (512, 128), (512,), (128, 512), (128,),
@@ -49,19 +52,21 @@ SHAPES = {
 
 
 class _Counter(TorchDispatchMode):
-    def __init__(self) -> None:
+    def __init__(self, n: int) -> None:
         super().__init__()
+        self.n = n
         self.reads = self.writes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         schema = func._schema
-        big = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor) and a.numel() == N]
+        n = self.n
+        big = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor) and a.numel() == n]
         written = [a for arg, value in zip(schema.arguments, list(args) + [kwargs.get(a.name) for a in
                                                                             schema.arguments[len(args):]])
                    if arg.alias_info is not None and arg.alias_info.is_write
-                   for a in tree_flatten(value)[0] if isinstance(a, torch.Tensor) and a.numel() == N]
+                   for a in tree_flatten(value)[0] if isinstance(a, torch.Tensor) and a.numel() == n]
         name = func.__name__.split(".")[0]
         only_written = name in ("copy_", "zero_", "fill_", "_foreach_copy_", "_foreach_zero_") \
             or func.__name__.endswith(".out")
@@ -70,7 +75,7 @@ class _Counter(TorchDispatchMode):
             self.writes += len(written)
         else:
             results = tree_flatten(out)[0]
-            self.writes += sum(1 for r in results if isinstance(r, torch.Tensor) and r.numel() == N)
+            self.writes += sum(1 for r in results if isinstance(r, torch.Tensor) and r.numel() == n)
         return out
 
 
@@ -79,18 +84,19 @@ def _eager(cls, params, **kwargs):
     return cls(params, **eager, **kwargs)
 
 
-def count(cls, **kwargs) -> tuple[int, int]:
-    """(accesses per parameter of one eager step after the first, the one-pass minimum)."""
-    p = torch.nn.Parameter(torch.randn(N))
+def count(cls, n: int = N, **kwargs) -> tuple[int, int]:
+    """(accesses per parameter of one eager step after the first on one tensor of ``n`` entries,
+    the one-pass minimum)."""
+    p = torch.nn.Parameter(torch.randn(n))
     opt = _eager(cls, [p], **kwargs)
     for _ in range(2):
-        p.grad = torch.randn(N)
+        p.grad = torch.randn(n)
         opt.step()
-    p.grad = torch.randn(N)
-    counter = _Counter()
+    p.grad = torch.randn(n)
+    counter = _Counter(n)
     with counter:
         opt.step()
-    states = sum(1 for x in opt.state[p].values() if isinstance(x, torch.Tensor) and x.numel() == N)
+    states = sum(1 for x in opt.state[p].values() if isinstance(x, torch.Tensor) and x.numel() == n)
     return counter.reads + counter.writes, 2 + 2 * states + 1
 
 
@@ -99,15 +105,17 @@ def _elementwise():
 
 
 def print_counts() -> None:
-    print(f"{'optimizer':22s} {'eager':>6s} {'min':>4s} {'ratio':>6s}   "
-          "(reads + writes per parameter per step)")
+    """A markdown table: accesses on a small tensor and on one of a chunk's size (tensors of
+    1 MiB and more take a few one-kernel paths: a two-sided clamp)."""
+    print("| optimizer | eager accesses | in 1 MiB chunks | one pass | ratio in chunks |")
+    print("|---|---|---|---|---|")
     for info in _elementwise():
         try:
-            accesses, minimum = count(info.cls, lr=1e-3)
+            (accesses, minimum), (large, _) = count(info.cls, lr=1e-3), count(info.cls, LARGE, lr=1e-3)
         except (TypeError, ValueError) as e:
-            print(f"{info.name:22s} skipped: {e}")
+            print(f"| {info.name} | skipped: {e} |")
             continue
-        print(f"{info.name:22s} {accesses:6d} {minimum:4d} {accesses / minimum:6.2f}")
+        print(f"| {info.name} | {accesses} | {large} | {minimum} | {large / minimum:.2f} |")
 
 
 def _timed(fn) -> float:
