@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import scratch
 from .steps import advance_steps
 from .tensorlist import TensorList
 from .weight_decay import apply_weight_decay
@@ -125,8 +126,9 @@ def step(opt: Any, group: dict[str, Any], b: Any) -> None:
     grads = opt.transform_grads(group, b.g)
     decay_lr = opt.decay_lr(group, t)
     names = list(b.s)
-    for chunk in chunks(b.p, grads, b.s, CHUNK):
-        _step_chunk(opt, group, b, chunk, t, grads, decay_lr, names)
+    with scratch.pooling_from(CHUNK * b.p[0].element_size()):   # a full chunk's temporaries
+        for chunk in chunks(b.p, grads, b.s, CHUNK):
+            _step_chunk(opt, group, b, chunk, t, grads, decay_lr, names)
 
 
 def _step_chunk(opt: Any, group: dict[str, Any], b: Any, chunk: list[Piece], t: list[float],

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["MIN_BYTES", "ScratchPool", "held_bytes", "release", "using"]
+__all__ = ["MIN_BYTES", "ScratchPool", "held_bytes", "pooling_from", "release", "using"]
 
 #: Tensors this large or larger get pooled temporaries: glibc's largest mmap threshold
 #: (DEFAULT_MMAP_THRESHOLD_MAX, 64-bit). Below it, freed memory is reused by the heap anyway.
@@ -75,10 +75,11 @@ class ScratchPool:
         be pooled: contiguous plain CPU tensors of at least MIN_BYTES."""
         if MIN_BYTES is None:
             return []
+        least = min(MIN_BYTES, getattr(_local, "least", MIN_BYTES))
         try:
-            big = [i for i, t in enumerate(tensors) if t.nbytes >= MIN_BYTES]   # cheap test first
+            big = [i for i, t in enumerate(tensors) if t.nbytes >= least]   # cheap test first
         except RuntimeError:   # a sparse tensor (no nbytes): never pooled
-            big = [i for i, t in enumerate(tensors) if t.layout == torch.strided and t.nbytes >= MIN_BYTES]
+            big = [i for i, t in enumerate(tensors) if t.layout == torch.strided and t.nbytes >= least]
         return [i for i in big if type(tensors[i]) in _PLAIN and tensors[i].device.type == "cpu"
                 and tensors[i].is_contiguous()]
 
@@ -134,6 +135,25 @@ def using(owner: Any) -> Iterator[None]:
     finally:
         _local.pool = outer
         pool.trim()
+
+
+@contextlib.contextmanager
+def pooling_from(nbytes: int) -> Iterator[None]:
+    """Within (in this thread), results of tensors of at least ``nbytes`` are pooled too.
+
+    The chunked eager step (:mod:`optforge.eager_chunks`) pools its chunk-sized temporaries:
+    from the heap, two or more of them freed at a chunk's end leave a free block at its top
+    that glibc returns to the system, and the next chunk faults the pages in again (Adan's
+    1 MiB chunk took 4x as long with two temporaries alive at once)."""
+    outer = getattr(_local, "least", None)
+    _local.least = nbytes if outer is None else min(outer, nbytes)
+    try:
+        yield
+    finally:
+        if outer is None:
+            del _local.least
+        else:
+            _local.least = outer
 
 
 def release(owner: Any) -> None:
