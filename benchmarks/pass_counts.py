@@ -165,17 +165,20 @@ def time_workload(name: str, rounds: int, only: list[str] | None = None) -> None
         if only and info.name not in only:
             continue
         accesses, minimum = count(info.cls, lr=1e-3)
-        opt = _eager(info.cls, params, lr=1e-6)
+        # one optimizer per variant: a step keeps only the scratch buffers it used, so a whole
+        # step after a chunked one of the same optimizer would allocate its buffers again
+        whole, chunked = _eager(info.cls, params, lr=1e-6), _eager(info.cls, params, lr=1e-6)
         fused = (info.cls(_copies(params, grads), lr=1e-6, fused=True)
                  if "fused" in inspect.signature(info.cls).parameters else None)
-        variants = {"whole": opt.step, "chunked": opt.step, "reference": reference.step}
+        variants = {"whole": whole.step, "chunked": chunked.step, "reference": reference.step}
         if fused is not None:
             variants["fused"] = fused.step
-        for step in variants.values():    # state, compilation, the pool's buffers
-            step()
-            step()
         times: dict[str, list[float]] = {k: [] for k in variants}
         try:
+            for k, step in variants.items():    # state, compilation, the pool's buffers
+                eager_chunks.CHUNK = None if k == "whole" else chunk
+                step()
+                step()
             for r in range(rounds):
                 probe.append(_timed(lambda: dst.copy_(src)))
                 order = list(variants)
@@ -194,7 +197,7 @@ def time_workload(name: str, rounds: int, only: list[str] | None = None) -> None
                     f"{ms['chunked'] / ms['fused']:.2f}" if "fused" in ms else "-",
                     f"{ms['whole'] * 1e3:.1f}", f"{ms['chunked'] * 1e3:.1f}",
                     f"{ms['fused'] * 1e3:.1f}" if "fused" in ms else "-"]), flush=True)
-        del opt, fused
+        del whole, chunked, fused, variants
     ref = statistics.median(ref_times)
     print(f"\ntorch.optim.AdamW(fused=True): {ref * 1e3:.1f} ms, "
           f"{ref / (statistics.median(probe) / 2) / 7:.2f}x its minimum of 7 accesses; "
