@@ -17,15 +17,19 @@ workload: one read + one write each). "Effective accesses" = step time / (probe 
 accesses per parameter a step would make if it ran at the probe's bandwidth. Printed as a
 markdown table (docs/benchmarks.md).
 
-Also the scratch each holds between steps (``optforge.scratch.held_bytes``, bytes per
-parameter, one (2048, 4096) tensor: 32 MiB, the pool's threshold), for every registered
-optimizer but those whose matrix factorizations of that size are too slow to run here.
+Memory (after ``--time``, or alone with ``--scratch-only``): every registered optimizer on one
+(2048, 4096) float32 tensor (32 MiB: the scratch pool's threshold), in bytes per parameter:
+its state, the scratch its eager step holds between steps (``optforge.scratch.held_bytes``,
+whole and in chunks) and the peak temporaries of a step (the profiler's allocation peak plus
+the scratch held). Matrix preconditioners are computed once within the first steps
+(``MATRIX_KWARGS``), so that their factorizations of that size run in reasonable time.
 
     python benchmarks/pass_counts.py
     python benchmarks/pass_counts.py --time [--rounds 5] [--workloads one-big,many-small]
                                      [--only adamw,lion] [--threads 2 | --threads 1 --cpu-time]
                                      [--no-scratch]
-    python benchmarks/pass_counts.py --time --scratch-only lamb,mars
+    python benchmarks/pass_counts.py --time --scratch-only lamb,mars [--shape 2048x4096]
+    python benchmarks/pass_counts.py --time --scratch-only all [--maximize-coupled]
 """
 
 from __future__ import annotations
@@ -35,13 +39,15 @@ import inspect
 import math
 import statistics
 import time
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import optforge as of
-from optforge import eager_chunks, scratch
+from optforge import chunk_threads, eager_chunks, scratch
 
 N = 4099          # a size no scalar or factored state has
 LARGE = eager_chunks.CHUNK or 2**18   # one chunk of a large bucket (1 MiB in float32)
@@ -205,33 +211,96 @@ def time_workload(name: str, rounds: int, only: list[str] | None = None) -> None
           f"({8 * n / statistics.median(probe) / 1e9:.1f} GB/s read + write)")
 
 
-def print_scratch(shape: tuple[int, ...] = (2048, 4096), steps: int = 3,
-                  only: list[str] | None = None) -> None:
-    """Bytes per parameter of scratch each optimizer's eager step holds between steps."""
-    print(f"\nscratch held between steps, bytes per parameter, one ({shape[0]}, {shape[1]}) tensor, "
-          f"after {steps} eager steps (whole / in chunks):")
-    n = math.prod(shape)
+#: Options that keep a step of one large matrix affordable here: the preconditioner (roots,
+#: eigenbases, projection) is computed once, within the first SCRATCH_STEPS steps, and the
+#: measured step after them is a plain preconditioned step. max_iter: L-BFGS's evaluations.
+MATRIX_KWARGS = {
+    "shampoo": dict(precondition_frequency=3, start_preconditioning_step=3),
+    "soap": dict(precondition_frequency=1000),
+    "galore_adamw": dict(update_proj_gap=1000),
+    "psgd_kron": dict(preconditioner_update_probability=0.0),   # updated at the first step only
+    "lbfgs": dict(max_iter=3),
+}
+SCRATCH_STEPS = 3
+
+
+def _with_gradient_temporary(info: Any) -> dict[str, Any]:
+    """``maximize=True`` and coupled weight decay where the optimizer has them: each makes the
+    gradient the update reads a parameter-sized temporary."""
+    options = info.cls.__init__.__code__.co_varnames
+    return {**({"maximize": True} if "maximize" in options else {}),
+            **(dict(weight_decay_mode="coupled", weight_decay=0.1) if "weight_decay_mode" in options else {})}
+
+
+def _scratch_run(info: Any, shape: tuple[int, ...],
+                 extra: dict[str, Any]) -> tuple[Any, list[float], Any, torch.Tensor]:
+    """An optimizer stepped SCRATCH_STEPS times on one matrix of ``shape``: (it, the step
+    times, its step function, the parameter). L-BFGS steps a quadratic through a closure;
+    SparseAdam gets a sparse gradient (an eighth of the rows)."""
+    torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(shape))
-    p.grad = torch.randn(shape)
-    chunk = eager_chunks.CHUNK
+    kwargs = dict(lr=1e-6, **MATRIX_KWARGS.get(info.name, {}), **extra)
+    if info.name == "lbfgs":
+        target = torch.randn(shape)
+
+        def closure():
+            p.grad = torch.sub(p.detach(), target)
+            return p.grad.square().sum() / 2
+        opt = info.cls([p], **kwargs)
+        step = lambda: opt.step(closure)            # noqa: E731
+    else:
+        if info.name == "sparse_adam":
+            rows = torch.randperm(shape[0])[: shape[0] // 8].sort().values
+            p.grad = torch.sparse_coo_tensor(rows[None], torch.randn(len(rows), *shape[1:]), shape,
+                                             check_invariants=True, is_coalesced=True)
+        else:
+            p.grad = torch.randn(shape)
+        opt = _eager(info.cls, [p], **kwargs)
+        step = opt.step
+    times = [_timed(step) for _ in range(SCRATCH_STEPS)]
+    return opt, times, step, p
+
+
+def print_scratch(shape: tuple[int, ...] = (2048, 4096), only: list[str] | None = None,
+                  gradient_temporary: bool = False) -> None:
+    """Bytes per parameter of each optimizer's state, of the scratch its eager step holds
+    between steps (``optforge.scratch.held_bytes``: whole, and in chunks for the chunked
+    elementwise updates), and of the peak temporaries of a step (the profiler's allocation
+    peak during one more step, its chunks run in this thread, less the state it added, plus
+    the scratch held).
+    ``gradient_temporary``: with maximize and coupled weight decay where it has them."""
+    from step_speed import peak_step_bytes, state_stats
+
+    n = math.prod(shape)
+    print(f"\none {tuple(shape)} float32 tensor ({n:,} params), {SCRATCH_STEPS} eager steps, then one "
+          f"profiled{', maximize and coupled decay' if gradient_temporary else ''}; bytes per parameter "
+          "(held: whole / chunked; '-': not chunked)")
+    print(f"{'optimizer':22s} {'state':>6s} {'held':>13s} {'peak':>6s} {'first s':>8s} {'step s':>7s}")
+    chunk, workers = eager_chunks.CHUNK, chunk_threads.MAX_WORKERS
     for info in of.list_optimizers(with_info=True):
-        if info.name in ("lbfgs", "sparse_adam", "soap", "shampoo", "kron", "galore") or (
-                only and info.name not in only):
-            continue      # a closure / sparse gradients; matrix factorizations of this size: too slow
+        if only and info.name not in only:
+            continue
         held = []
         try:
-            for size in (None, chunk):
+            chunked = eager_chunks.chunked_class(info.cls)
+            for size in ((None, chunk) if chunked else (chunk,)):
                 eager_chunks.CHUNK = size
-                with torch.no_grad():
-                    p.normal_()
-                opt = _eager(info.cls, [p], lr=1e-6)
-                for _ in range(steps):
-                    opt.step()
+                opt, times, step, p = _scratch_run(
+                    info, shape, _with_gradient_temporary(info) if gradient_temporary else {})
                 held.append(scratch.held_bytes(opt) / n)
-                del opt
+            state_before = state_stats(opt, [p])[0]
+            # the state a step adds (L-BFGS's history) is state, not a temporary; the chunks
+            # run in this thread: the profiler sees its own thread's allocations only
+            chunk_threads.MAX_WORKERS = 1
+            peak = peak_step_bytes(SimpleNamespace(step=step)) / n + held[-1]
+            state = state_stats(opt, [p])[0]
+            peak -= state - state_before
         finally:
-            eager_chunks.CHUNK = chunk
-        print(f"{info.name:22s} {held[0]:5.1f} / {held[1]:5.1f}", flush=True)
+            eager_chunks.CHUNK, chunk_threads.MAX_WORKERS = chunk, workers
+        held_text = " / ".join(f"{h:.1f}" for h in held) if chunked else f"- / {held[0]:.1f}"
+        print(f"{info.name:22s} {state:6.2f} {held_text:>13s} {peak:6.2f} {times[0]:8.2f} "
+              f"{statistics.median(times[1:]):7.2f}", flush=True)
+        del opt, step, p
 
 
 def main() -> None:
@@ -245,7 +314,12 @@ def main() -> None:
                          "machine deschedules it; caches and memory are still shared)")
     ap.add_argument("--only", help="comma list of optimizers to time (default: every elementwise one)")
     ap.add_argument("--no-scratch", action="store_true")
-    ap.add_argument("--scratch-only", help="comma list of optimizers: only their held scratch")
+    ap.add_argument("--scratch-only", help="comma list of optimizers (or 'all'): only their state, "
+                    "held scratch and peak step temporaries")
+    ap.add_argument("--shape", default="2048x4096", help="the matrix of --scratch-only, e.g. 1024x2048 (the "
+                    "pool takes temporaries of at least optforge.scratch.MIN_BYTES, 32 MiB)")
+    ap.add_argument("--maximize-coupled", action="store_true", help="--scratch-only with maximize=True "
+                    "and coupled weight decay where the optimizer has them")
     args = ap.parse_args()
     if not args.time:
         print_counts()
@@ -257,7 +331,8 @@ def main() -> None:
         global _clock
         _clock = time.thread_time
     if args.scratch_only:
-        print_scratch(only=args.scratch_only.split(","))
+        only = None if args.scratch_only == "all" else args.scratch_only.split(",")
+        print_scratch(tuple(int(x) for x in args.shape.split("x")), only, args.maximize_coupled)
         return
     for name in args.workloads.split(","):
         time_workload(name, args.rounds, args.only.split(",") if args.only else None)

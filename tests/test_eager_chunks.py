@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import optforge as of
+import optforge.chunk_threads as chunk_threads
 import optforge.eager_chunks as eager_chunks
 import optforge.scratch as scratch
 from helpers import NOT_GENERIC, make_model, optimizer_kwargs, trajectory, two_groups
@@ -43,12 +44,12 @@ def test_every_optimizer_steps_alike_in_chunks(info, monkeypatch, count_chunked)
     whole = _trajectory(info, monkeypatch, None)
     assert not count_chunked
     chunked = _trajectory(info, monkeypatch, 7)   # 7: cuts the 54-entry conv weight mid-row
-    assert bool(count_chunked) == eager_chunks._eligible(info.cls)
+    assert bool(count_chunked) == eager_chunks.chunked_class(info.cls)
     for step, (a, b) in enumerate(zip(whole, chunked), start=1):
         assert torch.equal(a, b), f"step {step}"
 
 
-CHUNKED = [i for i in INFOS if eager_chunks._eligible(i.cls)]
+CHUNKED = [i for i in INFOS if eager_chunks.chunked_class(i.cls)]
 
 
 def test_the_elementwise_kernels_are_chunked():
@@ -129,9 +130,9 @@ def test_small_buckets_and_other_paths_run_whole(monkeypatch, count_chunked):
                                   {"adabelief", "adan", "ademamix", "adopt", "compass", "lion",
                                    "schedule_free_adamw", "adamw"}], ids=lambda i: i.name)
 def test_only_chunk_sized_scratch_is_held(info, monkeypatch):
-    """With chunks, temporaries are chunk-sized: the pool keeps them (scratch.pooling_from), at
-    most two chunks' worth; without chunks the same step holds parameter-sized buffers (the
-    control)."""
+    """With chunks, temporaries are chunk-sized: the pools keep them (scratch.pooling_from), at
+    most two chunks' worth per chunk thread; without chunks the same step holds
+    parameter-sized buffers (the control)."""
     monkeypatch.setattr(scratch, "MIN_BYTES", 2**20)        # 1 MiB: the 2**18-entry tensor pools
     held = {}
     for size in (None, 2**14):
@@ -142,4 +143,4 @@ def test_only_chunk_sized_scratch_is_held(info, monkeypatch):
             p.grad = torch.randn(2**18)
             opt.step()
         held[size] = scratch.held_bytes(opt)
-    assert held[None] >= 2**20 and 0 < held[2**14] <= 2 * 2**14 * 4
+    assert held[None] >= 2**20 and 0 < held[2**14] <= chunk_threads.workers() * 2 * 2**14 * 4

@@ -15,8 +15,12 @@ eager low-bit step takes its chunk buffers from the same pool (:mod:`optforge.lo
   count is back to the pool's own references): a temporary still alive, a view of it, or one
   that an update kept (e.g. stored in its state) is never written into.
 - Memory held between steps: the buffers of the large temporaries alive at the same time
-  during the last step (as CUDA's caching allocator keeps a step's peak), no more: at the end
-  of each step the pool drops the buffers that step did not use and those still referenced.
+  during the last step (as CUDA's caching allocator keeps a step's peak), but at most one per
+  parameter of the buffer's shape (at least one per shape): for temporaries shaped like
+  float32 parameters, at most 4 bytes per parameter. At the end of each step the pool drops
+  the buffers that step did not use, those still referenced, and those beyond that limit (an
+  update with two parameter-sized temporaries at once allocates the second one again each
+  step).
   :func:`release` frees them all now (the next step allocates again); :func:`held_bytes` says
   how much is held. Setting ``optforge.scratch.MIN_BYTES = None`` turns pooling off.
 - Never used for CUDA tensors (the caching allocator already reuses memory), tensor subclasses
@@ -28,7 +32,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -43,6 +48,7 @@ MIN_BYTES: int | None = 32 * 2**20
 
 _PLAIN = (Tensor, torch.nn.Parameter)
 _ATTR = "_optforge_scratch"     # where an optimizer keeps its pool (not saved in state_dict)
+_THREADS_ATTR = "_optforge_chunk_scratch"   # its pools for worker threads, by thread id
 _local = threading.local()
 
 
@@ -99,10 +105,14 @@ class ScratchPool:
         buf.used = True
         return buf.tensor.detach()   # a new tensor on the buffer's memory: it counts as a use
 
-    def trim(self) -> None:
-        """End of a step: keep the buffers it used that nothing refers to any more."""
+    def trim(self, params_shaped: Callable[[torch.Size], int] | None = None) -> None:
+        """End of a step: keep the buffers it used that nothing refers to any more; of those of
+        at least MIN_BYTES, at most ``params_shaped(shape)`` (at least one) of each shape."""
         for key in list(self._buffers):
             kept = [b for b in self._buffers[key] if b.used and b.is_free()]
+            if (len(kept) > 1 and params_shaped is not None and MIN_BYTES is not None
+                    and kept[0].storage.nbytes() >= MIN_BYTES):
+                del kept[max(1, params_shaped(key[0])):]
             for b in kept:
                 b.used = False
             if kept:
@@ -134,17 +144,43 @@ def using(owner: Any) -> Iterator[None]:
         yield
     finally:
         _local.pool = outer
-        pool.trim()
+        pool.trim(_shape_counter(owner))
+
+
+def _shape_counter(owner: Any) -> Callable[[torch.Size], int] | None:
+    """How many of ``owner``'s parameters have a shape (counted on first use), or None if it
+    has no ``param_groups``."""
+    groups = getattr(owner, "param_groups", None)
+    if groups is None:
+        return None
+    counts: Counter[torch.Size] | None = None
+
+    def count(shape: torch.Size) -> int:
+        nonlocal counts
+        if counts is None:
+            counts = Counter(p.shape for group in groups for p in group["params"])
+        return counts[shape]
+    return count
 
 
 @contextlib.contextmanager
-def pooling_from(nbytes: int) -> Iterator[None]:
-    """Within (in this thread), results of tensors of at least ``nbytes`` are pooled too.
+def pooling_from(owner: Any, nbytes: int) -> Iterator[None]:
+    """Within (in this thread), results of tensors of at least ``nbytes`` are pooled too: in
+    the pool of the step running in this thread, or else (a worker thread of
+    :mod:`optforge.chunk_threads`) in ``owner``'s pool for this thread, trimmed on leaving.
 
     The chunked eager step (:mod:`optforge.eager_chunks`) pools its chunk-sized temporaries:
     from the heap, two or more of them freed at a chunk's end leave a free block at its top
     that glibc returns to the system, and the next chunk faults the pages in again (Adan's
     1 MiB chunk took 4x as long with two temporaries alive at once)."""
+    if MIN_BYTES is None or torch.compiler.is_compiling():
+        yield
+        return
+    pool = own = None
+    if active() is None:
+        pools = owner.__dict__.setdefault(_THREADS_ATTR, {})
+        pool = own = pools.setdefault(threading.get_ident(), ScratchPool())
+        _local.pool = pool
     outer = getattr(_local, "least", None)
     _local.least = nbytes if outer is None else min(outer, nbytes)
     try:
@@ -154,14 +190,18 @@ def pooling_from(nbytes: int) -> Iterator[None]:
             del _local.least
         else:
             _local.least = outer
+        if own is not None:
+            _local.pool = None
+            own.trim()
 
 
 def release(owner: Any) -> None:
     """Free the buffers ``owner`` (an optimizer) holds; its next step allocates them again."""
     owner.__dict__.pop(_ATTR, None)
+    owner.__dict__.pop(_THREADS_ATTR, None)
 
 
 def held_bytes(owner: Any) -> int:
-    """Bytes of scratch buffers ``owner`` holds between steps."""
-    pool = owner.__dict__.get(_ATTR)
-    return 0 if pool is None else pool.nbytes()
+    """Bytes of scratch buffers ``owner`` holds between steps (worker threads' included)."""
+    pools = [owner.__dict__.get(_ATTR), *owner.__dict__.get(_THREADS_ATTR, {}).values()]
+    return sum(pool.nbytes() for pool in pools if pool is not None)
