@@ -61,9 +61,8 @@ class Adan(Optimizer):
         scale = 1 / (1 + lr * group["weight_decay"]) if self._prox(group) else 1.0
         c = math.sqrt(1 - b3**t)          # sqrt(1 - b3^t) folded into eps and the step sizes
         first = 0.0 if t == 1 else 1.0   # g_0 = g_1: no gradient difference on step 1
-        # m_t / bc1 + b2 v_t / bc2 = (m_t + mix v_t) / bc1: one addcdiv_ for both moments
         return dict(eps=group["eps"] * c, m=-lr * scale * c / (1 - b1**t),
-                    mix=b2 * (1 - b1**t) / (1 - b2**t), vd=(1 - b2) * first, nd=b2 * first)
+                    v=-lr * scale * b2 * c / (1 - b2**t), vd=(1 - b2) * first, nd=b2 * first)
 
     @staticmethod
     def kernel(group, p, g, s, c):
@@ -72,12 +71,12 @@ class Adan(Optimizer):
         d = g.sub(pre)                                   # g_t - g_{t-1}
         m.lerp_(g, 1 - b1)                               # m_t = b1 m + (1 - b1) g_t
         v.lerp_(d, c["vd"])                              # v_t = b2 v + (1 - b2)(g_t - g_{t-1})
-        u = g.add(d, alpha=c["nd"])                      # g_t + b2 (g_t - g_{t-1})
-        del d                                            # its memory serves the next temporary
+        u = d.mul_(c["nd"]).add_(g)                      # g_t + b2 (g_t - g_{t-1})
         n.mul_(b3).addcmul_(u, u, value=1 - b3)          # n_t = b3 n + (1 - b3) u^2
-        del u
+        del d, u                                         # their memory serves the next temporary
         den = n.sqrt().add_(c["eps"])                    # sqrt(n_t / (1 - b3^t)) + eps, times c
-        p.addcdiv_(m.add(v, alpha=c["mix"]), den, c["m"])  # theta -= lr (m_t/bc1 + b2 v_t/bc2) / den
+        p.addcdiv_(m, den, c["m"])                       # theta -= lr m_t / (1 - b1^t) / den
+        p.addcdiv_(v, den, c["v"])                       # theta -= lr b2 v_t / (1 - b2^t) / den
         pre.copy_(g)                                     # g_{t-1} <- g_t
 
 

@@ -74,12 +74,12 @@ class AdEMAMix(Optimizer):
     def scalars(self, group: dict[str, Any], t: float) -> dict[str, float]:
         # Bias correction of v folded into scalars: multiply numerator and denominator by
         # c = sqrt(1 - b2^t): lr (m1/bc1 + alpha m2) / (sqrt(v)/c + eps)
-        #                   = lr c/bc1 (m1 + alpha bc1 m2) / (sqrt(v) + eps c)
+        #                   = (lr c/bc1 m1 + lr c alpha m2) / (sqrt(v) + eps c)
         b1, b2, b3 = group["betas"]
         lr, c = group["lr"], math.sqrt(1 - b2**t)
         alpha = alpha_at(t, group["alpha"], group["alpha_warmup"])
         beta3 = beta3_at(t, b1, b3, group["beta3_warmup"])
-        return dict(slow_weight=1 - beta3, step=-lr * c / (1 - b1**t), mix=alpha * (1 - b1**t),
+        return dict(slow_weight=1 - beta3, fast=-lr * c / (1 - b1**t), slow=-lr * c * alpha,
                     eps=group["eps"] * c)
 
     @staticmethod
@@ -90,7 +90,8 @@ class AdEMAMix(Optimizer):
         m2.lerp_(g, c["slow_weight"])                        # m2_t = b3_t m2 + (1 - b3_t) g
         v.mul_(b2).addcmul_(g, g, value=1 - b2)              # v_t = b2 v + (1 - b2) g^2
         den = v.sqrt().add_(c["eps"])                        # sqrt(v_t) + eps c
-        p.addcdiv_(m1.add(m2, alpha=c["mix"]), den, c["step"])  # theta -= lr (m1_t/bc1 + alpha_t m2_t) / den
+        p.addcdiv_(m1, den, c["fast"])                       # theta -= lr c m1_t / bc1 / den
+        p.addcdiv_(m2, den, c["slow"])                       # theta -= lr c alpha_t m2_t / den
 
 
 register(AdEMAMix, "AdEMAMix: Adam with a fast and a slow EMA mixed (Pagliardini et al., 2024)")
