@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import chunk_threads, scratch
+from . import chunk_threads
 from .steps import advance_steps
 from .tensorlist import TensorList
 from .weight_decay import apply_weight_decay
@@ -127,13 +127,8 @@ def step(opt: Any, group: dict[str, Any], b: Any) -> None:
     grads = opt.transform_grads(group, b.g)
     decay_lr = opt.decay_lr(group, t)
     names = list(b.s)
-    least = CHUNK * b.p[0].element_size()      # a full chunk's temporaries are pooled
-
-    def run(chunk: list[Piece]) -> None:
-        with scratch.pooling_from(opt, least):
-            _step_chunk(opt, group, b, chunk, t, grads, decay_lr, names)
-
-    chunk_threads.run(run, list(chunks(b.p, grads, b.s, CHUNK)))
+    chunk_threads.run(lambda chunk: _step_chunk(opt, group, b, chunk, t, grads, decay_lr, names),
+                      list(chunks(b.p, grads, b.s, CHUNK)))
 
 
 def _step_chunk(opt: Any, group: dict[str, Any], b: Any, chunk: list[Piece], t: list[float],

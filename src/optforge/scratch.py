@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["MIN_BYTES", "ScratchPool", "held_bytes", "pooling_from", "release", "using"]
+__all__ = ["MIN_BYTES", "ScratchPool", "held_bytes", "release", "using"]
 
 #: Tensors this large or larger get pooled temporaries: glibc's largest mmap threshold
 #: (DEFAULT_MMAP_THRESHOLD_MAX, 64-bit). Below it, freed memory is reused by the heap anyway.
@@ -48,7 +48,6 @@ MIN_BYTES: int | None = 32 * 2**20
 
 _PLAIN = (Tensor, torch.nn.Parameter)
 _ATTR = "_optforge_scratch"     # where an optimizer keeps its pool (not saved in state_dict)
-_THREADS_ATTR = "_optforge_chunk_scratch"   # its pools for worker threads, by thread id
 _local = threading.local()
 
 
@@ -81,11 +80,10 @@ class ScratchPool:
         be pooled: contiguous plain CPU tensors of at least MIN_BYTES."""
         if MIN_BYTES is None:
             return []
-        least = min(MIN_BYTES, getattr(_local, "least", MIN_BYTES))
         try:
-            big = [i for i, t in enumerate(tensors) if t.nbytes >= least]   # cheap test first
+            big = [i for i, t in enumerate(tensors) if t.nbytes >= MIN_BYTES]   # cheap test first
         except RuntimeError:   # a sparse tensor (no nbytes): never pooled
-            big = [i for i, t in enumerate(tensors) if t.layout == torch.strided and t.nbytes >= least]
+            big = [i for i, t in enumerate(tensors) if t.layout == torch.strided and t.nbytes >= MIN_BYTES]
         return [i for i in big if type(tensors[i]) in _PLAIN and tensors[i].device.type == "cpu"
                 and tensors[i].is_contiguous()]
 
@@ -163,45 +161,12 @@ def _shape_counter(owner: Any) -> Callable[[torch.Size], int] | None:
     return count
 
 
-@contextlib.contextmanager
-def pooling_from(owner: Any, nbytes: int) -> Iterator[None]:
-    """Within (in this thread), results of tensors of at least ``nbytes`` are pooled too: in
-    the pool of the step running in this thread, or else (a worker thread of
-    :mod:`optforge.chunk_threads`) in ``owner``'s pool for this thread, trimmed on leaving.
-
-    The chunked eager step (:mod:`optforge.eager_chunks`) pools its chunk-sized temporaries:
-    from the heap, two or more of them freed at a chunk's end leave a free block at its top
-    that glibc returns to the system, and the next chunk faults the pages in again (Adan's
-    1 MiB chunk took 4x as long with two temporaries alive at once)."""
-    if MIN_BYTES is None or torch.compiler.is_compiling():
-        yield
-        return
-    pool = own = None
-    if active() is None:
-        pools = owner.__dict__.setdefault(_THREADS_ATTR, {})
-        pool = own = pools.setdefault(threading.get_ident(), ScratchPool())
-        _local.pool = pool
-    outer = getattr(_local, "least", None)
-    _local.least = nbytes if outer is None else min(outer, nbytes)
-    try:
-        yield
-    finally:
-        if outer is None:
-            del _local.least
-        else:
-            _local.least = outer
-        if own is not None:
-            _local.pool = None
-            own.trim()
-
-
 def release(owner: Any) -> None:
     """Free the buffers ``owner`` (an optimizer) holds; its next step allocates them again."""
     owner.__dict__.pop(_ATTR, None)
-    owner.__dict__.pop(_THREADS_ATTR, None)
 
 
 def held_bytes(owner: Any) -> int:
-    """Bytes of scratch buffers ``owner`` holds between steps (worker threads' included)."""
-    pools = [owner.__dict__.get(_ATTR), *owner.__dict__.get(_THREADS_ATTR, {}).values()]
-    return sum(pool.nbytes() for pool in pools if pool is not None)
+    """Bytes of scratch buffers ``owner`` holds between steps."""
+    pool = owner.__dict__.get(_ATTR)
+    return 0 if pool is None else pool.nbytes()
