@@ -16,14 +16,11 @@ from ..tensorlist import TensorList
 class _ClampList(TensorList):
     """The lists ADOPT's eager path runs its kernel on: ``maximum_`` with a number is
     ``torch._foreach_clamp_min_`` (the same result, NaN included), which DTensor (FSDP2) can
-    shard; it has no sharding rule for ``_foreach_maximum_`` with a scalar. ``sqrt`` and
-    ``div`` keep this type, as the kernel calls ``maximum_`` on their results."""
+    shard; it has no sharding rule for ``_foreach_maximum_`` with a scalar. ``sqrt`` keeps
+    this type, as the kernel calls ``maximum_`` on its result."""
 
     def sqrt(self) -> _ClampList:
         return _ClampList(super().sqrt())
-
-    def div(self, other) -> _ClampList:
-        return _ClampList(super().div(other))
 
     def maximum_(self, other) -> _ClampList:
         if isinstance(other, (list, tuple)) and other and isinstance(other[0], torch.Tensor):
