@@ -3,6 +3,7 @@ or docstring warning), with a page per registered optimizer."""
 
 from __future__ import annotations
 
+import inspect
 import re
 import shutil
 import subprocess
@@ -43,8 +44,8 @@ def test_every_registered_optimizer_has_a_page(site):
         page = site / "optimizers" / info.name / "index.html"
         assert page.exists(), info.name
         html = page.read_text()
-        for section in ("Update rule", "Hyperparameters", "Paper", "When to use it", "State memory",
-                        "Parity status"):
+        for section in ("Update rule", "Hyperparameters", "Paper", "When to use it", "Speed paths",
+                        "State memory", "Parity status"):
             assert section in html, (info.name, section)
         assert "bytes per parameter" in html or "Not measured" in html
     index = (site / "optimizers" / "index.html").read_text()
@@ -111,3 +112,41 @@ def test_no_user_page_speaks_of_how_the_project_is_made(site):
     found = {name: m.group(0) for name, text in pages.items() if (m := INTERNAL.search(text))}
     assert not found, found
     assert INTERNAL.search("see the issue") and INTERNAL.search("in /work/main/src")
+
+
+def test_speed_paths_section_says_what_each_optimizer_runs():
+    """Each page's "Speed paths" claims hold: torch's fused kernel runs by default exactly where
+    the page says so, and fused=True is refused exactly where the page says so."""
+    from contextlib import ExitStack
+    from unittest import mock
+
+    import torch
+
+    import optforge
+
+    sys.path.insert(0, str(ROOT / "docs" / "_hooks"))
+    from optforge_docs import paths_text
+
+    kernels = ("_fused_adam_", "_fused_adamw_", "_fused_sgd_", "_fused_adagrad_")
+    for info in optforge.list_optimizers(with_info=True):
+        text = paths_text(info)
+        if "fused" not in inspect.signature(info.cls.__init__).parameters:
+            assert text.startswith("One path"), info.name
+            continue
+        default_line, = (line for line in text.splitlines() if line.startswith("- default"))
+        p = torch.nn.Parameter(torch.randn(6, 5))
+        p.grad = torch.randn(6, 5)
+        opt = info.cls([p])
+        with ExitStack() as stack:
+            spies = [stack.enter_context(mock.patch.object(torch, k, wraps=getattr(torch, k)))
+                     for k in kernels]
+            opt.step()
+        ran_native = sum(s.call_count for s in spies) > 0
+        assert ran_native == ("torch's own fused kernel" in default_line), info.name
+        p.grad = torch.randn(6, 5)
+        try:
+            info.cls([p], fused=True).step()
+            refused = False
+        except ValueError:
+            refused = True
+        assert refused == ("refused" in text), info.name

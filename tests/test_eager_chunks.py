@@ -43,12 +43,12 @@ def test_every_optimizer_steps_alike_in_chunks(info, monkeypatch, count_chunked)
     whole = _trajectory(info, monkeypatch, None)
     assert not count_chunked
     chunked = _trajectory(info, monkeypatch, 7)   # 7: cuts the 54-entry conv weight mid-row
-    assert bool(count_chunked) == eager_chunks._eligible(info.cls)
+    assert bool(count_chunked) == eager_chunks.chunked_class(info.cls)
     for step, (a, b) in enumerate(zip(whole, chunked), start=1):
         assert torch.equal(a, b), f"step {step}"
 
 
-CHUNKED = [i for i in INFOS if eager_chunks._eligible(i.cls)]
+CHUNKED = [i for i in INFOS if eager_chunks.chunked_class(i.cls)]
 
 
 def test_the_elementwise_kernels_are_chunked():

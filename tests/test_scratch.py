@@ -86,6 +86,23 @@ def test_held_memory_is_the_last_steps_peak_and_releasable(pool_all):
     assert scratch.held_bytes(owner) == 0
 
 
+def test_an_optimizer_keeps_at_most_one_buffer_per_parameter_of_a_shape(pool_all):
+    """Three (100,) and two (50,) temporaries alive at once; the owner has two (100,)
+    parameters and none of (50,): two (100,) buffers and one (50,) buffer are kept."""
+    owner = Owner()
+    owner.param_groups = [{"params": [torch.zeros(100), torch.zeros(7)]}, {"params": [torch.zeros(100)]}]
+    x = TensorList([torch.zeros(100), torch.zeros(50)])
+    with scratch.using(owner):
+        a, b, c = x.add(1), x.add(2), TensorList(x[:1]).add(3)
+        del a, b, c
+    assert scratch.held_bytes(owner) == 2 * 400 + 200
+    with scratch.using(owner):                              # the kept ones are taken again
+        a, b = x.add(1), x.add(2)
+        assert scratch.active().nbytes() == 2 * 600
+        del a, b
+    assert scratch.held_bytes(owner) == 2 * 400 + 200
+
+
 def test_only_contiguous_plain_cpu_tensors_of_min_bytes(monkeypatch):
     monkeypatch.setattr(scratch, "MIN_BYTES", 64)
     big, small = torch.zeros(16), torch.zeros(15)            # 64 and 60 bytes
@@ -202,3 +219,48 @@ def test_rdiv_divides_in_place_like_div(n, pool_all):
     assert got is d and [x.data_ptr() for x in d] == ptrs       # the quotient in the denominator's memory
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
     assert scratch.held_bytes(owner) == 0
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"betas": (0.0, 0.999), "weight_decay": 0.1},
+                                    {"weight_decay_mode": "absolute", "weight_decay": 0.1},
+                                    {"maximize": True},
+                                    {"weight_decay_mode": "coupled", "weight_decay": 0.1}],
+                         ids=["defaults", "beta1-0-decoupled", "absolute", "maximize", "coupled"])
+def test_prodigy_holds_one_parameter_sized_buffer(kwargs, monkeypatch):
+    """Its whole-tensor D sums need x_0 - x, then |s|, then the update sqrt(v): one buffer
+    serves all three (4 bytes per float32 entry held between steps, not one per temporary).
+    With maximize or coupled decay its gradient is one more, alive at the same time: the pool
+    keeps one of the two."""
+    import optforge as of
+    monkeypatch.setattr(scratch, "MIN_BYTES", 2**20)        # 1 MiB: the 2**18-entry tensor pools
+    p = torch.nn.Parameter(torch.randn(2**18))
+    p.grad = torch.randn(2**18)           # the same each step: x_0 - x follows it, D grows
+    opt = of.Prodigy([p], **kwargs)
+    for _ in range(3):
+        opt.step()
+    assert opt.param_groups[0]["d"] > opt.param_groups[0]["d0"]    # the D update ran
+    assert scratch.held_bytes(opt) == 4 * p.numel()
+
+
+@pytest.mark.parametrize("info", [i for i in list_optimizers(with_info=True) if i.name not in NOT_GENERIC],
+                         ids=lambda i: i.name)
+def test_no_optimizer_holds_more_than_one_buffer_per_parameter(info, monkeypatch):
+    """With maximize and coupled weight decay where it has them (one more parameter-sized
+    gradient), run whole and in chunks: at most 4 bytes per float32 entry held between steps."""
+    import optforge.eager_chunks as eager_chunks
+    monkeypatch.setattr(scratch, "MIN_BYTES", 2**20)        # 1 MiB: the (512, 512) matrix pools
+    options = info.cls.__init__.__code__.co_varnames
+    kw = dict(OPTIMIZER_KWARGS.get(info.name, {"lr": 1e-2}))
+    if "maximize" in options:
+        kw["maximize"] = True
+    if "weight_decay_mode" in options:
+        kw.update(weight_decay_mode="coupled", weight_decay=0.1)
+    for size in (None, 2**14):
+        monkeypatch.setattr(eager_chunks, "CHUNK", size)
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(512, 512))
+        opt = info.cls([p], **kw)
+        for _ in range(2):
+            p.grad = torch.randn(512, 512)
+            opt.step()
+        assert scratch.held_bytes(opt) <= 4 * p.numel()

@@ -130,12 +130,52 @@ def optimizer_page(info: Any, infos: list[Any]) -> str:
               f"optforge.{cls.__name__}{_signature(cls)}", "```", ""]
     parts += ["## Paper", "", papers(doc), ""]
     parts += ["## When to use it", "", when_to_use(info), ""]
+    parts += ["## Speed paths", "", paths_text(info), ""]
     parts += ["## State memory", "", state_memory_text(info), ""]
     parts += ["## Parity status", "", parity_text(info), ""]
     gallery = gallery_text(info)
     if gallery:
         parts += ["## Trajectories", "", gallery, ""]
     return "\n".join(parts)
+
+
+def paths_text(info: Any) -> str:
+    """Which step each ``fused`` setting runs for this optimizer, read from the code that picks it."""
+    import torch
+
+    from optforge import eager_chunks
+    from optforge.paths import native_by_default
+
+    cls = info.cls
+    link = "[Which path do I get](../benchmarks.md#which-path-do-i-get)"
+    if "fused" not in inspect.signature(cls.__init__).parameters:
+        return f"One path: the eager step (no `fused` option). See {link}."
+    opt = cls([torch.zeros(2, 2, requires_grad=True)])
+    native = native_by_default(opt, opt.param_groups[0], (torch.device("cpu"), torch.float32))
+    fusable = cls.has_kernel() and info.elementwise
+    chunked = eager_chunks.chunked_class(cls)
+    eager = ("the eager foreach step (one `torch._foreach_*` kernel per line of the update)" if fusable
+             else "the eager step")
+    if chunked:
+        eager += (f"; on CPU, buckets of more than {eager_chunks.CHUNK:,d} entries run it over "
+                  "cache-sized chunks")
+    lines = []
+    if native:
+        lines.append("- default (`fused=None`): torch's own fused kernel, one pass over memory, for "
+                     "plain contiguous float32/float64 tensors on CPU or CUDA when the hyperparameters "
+                     "allow it (the default ones do); otherwise " + eager.split(" (")[0] + ".")
+    else:
+        lines.append(f"- default (`fused=None`): {eager}.")
+    lines.append(f"- `fused=False`: {eager}.")
+    if native:
+        lines.append("- `fused=True`: torch's own fused kernel where the hyperparameters allow it, "
+                     "else one generated (`torch.compile`) kernel over flat buffers.")
+    elif fusable:
+        lines.append("- `fused=True`: one generated (`torch.compile`) kernel over flat buffers, "
+                     "compiled at the first step; the parameters become views into them.")
+    else:
+        lines.append("- `fused=True`: refused with a `ValueError` (the update is not elementwise).")
+    return "\n".join(lines) + f"\n\nSee {link} and the [step times](../benchmarks.md#step-time)."
 
 
 def _signature(cls: type) -> str:

@@ -14,11 +14,11 @@ operand and one write of each result, and temporaries are chunk-sized (the step 
 parameter-sized scratch). An elementwise update gives the same numbers on any split of its
 tensors; the step counts advance and the gradient transforms run once over the whole bucket.
 
-The chunks run with the caller's thread count. On a quiet CPU the chunked step on 2 threads
-took 0.43-0.62x the whole step's time (AdamW, Adan, Lion on 16.8M entries), against 0.71-0.91x
-on one thread. On a CPU oversubscribed by other processes, each short parallel region of a
-chunk can wait for a descheduled thread: there, ``OMP_WAIT_POLICY=PASSIVE`` or
-``torch.set_num_threads(1)`` helps (docs/benchmarks.md), and ``CHUNK = None`` runs buckets whole.
+The chunks are shared among ``torch.get_num_threads()`` threads (at most 8)
+(:mod:`optforge.chunk_threads`), each running its chunks' torch ops on one thread. On a quiet
+2-core CPU that was as fast as running every chunk's ops on torch's 2 OpenMP threads (0.93-1.02x),
+and beside other processes it was 4-10x faster (each short OpenMP region waits for descheduled
+threads); ``CHUNK = None`` runs buckets whole.
 
 Buckets of at most :data:`CHUNK` entries run whole (one chunk is the whole bucket). Not
 chunked: CUDA buckets (foreach kernels there do not go through the CPU's caches, and each chunk
@@ -34,11 +34,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import chunk_threads
 from .steps import advance_steps
 from .tensorlist import TensorList
 from .weight_decay import apply_weight_decay
 
-__all__ = ["CHUNK", "applies", "chunks", "step"]
+__all__ = ["CHUNK", "applies", "chunked_class", "chunks", "step"]
 
 #: Entries per chunk (None: never chunk): 1 MiB per float32 operand, so an update's operands
 #: and temporaries fit in a 2 MiB L2 plus a share of L3. Chosen by measurement
@@ -51,7 +52,8 @@ _ELIGIBLE: dict[type, bool] = {}
 Piece = tuple[int, int, int]      # (tensor index in the bucket, first entry, end entry)
 
 
-def _eligible(cls: type) -> bool:
+def chunked_class(cls: type) -> bool:
+    """Whether optimizer class ``cls`` runs its large CPU buckets' eager steps chunk by chunk."""
     from .base import Optimizer, _registered_elementwise  # base imports this module
 
     return (cls.has_kernel() and _registered_elementwise(cls)
@@ -66,7 +68,7 @@ def applies(opt: Any, group: dict[str, Any], b: Any) -> bool:
     cls = type(opt)
     eligible = _ELIGIBLE.get(cls)
     if eligible is None:
-        eligible = _ELIGIBLE[cls] = _eligible(cls)
+        eligible = _ELIGIBLE[cls] = chunked_class(cls)
     if not eligible or sum(map(Tensor.numel, b.p)) <= size:
         return False
     return all(type(p) in _PLAIN for p in b.params)
@@ -125,8 +127,8 @@ def step(opt: Any, group: dict[str, Any], b: Any) -> None:
     grads = opt.transform_grads(group, b.g)
     decay_lr = opt.decay_lr(group, t)
     names = list(b.s)
-    for chunk in chunks(b.p, grads, b.s, CHUNK):
-        _step_chunk(opt, group, b, chunk, t, grads, decay_lr, names)
+    chunk_threads.run(lambda chunk: _step_chunk(opt, group, b, chunk, t, grads, decay_lr, names),
+                      list(chunks(b.p, grads, b.s, CHUNK)))
 
 
 def _step_chunk(opt: Any, group: dict[str, Any], b: Any, chunk: list[Piece], t: list[float],

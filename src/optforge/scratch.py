@@ -15,8 +15,12 @@ eager low-bit step takes its chunk buffers from the same pool (:mod:`optforge.lo
   count is back to the pool's own references): a temporary still alive, a view of it, or one
   that an update kept (e.g. stored in its state) is never written into.
 - Memory held between steps: the buffers of the large temporaries alive at the same time
-  during the last step (as CUDA's caching allocator keeps a step's peak), no more: at the end
-  of each step the pool drops the buffers that step did not use and those still referenced.
+  during the last step (as CUDA's caching allocator keeps a step's peak), but at most one per
+  parameter of the buffer's shape (at least one per shape): for temporaries shaped like
+  float32 parameters, at most 4 bytes per parameter. At the end of each step the pool drops
+  the buffers that step did not use, those still referenced, and those beyond that limit (an
+  update with two parameter-sized temporaries at once allocates the second one again each
+  step).
   :func:`release` frees them all now (the next step allocates again); :func:`held_bytes` says
   how much is held. Setting ``optforge.scratch.MIN_BYTES = None`` turns pooling off.
 - Never used for CUDA tensors (the caching allocator already reuses memory), tensor subclasses
@@ -28,7 +32,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -98,10 +103,14 @@ class ScratchPool:
         buf.used = True
         return buf.tensor.detach()   # a new tensor on the buffer's memory: it counts as a use
 
-    def trim(self) -> None:
-        """End of a step: keep the buffers it used that nothing refers to any more."""
+    def trim(self, params_shaped: Callable[[torch.Size], int] | None = None) -> None:
+        """End of a step: keep the buffers it used that nothing refers to any more; of those of
+        at least MIN_BYTES, at most ``params_shaped(shape)`` (at least one) of each shape."""
         for key in list(self._buffers):
             kept = [b for b in self._buffers[key] if b.used and b.is_free()]
+            if (len(kept) > 1 and params_shaped is not None and MIN_BYTES is not None
+                    and kept[0].storage.nbytes() >= MIN_BYTES):
+                del kept[max(1, params_shaped(key[0])):]
             for b in kept:
                 b.used = False
             if kept:
@@ -133,7 +142,23 @@ def using(owner: Any) -> Iterator[None]:
         yield
     finally:
         _local.pool = outer
-        pool.trim()
+        pool.trim(_shape_counter(owner))
+
+
+def _shape_counter(owner: Any) -> Callable[[torch.Size], int] | None:
+    """How many of ``owner``'s parameters have a shape (counted on first use), or None if it
+    has no ``param_groups``."""
+    groups = getattr(owner, "param_groups", None)
+    if groups is None:
+        return None
+    counts: Counter[torch.Size] | None = None
+
+    def count(shape: torch.Size) -> int:
+        nonlocal counts
+        if counts is None:
+            counts = Counter(p.shape for group in groups for p in group["params"])
+        return counts[shape]
+    return count
 
 
 def release(owner: Any) -> None:

@@ -9,6 +9,7 @@ in the same bucket (small tensors, states declared ``"full"``) is updated in pla
 
 from __future__ import annotations
 
+import threading
 import types
 from collections.abc import Iterator
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import chunk_threads
 from ..distributed import local, placed_as
 from ..eager_chunks import group_pieces
 from ..fused import _frozen, _fused_entry
@@ -126,50 +128,62 @@ class _Decoded:
 
 
 def step_eager(opt: Any, group: dict[str, Any], b: Any, w: Any) -> None:
-    """Run ``opt.update`` over the prepared work ``w`` of bucket ``b``, chunk by chunk."""
+    """Run ``opt.update`` over the prepared work ``w`` of bucket ``b``, chunk by chunk (on
+    :mod:`optforge.chunk_threads`, each thread with buffers of its own)."""
     index = param_positions(opt)
-    names = list(b.s)
-    grads: dict[int, Tensor] = {}
     low = [x for xs in b.s.values() for x in xs if isinstance(x, LowBitState)]
     size = EAGER_CHUNK if all(in_place(x.code, w.p[0].dtype) for x in low) else CHUNK
-    buffers = ChunkBuffers(w.p[0].device, size)
-    for chunk in pieces(w.p, b.s, size):
-        dtype = w.p[chunk[0][0]].dtype
-        p, g, t = TensorList(), TensorList(), []
-        s: dict[str, TensorList] = {name: TensorList() for name in names}
-        decoded: dict[tuple[str, Code], _Decoded] = {}
-        slots: dict[tuple[str, Code], list[tuple[int, torch.Size | None]]] = {}
-        copy_back: list[tuple[Tensor, Tensor]] = []
-        for i, start, stop in chunk:
-            whole = start == 0 and stop == w.p[i].numel()
-            p.append(_cut(w.p[i], start, stop))
-            if not whole and i not in grads:
-                grads[i] = w.g[i].contiguous()
-            g.append(w.g[i] if whole else _cut(grads[i], start, stop))
-            t.append(w.t[i])
-            for name in names:
-                x = b.s[name][i]
-                if isinstance(x, LowBitState):
-                    key = (name, x.code)
-                    seed = noise_seed(w.t[i], index[id(b.params[i])], name) if x.code.stochastic else 0
-                    batch = decoded.setdefault(key, _Decoded(x.code, buffers, key))
-                    batch.items.append((x, start, stop, seed))
-                    slots.setdefault(key, []).append((len(s[name]), x.shape if whole else None))
-                    s[name].append(None)                          # filled in below
-                else:
-                    x = _cut(x, start, stop)
-                    work = x if x.dtype == dtype else x.to(dtype)
-                    if work is not x:
-                        copy_back.append((x, work))
-                    s[name].append(work)
-        for key, batch in decoded.items():
-            for (at, shape), view in zip(slots[key], batch.decode(dtype)):
-                s[key[0]][at] = view if shape is None else view.view(shape)
-        opt.update(group, p, g, s, t)
-        for batch in decoded.values():
-            batch.encode()
-        for dst, src in copy_back:
-            dst.copy_(src)
+    grads = [g if p.numel() <= size else g.contiguous() for p, g in zip(w.p, w.g)]   # sliceable
+    device = w.p[0].device
+    main, per_thread = ChunkBuffers(device, size), threading.local()
+
+    def run(chunk: list[Piece]) -> None:
+        buffers = main if threading.current_thread() is caller else getattr(per_thread, "buffers", None)
+        if buffers is None:
+            buffers = per_thread.buffers = ChunkBuffers(device, size)
+        _step_chunk(opt, group, b, w, chunk, grads, buffers, index)
+
+    caller = threading.current_thread()
+    chunk_threads.run(run, list(pieces(w.p, b.s, size)))
+
+
+def _step_chunk(opt: Any, group: dict[str, Any], b: Any, w: Any, chunk: list[Piece],
+                grads: list[Tensor], buffers: ChunkBuffers, index: dict[int, int]) -> None:
+    names = list(b.s)
+    dtype = w.p[chunk[0][0]].dtype
+    p, g, t = TensorList(), TensorList(), []
+    s: dict[str, TensorList] = {name: TensorList() for name in names}
+    decoded: dict[tuple[str, Code], _Decoded] = {}
+    slots: dict[tuple[str, Code], list[tuple[int, torch.Size | None]]] = {}
+    copy_back: list[tuple[Tensor, Tensor]] = []
+    for i, start, stop in chunk:
+        whole = start == 0 and stop == w.p[i].numel()
+        p.append(_cut(w.p[i], start, stop))
+        g.append(w.g[i] if whole else _cut(grads[i], start, stop))
+        t.append(w.t[i])
+        for name in names:
+            x = b.s[name][i]
+            if isinstance(x, LowBitState):
+                key = (name, x.code)
+                seed = noise_seed(w.t[i], index[id(b.params[i])], name) if x.code.stochastic else 0
+                batch = decoded.setdefault(key, _Decoded(x.code, buffers, key))
+                batch.items.append((x, start, stop, seed))
+                slots.setdefault(key, []).append((len(s[name]), x.shape if whole else None))
+                s[name].append(None)                          # filled in below
+            else:
+                x = _cut(x, start, stop)
+                work = x if x.dtype == dtype else x.to(dtype)
+                if work is not x:
+                    copy_back.append((x, work))
+                s[name].append(work)
+    for key, batch in decoded.items():
+        for (at, shape), view in zip(slots[key], batch.decode(dtype)):
+            s[key[0]][at] = view if shape is None else view.view(shape)
+    opt.update(group, p, g, s, t)
+    for batch in decoded.values():
+        batch.encode()
+    for dst, src in copy_back:
+        dst.copy_(src)
 
 
 def _low_bit_entry(kernel: Any, consts: dict[str, Any], p: Tensor, g: Tensor, full: dict[str, Tensor],

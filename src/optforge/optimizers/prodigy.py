@@ -59,7 +59,12 @@ class Prodigy(Optimizer):
     ``"absolute"`` multiplies :math:`x` by :math:`1 - \lambda`.
 
     Not elementwise (the D estimate reduces over the whole group): eager only, with one host
-    sync per group and step; ``fused=True`` is refused. The group's ``d``, ``d_max``,
+    sync per group and step; ``fused=True`` is refused. Each sum runs over a whole tensor, as
+    in the reference (a sum over slices would round differently, and D amplifies that), so an
+    eager CPU step keeps one parameter-sized temporary, :math:`x_0 - x` then :math:`|s|` then
+    :math:`\sqrt{v}`: 4 bytes per float32 parameter of scratch held between steps
+    (:mod:`optforge.scratch`; with ``maximize`` or ``"coupled"`` decay, the gradient the step
+    reads is a second temporary, allocated again each step). The group's ``d``, ``d_max``,
     ``d_numerator``, ``d_hat``, ``d_denom`` and ``k`` live in the param group (saved with
     ``state_dict``), as in the reference. State: ``step``, ``s``, ``p0`` (the initial
     parameters), ``exp_avg`` (if :math:`\beta_1 > 0`), ``exp_avg_sq``.
@@ -122,6 +127,7 @@ class Prodigy(Optimizer):
                 diff = s["p0"].sub(p)                                  # x_0 - x
                 # per tensor, over its local shard (a DTensor's: FSDP2), added up below
                 dot += [torch.dot(local(a).reshape(-1), local(c).reshape(-1)) for a, c in zip(g, diff)]
+                del diff            # so that |s| below (and sqrt(v) after) reuse its scratch buffer
                 if b1 > 0:
                     s["exp_avg"].mul_(b1).add_(g, alpha=d * (1 - b1))  # m <- b1 m + d (1 - b1) g
                 s["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=d * d * (1 - b2))  # v <- b2 v + d^2(1-b2) g^2
