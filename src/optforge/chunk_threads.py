@@ -59,8 +59,8 @@ def _run_share(fn: Callable[[Any], None], share: Sequence[Any], grad_enabled: bo
 
 def run(fn: Callable[[Any], None], pieces: Sequence[Any]) -> None:
     """``fn(piece)`` for every piece: on :func:`workers` threads when there are several
-    threads and pieces, else (or while ``torch.compile`` traces) in this thread. Raises the first error a piece raised, after every
-    thread has stopped."""
+    threads and pieces, else (or while ``torch.compile`` traces) in this thread. Raises the
+    first error a piece raised, after every thread has stopped."""
     n = min(workers(), len(pieces))
     if n <= 1 or torch.compiler.is_compiling():
         for piece in pieces:

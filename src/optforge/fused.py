@@ -87,6 +87,9 @@ class FlatList(TensorList):
     def div(self, other) -> FlatList:
         return self._wrap(self[0] / _one(other))
 
+    def addcmul(self, t1, t2, value=1) -> FlatList:
+        return self._wrap(self[0] + _one(value) * _one(t1) * _one(t2))
+
     def norm(self, ord=2):
         raise TypeError("norms are per tensor: an optimizer that uses them is not elementwise")
 

@@ -40,6 +40,16 @@ def _pick(arg: Any, idx: list[int]) -> Any:
     return [arg[i] for i in idx] if isinstance(arg, (list, tuple)) else arg
 
 
+def _indices_by_value(values: Sequence[Scalar]) -> dict[Scalar, list[int]]:
+    """The tensors of each distinct per-tensor number. Ops whose foreach form takes one number
+    (``alpha``) run once per value (steps differ in a bucket: a few values), so a tensor's
+    result never depends on its neighbours: add(g, alpha=a) rounds once, add(g * a) twice."""
+    by_value: dict[Scalar, list[int]] = {}
+    for i, v in enumerate(values):
+        by_value.setdefault(v, []).append(i)
+    return by_value
+
+
 def _fits(x: Tensor, operand: Any) -> bool:
     """Whether ``op(x, operand)`` has x's dtype and shape, so that ``out=`` a buffer like x
     neither casts nor resizes."""
@@ -73,7 +83,15 @@ class TensorList(list):
     def sign(self) -> TensorList:
         return self._new(torch._foreach_sign, torch.sign)
 
-    def add(self, other: Operand, alpha: Scalar = 1) -> TensorList:
+    def add(self, other: Operand, alpha: Scalar | Sequence[Scalar] = 1) -> TensorList:
+        """self + alpha * other; ``alpha`` may be one number per tensor."""
+        if _is_tensors(other) and isinstance(alpha, (list, tuple)):
+            out = TensorList(self)
+            for a, idx in _indices_by_value(alpha).items():
+                part = TensorList(self[i] for i in idx).add([other[i] for i in idx], alpha=a)
+                for i, r in zip(idx, part):
+                    out[i] = r
+            return out
         if _is_tensors(other):
             try:
                 return self._new(torch._foreach_add, torch.add, other, alpha=alpha)
@@ -96,6 +114,10 @@ class TensorList(list):
 
     def div(self, other: Operand) -> TensorList:
         return self._new(torch._foreach_div, torch.div, other)
+
+    def addcmul(self, t1: Sequence[Tensor], t2: Sequence[Tensor], value: Scalar = 1) -> TensorList:
+        """self + value * t1 * t2, as a new list."""
+        return self._new(torch._foreach_addcmul, torch.addcmul, t1, t2, value=value)
 
     def _new(self, foreach: Callable[..., list[Tensor]], single: Callable[..., Tensor], *args: Any,
              **kwargs: Any) -> TensorList:
@@ -130,13 +152,7 @@ class TensorList(list):
         """self += alpha * other; ``alpha`` may be one number per tensor. A zero alpha is a no-op."""
         if _is_tensors(other):
             if isinstance(alpha, (list, tuple)):
-                # One kernel per distinct alpha (steps differ in a bucket: a few values), so a
-                # tensor's result never depends on its neighbours: add(g, alpha=a) rounds once,
-                # add(g * a) twice.
-                by_alpha: dict[Scalar, list[int]] = {}
-                for i, a in enumerate(alpha):
-                    by_alpha.setdefault(a, []).append(i)
-                for a, idx in by_alpha.items():
+                for a, idx in _indices_by_value(alpha).items():
                     if a != 0:
                         torch._foreach_add_([self[i] for i in idx], [other[i] for i in idx], alpha=a)
             elif alpha != 0:
@@ -196,16 +212,18 @@ class TensorList(list):
         torch._foreach_sqrt_(self)
         return self
 
-    def clamp_(self, min: Scalar, max: Scalar) -> TensorList:
-        """Clamp into [min, max]; NaN stays NaN. Foreach has no two-sided clamp: large tensors
-        (one pass each matters there) are clamped one by one, the rest in two foreach passes."""
-        small = [x for x in self if x.numel() * x.element_size() < _LARGE_BYTES]
-        for x in self:
+    def clamp_(self, min: Scalar | Sequence[Scalar], max: Scalar | Sequence[Scalar]) -> TensorList:
+        """Clamp into [min, max] (one number each, or one per tensor); NaN stays NaN. Foreach has
+        no two-sided clamp: large tensors (one pass each matters there) are clamped one by one,
+        the rest in two foreach passes."""
+        small = [i for i, x in enumerate(self) if x.numel() * x.element_size() < _LARGE_BYTES]
+        for i, x in enumerate(self):
             if x.numel() * x.element_size() >= _LARGE_BYTES:
-                x.clamp_(min, max)
+                x.clamp_(_nth(min, i), _nth(max, i))
         if small:
-            torch._foreach_clamp_min_(small, min)
-            torch._foreach_clamp_max_(small, max)
+            mine = [self[i] for i in small]
+            torch._foreach_clamp_min_(mine, _pick(min, small))
+            torch._foreach_clamp_max_(mine, _pick(max, small))
         return self
 
     def neg_(self) -> TensorList:

@@ -1,11 +1,12 @@
 """Parameters and param groups, for every registered optimizer on the foreach and the fused
-path: zero-size and frozen parameters, groups with different hyperparameters, and
-add_param_group mid-run. (Params without grad and add_param_group on the foreach path:
-tests/test_base.py.)"""
+path: zero-size and frozen parameters, groups with different hyperparameters,
+add_param_group mid-run, and (eager, elementwise updates) tensors at different step counts.
+(Params without grad and add_param_group on the foreach path: tests/test_base.py.)"""
 
 import pytest
 import torch
 from conformance_cases import (
+    INFOS,
     assert_identical,
     flat,
     fused_optimizers,
@@ -140,3 +141,28 @@ def test_add_param_group_mid_run_fused(info):
     for step, (x, y) in enumerate(zip(*paths), start=1):
         # (rounding, amplified by Compass: its first steps are lr / (1 - 0.99) = 100 lr long)
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-8, msg=lambda m, step=step: f"step {step}: {m}")
+
+
+ELEMENTWISE = [i for i in INFOS if i.elementwise and i.cls.has_kernel()]
+
+
+@pytest.mark.parametrize("info", ELEMENTWISE, ids=lambda i: i.name)
+def test_params_at_different_step_counts_step_as_if_alone(info):
+    """One bucket whose tensors are at different step counts (the kernel gets per-tensor
+    scalars: lists) steps each tensor as an optimizer of its own would, bitwise."""
+    torch.manual_seed(0)
+    together = [nn.Parameter(torch.randn(5, 3, dtype=torch.float64)) for _ in range(3)]
+    alone = [nn.Parameter(p.detach().clone()) for p in together]
+    opt = make(info, together, fused=False)
+    opts = [make(info, [p], fused=False) for p in alone]
+    for k in range(8):
+        for i, (p, q) in enumerate(zip(together, alone)):
+            g = None if k < 2 * i else torch.randn(5, 3, dtype=torch.float64)   # p_i starts at step 2i
+            p.grad, q.grad = g, None if g is None else g.clone()
+        opt.step()
+        for q, o in zip(alone, opts):
+            if q.grad is not None:
+                o.step()
+    assert opt.state[together[0]]["step"].item() == 8 and opt.state[together[2]]["step"].item() == 4
+    for p, q in zip(together, alone):
+        assert torch.equal(p, q)

@@ -20,9 +20,10 @@ class Adadelta(Optimizer):
         u_t &= \rho\, u_{t-1} + (1 - \rho)\, \Delta_t^2 \\
         \theta_t &= \theta_{t-1} - \mathrm{lr}\, \Delta_t
 
-    Weight decay is coupled L2 by default. State: ``step``, ``square_avg`` (v),
-    ``acc_delta`` (u). ``rho`` must lie in [0, 1); torch also takes ``rho=1``, where both
-    averages stay zero and the update is plain SGD.
+    :math:`\Delta_t` is computed with one square root, of the quotient (torch takes two and
+    divides them: the same up to rounding, one pass fewer). Weight decay is coupled L2 by
+    default. State: ``step``, ``square_avg`` (v), ``acc_delta`` (u). ``rho`` must lie in
+    [0, 1); torch also takes ``rho=1``, where both averages stay zero and the update is plain SGD.
 
     torch's signature (``foreach``, ``capturable``, ``differentiable``: see
     :mod:`optforge.torch_compat`), and ``fused``, which torch's Adadelta has not.
@@ -48,7 +49,7 @@ class Adadelta(Optimizer):
         rho, eps = group["rho"], group["eps"]
         v = s["square_avg"].mul_(rho).addcmul_(g, g, value=1 - rho)        # v_t
         u = s["acc_delta"]
-        delta = u.add(eps).sqrt_().div_(v.add(eps).sqrt_()).mul_(g)        # sqrt(u + eps)/sqrt(v_t + eps) g
+        delta = u.add(eps).div_(v.add(eps)).sqrt_().mul_(g)                # sqrt((u + eps)/(v_t + eps)) g
         u.mul_(rho).addcmul_(delta, delta, value=1 - rho)                  # u_t
         p.add_(delta, alpha=c["step"])                                     # theta -= lr delta
 

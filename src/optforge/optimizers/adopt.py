@@ -16,14 +16,11 @@ from ..tensorlist import TensorList
 class _ClampList(TensorList):
     """The lists ADOPT's eager path runs its kernel on: ``maximum_`` with a number is
     ``torch._foreach_clamp_min_`` (the same result, NaN included), which DTensor (FSDP2) can
-    shard; it has no sharding rule for ``_foreach_maximum_`` with a scalar. ``sqrt`` and
-    ``div`` keep this type, as the kernel calls ``maximum_`` on their results."""
+    shard; it has no sharding rule for ``_foreach_maximum_`` with a scalar. ``sqrt`` keeps
+    this type, as the kernel calls ``maximum_`` on its result."""
 
     def sqrt(self) -> _ClampList:
         return _ClampList(super().sqrt())
-
-    def div(self, other) -> _ClampList:
-        return _ClampList(super().div(other))
 
     def maximum_(self, other) -> _ClampList:
         if isinstance(other, (list, tuple)) and other and isinstance(other[0], torch.Tensor):
@@ -79,7 +76,7 @@ class ADOPT(Optimizer):
         clip = (t - 1) ** group["clip_exponent"]
         return dict(
             eps=math.inf if first else group["eps"],         # t = 1: u = g / inf = 0 (eps may be 0)
-            clip=-clip,                                      # -c_t
+            clip_low=-clip, clip_high=clip,                  # -c_t, c_t
             m_weight=0.0 if first else 1 - b1,               # t = 1: m stays 0
             step=0.0 if first else -group["lr"],             # t = 1: no update
             v_keep=1.0 if first else b2,                     # t = 1: v = 0 * 1 + 1 * g^2
@@ -98,8 +95,8 @@ class ADOPT(Optimizer):
     def kernel(group, p, g, s, c):
         m, v = s["exp_avg"], s["exp_avg_sq"]
         u = g.div(v.sqrt().maximum_(c["eps"]))               # g_t / max(sqrt(v_{t-1}), eps)
-        if group["clip"]:                                    # clip(u, -c_t, c_t) = -max(-max(u, -c_t), -c_t)
-            u.maximum_(c["clip"]).neg_().maximum_(c["clip"]).neg_()
+        if group["clip"]:
+            u.clamp_(c["clip_low"], c["clip_high"])          # clip(u, -c_t, c_t)
         m.lerp_(u, c["m_weight"])                            # m_t = b1 m + (1 - b1) u
         p.add_(m, alpha=c["step"])                           # theta_t = theta - lr m_t
         v.mul_(c["v_keep"]).addcmul_(g, g, value=c["v_new"])  # v_t = b2 v + (1 - b2) g^2

@@ -39,7 +39,7 @@ DEFAULT_ADAMW_NAMES = ("*embed*",)
 
 def orthogonalize(x: Tensor, coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
                   steps: int = 5, eps: float = 1e-7, dtype: torch.dtype | None = torch.bfloat16, *,
-                  add_eps: bool = False) -> Tensor:
+                  add_eps: bool = False, overwrite: bool = False) -> Tensor:
     r"""Approximate :math:`UV^\top` of a matrix :math:`X = USV^\top` by ``steps`` quintic
     Newton-Schulz iterations (Jordan, 2024), computed in ``dtype`` (None: ``x``'s dtype):
 
@@ -51,7 +51,10 @@ def orthogonalize(x: Tensor, coefficients: tuple[float, float, float] = NS_COEFF
     Gram matrix). The coefficients push singular values into roughly [0.7, 1.2] rather than to
     exactly 1, which does not hurt training. ``x`` may be a stack of matrices (B, rows, cols).
     ``add_eps``: :math:`X_0 = X / (\lVert X \rVert_F + \epsilon)` instead (Jordan's original
-    code; torch's clamps). Returns a new tensor in ``dtype``."""
+    code; torch's clamps). ``overwrite``: ``x`` (already in ``dtype``) may be normalized in
+    place instead of copied. Returns a new tensor in ``dtype``; for a stack, contiguous also
+    when tall (its last step is computed transposed), so that adding it to the parameters
+    reads it in order. A single matrix keeps torch's operations, in bf16 bit for bit."""
     a, b, c = coefficients
     y = x.to(dtype) if dtype is not None else x
     tall = y.size(-2) > y.size(-1)
@@ -63,10 +66,12 @@ def orthogonalize(x: Tensor, coefficients: tuple[float, float, float] = NS_COEFF
         norm, mm = y.norm(dim=(-2, -1), keepdim=True), torch.baddbmm
     # spectral norm <= Frobenius norm <= 1 (eps = 0: the smallest normal, so 0 stays 0)
     norm = norm + eps if add_eps else norm.clamp(min=eps or torch.finfo(y.dtype).tiny)
-    y = y.div_(norm) if y.data_ptr() != x.data_ptr() else y / norm   # in place on a cast copy
-    for _ in range(steps):
+    y = y.div_(norm) if overwrite or y.data_ptr() != x.data_ptr() else y / norm   # in place on a copy
+    for k in range(steps):
         gram = y @ y.mT                                     # A = X X^T
         poly = mm(gram, gram, gram, beta=b, alpha=c)        # b A + c A^2
+        if tall and k == steps - 1 and y.dim() == 3:        # (a X + poly X)^T = a X^T + X^T poly
+            return mm(y.mT, y.mT, poly, beta=a)             # (poly is symmetric), contiguous
         y = mm(y, poly, y, beta=a)                          # a X + (b A + c A^2) X
     return y.mT if tall else y
 
@@ -195,46 +200,60 @@ class Muon(Optimizer):
         used = (name in self.matrix_state) == self._is_muon(group, p) or not p.numel()
         return tuple(p.shape) if used else (0,)
 
+    def decay_lr(self, group: dict[str, Any], t: list[float]) -> float:
+        return 0.0    # "decoupled": applied in update(), with each param's step; the base's is a no-op
+
     def update(self, group, p, g, s, t):
         lr = float(group["lr"])
+        # W (1 - lr wd) before the step, as torch's Muon and AdamW, each param while it is at hand
+        decay = 1 - lr * group["weight_decay"] if group["weight_decay_mode"] == "decoupled" else 1.0
         muon = [i for i, x in enumerate(p) if self._is_muon(group, x)]
         adamw = [i for i, x in enumerate(p) if not self._is_muon(group, x)]
         if muon:
-            self._muon(group, lr, [p[i] for i in muon], [g[i] for i in muon],
+            self._muon(group, lr, decay, [p[i] for i in muon], [g[i] for i in muon],
                        {name: [s[name][i] for i in muon] for name in self.matrix_state if name in s})
         if adamw:
             pick = lambda xs: TensorList(xs[i] for i in adamw)   # noqa: E731
+            if decay != 1:
+                pick(p).mul_(decay)
             self._adamw(group, lr, pick(p), pick(g), pick(s["exp_avg"]), pick(s["exp_avg_sq"]),
                         [t[i] for i in adamw])
 
-    def _muon(self, group, lr, params, grads, state):
+    def _muon(self, group, lr, decay, params, grads, state):
         bufs = state["momentum_buffer"]
         plain = [i for i, p in enumerate(params) if not is_dtensor(p)]
         for stack in _same_shape_stacks(plain, params, self.ns_batch_numel):
-            self._muon_stack(group, lr, [params[i] for i in stack], [grads[i] for i in stack],
+            self._muon_stack(group, lr, decay, [params[i] for i in stack], [grads[i] for i in stack],
                              [bufs[i] for i in stack])
         sharded = [i for i, p in enumerate(params) if is_dtensor(p)]
         if sharded:
-            self._muon_sharded(group, lr, [params[i] for i in sharded], [grads[i] for i in sharded],
+            self._muon_sharded(group, lr, decay, [params[i] for i in sharded], [grads[i] for i in sharded],
                                [bufs[i] for i in sharded])
 
-    def _muon_stack(self, group, lr, params, grads, bufs):
-        """Plain matrices of one shape: their inputs stacked, orthogonalized in one batched
-        iteration; the only temporaries are the stack's."""
-        mu = group["momentum"]
-        torch._foreach_lerp_(bufs, grads, 1 - mu)                      # B_t = mu B + (1 - mu) g
-        if group["nesterov"]:
-            u = torch.stack(grads)
-            torch._foreach_lerp_(list(u.unbind(0)), bufs, mu)          # U_t = (1 - mu) g + mu B_t
-        else:
-            u = torch.stack(bufs)                                       # U_t = B_t
-        o = self._orthogonalized(group, u.flatten(2) if len(params) > 1 else u[0].flatten(1))
-        ratio = _lr_ratio(group["adjust_lr_fn"], params[0].shape[0], math.prod(params[0].shape[1:]))
-        shape = params[0].shape
-        steps = [x.reshape(shape) for x in o.unbind(0)] if len(params) > 1 else [o.reshape(shape)]
-        torch._foreach_add_(params, steps, alpha=-lr * ratio)           # W_t = W - lr rho O_t
+    def _muon_stack(self, group, lr, decay, params, grads, bufs):
+        """Plain matrices of one shape: each U_t written straight into one stack in the
+        iteration's dtype, the stack orthogonalized in one batched iteration, then each param
+        decayed and stepped in turn (it is in cache for both). The only temporaries are the
+        stack's."""
+        mu, shape = group["momentum"], params[0].shape
+        dtype = NS_DTYPES[group["ns_dtype"]] or params[0].dtype
+        u = params[0].new_empty((len(params), *shape), dtype=dtype)
+        for x, g, buf in zip(u.unbind(0), grads, bufs):
+            buf.lerp_(g, 1 - mu)                                        # B_t = mu B + (1 - mu) g
+            if group["nesterov"]:
+                torch.lerp(g, buf, mu, out=x)                           # U_t = (1 - mu) g + mu B_t
+            else:
+                x.copy_(buf)                                            # U_t = B_t
+        rows, cols = shape[0], math.prod(shape[1:])
+        o = orthogonalize(u.view(-1, rows, cols) if len(params) > 1 else u.view(rows, cols),
+                          group["ns_coefficients"], group["ns_steps"], group["eps"], None, overwrite=True)
+        alpha = -lr * _lr_ratio(group["adjust_lr_fn"], rows, cols)
+        for p, x in zip(params, o.view(u.shape).unbind(0) if len(params) > 1 else [o.reshape(shape)]):
+            if decay != 1:
+                p.mul_(decay)
+            p.add_(x, alpha=alpha)                                      # W_t = W - lr rho O_t
 
-    def _muon_sharded(self, group, lr, params, grads, bufs):
+    def _muon_sharded(self, group, lr, decay, params, grads, bufs):
         """DTensor matrices: the momentum on the local shards, each whole U_t orthogonalized on
         its owner (optforge.distributed_matrix), the step on the local shards."""
         mu = group["momentum"]
@@ -248,6 +267,8 @@ class Muon(Optimizer):
             return self._orthogonalized(group, x).reshape(u.shape)
 
         for p, o in zip(params, map_matrices(self, group, params, inputs, orthogonalized)):
+            if decay != 1:
+                local(p).mul_(decay)
             if o.numel():
                 ratio = _lr_ratio(group["adjust_lr_fn"], p.shape[0], math.prod(p.shape[1:]))
                 local(p).add_(o, alpha=-lr * ratio)                     # W_t = W - lr rho O_t

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from torch import Tensor
@@ -78,10 +79,14 @@ class NAdam(Optimizer):
         load_keeping_scalars(self, state_dict, ("mu_product",), super().load_state_dict)
 
     def _coefficients(self, group: dict[str, Any], t: float, mu_product: float) -> dict[str, float]:
+        # Adam's folding of the bias correction (one pass fewer than dividing v by it):
+        # a g / (sqrt(v / (1 - b2^t)) + eps) = a k g / (sqrt(v) + eps k), k = sqrt(1 - b2^t);
+        # a g / d + b m / d = a (g + (b / a) m) / d: one addcdiv_ (1 - mu_t > 0 as b1 < 1)
         lr, b2 = group["lr"], group["betas"][1]
         mu, mu_next = self._mu(group, t), self._mu(group, t + 1)
-        return dict(bc2=1 - b2**t, grad=-lr * (1.0 - mu) / (1.0 - mu_product),
-                    avg=(-lr * mu_next) / (1.0 - mu_product * mu_next))
+        k = math.sqrt(1 - b2**t)
+        return dict(eps=group["eps"] * k, step=-lr * k * (1.0 - mu) / (1.0 - mu_product),
+                    mix=mu_next * (1.0 - mu_product) / ((1.0 - mu) * (1.0 - mu_product * mu_next)))
 
     def scalars(self, group: dict[str, Any], t: float) -> dict[str, float]:
         return self._coefficients(group, t, self._mu_products[0])
@@ -100,9 +105,9 @@ class NAdam(Optimizer):
         m, v = s["exp_avg"], s["exp_avg_sq"]
         m.lerp_(g, 1 - b1)                                   # m_t = b1 m + (1 - b1) g
         v.mul_(b2).addcmul_(g, g, value=1 - b2)              # v_t = b2 v + (1 - b2) g^2
-        d = v.div(c["bc2"]).sqrt().add_(group["eps"])        # d_t = sqrt(v_t / (1 - b2^t)) + eps
-        p.addcdiv_(g, d, c["grad"])                          # theta -= lr (1 - mu_t)/(1 - Pi_t) g / d
-        p.addcdiv_(m, d, c["avg"])                           # theta -= lr mu_{t+1}/(1 - Pi_{t+1}) m / d
+        d = v.sqrt().add_(c["eps"])                          # k d_t = sqrt(v_t) + eps k
+        # theta -= lr ((1 - mu_t)/(1 - Pi_t) g + mu_{t+1}/(1 - Pi_{t+1}) m) / d_t
+        p.addcdiv_(g.add(m, alpha=c["mix"]), d, c["step"])
 
 
 register(NAdam, "NAdam: Adam with Nesterov momentum (Dozat, 2016); decoupled_weight_decay option")

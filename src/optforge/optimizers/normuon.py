@@ -92,7 +92,7 @@ class NorMuon(Muon):
             return (p.shape[0], 1)
         return super().state_shape(group, p, name)
 
-    def _muon(self, group, lr, params, grads, state):
+    def _muon(self, group, lr, decay, params, grads, state):
         mu, beta2, dtype = group["momentum"], group["beta2"], NS_DTYPES[group["ns_dtype"]]
         inputs = []
         for g, buf in zip(grads, state["momentum_buffer"]):   # elementwise: local shards under FSDP2
@@ -113,6 +113,8 @@ class NorMuon(Muon):
         states = None if rows is None else [{"second_momentum_buffer": v} for v in rows]
         for p, o in zip(params, map_matrices(self, group, params, inputs, normalized, states=states,
                                              batch=False)):
+            if decay != 1:
+                local(p).mul_(decay)                                               # W (1 - lr wd)
             if o.numel():
                 ratio = _lr_ratio(group["adjust_lr_fn"], p.shape[0], math.prod(p.shape[1:]))
                 local(p).add_(o.to(p.dtype), alpha=-lr * ratio)                  # W_t = W - lr rho O~_t

@@ -64,7 +64,7 @@ class RMSprop(Optimizer):
         v = s["square_avg"].mul_(alpha).addcmul_(g, g, value=1 - alpha)   # v_t
         if group["centered"]:
             avg = s["grad_avg"].lerp_(g, 1 - alpha)                         # g_bar_t
-            d = v.clone().addcmul_(avg, avg, value=-1).sqrt_()              # sqrt(v_t - g_bar_t^2)
+            d = v.addcmul(avg, avg, value=-1).sqrt_()                       # sqrt(v_t - g_bar_t^2)
         else:
             d = v.sqrt()
         d.add_(group["eps"])

@@ -231,12 +231,16 @@ class ScheduleFreeAdamW(_ScheduleFree):
         _, b2 = group["betas"]
         z, v = s["z"], s["exp_avg_sq"]
         v.mul_(b2).addcmul_(g, g, value=1 - b2)                 # v_t = b2 v + (1 - b2) g^2
-        u = g.div(v.sqrt().add_(c["eps"]))                      # u = g / (sqrt(v_t) + eps k)
+        den = v.sqrt().add_(c["eps"])                           # sqrt(v_t) + eps k
         if group["weight_decay_mode"] == "decoupled" and group["weight_decay"] != 0:
-            u.add_(p, alpha=c["decay"])                         # + lambda y_t / k
-        p.lerp_(z, c["ckp1"])                                   # y <- (1 - c) y + c z
-        p.add_(u, alpha=c["y_step"])                            # y <- y + gamma (b1 (1 - c) - 1) g_hat
-        z.add_(u, alpha=c["z_step"])                            # z <- z - gamma g_hat
+            u = g.div(den).add_(p, alpha=c["decay"])            # u = g / den + lambda y_t / k
+            p.lerp_(z, c["ckp1"])                               # y <- (1 - c) y + c z
+            p.add_(u, alpha=c["y_step"])                        # y <- y + gamma (b1 (1 - c) - 1) g_hat
+            z.add_(u, alpha=c["z_step"])                        # z <- z - gamma g_hat
+        else:                                                   # u = g / den: no temporary for it
+            p.lerp_(z, c["ckp1"])
+            p.addcdiv_(g, den, c["y_step"])
+            z.addcdiv_(g, den, c["z_step"])
 
 
 register(ScheduleFreeSGD, "Schedule-Free SGD (Defazio et al., 2024); call opt.train()/opt.eval()",
