@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> None:
             opts[name].configure(state_precision=args.state_precision)
         opts[name].step()
     times: dict[tuple[str, str], list[float]] = {(n, v): [] for n in opts for v in variants}
-    saved = chunk_threads.MAX_WORKERS
+    saved = chunk_threads.MAX_WORKERS, chunk_threads.STEP_THREADS
+    chunk_threads.STEP_THREADS = True
     try:
         for _ in range(args.rounds):
             for name, opt in opts.items():
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> None:
                     opt.step()
                     times[name, variant].append(time.perf_counter() - start)
     finally:
-        chunk_threads.MAX_WORKERS = saved
+        chunk_threads.MAX_WORKERS, chunk_threads.STEP_THREADS = saved
     print(f"{args.entries:,d} entries, state {args.state_precision or 'float32'}, {args.threads} threads, "
           f"--load {args.load}, "
           f"load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}")

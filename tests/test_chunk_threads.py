@@ -76,6 +76,7 @@ def test_a_threaded_chunked_step_equals_the_one_thread_step(two_threads, monkeyp
     results = []
     for max_workers in (1, 2):
         monkeypatch.setattr(chunk_threads, "MAX_WORKERS", max_workers)
+        monkeypatch.setattr(chunk_threads, "STEP_THREADS", True)
         torch.manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(37, 301)), torch.nn.Parameter(torch.randn(2500))]
         opt = optforge.Adan(params, lr=1e-2, weight_decay=0.1, fused=False)
@@ -100,6 +101,7 @@ def test_a_threaded_low_bit_step_equals_the_one_thread_step(precision, two_threa
     results = []
     for max_workers in (1, 2):
         monkeypatch.setattr(chunk_threads, "MAX_WORKERS", max_workers)
+        monkeypatch.setattr(chunk_threads, "STEP_THREADS", True)
         torch.manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(9 * 4096 + 300)), torch.nn.Parameter(torch.randn(700))]
         opt = optforge.AdamW(params, lr=1e-2, fused=False).configure(state_precision=precision,

@@ -23,10 +23,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["MAX_WORKERS", "run", "workers"]
+__all__ = ["MAX_WORKERS", "STEP_THREADS", "run", "workers"]
 
 #: At most this many threads run a step's pieces (the GIL-held Python of each piece is serial).
 MAX_WORKERS = 8
+
+#: Whether the chunked eager steps (:mod:`optforge.eager_chunks`, and the eager low-bit step)
+#: run their chunks on worker threads. Off by default: on a quiet 2-core CPU the chunks on
+#: torch's OpenMP threads were faster (threads took 1.13-1.37x their time); beside other busy
+#: processes the worker threads were 3-25x faster. Set it (or ``OPTFORGE_STEP_THREADS=1`` in
+#: the environment) where the CPU is shared.
+STEP_THREADS: bool = os.environ.get("OPTFORGE_STEP_THREADS", "") == "1"
 
 _pools: dict[int, ThreadPoolExecutor] = {}
 
@@ -57,11 +64,11 @@ def _run_share(fn: Callable[[Any], None], share: Sequence[Any], grad_enabled: bo
             fn(piece)
 
 
-def run(fn: Callable[[Any], None], pieces: Sequence[Any]) -> None:
-    """``fn(piece)`` for every piece: on :func:`workers` threads when there are several
-    threads and pieces, else (or while ``torch.compile`` traces) in this thread. Raises the
-    first error a piece raised, after every thread has stopped."""
-    n = min(workers(), len(pieces))
+def run(fn: Callable[[Any], None], pieces: Sequence[Any], threaded: bool = True) -> None:
+    """``fn(piece)`` for every piece: on :func:`workers` threads when ``threaded`` and there
+    are several threads and pieces, else (or while ``torch.compile`` traces) in this thread.
+    Raises the first error a piece raised, after every thread has stopped."""
+    n = min(workers(), len(pieces)) if threaded else 1
     if n <= 1 or torch.compiler.is_compiling():
         for piece in pieces:
             fn(piece)

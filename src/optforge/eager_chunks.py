@@ -14,11 +14,12 @@ operand and one write of each result, and temporaries are chunk-sized (the step 
 parameter-sized scratch). An elementwise update gives the same numbers on any split of its
 tensors; the step counts advance and the gradient transforms run once over the whole bucket.
 
-The chunks are shared among ``torch.get_num_threads()`` threads (at most 8)
-(:mod:`optforge.chunk_threads`), each running its chunks' torch ops on one thread. On a quiet
-2-core CPU that was as fast as running every chunk's ops on torch's 2 OpenMP threads (0.93-1.02x),
-and beside other processes it was 4-10x faster (each short OpenMP region waits for descheduled
-threads); ``CHUNK = None`` runs buckets whole.
+The chunks run one after another, each op on torch's threads. With
+``optforge.chunk_threads.STEP_THREADS`` (or ``OPTFORGE_STEP_THREADS=1``) they are shared among
+``torch.get_num_threads()`` worker threads instead (at most 8), each running its chunks' ops
+on one thread: on a CPU shared with busy processes, where each short OpenMP region waits for
+descheduled threads, that was 3-25x faster; on a quiet 2-core CPU 1.13-1.37x slower.
+``CHUNK = None`` runs buckets whole.
 
 Buckets of at most :data:`CHUNK` entries run whole (one chunk is the whole bucket). Not
 chunked: CUDA buckets (foreach kernels there do not go through the CPU's caches, and each chunk
@@ -128,7 +129,7 @@ def step(opt: Any, group: dict[str, Any], b: Any) -> None:
     decay_lr = opt.decay_lr(group, t)
     names = list(b.s)
     chunk_threads.run(lambda chunk: _step_chunk(opt, group, b, chunk, t, grads, decay_lr, names),
-                      list(chunks(b.p, grads, b.s, CHUNK)))
+                      list(chunks(b.p, grads, b.s, CHUNK)), chunk_threads.STEP_THREADS)
 
 
 def _step_chunk(opt: Any, group: dict[str, Any], b: Any, chunk: list[Piece], t: list[float],

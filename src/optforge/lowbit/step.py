@@ -129,7 +129,8 @@ class _Decoded:
 
 def step_eager(opt: Any, group: dict[str, Any], b: Any, w: Any) -> None:
     """Run ``opt.update`` over the prepared work ``w`` of bucket ``b``, chunk by chunk (on
-    :mod:`optforge.chunk_threads`, each thread with buffers of its own)."""
+    :mod:`optforge.chunk_threads` where ``STEP_THREADS`` is set, each thread with buffers of its
+    own)."""
     index = param_positions(opt)
     low = [x for xs in b.s.values() for x in xs if isinstance(x, LowBitState)]
     size = EAGER_CHUNK if all(in_place(x.code, w.p[0].dtype) for x in low) else CHUNK
@@ -144,7 +145,7 @@ def step_eager(opt: Any, group: dict[str, Any], b: Any, w: Any) -> None:
         _step_chunk(opt, group, b, w, chunk, grads, buffers, index)
 
     caller = threading.current_thread()
-    chunk_threads.run(run, list(pieces(w.p, b.s, size)))
+    chunk_threads.run(run, list(pieces(w.p, b.s, size)), chunk_threads.STEP_THREADS)
 
 
 def _step_chunk(opt: Any, group: dict[str, Any], b: Any, w: Any, chunk: list[Piece],
