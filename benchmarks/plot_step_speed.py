@@ -1,5 +1,6 @@
 """Draw docs/benchmarks/step_speed.png: optforge's step time per optimizer as a ratio to torch's
-AdamW(fused=True), one panel per workload, from the run recorded in step_speed_2026-11-23.json.
+AdamW(fused=True), one panel per workload, from the run recorded in step_speed_2026-12-06.json
+(written by step_speed_report.py --compact).
 
     python benchmarks/plot_step_speed.py [--json FILE] [--out FILE]
 """
@@ -35,10 +36,13 @@ def plot(run: dict, out: Path) -> None:
     names = sorted(ratios, reverse=True)            # alphabetical from the top
     fig, axes = plt.subplots(1, len(WORKLOADS), figsize=(12, 7.5), sharey=True)
     for ax, workload in zip(axes, WORKLOADS):
-        for offset, path, color in ((0.2, "eager", "tab:blue"), (-0.2, "fused", "tab:orange")):
-            ys = [i + offset for i, n in enumerate(names) if ratios[n][path][workload] is not None]
-            xs = [ratios[n][path][workload] for n in names if ratios[n][path][workload] is not None]
-            ax.barh(ys, xs, height=0.4, color=color, label=f"optforge {path}")
+        for offset, path, color in ((0.27, "eager", "tab:blue"), (0.0, "default", "tab:green"),
+                                    (-0.27, "fused", "tab:orange")):
+            cells = [(i, ratios[n].get(path, {}).get(workload)) for i, n in enumerate(names)]
+            cells = [(i, x) for i, x in cells if x is not None]
+            if cells:
+                ax.barh([i + offset for i, _ in cells], [x for _, x in cells], height=0.27, color=color,
+                        label=f"optforge {path}" + (" (torch's kernel)" if path == "default" else ""))
         ax.axvline(1.0, color="black", lw=1, ls="--", label="torch AdamW(fused=True)")
         foreach = run["step_time_ratio"]["torch.AdamW[foreach]"][workload]["x_fused"]
         ax.axvline(foreach, color="gray", lw=1, ls=":", label="torch AdamW(foreach=True)")
@@ -60,7 +64,7 @@ def plot(run: dict, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", type=Path, default=HERE / "step_speed_2026-11-23.json")
+    parser.add_argument("--json", type=Path, default=HERE / "step_speed_2026-12-06.json")
     parser.add_argument("--out", type=Path, default=HERE.parent / "docs" / "benchmarks" / "step_speed.png")
     args = parser.parse_args()
     plot(json.loads(args.json.read_text()), args.out)
