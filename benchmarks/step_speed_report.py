@@ -45,11 +45,17 @@ def optforge_table(run: dict[str, Any]) -> list[str]:
     return out
 
 
-def others_table(run: dict[str, Any]) -> list[str]:
-    wl = list(run["workloads"])
+def _entries(run: dict[str, Any], skip: str) -> list[str]:
+    """Every entry of the run, in first-seen order, but those whose name starts with ``skip``."""
     names: list[str] = []
     for s in run["workloads"].values():
-        names += [e for e in s["entries"] if not e.startswith("optforge.") and e not in names]
+        names += [e for e in s["entries"] if not e.startswith(skip) and e not in names]
+    return names
+
+
+def others_table(run: dict[str, Any]) -> list[str]:
+    wl = list(run["workloads"])
+    names = _entries(run, skip="optforge.")
     out = ["| entry | " + " | ".join(wl) + " |", "|---|" + "---|" * len(wl)]
     for e in names:
         cells = [_cell(run["workloads"][w]["entries"].get(e)) for w in wl]
@@ -59,9 +65,7 @@ def others_table(run: dict[str, Any]) -> list[str]:
 
 def memory_table(run: dict[str, Any]) -> list[str]:
     wl = list(run["workloads"])
-    names: list[str] = []
-    for s in run["workloads"].values():
-        names += [e for e in s["entries"] if e not in names and not e.startswith("ref.")]
+    names = _entries(run, skip="ref.")
     out = ["| entry | state | peak in a step | one-big rss |", "|---|---|---|---|"]
     for e in names:
         state, peak = [], []

@@ -68,23 +68,36 @@ def test_grad_mode_follows_the_caller(two_threads):
     assert modes == [False] * 4 + [True] * 2
 
 
+def _on_one_then_two_workers(monkeypatch, train):
+    """``train()``'s results with the chunks on one worker, then on two."""
+    monkeypatch.setattr(chunk_threads, "STEP_THREADS", True)
+    results = []
+    for max_workers in (1, 2):
+        monkeypatch.setattr(chunk_threads, "MAX_WORKERS", max_workers)
+        torch.manual_seed(0)
+        results.append(train())
+    return results
+
+
+def _steps(opt, params, n):
+    for _ in range(n):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+
+
 def test_a_threaded_chunked_step_equals_the_one_thread_step(two_threads, monkeypatch):
     import optforge
     from optforge import eager_chunks
 
     monkeypatch.setattr(eager_chunks, "CHUNK", 1000)
-    results = []
-    for max_workers in (1, 2):
-        monkeypatch.setattr(chunk_threads, "MAX_WORKERS", max_workers)
-        monkeypatch.setattr(chunk_threads, "STEP_THREADS", True)
-        torch.manual_seed(0)
+
+    def train():
         params = [torch.nn.Parameter(torch.randn(37, 301)), torch.nn.Parameter(torch.randn(2500))]
-        opt = optforge.Adan(params, lr=1e-2, weight_decay=0.1, fused=False)
-        for _ in range(4):
-            for p in params:
-                p.grad = torch.randn_like(p)
-            opt.step()
-        results.append([p.detach().clone() for p in params])
+        _steps(optforge.Adan(params, lr=1e-2, weight_decay=0.1, fused=False), params, 4)
+        return [p.detach().clone() for p in params]
+
+    results = _on_one_then_two_workers(monkeypatch, train)
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
@@ -95,22 +108,17 @@ def test_a_threaded_low_bit_step_equals_the_one_thread_step(precision, two_threa
     import optforge
 
     lowbit_step = importlib.import_module("optforge.lowbit.step")
-
     monkeypatch.setattr(lowbit_step, "CHUNK", 4096)
     monkeypatch.setattr(lowbit_step, "EAGER_CHUNK", 4096)
-    results = []
-    for max_workers in (1, 2):
-        monkeypatch.setattr(chunk_threads, "MAX_WORKERS", max_workers)
-        monkeypatch.setattr(chunk_threads, "STEP_THREADS", True)
-        torch.manual_seed(0)
+
+    def train():
         params = [torch.nn.Parameter(torch.randn(9 * 4096 + 300)), torch.nn.Parameter(torch.randn(700))]
         opt = optforge.AdamW(params, lr=1e-2, fused=False).configure(state_precision=precision,
                                                                      min_quantized_size=0)
-        for _ in range(3):
-            for p in params:
-                p.grad = torch.randn_like(p)
-            opt.step()
+        _steps(opt, params, 3)
         codes = [x for p in params for st in opt.state[p].values() if hasattr(st, "codes")
                  for x in (st.codes, st.scales) if x is not None]
-        results.append([p.detach().clone() for p in params] + codes)
+        return [p.detach().clone() for p in params] + codes
+
+    results = _on_one_then_two_workers(monkeypatch, train)
     assert len(results[0]) > 2 and all(torch.equal(a, b) for a, b in zip(*results))
