@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Optimizer step speed on the shared CPU workloads (../shared/DESIGN.md, issue 6).
+"""Optimizer step speed on three CPU workloads (below).
 
 Times ``opt.step()`` only, float32, CPU, ``torch.set_num_threads(2)``, fixed random grads, on:
 
@@ -492,7 +492,7 @@ class Bench:
 
 # ---- reporting -----------------------------------------------------------------------------
 def target_of(r: Result, w: Workload) -> tuple[str, float, str] | None:
-    """(description, limit, baseline entry) of the issue-6 target for an optforge entry. The
+    """(description, limit, baseline entry) of the performance target for an optforge entry. The
     targets are for elementwise optimizers: the others (norms, matrix structure, factored
     moments) are reported by their ratios alone."""
     if r.entry.source != "optforge" or not get_optimizer_info(r.entry.algorithm).elementwise:
@@ -612,7 +612,7 @@ def print_state_table(summaries: dict[str, dict[str, Any]]) -> None:
 
 
 def print_ratio_table(summaries: dict[str, dict[str, Any]]) -> None:
-    """Every entry's ratios side by side; for optforge entries, the issue-6 target ratio too."""
+    """Every entry's ratios side by side; for optforge entries, the performance-target ratio too."""
     names = _entry_names(summaries)
     wl = list(summaries)
     print("\n== summary: x torch AdamW foreach / x torch AdamW fused (same run); "
