@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .. import scratch
 from ..base import Optimizer, ParamsT
 from ..constraints import (
     beta_tuple,
@@ -25,55 +26,16 @@ from ..distributed import is_dtensor, local
 from ..distributed_matrix import map_matrices
 from ..registry import register
 from ..tensorlist import TensorList
+from .newton_schulz import NS_COEFFICIENTS, Slots, orthogonalize, round_up, work_bytes
 
 __all__ = ["DEFAULT_ADAMW_NAMES", "DEFAULT_HEAD_NAMES", "Muon", "muon_param_groups", "orthogonalize"]
 
-NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)    # Jordan's quintic: maximal slope at zero
 NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64, "param": None}
 #: Module names (last component) taken for output heads by :func:`muon_param_groups`.
 DEFAULT_HEAD_NAMES = ("head", "lm_head", "classifier", "fc_out", "output", "out_proj_head")
 #: Parameter-name patterns sent to AdamW by :func:`muon_param_groups` (Jordan's rule: embeddings
 #: held as plain parameters, e.g. ``pos_embed``).
 DEFAULT_ADAMW_NAMES = ("*embed*",)
-
-
-def orthogonalize(x: Tensor, coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
-                  steps: int = 5, eps: float = 1e-7, dtype: torch.dtype | None = torch.bfloat16, *,
-                  add_eps: bool = False, overwrite: bool = False) -> Tensor:
-    r"""Approximate :math:`UV^\top` of a matrix :math:`X = USV^\top` by ``steps`` quintic
-    Newton-Schulz iterations (Jordan, 2024), computed in ``dtype`` (None: ``x``'s dtype):
-
-    .. math::
-        X_0 = X / \max(\lVert X \rVert_F, \epsilon), \qquad
-        A = X_k X_k^\top, \qquad X_{k+1} = a X_k + (b A + c A^2) X_k
-
-    run on the wide orientation (:math:`X^\top` when rows > columns, so :math:`A` is the small
-    Gram matrix). The coefficients push singular values into roughly [0.7, 1.2] rather than to
-    exactly 1, which does not hurt training. ``x`` may be a stack of matrices (B, rows, cols).
-    ``add_eps``: :math:`X_0 = X / (\lVert X \rVert_F + \epsilon)` instead (Jordan's original
-    code; torch's clamps). ``overwrite``: ``x`` (already in ``dtype``) may be normalized in
-    place instead of copied. Returns a new tensor in ``dtype``; for a stack, contiguous also
-    when tall (its last step is computed transposed), so that adding it to the parameters
-    reads it in order. A single matrix keeps torch's operations, in bf16 bit for bit."""
-    a, b, c = coefficients
-    y = x.to(dtype) if dtype is not None else x
-    tall = y.size(-2) > y.size(-1)
-    if tall:
-        y = y.mT
-    if y.dim() == 2:
-        norm, mm = y.norm(), torch.addmm
-    else:                                                   # a stack of matrices, one norm each
-        norm, mm = y.norm(dim=(-2, -1), keepdim=True), torch.baddbmm
-    # spectral norm <= Frobenius norm <= 1 (eps = 0: the smallest normal, so 0 stays 0)
-    norm = norm + eps if add_eps else norm.clamp(min=eps or torch.finfo(y.dtype).tiny)
-    y = y.div_(norm) if overwrite or y.data_ptr() != x.data_ptr() else y / norm   # in place on a copy
-    for k in range(steps):
-        gram = y @ y.mT                                     # A = X X^T
-        poly = mm(gram, gram, gram, beta=b, alpha=c)        # b A + c A^2
-        if tall and k == steps - 1 and y.dim() == 3:        # (a X + poly X)^T = a X^T + X^T poly
-            return mm(y.mT, y.mT, poly, beta=a)             # (poly is symmetric), contiguous
-        y = mm(y, poly, y, beta=a)                          # a X + (b A + c A^2) X
-    return y.mT if tall else y
 
 
 def _lr_ratio(adjust_lr_fn: str | None, rows: int, cols: int) -> float:
@@ -222,36 +184,47 @@ class Muon(Optimizer):
     def _muon(self, group, lr, decay, params, grads, state):
         bufs = state["momentum_buffer"]
         plain = [i for i, p in enumerate(params) if not is_dtensor(p)]
-        for stack in _same_shape_stacks(plain, params, self.ns_batch_numel):
+        stacks = _same_shape_stacks(plain, params, self.ns_batch_numel)
+        if stacks:
+            dtype = NS_DTYPES[group["ns_dtype"]] or params[0].dtype
+            work = _work_buffer(max(_stack_work_bytes([params[i] for i in stack], dtype) for stack in stacks),
+                                params[0].device)
+        for stack in stacks:
             self._muon_stack(group, lr, decay, [params[i] for i in stack], [grads[i] for i in stack],
-                             [bufs[i] for i in stack])
+                             [bufs[i] for i in stack], work)
         sharded = [i for i, p in enumerate(params) if is_dtensor(p)]
         if sharded:
             self._muon_sharded(group, lr, decay, [params[i] for i in sharded], [grads[i] for i in sharded],
                                [bufs[i] for i in sharded])
 
-    def _muon_stack(self, group, lr, decay, params, grads, bufs):
+    def _muon_stack(self, group, lr, decay, params, grads, bufs, work):
         """Plain matrices of one shape: each U_t written straight into one stack in the
         iteration's dtype, the stack orthogonalized in one batched iteration, then each param
-        decayed and stepped in turn (it is in cache for both). The only temporaries are the
-        stack's."""
+        decayed and stepped in turn (it is in cache for both). The stack, one param-sized
+        temporary (to round U_t and to read O_t back when the iteration's dtype is not the
+        param's) and the iterates all lie in ``work`` (:func:`_stack_work_bytes`)."""
         mu, shape = group["momentum"], params[0].shape
         dtype = NS_DTYPES[group["ns_dtype"]] or params[0].dtype
-        u = params[0].new_empty((len(params), *shape), dtype=dtype)
+        slots = Slots(work, dtype, params[0].device)
+        u = slots.take((len(params), *shape))
+        tmp = slots.take(tuple(shape), params[0].dtype) if dtype != params[0].dtype else None
         for x, g, buf in zip(u.unbind(0), grads, bufs):
             buf.lerp_(g, 1 - mu)                                        # B_t = mu B + (1 - mu) g
-            if group["nesterov"]:
-                torch.lerp(g, buf, mu, out=x)                           # U_t = (1 - mu) g + mu B_t
+            if group["nesterov"]:                                       # U_t = (1 - mu) g + mu B_t
+                torch.lerp(g, buf, mu, out=x if tmp is None else tmp)
+                if tmp is not None:
+                    x.copy_(tmp)                                        # rounded to the iteration's dtype
             else:
                 x.copy_(buf)                                            # U_t = B_t
         rows, cols = shape[0], math.prod(shape[1:])
         o = orthogonalize(u.view(-1, rows, cols) if len(params) > 1 else u.view(rows, cols),
-                          group["ns_coefficients"], group["ns_steps"], group["eps"], None, overwrite=True)
+                          group["ns_coefficients"], group["ns_steps"], group["eps"], None, overwrite=True,
+                          work=slots.rest())
         alpha = -lr * _lr_ratio(group["adjust_lr_fn"], rows, cols)
         for p, x in zip(params, o.view(u.shape).unbind(0) if len(params) > 1 else [o.reshape(shape)]):
             if decay != 1:
                 p.mul_(decay)
-            p.add_(x, alpha=alpha)                                      # W_t = W - lr rho O_t
+            p.add_(x if tmp is None else tmp.copy_(x), alpha=alpha)    # W_t = W - lr rho O_t
 
     def _muon_sharded(self, group, lr, decay, params, grads, bufs):
         """DTensor matrices: the momentum on the local shards, each whole U_t orthogonalized on
@@ -301,6 +274,24 @@ def _same_shape_stacks(items: list[int], params, max_numel: int) -> list[list[in
             stacks.append([])
         stacks[-1].append(i)
     return [stack for stacks in by_shape.values() for stack in stacks]
+
+
+def _stack_work_bytes(params: list[Tensor], dtype: torch.dtype) -> int:
+    """Bytes of :meth:`Muon._muon_stack`'s work buffer for these same-shape params."""
+    shape, n = params[0].shape, len(params)
+    matrix = (shape[0], math.prod(shape[1:]))
+    tmp = round_up(params[0].numel() * params[0].element_size()) if dtype != params[0].dtype else 0
+    return (round_up(n * params[0].numel() * dtype.itemsize) + tmp
+            + work_bytes((n, *matrix) if n > 1 else matrix, dtype, in_place=True))
+
+
+def _work_buffer(nbytes: int, device: torch.device) -> Tensor:
+    """A byte buffer for the step's stacks: on CPU the optimizer's scratch buffer, reused by
+    the next steps (optforge.scratch), so that they do not page-fault fresh memory."""
+    pool = scratch.active() if device.type == "cpu" else None
+    if pool is None:
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+    return pool.take_new((nbytes,), torch.uint8, device)
 
 
 # ---- splitting a model's parameters -----------------------------------------------------------
