@@ -16,11 +16,13 @@ the count between steps would make a timed step follow the thread pool's resizin
   (from the float32 matrix: it casts to bf16 itself); optforge's
   :func:`~optforge.optimizers.muon.orthogonalize` on the step's stacks and one matrix at a
   time, in bf16 (from inputs already in bf16: the iteration alone, as the step runs it) and in
-  float32.
+  float32; like the step's, its iterates are written into one work buffer kept across calls
+  (the step's lies in the optimizer's scratch pool), so neither pays for fresh memory.
 
 It prints each time, the step / Newton-Schulz ratios, bf16 against float32, the peak of the
-bytes torch's CPU allocator holds during one step (the step's temporaries, from the
-profiler's memory events) beside the largest stack of inputs, and a Markdown table of the two
+bytes torch's CPU allocator holds during one step with the optimizer's scratch buffers
+released first (the step's temporaries, from the profiler's memory events) and the scratch
+bytes it holds between steps, beside the largest stack of inputs, and a Markdown table of the two
 target ratios per thread count with the load average, ready to paste. ``--targets-only``
 times only the entries of that table.
 
@@ -51,7 +53,9 @@ import torch
 from step_speed import WORKLOADS, cpu_name, loadavg, make_tensors, peak_step_bytes
 
 import optforge
+from optforge import scratch
 from optforge.optimizers.muon import Muon, _same_shape_stacks, orthogonalize
+from optforge.optimizers.newton_schulz import work_bytes
 
 TARGET = 1.15                      # step / Newton-Schulz time
 BEFORE = "before: optforge.Muon"
@@ -112,13 +116,20 @@ def entries(workload, keep: list[int], grads: list[torch.Tensor], targets_only: 
         if targets_only and dtype != torch.bfloat16:
             continue
         xs = [x.to(dtype) for x in stacks]
+        work = work_buffer(xs)
         opts[f"NS: optforge, stacked, {tag}"] = Calls(
-            lambda xs=xs: [orthogonalize(x, dtype=None) for x in xs])
+            lambda xs=xs, work=work: [orthogonalize(x, dtype=None, work=work) for x in xs])
         if not targets_only:
             ms = [g.to(dtype) for g in grads]
+            work = work_buffer(ms)
             opts[f"NS: optforge, per matrix, {tag}"] = Calls(
-                lambda ms=ms: [orthogonalize(g, dtype=None) for g in ms])
+                lambda ms=ms, work=work: [orthogonalize(g, dtype=None, work=work) for g in ms])
     return opts, stacks
+
+
+def work_buffer(inputs: list[torch.Tensor]) -> torch.Tensor:
+    """One work buffer for orthogonalize on each of ``inputs`` in turn, as the step's."""
+    return torch.empty(max(work_bytes(tuple(x.shape), x.dtype) for x in inputs), dtype=torch.uint8)
 
 
 def fastest_per_round(opts: dict[str, Any], rounds: int, steps_per_round: int) -> dict[str, list[float]]:
@@ -207,11 +218,15 @@ def main() -> None:
     threads = args.threads[-1]                     # the last entries made, at the last thread count
     largest = max(math.prod(x.shape) * 4 for x in stacks)
     names = [STEP, TORCH_STEP] if args.targets_only else [STEP, "optforge.Muon[one at a time]", TORCH_STEP]
+    names += [BEFORE] if BEFORE in opts else []
     for name in names:
+        scratch.release(opts[name])                # so the step allocates its buffers again
         peak = peak_step_bytes(opts[name])
+        held = scratch.held_bytes(opts[name])
         print(f"peak temporaries of a step ({threads} thread(s)), {name}: {peak / 1e6:.2f} MB = "
               f"{peak / largest:.2f} x the largest float32 stack ({largest / 1e6:.2f} MB), "
-              f"{peak / (4 * n):.2f} x the matrices")
+              f"{peak / (4 * n):.2f} x the matrices; held between steps {held / 1e6:.2f} MB = "
+              f"{held / largest:.2f} x that stack")
 
     print(f"\n{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {cpu_name()}, torch "
           f"{torch.__version__}, {workload.name}, {args.rounds} rounds of {args.steps_per_round} steps:\n")

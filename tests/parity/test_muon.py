@@ -11,7 +11,8 @@ from torch import nn
 
 import optforge as of
 from helpers import assert_moves, assert_same_trajectory, make_model, trajectory
-from optforge.optimizers.muon import Muon
+from optforge.optimizers.muon import Muon, orthogonalize
+from optforge.optimizers.newton_schulz import work_bytes
 
 NS = (3.4445, -4.7750, 2.0315)
 
@@ -141,7 +142,8 @@ def peak_step_bytes(opt):
 def test_step_temporaries_are_one_stack():
     """32 same-shape float32 matrices: a step's temporaries are those of one stack (its input,
     the bf16 iterates: under 4 float32 stacks' bytes), not the 32 matrices' (which an input per
-    matrix would take), and grow with the stack size."""
+    matrix would take), and grow with the stack size; they lie in one buffer, held between
+    steps (optforge.scratch), so the next step allocates none of them."""
     gen = torch.Generator().manual_seed(0)
     params = [torch.randn(48, 96, generator=gen).requires_grad_() for _ in range(32)]
     for p in params:
@@ -153,6 +155,9 @@ def test_step_temporaries_are_one_stack():
         opt.ns_batch_numel = per_stack * 48 * 96
         peak = peak_step_bytes(opt)
         assert per_stack * matrix < peak < 4 * per_stack * matrix, (per_stack, peak)
+        held = of.scratch.held_bytes(opt)
+        assert per_stack * matrix < held < 4 * per_stack * matrix, (per_stack, held)
+        assert peak_step_bytes(opt) <= peak - held, per_stack           # the buffer reused
 
 
 # ---- conv kernels: a per-tensor reference of Jordan's algorithm ------------------------------------
@@ -245,6 +250,25 @@ def test_orthogonalize_flattens_singular_values():
     x = torch.randn(20, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     s = torch.linalg.svdvals(of.optimizers.muon.orthogonalize(x, dtype=None))
     assert s.min() > 0.6 and s.max() < 1.25
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (3, 24, 40), (3, 40, 24)])
+def test_orthogonalize_into_a_work_buffer(shape):
+    """With a work buffer (as Muon's step) the iterates are written into it, bit for bit the
+    results without one; a buffer too small or not bytes is refused before anything is written."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).bfloat16()
+    ref = orthogonalize(x, dtype=None)
+    for overwrite in (False, True):
+        work = torch.empty(work_bytes(shape, torch.bfloat16, in_place=overwrite), dtype=torch.uint8)
+        got = orthogonalize(x.clone(), dtype=None, overwrite=overwrite, work=work)
+        assert torch.equal(got, ref) and got.stride() == ref.stride()
+        assert work.data_ptr() <= got.data_ptr() < work.data_ptr() + work.numel()
+    before = x.clone()
+    with pytest.raises(ValueError, match="too small"):
+        orthogonalize(x, dtype=None, overwrite=True, work=work[:-64])
+    with pytest.raises(TypeError, match="uint8"):
+        orthogonalize(x, dtype=None, overwrite=True, work=work.view(torch.bfloat16))
+    assert torch.equal(x, before)
 
 
 # ---- muon_param_groups ------------------------------------------------------------------------------

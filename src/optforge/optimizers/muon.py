@@ -94,10 +94,16 @@ class Muon(Optimizer):
     torch.optim.Muon (whose state has no ``step``). Same-shape matrices of a (device, dtype)
     bucket are orthogonalized as one stack, in stacks of up to ``ns_batch_numel`` elements (a
     class attribute; 0: one matrix at a time): one batched matmul per iteration step instead of
-    one per matrix, and a step's temporaries are those of one stack. Eager only; ``fused=True``
-    is refused. Under FSDP2 / tensor parallel (DTensor params) the momentum is
-    sharded like the params and each matrix is orthogonalized by one owner rank
-    (:mod:`optforge.distributed_matrix`, docs/distributed.md).
+    one per matrix, and a step's temporaries are those of one stack: the stack, the other
+    iterate, the Gram matrices and one matrix's temporary in the parameter's dtype, in one
+    buffer sized for the group's largest stack (with bf16 iterations 1.3x that stack's float32
+    bytes for 4:1 matrices, 2x for square ones, whose Gram matrices are as large). On CPU the
+    buffer comes from the optimizer's scratch pool (:mod:`optforge.scratch`) and is kept
+    between steps, so that later steps do not page-fault fresh memory
+    (``optforge.scratch.release(opt)`` frees it). Eager only; ``fused=True`` is refused. Under
+    FSDP2 / tensor parallel (DTensor params) the momentum is sharded like the params and each
+    matrix is orthogonalized by one owner rank (:mod:`optforge.distributed_matrix`,
+    docs/distributed.md).
     """
 
     no_fused_reason = "it orthogonalizes the update of each whole matrix (Newton-Schulz iterations)"
