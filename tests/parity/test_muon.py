@@ -160,6 +160,25 @@ def test_step_temporaries_are_one_stack():
         assert peak_step_bytes(opt) <= peak - held, per_stack           # the buffer reused
 
 
+def test_work_buffer_is_kept_within_4_bytes_per_param():
+    """The step's buffer is kept between steps where it is at most 4 bytes per stacked param,
+    and not where the step makes gradient temporaries (maximize) that the pool may keep too."""
+    def held(shapes, **kwargs):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt = of.Muon(params, **kwargs)
+        opt.ns_batch_numel = 8 * 48 * 96
+        for _ in range(2):
+            opt.step()
+        return of.scratch.held_bytes(opt) / sum(p.numel() for p in params)
+
+    assert 0 < held([(48, 96)] * 32) <= 4              # stacks of 8: 1.6 bytes per param
+    assert held([(48, 96)] * 32, maximize=True) == 0
+    assert held([(48, 96)] * 8) == 0                   # one stack of 8: 6.5 bytes per param
+
+
 # ---- conv kernels: a per-tensor reference of Jordan's algorithm ------------------------------------
 def newton_schulz(x, steps=5, eps=1e-7):
     a, b, c = NS

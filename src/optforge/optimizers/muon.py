@@ -97,10 +97,11 @@ class Muon(Optimizer):
     one per matrix, and a step's temporaries are those of one stack: the stack, the other
     iterate, the Gram matrices and one matrix's temporary in the parameter's dtype, in one
     buffer sized for the group's largest stack (with bf16 iterations 1.3x that stack's float32
-    bytes for 4:1 matrices, 2x for square ones, whose Gram matrices are as large). On CPU the
-    buffer comes from the optimizer's scratch pool (:mod:`optforge.scratch`) and is kept
-    between steps, so that later steps do not page-fault fresh memory
-    (``optforge.scratch.release(opt)`` frees it). Eager only; ``fused=True`` is refused. Under
+    bytes for 4:1 matrices, 2x for square ones, whose Gram matrices are as large). On CPU,
+    where that is at most 4 bytes per stacked parameter and the step makes no gradient
+    temporary (``maximize``, coupled decay), the buffer comes from the optimizer's scratch pool
+    (:mod:`optforge.scratch`) and is kept between steps, so that later steps do not page-fault
+    fresh memory (``optforge.scratch.release(opt)`` frees it). Eager only; ``fused=True`` is refused. Under
     FSDP2 / tensor parallel (DTensor params) the momentum is sharded like the params and each
     matrix is orthogonalized by one owner rank (:mod:`optforge.distributed_matrix`,
     docs/distributed.md).
@@ -193,7 +194,11 @@ class Muon(Optimizer):
         stacks = _same_shape_stacks(plain, params, self.ns_batch_numel)
         if stacks:
             dtype = NS_DTYPES[group["ns_dtype"]] or params[0].dtype
+            # kept between steps only where the step holds no gradient temporary (maximize,
+            # coupled decay) that the scratch pool may keep too: at most 4 bytes per param in all
+            keep = all(g is p.grad for p, g in zip(params, grads))
             work = _work_buffer(max(_stack_work_bytes([params[i] for i in stack], dtype) for stack in stacks),
+                                keep * sum(params[i].numel() for stack in stacks for i in stack),
                                 params[0].device)
         for stack in stacks:
             self._muon_stack(group, lr, decay, [params[i] for i in stack], [grads[i] for i in stack],
@@ -291,11 +296,17 @@ def _stack_work_bytes(params: list[Tensor], dtype: torch.dtype) -> int:
             + work_bytes((n, *matrix) if n > 1 else matrix, dtype, in_place=True))
 
 
-def _work_buffer(nbytes: int, device: torch.device) -> Tensor:
-    """A byte buffer for the step's stacks: on CPU the optimizer's scratch buffer, reused by
-    the next steps (optforge.scratch), so that they do not page-fault fresh memory."""
+#: The most bytes per stacked parameter that the step's work buffer may keep between steps, as
+#: :mod:`optforge.scratch` bounds what its pool keeps.
+HELD_BYTES_PER_PARAM = 4
+
+
+def _work_buffer(nbytes: int, numel: int, device: torch.device) -> Tensor:
+    """A byte buffer for the step's stacks: on CPU, where it is at most HELD_BYTES_PER_PARAM
+    per parameter of ``numel``, a buffer of the optimizer's scratch pool, kept for the next
+    steps (optforge.scratch) so that they do not page-fault fresh memory; else a new one."""
     pool = scratch.active() if device.type == "cpu" else None
-    if pool is None:
+    if pool is None or nbytes > HELD_BYTES_PER_PARAM * numel:
         return torch.empty(nbytes, dtype=torch.uint8, device=device)
     return pool.take_new((nbytes,), torch.uint8, device)
 
