@@ -26,7 +26,7 @@ from ..distributed import is_dtensor, local
 from ..distributed_matrix import map_matrices
 from ..registry import register
 from ..tensorlist import TensorList
-from .newton_schulz import NS_COEFFICIENTS, Slots, orthogonalize, round_up, work_bytes
+from .newton_schulz import NS_COEFFICIENTS, Slots, iterate_bytes, orthogonalize, round_up, work_bytes
 
 __all__ = ["DEFAULT_ADAMW_NAMES", "DEFAULT_HEAD_NAMES", "Muon", "muon_param_groups", "orthogonalize"]
 
@@ -211,14 +211,21 @@ class Muon(Optimizer):
     def _muon_stack(self, group, lr, decay, params, grads, bufs, work):
         """Plain matrices of one shape: each U_t written straight into one stack in the
         iteration's dtype, the stack orthogonalized in one batched iteration, then each param
-        decayed and stepped in turn (it is in cache for both). The stack, one param-sized
-        temporary (to round U_t and to read O_t back when the iteration's dtype is not the
-        param's) and the iterates all lie in ``work`` (:func:`_stack_work_bytes`)."""
+        decayed and stepped in turn (it is in cache for both). The stack and the iterates lie
+        in ``work``, and so does one param-sized temporary (to round U_t and to read O_t back
+        when the iteration's dtype is not the param's), where the Gram matrices go while the
+        iteration runs (:func:`_stack_work_bytes`)."""
         mu, shape = group["momentum"], params[0].shape
         dtype = NS_DTYPES[group["ns_dtype"]] or params[0].dtype
+        rows, cols = shape[0], math.prod(shape[1:])
+        stacked = (len(params), rows, cols) if len(params) > 1 else (rows, cols)
         slots = Slots(work, dtype, params[0].device)
         u = slots.take((len(params), *shape))
-        tmp = slots.take(tuple(shape), params[0].dtype) if dtype != params[0].dtype else None
+        ns_work = slots.rest()
+        tmp = None
+        if dtype != params[0].dtype:
+            slots.skip(iterate_bytes(stacked, dtype, in_place=True))
+            tmp = slots.take(tuple(shape), params[0].dtype)
         for x, g, buf in zip(u.unbind(0), grads, bufs):
             buf.lerp_(g, 1 - mu)                                        # B_t = mu B + (1 - mu) g
             if group["nesterov"]:                                       # U_t = (1 - mu) g + mu B_t
@@ -227,10 +234,8 @@ class Muon(Optimizer):
                     x.copy_(tmp)                                        # rounded to the iteration's dtype
             else:
                 x.copy_(buf)                                            # U_t = B_t
-        rows, cols = shape[0], math.prod(shape[1:])
-        o = orthogonalize(u.view(-1, rows, cols) if len(params) > 1 else u.view(rows, cols),
-                          group["ns_coefficients"], group["ns_steps"], group["eps"], None, overwrite=True,
-                          work=slots.rest())
+        o = orthogonalize(u.view(stacked), group["ns_coefficients"], group["ns_steps"], group["eps"], None,
+                          overwrite=True, work=ns_work)
         alpha = -lr * _lr_ratio(group["adjust_lr_fn"], rows, cols)
         for p, x in zip(params, o.view(u.shape).unbind(0) if len(params) > 1 else [o.reshape(shape)]):
             if decay != 1:
@@ -288,12 +293,14 @@ def _same_shape_stacks(items: list[int], params, max_numel: int) -> list[list[in
 
 
 def _stack_work_bytes(params: list[Tensor], dtype: torch.dtype) -> int:
-    """Bytes of :meth:`Muon._muon_stack`'s work buffer for these same-shape params."""
-    shape, n = params[0].shape, len(params)
-    matrix = (shape[0], math.prod(shape[1:]))
-    tmp = round_up(params[0].numel() * params[0].element_size()) if dtype != params[0].dtype else 0
-    return (round_up(n * params[0].numel() * dtype.itemsize) + tmp
-            + work_bytes((n, *matrix) if n > 1 else matrix, dtype, in_place=True))
+    """Bytes of :meth:`Muon._muon_stack`'s work buffer for these same-shape params: the stack,
+    then the iteration's work, whose Gram region holds the param-sized temporary outside it."""
+    p, n = params[0], len(params)
+    matrix = (p.shape[0], math.prod(p.shape[1:]))
+    stacked = (n, *matrix) if n > 1 else matrix
+    tmp = round_up(p.numel() * p.element_size()) if dtype != p.dtype else 0
+    return round_up(n * p.numel() * dtype.itemsize) + max(
+        work_bytes(stacked, dtype, in_place=True), iterate_bytes(stacked, dtype, in_place=True) + tmp)
 
 
 #: The most bytes per stacked parameter that the step's work buffer may keep between steps, as

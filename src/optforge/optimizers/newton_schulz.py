@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["NS_COEFFICIENTS", "Slots", "orthogonalize", "round_up", "work_bytes"]
+__all__ = ["NS_COEFFICIENTS", "Slots", "iterate_bytes", "orthogonalize", "round_up", "work_bytes"]
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)    # Jordan's quintic: maximal slope at zero
 _ALIGN = 64                                     # bytes: each slot of a work buffer starts on a cache line
@@ -35,6 +35,13 @@ def work_bytes(shape: tuple[int, ...], dtype: torch.dtype, in_place: bool = Fals
     return sum(round_up(math.prod(s) * dtype.itemsize) for s in _slot_shapes(shape, in_place))
 
 
+def iterate_bytes(shape: tuple[int, ...], dtype: torch.dtype, in_place: bool = False) -> int:
+    """The leading bytes of that buffer, which hold the iterates (the result among them); the
+    rest holds A and b A + c A^2 only while :func:`orthogonalize` runs: a caller may use it
+    before and after."""
+    return sum(round_up(math.prod(s) * dtype.itemsize) for s in _slot_shapes(shape, in_place)[:-2])
+
+
 class Slots:
     """Consecutive views of a flat byte buffer (each aligned to a cache line), or new tensors
     when there is none."""
@@ -57,6 +64,10 @@ class Slots:
         view = self.work[self.offset:self.offset + nbytes].view(dtype).view(shape)
         self.offset += round_up(nbytes)
         return view
+
+    def skip(self, nbytes: int) -> None:
+        """Leave ``nbytes`` (a multiple of the alignment) before the next slot."""
+        self.offset += nbytes
 
     def rest(self) -> Tensor | None:
         """The buffer after the slots taken so far (None without a buffer)."""
