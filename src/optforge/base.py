@@ -131,6 +131,10 @@ class Optimizer(torch.optim.Optimizer):
     #: marks it ``elementwise=False``. ``owner_state``: its state kept whole by each matrix's owner.
     whole_matrices: ClassVar[bool] = False
     owner_state: ClassVar[tuple[str, ...]] = ()
+    #: ``update`` (not written as ``kernel``) is elementwise: it gives the same numbers on any
+    #: split of the bucket's tensors, so large CPU buckets run it over cache-sized chunks
+    #: (:mod:`optforge.eager_chunks`), as they run every ``kernel``.
+    elementwise_update: ClassVar[bool] = False
     #: Why ``fused=True`` is refused, in terms of the algorithm (an optimizer that writes
     #: ``update()`` rather than ``scalars()`` + ``kernel()`` has no fused path).
     no_fused_reason: ClassVar[str] = "its update is not written as scalars() + kernel()"

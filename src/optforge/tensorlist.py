@@ -115,6 +115,9 @@ class TensorList(list):
     def div(self, other: Operand) -> TensorList:
         return self._new(torch._foreach_div, torch.div, other)
 
+    def clamp_min(self, min: Scalar) -> TensorList:
+        return self._new(torch._foreach_clamp_min, torch.clamp_min, min)
+
     def addcmul(self, t1: Sequence[Tensor], t2: Sequence[Tensor], value: Scalar = 1) -> TensorList:
         """self + value * t1 * t2, as a new list."""
         return self._new(torch._foreach_addcmul, torch.addcmul, t1, t2, value=value)
@@ -208,8 +211,16 @@ class TensorList(list):
         torch._foreach_maximum_(self, other)
         return self
 
+    def minimum_(self, other: Sequence[Tensor]) -> TensorList:
+        torch._foreach_minimum_(self, other)
+        return self
+
     def sqrt_(self) -> TensorList:
         torch._foreach_sqrt_(self)
+        return self
+
+    def sign_(self) -> TensorList:
+        torch._foreach_sign_(self)
         return self
 
     def clamp_(self, min: Scalar | Sequence[Scalar], max: Scalar | Sequence[Scalar]) -> TensorList:
@@ -224,6 +235,10 @@ class TensorList(list):
             mine = [self[i] for i in small]
             torch._foreach_clamp_min_(mine, _pick(min, small))
             torch._foreach_clamp_max_(mine, _pick(max, small))
+        return self
+
+    def clamp_min_(self, min: Scalar) -> TensorList:
+        torch._foreach_clamp_min_(self, min)
         return self
 
     def neg_(self) -> TensorList:

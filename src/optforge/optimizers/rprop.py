@@ -39,6 +39,7 @@ class Rprop(Optimizer):
     no_fused_reason = ("it picks each step size by the sign of the gradient change, a choice per element "
                        "the fused kernel does not express")
     constraints = dict(etas=real_tuple(2), step_sizes=real_tuple(2))
+    elementwise_update = True
     state_names = ("prev", "step_size")
     state_kinds = dict(step_size="non_negative")
 
@@ -69,16 +70,24 @@ class Rprop(Optimizer):
     def update(self, group, p, g, s, t) -> None:
         minus, plus = group["etas"]
         low, high = group["step_sizes"]
-        for param, grad, prev, step_size in zip(p, g, s["prev"], s["step_size"]):
-            # out of place (torch.where), so DTensor shards take it too; a NaN sign stays NaN
-            factor = grad.mul(prev).sign()
-            factor = torch.where(factor.gt(0), plus, factor)
-            factor = torch.where(factor.lt(0), minus, factor)
-            factor = torch.where(factor.eq(0), 1, factor)
-            step_size.mul_(factor).clamp_(low, high)
-            grad = torch.where(factor.eq(minus), 0, grad)   # a flipped sign: no move, no flip next time
-            param.addcmul_(grad.sign(), step_size, value=-1)
-            prev.copy_(grad)
+        prev, step_size = s["prev"], s["step_size"]
+        big = _number(p[0], torch.finfo(p[0].dtype).max)
+        # Every choice is arithmetic that is exact on s in {-1, 0, 1} (torch.sign(nan) is 0),
+        # so the bucket runs foreach, one kernel per line, and rounds as torch's Rprop.
+        flip = g.mul(prev).sign_()                              # s = sign(g_t g'_{t-1})
+        scaled = flip.clamp_min(1).add_(flip, alpha=big)        # 1 + big s: -big, 1, big
+        held = scaled.mul(big).mul_(big).clamp_min_(0)          # 0 where s < 0, else inf
+        prev.copy_(g).maximum_(held.neg()).minimum_(held)       # g'_t = g_t clamped into +-held
+        step_size.mul_(scaled.clamp_(minus, plus)).clamp_(low, high)   # eta-, 1, eta+ by s
+        p.addcmul_(prev.sign(), step_size, value=-1)            # theta -= sign(g'_t) delta_t
+
+
+def _number(like: Tensor, value: float) -> Any:
+    """``value`` (exact in ``like``'s dtype) as a factor of foreach products with tensors like
+    ``like``: a 0-d tensor of that dtype on the CPU, where ATen's foreach would otherwise wrap the
+    Python number in a new tensor for every tensor of the list (several times the op's cost on
+    small tensors)."""
+    return torch.tensor(value, dtype=like.dtype) if like.device.type == "cpu" else value
 
 
 register(Rprop, "Rprop (Riedmiller & Braun, 1993): per-coordinate step sizes from gradient signs")
