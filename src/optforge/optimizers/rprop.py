@@ -32,12 +32,14 @@ class Rprop(Optimizer):
 
     torch's signature (``foreach``, ``capturable``, ``differentiable``: see
     :mod:`optforge.torch_compat`); ``weight_decay`` (coupled, default 0), which torch's Rprop
-    has not, is optforge's. The update selects per coordinate, so it has no fused kernel
-    (``fused=True`` is a ValueError).
+    has not, is optforge's. The eager update runs foreach over each bucket (large CPU buckets in
+    cache-sized chunks), its per-coordinate choices written as arithmetic that is exact on the
+    signs, so parameters and state equal torch's bit for bit, inf and NaN gradients included.
+    It has no fused kernel (``fused=True`` is a ValueError).
     """
 
-    no_fused_reason = ("it picks each step size by the sign of the gradient change, a choice per element "
-                       "the fused kernel does not express")
+    no_fused_reason = ("its per-element choices of step size are written for the foreach path, not as "
+                       "the elementwise kernel the fused path compiles")
     constraints = dict(etas=real_tuple(2), step_sizes=real_tuple(2))
     elementwise_update = True
     state_names = ("prev", "step_size")
@@ -71,23 +73,26 @@ class Rprop(Optimizer):
         minus, plus = group["etas"]
         low, high = group["step_sizes"]
         prev, step_size = s["prev"], s["step_size"]
-        big = _number(p[0], torch.finfo(p[0].dtype).max)
-        # Every choice is arithmetic that is exact on s in {-1, 0, 1} (torch.sign(nan) is 0),
-        # so the bucket runs foreach, one kernel per line, and rounds as torch's Rprop.
-        flip = g.mul(prev).sign_()                              # s = sign(g_t g'_{t-1})
-        scaled = flip.clamp_min(1).add_(flip, alpha=big)        # 1 + big s: -big, 1, big
-        held = scaled.mul(big).mul_(big).clamp_min_(0)          # 0 where s < 0, else inf
-        prev.copy_(g).maximum_(held.neg()).minimum_(held)       # g'_t = g_t clamped into +-held
-        step_size.mul_(scaled.clamp_(minus, plus)).clamp_(low, high)   # eta-, 1, eta+ by s
+        big, one = _numbers(p[0], torch.finfo(p[0].dtype).max, 1.0)
+        # Every choice is arithmetic that is exact on s in {-1, 0, 1} (torch.sign(nan) is 0), so
+        # the bucket runs foreach, one kernel per line, and rounds as torch's Rprop; prev's
+        # memory holds s, then the step size factor, then g'_t.
+        prev.mul_(g).sign_()                                    # s = sign(g_t g'_{t-1})
+        prev.mul_(big).add_(one)                                # 1 + big s: -big, 1, big
+        held = prev.mul(big).mul_(big).clamp_min_(0)            # 0 where s < 0, else inf
+        step_size.mul_(prev.clamp_(minus, plus)).clamp_(low, high)   # times eta-, 1, eta+
+        prev.copy_(held).neg_().maximum_(g).minimum_(held)      # g'_t = g_t clamped into +-held
         p.addcmul_(prev.sign(), step_size, value=-1)            # theta -= sign(g'_t) delta_t
 
 
-def _number(like: Tensor, value: float) -> Any:
-    """``value`` (exact in ``like``'s dtype) as a factor of foreach products with tensors like
-    ``like``: a 0-d tensor of that dtype on the CPU, where ATen's foreach would otherwise wrap the
-    Python number in a new tensor for every tensor of the list (several times the op's cost on
-    small tensors)."""
-    return torch.tensor(value, dtype=like.dtype) if like.device.type == "cpu" else value
+def _numbers(like: Tensor, *values: float) -> tuple[Any, ...]:
+    """``values`` (exact in ``like``'s dtype) as operands of foreach arithmetic on tensors like
+    ``like``: 0-d tensors of that dtype on the CPU, where ATen's foreach would otherwise wrap a
+    Python number in a new tensor for every tensor of the list (several times a product's cost
+    on small tensors)."""
+    if like.device.type != "cpu":
+        return values
+    return tuple(torch.tensor(v, dtype=like.dtype) for v in values)
 
 
 register(Rprop, "Rprop (Riedmiller & Braun, 1993): per-coordinate step sizes from gradient signs")
