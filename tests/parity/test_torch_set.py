@@ -158,7 +158,8 @@ def test_rprop_equals_torch_bit_for_bit_on_special_gradients(kwargs, dtype, chun
     exactly where gradients are inf, NaN, zero or so small that the product underflows."""
     monkeypatch.setattr(eager_chunks, "CHUNK", chunk)
     gen = torch.Generator().manual_seed(0)
-    start = [torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype) for shape in [(7, 5), (13,), (1,)]]
+    start = [torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+             for shape in [(7, 5), (13,), (1,)]]
     ours = [torch.nn.Parameter(x.clone()) for x in start]
     theirs = [torch.nn.Parameter(x.clone()) for x in start]
     opt_a, opt_b = of.Rprop(ours, **kwargs), torch.optim.Rprop(theirs, foreach=False, **kwargs)
