@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -73,13 +74,13 @@ class Rprop(Optimizer):
         minus, plus = group["etas"]
         low, high = group["step_sizes"]
         prev, step_size = s["prev"], s["step_size"]
-        big, one = _numbers(p[0], torch.finfo(p[0].dtype).max, 1.0)
+        big, one, inf = _numbers(p[0], torch.finfo(p[0].dtype).max, 1.0, math.inf)
         # Every choice is arithmetic that is exact on s in {-1, 0, 1} (torch.sign(nan) is 0), so
         # the bucket runs foreach, one kernel per line, and rounds as torch's Rprop; prev's
         # memory holds s, then the step size factor, then g'_t.
         prev.mul_(g).sign_()                                    # s = sign(g_t g'_{t-1})
         prev.mul_(big).add_(one)                                # 1 + big s: -big, 1, big
-        held = prev.mul(big).mul_(big).clamp_min_(0)            # 0 where s < 0, else inf
+        held = prev.mul(inf).clamp_min_(0)                      # 0 where s < 0, else inf
         step_size.mul_(prev.clamp_(minus, plus)).clamp_(low, high)   # times eta-, 1, eta+
         prev.copy_(held).neg_().maximum_(g).minimum_(held)      # g'_t = g_t clamped into +-held
         p.addcmul_(prev.sign(), step_size, value=-1)            # theta -= sign(g'_t) delta_t
