@@ -11,6 +11,7 @@ from torch import Tensor
 from ..base import Optimizer, ParamsT
 from ..constraints import real_tuple
 from ..registry import register
+from ..tensorlist import TensorList
 
 
 class Rprop(Optimizer):
@@ -74,26 +75,29 @@ class Rprop(Optimizer):
         minus, plus = group["etas"]
         low, high = group["step_sizes"]
         prev, step_size = s["prev"], s["step_size"]
-        big, one, inf = _numbers(p[0], torch.finfo(p[0].dtype).max, 1.0, math.inf)
+        big, inf, ones = _constants(p)
         # Every choice is arithmetic that is exact on s in {-1, 0, 1} (torch.sign(nan) is 0), so
         # the bucket runs foreach, one kernel per line, and rounds as torch's Rprop; prev's
         # memory holds s, then the step size factor, then g'_t.
         prev.mul_(g).sign_()                                    # s = sign(g_t g'_{t-1})
-        prev.mul_(big).add_(one)                                # 1 + big s: -big, 1, big
+        prev.mul_(big).add_(ones)                               # 1 + big s: -big, 1, big
         held = prev.mul(inf).clamp_min_(0)                      # 0 where s < 0, else inf
         step_size.mul_(prev.clamp_(minus, plus)).clamp_(low, high)   # times eta-, 1, eta+
         prev.copy_(held).neg_().maximum_(g).minimum_(held)      # g'_t = g_t clamped into +-held
         p.addcmul_(prev.sign(), step_size, value=-1)            # theta -= sign(g'_t) delta_t
 
 
-def _numbers(like: Tensor, *values: float) -> tuple[Any, ...]:
-    """``values`` (exact in ``like``'s dtype) as operands of foreach arithmetic on tensors like
-    ``like``: 0-d tensors of that dtype on the CPU, where ATen's foreach would otherwise wrap a
-    Python number in a new tensor for every tensor of the list (several times a product's cost
-    on small tensors)."""
-    if like.device.type != "cpu":
-        return values
-    return tuple(torch.tensor(v, dtype=like.dtype) for v in values)
+def _constants(p: TensorList) -> tuple[Any, Any, Any]:
+    """The largest finite number of ``p``'s dtype, inf and 1 as operands of foreach arithmetic on
+    ``p``. On the CPU, 0-d tensors of that dtype (1 as a list of them, one per tensor): ATen's
+    foreach would otherwise wrap a Python number in a new tensor for every tensor of the list,
+    and adds a single tensor operand tensor by tensor as slowly (several times a product's cost
+    on small tensors). The same numbers, rounded alike."""
+    big = torch.finfo(p[0].dtype).max
+    if p[0].device.type != "cpu":
+        return big, math.inf, 1.0
+    big, inf, one = (torch.tensor(v, dtype=p[0].dtype) for v in (big, math.inf, 1.0))
+    return big, inf, [one] * len(p)
 
 
 register(Rprop, "Rprop (Riedmiller & Braun, 1993): per-coordinate step sizes from gradient signs")
