@@ -101,17 +101,22 @@ class Plan:
         if _options(opt, group) != self.options:
             return None
         grads = list(map(_grad_of, params))
-        if list(map(is_not, grads, repeat(None))) != self.has_grad:
-            return None
         if self.all_grads:
             with_grad = params
+            try:            # one pass over all of them: a missing gradient has no is_sparse
+                sparse = sum(map(_is_sparse, grads)) > 0
+            except AttributeError:
+                return None
         else:
+            if list(map(is_not, grads, repeat(None))) != self.has_grad:
+                return None
             with_grad = [p for p, has in zip(params, self.has_grad) if has]
             grads = [g for g in grads if g is not None]
+            sparse = any(map(_is_sparse, grads))
+        if sparse and not opt.supports_sparse:
+            return None                     # rebuilt by _entries, which refuses them
         if list(map(Tensor.data_ptr, with_grad)) != self.ptrs:
             return None
-        if any(map(_is_sparse, grads)) and not opt.supports_sparse:
-            return None                     # rebuilt by _entries, which refuses them
         try:
             for slot in self.slots:
                 slot.refresh(grads)
