@@ -119,9 +119,6 @@ class TensorList(list):
     def div(self, other: Operand) -> TensorList:
         return self._new(torch._foreach_div, torch.div, other)
 
-    def clamp_min(self, min: Scalar) -> TensorList:
-        return self._new(torch._foreach_clamp_min, torch.clamp_min, min)
-
     def addcmul(self, t1: Sequence[Tensor], t2: Sequence[Tensor], value: Scalar = 1) -> TensorList:
         """self + value * t1 * t2, as a new list."""
         return self._new(torch._foreach_addcmul, torch.addcmul, t1, t2, value=value)
