@@ -205,6 +205,10 @@ class Optimizer(torch.optim.Optimizer):
         """Checks that span several hyperparameters (raise ValueError). Per-value checks go in
         ``constraints``."""
 
+    def check_dtype(self, group: dict[str, Any], dtype: torch.dtype) -> None:
+        """Checks of a group's hyperparameters against a dtype its params have (raise
+        ValueError), run before a step changes anything."""
+
     def state_names_for(self, group: dict[str, Any]) -> tuple[str, ...]:
         """The state tensors a group needs (override when an option adds one, e.g. amsgrad)."""
         return self.state_names
@@ -552,6 +556,7 @@ class Optimizer(torch.optim.Optimizer):
             if entries is None:
                 entries = by_key[key] = []
                 check_low_precision(group, key[1])
+                self.check_dtype(group, key[1])
             entries.append((param, grad, state))
         return by_key
 

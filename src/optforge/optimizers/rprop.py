@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ..base import Optimizer, ParamsT
 from ..constraints import real_tuple
+from ..precision import LOW_PRECISION
 from ..registry import register
 from ..tensorlist import TensorList
 
@@ -60,6 +61,19 @@ class Rprop(Optimizer):
         minus, plus = group["etas"]
         if not 0.0 < minus < 1.0 < plus:
             raise ValueError(f"invalid etas={group['etas']!r}: expected 0 < etas[0] < 1 < etas[1]")
+
+    def check_dtype(self, group: dict[str, Any], dtype: torch.dtype) -> None:
+        # the step sizes are tensors of the dtype the update runs in: a value beyond its range
+        # would fail part-way through a step
+        if dtype in LOW_PRECISION and (group.get("fp32_state") or group.get("stochastic_rounding")):
+            dtype = torch.float32
+        largest = torch.finfo(dtype).max
+        for name in ("lr", "etas", "step_sizes"):
+            value = group[name]
+            values = value if isinstance(value, (tuple, list)) else (value,)
+            if any(abs(float(v)) > largest for v in values):
+                raise ValueError(f"{name}={value!r} does not fit {dtype} parameters "
+                                 f"(largest finite value {largest:g})")
 
     def init_state(self, group: dict[str, Any], p: Tensor, name: str) -> Tensor:
         if name == "step_size":
