@@ -54,7 +54,7 @@ CHUNKED = [i for i in INFOS if eager_chunks.chunked_class(i.cls)]
 def test_the_elementwise_kernels_are_chunked():
     names = {i.name for i in CHUNKED}
     assert {"adam", "adamw", "adan", "ademamix", "adopt", "adabelief", "compass", "lion", "nadam",
-            "schedule_free_adamw", "radam"} <= names
+            "schedule_free_adamw", "radam", "rprop"} <= names
     assert not names & {"lamb", "mars", "muon", "adafactor", "prodigy", "asgd"}
 
 

@@ -437,3 +437,19 @@ def test_fused_refusal_of_your_own_optimizer():
     with pytest.raises(ValueError, match=r"Mine has no fused path: its update is not written as "
                                          r"scalars\(\) \+ kernel\(\)"):
         Mine([torch.zeros(2, requires_grad=True)], fused=True)
+
+
+@pytest.mark.parametrize("name, value", [("step_sizes", (1e-6, 1e50)), ("etas", (0.5, 1e40)), ("lr", 1e39)])
+def test_rprop_values_beyond_the_param_dtype_are_refused_before_the_step(name, value):
+    """A value the float32 update cannot hold is refused by name before anything changes;
+    float64 params take it."""
+    wide = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    narrow = torch.nn.Parameter(torch.ones(3))
+    opt = of.Rprop([{"params": [wide]}, {"params": [narrow]}], **{name: value})
+    wide.grad, narrow.grad = torch.ones(3, dtype=torch.float64), torch.ones(3)
+    with pytest.raises(ValueError, match=rf"{name}=.*float32"):
+        opt.step()
+    assert not opt.state and torch.equal(wide, torch.ones(3, dtype=torch.float64))
+    opt.param_groups[1]["params"] = []
+    opt.step()
+    assert not torch.equal(wide, torch.ones(3, dtype=torch.float64))

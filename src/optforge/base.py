@@ -131,6 +131,10 @@ class Optimizer(torch.optim.Optimizer):
     #: marks it ``elementwise=False``. ``owner_state``: its state kept whole by each matrix's owner.
     whole_matrices: ClassVar[bool] = False
     owner_state: ClassVar[tuple[str, ...]] = ()
+    #: ``update`` (not written as ``kernel``) is elementwise: it gives the same numbers on any
+    #: split of the bucket's tensors, so large CPU buckets run it over cache-sized chunks
+    #: (:mod:`optforge.eager_chunks`), as they run every ``kernel``.
+    elementwise_update: ClassVar[bool] = False
     #: Why ``fused=True`` is refused, in terms of the algorithm (an optimizer that writes
     #: ``update()`` rather than ``scalars()`` + ``kernel()`` has no fused path).
     no_fused_reason: ClassVar[str] = "its update is not written as scalars() + kernel()"
@@ -200,6 +204,10 @@ class Optimizer(torch.optim.Optimizer):
     def check_group(self, group: dict[str, Any]) -> None:
         """Checks that span several hyperparameters (raise ValueError). Per-value checks go in
         ``constraints``."""
+
+    def check_dtype(self, group: dict[str, Any], dtype: torch.dtype) -> None:
+        """Checks of a group's hyperparameters against a dtype its params have (raise
+        ValueError), run before a step changes anything."""
 
     def state_names_for(self, group: dict[str, Any]) -> tuple[str, ...]:
         """The state tensors a group needs (override when an option adds one, e.g. amsgrad)."""
@@ -548,6 +556,7 @@ class Optimizer(torch.optim.Optimizer):
             if entries is None:
                 entries = by_key[key] = []
                 check_low_precision(group, key[1])
+                self.check_dtype(group, key[1])
             entries.append((param, grad, state))
         return by_key
 

@@ -6,7 +6,8 @@ goes to main memory: an Adam step reads and writes 2.4x the bytes of one pass ov
 operands, Adan's 3.2x, and each out-of-place line allocates a parameter-sized temporary.
 
 What: for an optimizer whose update is elementwise (registered ``elementwise=True`` and written
-as ``scalars()`` + ``kernel()``, the same requirement as low-bit state), the whole update
+as ``scalars()`` + ``kernel()``, the same requirement as low-bit state, or declaring its
+``update`` one with ``elementwise_update = True``), the whole update
 (maximize and weight decay included) runs on one chunk at a time: a few whole tensors, or
 slices of a large contiguous one, of about :data:`CHUNK` entries. The next line of the update
 then finds the chunk's operands in cache, so main-memory traffic approaches one read of each
@@ -57,7 +58,7 @@ def chunked_class(cls: type) -> bool:
     """Whether optimizer class ``cls`` runs its large CPU buckets' eager steps chunk by chunk."""
     from .base import Optimizer, _registered_elementwise  # base imports this module
 
-    return (cls.has_kernel() and _registered_elementwise(cls)
+    return ((cls.has_kernel() or cls.elementwise_update) and _registered_elementwise(cls)
             and cls.prepare is Optimizer.prepare and cls.finish is Optimizer.finish)
 
 

@@ -4,11 +4,13 @@ Adadelta, Rprop, ASGD): full 50-step trajectories over torch's own input configu
 load both ways mid-run."""
 
 import copy
+import math
 
 import pytest
 import torch
 
 import optforge as of
+import optforge.eager_chunks as eager_chunks
 from helpers import assert_moves, assert_same_trajectory, make_model, trajectory
 
 co = pytest.importorskip("torch.testing._internal.common_optimizers",
@@ -139,3 +141,41 @@ def test_asgd_average_matches_torch(kwargs):
         assert not torch.equal(a["ax"], p)               # the average is not the last iterate
         torch.testing.assert_close(a["ax"], b["ax"], rtol=1e-10, atol=1e-12)
         assert torch.equal(a["eta"], b["eta"]) and torch.equal(a["mu"], b["mu"])
+
+
+# gradient entries whose products with the previous gradient are inf, NaN (inf * 0), zero or
+# underflow to zero in float32 (1e-30 squared) or float64 (1e-200 squared)
+_SPECIAL = [math.nan, math.inf, -math.inf, 1e-30, -1e-30, 1e-200, -1e-200, 0.0, -0.0, 1e30, -1e30]
+
+
+@pytest.mark.parametrize("chunk", [None, 16], ids=["whole", "chunked"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.complex64])
+@pytest.mark.parametrize("kwargs", [{}, dict(lr=0.1, etas=(0.3, 3.0), step_sizes=(1e-3, 1.0), maximize=True)],
+                         ids=["default", "options"])
+def test_rprop_equals_torch_bit_for_bit_on_special_gradients(kwargs, dtype, chunk, monkeypatch):
+    """Rprop's choices (grow, shrink or keep each step size; drop a gradient whose sign flipped)
+    are computed foreach as arithmetic on sign(g * prev): parameters and state equal torch's
+    exactly where gradients are inf, NaN, zero or so small that the product underflows."""
+    monkeypatch.setattr(eager_chunks, "CHUNK", chunk)
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+             for shape in [(7, 5), (13,), (1,)]]
+    ours = [torch.nn.Parameter(x.clone()) for x in start]
+    theirs = [torch.nn.Parameter(x.clone()) for x in start]
+    opt_a, opt_b = of.Rprop(ours, **kwargs), torch.optim.Rprop(theirs, foreach=False, **kwargs)
+    special = torch.tensor(_SPECIAL, dtype=torch.float64)
+    for step in range(12):
+        for a, b in zip(ours, theirs):
+            real = torch.view_as_real(a.detach()) if a.is_complex() else a.detach()
+            g = torch.randn(real.shape, generator=gen, dtype=torch.float64)
+            pick = torch.randint(0, len(_SPECIAL), g.shape, generator=gen)
+            g = torch.where(torch.rand(g.shape, generator=gen) < 0.3, special[pick], g).to(real.dtype)
+            a.grad = torch.view_as_complex(g) if a.is_complex() else g
+            b.grad = a.grad.clone()
+        opt_a.step()
+        opt_b.step()
+        for a, b in zip(ours, theirs):
+            for x, y in [(a, b), *((opt_a.state[a][k], opt_b.state[b][k]) for k in ("prev", "step_size"))]:
+                x, y = (torch.view_as_real(z.detach()) if z.is_complex() else z.detach() for z in (x, y))
+                assert torch.equal(x.isnan(), y.isnan()), f"step {step}"
+                assert torch.equal(x.nan_to_num(), y.nan_to_num()), f"step {step}"
