@@ -321,7 +321,7 @@ def main() -> None:
     ap.add_argument("--maximize-coupled", action="store_true", help="--scratch-only with maximize=True "
                     "and coupled weight decay where the optimizer has them")
     args = ap.parse_args()
-    if not args.time:
+    if not (args.time or args.scratch_only):
         print_counts()
         return
     torch.set_num_threads(args.threads)
