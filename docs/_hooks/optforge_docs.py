@@ -174,7 +174,8 @@ def paths_text(info: Any) -> str:
         lines.append("- `fused=True`: one generated (`torch.compile`) kernel over flat buffers, "
                      "compiled at the first step; the parameters become views into them.")
     else:
-        lines.append("- `fused=True`: refused with a `ValueError` (the update is not elementwise).")
+        reason = getattr(cls, "no_fused_reason", None) or "the update is not elementwise"
+        lines.append(f"- `fused=True`: refused with a `ValueError`: {reason}.")
     return "\n".join(lines) + f"\n\nSee {link} and the [step times](../benchmarks.md#step-time)."
 
 
