@@ -40,7 +40,14 @@ from .distributed import check_supported, is_dtensor, local_shards
 from .distributed_matrix import check_layout
 from .fused import run_generated
 from .param_groups import check_unique_params
-from .precision import LOW_PRECISION, check_low_precision, float32_copies, restore_float32_state, write_back
+from .precision import (
+    LOW_PRECISION,
+    check_low_precision,
+    computes_in_float32,
+    float32_copies,
+    restore_float32_state,
+    write_back,
+)
 from .steps import advance_steps
 from .tensorlist import TensorList
 from .torch_compat import (
@@ -600,7 +607,7 @@ class Optimizer(torch.optim.Optimizer):
             b.p, b.g = (TensorList(torch.view_as_real(x) for x in xs) for xs in (b.p, b.g))
             b.s = {n: TensorList(torch.view_as_real(x) if isinstance(x, Tensor) and x.is_complex() else x
                                  for x in xs) for n, xs in b.s.items()}
-        b.low_precision = bool(fp32_state or group.get("stochastic_rounding")) and key[1] in LOW_PRECISION
+        b.low_precision = computes_in_float32(group, key[1])
         b.sparse = self.supports_sparse and any(g.is_sparse for g in b.g)
         return b
 

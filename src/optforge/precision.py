@@ -23,8 +23,8 @@ from torch import Tensor
 
 from .tensorlist import TensorList
 
-__all__ = ["LOW_PRECISION", "check_low_precision", "float32_copies", "restore_float32_state",
-           "stochastic_round_", "write_back"]
+__all__ = ["LOW_PRECISION", "check_low_precision", "computes_in_float32", "float32_copies",
+           "restore_float32_state", "stochastic_round_", "write_back"]
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -37,6 +37,12 @@ def stochastic_round_(dst: Tensor, src: Tensor) -> Tensor:
     noise = torch.randint_like(bits, 0, 1 << 16)
     rounded = bits.add(noise).bitwise_and_(-65536).view(torch.float32)   # -65536 == 0xFFFF0000
     return dst.copy_(torch.where(torch.isfinite(src), rounded, src))     # keep inf/NaN as they are
+
+
+def computes_in_float32(group: dict[str, Any], dtype: torch.dtype) -> bool:
+    """Whether a bucket of ``dtype`` params runs its update on float32 copies (``fp32_state``
+    or ``stochastic_rounding`` on bfloat16/float16 params)."""
+    return bool(group.get("fp32_state") or group.get("stochastic_rounding")) and dtype in LOW_PRECISION
 
 
 def check_low_precision(group: dict[str, Any], dtype: torch.dtype) -> None:

@@ -196,10 +196,10 @@ class Muon(Optimizer):
             dtype = NS_DTYPES[group["ns_dtype"]] or params[0].dtype
             # kept between steps only where the step holds no gradient temporary (maximize,
             # coupled decay) that the scratch pool may keep too: at most 4 bytes per param in all
-            keep = all(g is p.grad for p, g in zip(params, grads))
-            work = _work_buffer(max(_stack_work_bytes([params[i] for i in stack], dtype) for stack in stacks),
-                                keep * sum(params[i].numel() for stack in stacks for i in stack),
-                                params[0].device)
+            nbytes = max(_stack_work_bytes([params[i] for i in stack], dtype) for stack in stacks)
+            numel = sum(params[i].numel() for stack in stacks for i in stack)
+            keep = all(g is p.grad for p, g in zip(params, grads)) and nbytes <= HELD_BYTES_PER_PARAM * numel
+            work = _work_buffer(nbytes, keep, params[0].device)
         for stack in stacks:
             self._muon_stack(group, lr, decay, [params[i] for i in stack], [grads[i] for i in stack],
                              [bufs[i] for i in stack], work)
@@ -217,8 +217,8 @@ class Muon(Optimizer):
         iteration runs (:func:`_stack_work_bytes`)."""
         mu, shape = group["momentum"], params[0].shape
         dtype = NS_DTYPES[group["ns_dtype"]] or params[0].dtype
-        rows, cols = shape[0], math.prod(shape[1:])
-        stacked = (len(params), rows, cols) if len(params) > 1 else (rows, cols)
+        stacked = _ns_shape(params)
+        rows, cols = stacked[-2:]
         slots = Slots(work, dtype, params[0].device)
         u = slots.take((len(params), *shape))
         ns_work = slots.rest()
@@ -292,12 +292,17 @@ def _same_shape_stacks(items: list[int], params, max_numel: int) -> list[list[in
     return [stack for stacks in by_shape.values() for stack in stacks]
 
 
+def _ns_shape(params: list[Tensor]) -> tuple[int, ...]:
+    """The shape these same-shape params are orthogonalized in: each a (rows, cols) matrix,
+    several as one (n, rows, cols) stack."""
+    matrix = (params[0].shape[0], math.prod(params[0].shape[1:]))
+    return (len(params), *matrix) if len(params) > 1 else matrix
+
+
 def _stack_work_bytes(params: list[Tensor], dtype: torch.dtype) -> int:
     """Bytes of :meth:`Muon._muon_stack`'s work buffer for these same-shape params: the stack,
     then the iteration's work, whose Gram region holds the param-sized temporary outside it."""
-    p, n = params[0], len(params)
-    matrix = (p.shape[0], math.prod(p.shape[1:]))
-    stacked = (n, *matrix) if n > 1 else matrix
+    p, n, stacked = params[0], len(params), _ns_shape(params)
     tmp = round_up(p.numel() * p.element_size()) if dtype != p.dtype else 0
     return round_up(n * p.numel() * dtype.itemsize) + max(
         work_bytes(stacked, dtype, in_place=True), iterate_bytes(stacked, dtype, in_place=True) + tmp)
@@ -308,12 +313,12 @@ def _stack_work_bytes(params: list[Tensor], dtype: torch.dtype) -> int:
 HELD_BYTES_PER_PARAM = 4
 
 
-def _work_buffer(nbytes: int, numel: int, device: torch.device) -> Tensor:
-    """A byte buffer for the step's stacks: on CPU, where it is at most HELD_BYTES_PER_PARAM
-    per parameter of ``numel``, a buffer of the optimizer's scratch pool, kept for the next
-    steps (optforge.scratch) so that they do not page-fault fresh memory; else a new one."""
+def _work_buffer(nbytes: int, keep: bool, device: torch.device) -> Tensor:
+    """A byte buffer for the step's stacks: with ``keep`` on CPU, a buffer of the optimizer's
+    scratch pool, kept for the next steps (optforge.scratch) so that they do not page-fault
+    fresh memory; else a new one."""
     pool = scratch.active() if device.type == "cpu" else None
-    if pool is None or nbytes > HELD_BYTES_PER_PARAM * numel:
+    if pool is None or not keep:
         return torch.empty(nbytes, dtype=torch.uint8, device=device)
     return pool.take_new((nbytes,), torch.uint8, device)
 

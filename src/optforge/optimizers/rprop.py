@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..base import Optimizer, ParamsT
 from ..constraints import real_tuple
-from ..precision import LOW_PRECISION
+from ..precision import computes_in_float32
 from ..registry import register
 from ..tensorlist import TensorList
 
@@ -65,7 +65,7 @@ class Rprop(Optimizer):
     def check_dtype(self, group: dict[str, Any], dtype: torch.dtype) -> None:
         # the step sizes are tensors of the dtype the update runs in: a value beyond its range
         # would fail part-way through a step
-        if dtype in LOW_PRECISION and (group.get("fp32_state") or group.get("stochastic_rounding")):
+        if computes_in_float32(group, dtype):
             dtype = torch.float32
         largest = torch.finfo(dtype).max
         for name in ("lr", "etas", "step_sizes"):
