@@ -11,6 +11,10 @@ copy runs every step) and the rest (Python: the step's checks and bookkeeping), 
 ``rest = a + b * tensors``) and at ``--split-tensors`` tensors (default 2,000) of
 ``--split-numel`` entries, where the kernel has real work to do.
 
+With ``--fresh-grads`` each step gets new gradients from a backward pass (not timed), as in
+training: Python then also builds a new tensor object for each gradient it reads (about
+0.4-0.5 us per tensor on this CPU, for torch's optimizers as for optforge's).
+
     python benchmarks/step_overhead.py                 # about 2 minutes on 2 cores
     python benchmarks/step_overhead.py --counts 10,100 --rounds 5
 """
@@ -48,24 +52,39 @@ def make(n: int, numel: int, factory) -> tuple[list, torch.optim.Optimizer]:
     return params, opt
 
 
-def time_steps(opt, steps: int) -> float:
-    start = time.perf_counter()
+def new_grads(params: list) -> None:
+    """Gradients as training makes them: new tensors from a backward pass, which Python has
+    not seen yet."""
+    for p in params:
+        p.grad = None
+    torch.autograd.backward([p.sum() for p in params])
+
+
+def time_steps(opt, params: list, steps: int, fresh: bool) -> float:
+    """Mean seconds of ``opt.step()`` alone (``fresh``: new gradients before each step)."""
+    total = 0.0
     for _ in range(steps):
+        if fresh:
+            new_grads(params)
+        start = time.perf_counter()
         opt.step()
-    return (time.perf_counter() - start) / steps
+        total += time.perf_counter() - start
+    return total / steps
 
 
-def per_tensor_table(counts: list[int], numel: int, rounds: int) -> None:
-    print(f"== microseconds per tensor per step ({numel} entries each; median of {rounds} rounds) ==")
+def per_tensor_table(counts: list[int], numel: int, rounds: int, fresh: bool) -> None:
+    grads = "new gradients" if fresh else "the same gradients"
+    print(f"== microseconds per tensor per step ({numel} entries each, {grads} each step; "
+          f"median of {rounds} rounds) ==")
     print(f"{'entry':28s}" + "".join(f"{n:>12d}" for n in counts))
     results = {name: {} for name in ENTRIES}
     for n in counts:
-        opts = {name: make(n, numel, f)[1] for name, f in ENTRIES.items()}
+        made = {name: make(n, numel, f) for name, f in ENTRIES.items()}
         steps = max(1, 2000 // n)
         samples = {name: [] for name in ENTRIES}
         for _ in range(rounds):
-            for name, opt in opts.items():
-                samples[name].append(time_steps(opt, steps) / n * 1e6)
+            for name, (params, opt) in made.items():
+                samples[name].append(time_steps(opt, params, steps, fresh) / n * 1e6)
         for name in ENTRIES:
             results[name][n] = statistics.median(samples[name])
     for name in ENTRIES:
@@ -100,11 +119,13 @@ def timed_parts():
         fused_module.compiled_step, fused_module.FlatBucket.gather_grads = compiled, gather
 
 
-def split_step(opt, steps: int) -> dict[str, float]:
+def split_step(opt, params: list, steps: int, fresh: bool) -> dict[str, float]:
     """Median seconds of a fused step, its kernel, its gradient copy, and the rest."""
     totals = []
     with timed_parts() as parts:
         for _ in range(steps):
+            if fresh:
+                new_grads(params)
             start = time.perf_counter()
             opt.step()
             totals.append(time.perf_counter() - start)
@@ -113,15 +134,15 @@ def split_step(opt, steps: int) -> dict[str, float]:
                 copy=statistics.median(parts["copy"]), rest=statistics.median(rest), rest_min=min(rest))
 
 
-def fused_split_table(counts: list[int], numel: int, rounds: int) -> None:
+def fused_split_table(counts: list[int], numel: int, rounds: int, fresh: bool) -> None:
     """Lion(fused=True): microseconds per tensor in each part of the step, and a linear fit of
     the rest (the Python cost) against the number of tensors."""
     print(f"\n== Lion(fused=True), microseconds per tensor per step, by part ({numel} entries each) ==")
     print(f"{'part':28s}" + "".join(f"{n:>12d}" for n in counts))
     rows = {}
     for n in counts:
-        _, opt = make(n, numel, lambda ps: of.Lion(ps, fused=True))
-        rows[n] = split_step(opt, rounds * max(3, 2000 // n))
+        params, opt = make(n, numel, lambda ps: of.Lion(ps, fused=True))
+        rows[n] = split_step(opt, params, rounds * max(3, 2000 // n), fresh)
     for part in ("step", "kernel", "copy", "rest", "rest_min"):
         print(f"{part:28s}" + "".join(f"{rows[n][part] / n * 1e6:12.2f}" for n in counts))
     if len(counts) >= 2:
@@ -132,9 +153,9 @@ def fused_split_table(counts: list[int], numel: int, rounds: int) -> None:
                   f"(fit through {lo} and {hi} tensors)")
 
 
-def kernel_share(n: int, numel: int, rounds: int) -> None:
-    _, opt = make(n, numel, lambda ps: of.Lion(ps, fused=True))
-    r = split_step(opt, rounds * 5)
+def kernel_share(n: int, numel: int, rounds: int, fresh: bool) -> None:
+    params, opt = make(n, numel, lambda ps: of.Lion(ps, fused=True))
+    r = split_step(opt, params, rounds * 5, fresh)
     ms = {k: v * 1e3 for k, v in r.items()}
     print(f"\n== Lion(fused=True), {n} tensors x {numel}: step {ms['step']:.2f} ms = compiled kernel "
           f"{ms['kernel']:.2f} ms + gradient copy {ms['copy']:.2f} ms + the rest {ms['rest']:.2f} ms; "
@@ -150,12 +171,14 @@ def main() -> None:
     ap.add_argument("--split-tensors", type=int, default=2000)
     ap.add_argument("--split-numel", type=int, default=2500)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fresh-grads", action="store_true",
+                    help="new gradients from a backward pass before each step, as in training")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     counts = [int(c) for c in args.counts.split(",")]
-    per_tensor_table(counts, args.numel, args.rounds)
-    fused_split_table(counts, args.numel, args.rounds)
-    kernel_share(args.split_tensors, args.split_numel, args.rounds)
+    per_tensor_table(counts, args.numel, args.rounds, args.fresh_grads)
+    fused_split_table(counts, args.numel, args.rounds, args.fresh_grads)
+    kernel_share(args.split_tensors, args.split_numel, args.rounds, args.fresh_grads)
 
 
 if __name__ == "__main__":
