@@ -202,3 +202,26 @@ def test_gradients_of_interleaved_shapes_reach_their_params():
             opt.step()
         runs.append(ps)
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_generated_kernel_is_parallel_whatever_size_it_was_first_compiled_for():
+    """Inductor chooses a serial CPU loop for the sizes a kernel is first compiled for when
+    they are small, and its caches (in memory and on disk) then hand that kernel to every
+    later bucket, however large: a generated kernel first compiled for a tiny bucket must
+    still run its loop on all of torch's threads."""
+    from unittest import mock
+
+    from torch._inductor.graph import GraphLowering
+    from torch._inductor.utils import fresh_cache
+
+    class FirstCompiledSmall(of.Lion):    # its own compiled entry, compiled here
+        pass
+
+    codes: list[str] = []
+    p = torch.nn.Parameter(torch.randn(8))
+    p.grad = torch.randn(8)
+    with fresh_cache(), mock.patch.object(GraphLowering, "save_output_code", codes.append):
+        FirstCompiledSmall([p], lr=1e-3, fused=True).step()
+    kernels = [code for code in codes if "cpp_fused" in code]
+    assert kernels, "no generated kernel was compiled"
+    assert all("#pragma omp parallel" in code for code in kernels)

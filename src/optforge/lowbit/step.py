@@ -20,7 +20,7 @@ from torch import Tensor
 from .. import chunk_threads
 from ..distributed import local, placed_as
 from ..eager_chunks import group_pieces
-from ..fused import _frozen, _fused_entry
+from ..fused import _frozen, _fused_entry, compile_entry
 from ..steps import advance_steps
 from ..tensorlist import TensorList
 from .buffers import ChunkBuffers, decode_into, encode_into, in_place
@@ -219,7 +219,7 @@ def _compiled(cls: type, consts: dict[str, Any], codes: dict[str, Code], dtype: 
     if fn is None:
         code = _low_bit_entry.__code__.replace(co_name=f"_low_bit_{cls.__name__}")
         copy = types.FunctionType(code, {**_low_bit_entry.__globals__, "CODES": dict(codes)}, code.co_name)
-        fn = _COMPILED[key] = torch.compile(copy, dynamic=True, fullgraph=True)
+        fn = _COMPILED[key] = compile_entry(copy)
     return fn
 
 
