@@ -179,3 +179,27 @@ def test_rprop_equals_torch_bit_for_bit_on_special_gradients(kwargs, dtype, chun
                 x, y = (torch.view_as_real(z.detach()) if z.is_complex() else z.detach() for z in (x, y))
                 assert torch.equal(x.isnan(), y.isnan()), f"step {step}"
                 assert torch.equal(x.nan_to_num(), y.nan_to_num()), f"step {step}"
+
+
+def test_nadam_mu_products_round_as_torchs_with_differing_steps_and_after_a_load():
+    """NAdam multiplies the bucket's mu_product entries at once: in float32 they must equal
+    torch's, entry by entry, also when the parameters' step counts differ (one joins late)
+    and after torch's state dict is loaded mid-run."""
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(4)]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    kwargs = dict(lr=1e-2, momentum_decay=0.4)     # products that change quickly
+    opt_a, opt_b = of.NAdam(ours, **kwargs), torch.optim.NAdam(theirs, **kwargs, foreach=False)
+    for step in range(30):
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            g = None if i == 3 and step < 5 else torch.randn_like(a)
+            a.grad, b.grad = g, None if g is None else g.clone()
+        opt_a.step()
+        opt_b.step()
+        if step == 15:
+            opt_a = of.NAdam(ours, **kwargs)
+            opt_a.load_state_dict(copy.deepcopy(opt_b.state_dict()))
+    for a, b in zip(ours, theirs):
+        assert opt_a.state[a]["mu_product"].dtype == torch.float32
+        assert torch.equal(opt_a.state[a]["mu_product"], opt_b.state[b]["mu_product"])
+        torch.testing.assert_close(a, b)

@@ -5,13 +5,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ..base import Optimizer, ParamsT, _step_dtype
 from ..constraints import beta_tuple, non_negative
 from ..registry import register
+from ..steps import step_values
 from ..torch_compat import DECOUPLED_WEIGHT_DECAY
-from .scalar_state import as_scalar_tensor, load_keeping_scalars
+from .scalar_state import load_keeping_scalars, stacked_scalars
 
 
 class NAdam(Optimizer):
@@ -60,14 +62,18 @@ class NAdam(Optimizer):
 
     def step_group(self, group: dict[str, Any], buckets: list) -> None:
         for b in buckets:
-            products = []
-            for st in b.states:
-                st["mu_product"] = as_scalar_tensor(st.get("mu_product", 1.0), _step_dtype())
-                st["mu_product"].mul_(self._mu(group, float(st["step"]) + 1))   # Pi_t = Pi_{t-1} mu_t
-                products.append(float(st["mu_product"]))
-            self._mu_products = products
+            t = [s + 1 for s in step_values(b.steps)]
+            mus = [self._mu(group, ti) for ti in t]
+            products = stacked_scalars(b.states, "mu_product", _step_dtype(), 1.0)
+            if products is not None:     # Pi_t = Pi_{t-1} mu_t, for the whole bucket at once
+                products.mul_(mus[0] if len(set(mus)) == 1 else torch.tensor(mus, dtype=products.dtype))
+                self._mu_products = products.tolist()
+            else:                        # loaded in differing dtypes: each in its own
+                for st, mu in zip(b.states, mus):
+                    st["mu_product"].mul_(mu)
+                self._mu_products = [float(st["mu_product"]) for st in b.states]
             # updates over part of the bucket (low-bit state runs it in chunks) find Pi_t by step
-            self._mu_by_step = dict(zip((float(st["step"]) + 1 for st in b.states), products))
+            self._mu_by_step = dict(zip(t, self._mu_products))
             self.step_bucket(group, b)
 
     def _fused_step(self, group: dict[str, Any], b: Any) -> bool:
@@ -94,9 +100,12 @@ class NAdam(Optimizer):
     def update(self, group, p, g, s, t) -> None:
         products = (self._mu_products if len(t) == len(self._mu_products)
                     else [self._mu_by_step[ti] for ti in t])
-        per_param = [self._coefficients(group, ti, pi) for ti, pi in zip(t, products)]
-        c = {k: [x[k] for x in per_param] for k in per_param[0]}
-        c = {k: v[0] if len(set(v)) == 1 else v for k, v in c.items()}
+        if len(set(t)) == 1 and len(set(products)) == 1:    # the usual case: numbers, once
+            c = self._coefficients(group, t[0], products[0])
+        else:
+            per_param = [self._coefficients(group, ti, pi) for ti, pi in zip(t, products)]
+            c = {k: [x[k] for x in per_param] for k in per_param[0]}
+            c = {k: v[0] if len(set(v)) == 1 else v for k, v in c.items()}
         self.kernel(group, p, g, s, c)
 
     @staticmethod

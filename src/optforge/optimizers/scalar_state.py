@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from ..steps import shared_base
+
 
 def load_keeping_scalars(opt: Any, state_dict: dict[str, Any], names: tuple[str, ...], load) -> None:
     """``load(state_dict)`` (the base class's load), after refusing a state that lacks one of
@@ -36,3 +38,24 @@ def load_keeping_scalars(opt: Any, state_dict: dict[str, Any], names: tuple[str,
 def as_scalar_tensor(value: Any, dtype: torch.dtype) -> torch.Tensor:
     """A state number as a 0-d tensor (older torch checkpoints hold Python numbers)."""
     return value if torch.is_tensor(value) else torch.tensor(float(value), dtype=dtype)
+
+
+def stacked_scalars(states: list[dict[str, Any]], name: str, dtype: torch.dtype,
+                    initial: float) -> torch.Tensor | None:
+    """The 0-d entries ``name`` of ``states`` as the elements of one 1-d tensor, returned, so a
+    step updates and reads them all at once; None if loaded entries differ in dtype. Entries
+    that are not yet views of one tensor (new ones, made at ``initial`` in ``dtype``; loaded
+    ones, separate tensors or numbers) are moved into a new one, keeping their dtype."""
+    entries = [st.get(name) for st in states]
+    if all(map(torch.is_tensor, entries)):
+        base = shared_base(entries)
+        if base is not None:
+            return base
+    dtypes = {x.dtype for x in entries if torch.is_tensor(x)}
+    if len(dtypes) > 1:
+        return None
+    base = torch.tensor([initial if x is None else float(x) for x in entries],
+                        dtype=dtypes.pop() if dtypes else dtype)
+    for st, view in zip(states, base.unbind()):
+        st[name] = view
+    return base
