@@ -37,8 +37,6 @@ def advance_steps(steps: list[Tensor], values: bool = True) -> list[float]:
     base = shared_base(steps)
     if base is not None:
         base.add_(1.0)
-        if not values:
-            return []
         return base.tolist() if values else []
     torch._foreach_add_(steps, 1.0)
     return [x.item() for x in steps] if values else []
