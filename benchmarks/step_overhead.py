@@ -93,7 +93,8 @@ def per_tensor_table(counts: list[int], numel: int, rounds: int, fresh: bool) ->
 
 @contextmanager
 def timed_parts():
-    """Record, per call, the seconds spent in the compiled fused kernel and in the gradient copy."""
+    """Record the seconds spent in the compiled fused kernel calls and in the gradient copy,
+    added to the last entry of each list (the caller appends one entry per step)."""
     parts = {"kernel": [], "copy": []}
     compiled, gather = fused_module.compiled_step, fused_module.FlatBucket.gather_grads
 
@@ -103,13 +104,13 @@ def timed_parts():
         def run(*a, **k):
             start = time.perf_counter()
             fn(*a, **k)
-            parts["kernel"].append(time.perf_counter() - start)
+            parts["kernel"][-1] += time.perf_counter() - start
         return run
 
     def gather_grads(self, grads):
         start = time.perf_counter()
         out = gather(self, grads)
-        parts["copy"].append(time.perf_counter() - start)
+        parts["copy"][-1] += time.perf_counter() - start
         return out
 
     fused_module.compiled_step, fused_module.FlatBucket.gather_grads = compiled_step, gather_grads
@@ -126,6 +127,8 @@ def split_step(opt, params: list, steps: int, fresh: bool) -> dict[str, float]:
         for _ in range(steps):
             if fresh:
                 new_grads(params)
+            parts["kernel"].append(0.0)
+            parts["copy"].append(0.0)
             start = time.perf_counter()
             opt.step()
             totals.append(time.perf_counter() - start)

@@ -8,6 +8,7 @@ import torch
 
 import optforge as of
 from helpers import assert_moves, assert_same_trajectory, make_model, trajectory, two_groups
+from optforge import fused as fused_module
 
 CASES = [
     (of.SGD, dict(momentum=0.9)),                                  # torch's fused SGD
@@ -33,8 +34,17 @@ def _ids(case):
     return cls.__name__ + "".join(f"-{k}={v}" for k, v in kw.items())
 
 
+@pytest.fixture(params=[None, 50], ids=["copied", "in-place-from-50"])
+def read_in_place(request, monkeypatch):
+    """Gradients copied into the flat buffer (the default at these sizes), or read in place by
+    a kernel call per parameter from 50 entries on: the conv and first linear weights."""
+    if request.param is not None:
+        monkeypatch.setitem(fused_module.READ_IN_PLACE, "cpu", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("case", CASES, ids=_ids)
-def test_fused_follows_eager(case):
+def test_fused_follows_eager(case, read_in_place):
     cls, kw = case
     kw = dict(kw)
     lr = kw.pop("lr", 1e-2)
@@ -97,7 +107,7 @@ def test_param_without_grad_is_left_alone():
 
 
 @pytest.mark.parametrize("cls", [of.AdaBelief, of.Adam], ids=["generated", "torch-fused"])
-def test_grads_stay_the_users_tensors(cls):
+def test_grads_stay_the_users_tensors(cls, read_in_place):
     """A fused step reads p.grad and leaves it be: the same object on the same memory, with
     its values, after the step (the generated kernel copies it into its flat buffer)."""
     model = make_model()
@@ -112,6 +122,9 @@ def test_grads_stay_the_users_tensors(cls):
             assert p.grad is g and id(p.grad) == ident and p.grad.data_ptr() == ptr
             assert torch.equal(p.grad, values)
     assert isinstance(opt, of.Adam) or opt._flat_buckets     # the generated kernel did run
+    if read_in_place and not isinstance(opt, of.Adam):       # only the small ones are copied
+        small = sum(p.numel() for p in model.parameters() if p.numel() < read_in_place)
+        assert next(iter(opt._flat_buckets.values())).flat_grad.numel() == small
 
 
 @pytest.mark.parametrize("set_to_none", [True, False])
@@ -185,9 +198,13 @@ def test_step_counts_that_diverge_and_meet_again_resume_the_fused_kernel():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-def test_gradients_of_interleaved_shapes_reach_their_params():
-    """The flat buffers group tensors by shape (one gradient copy per shape): with shapes
-    interleaved, each parameter still gets its own gradient, as on the eager path."""
+@pytest.mark.parametrize("in_place", [None, 4, 1], ids=["copied", "mixed", "all-in-place"])
+def test_gradients_of_interleaved_shapes_reach_their_params(in_place, monkeypatch):
+    """The flat buffers group tensors by shape (one gradient copy per shape), and put those
+    whose gradient is read in place after them: with shapes interleaved, each parameter still
+    gets its own gradient, as on the eager path."""
+    if in_place is not None:
+        monkeypatch.setitem(fused_module.READ_IN_PLACE, "cpu", in_place)
     shapes = [(3, 4), (4,), (3, 4), (), (4,), (3, 4), (2, 1, 2)]
     torch.manual_seed(0)
     start = [torch.randn(s, dtype=torch.float64) for s in shapes]
