@@ -12,7 +12,7 @@ AdamW as the common reference:
 - many-small: step_speed.py's 25 blocks 128 wide, 300 tensors, 4.96M entries, none large
   (the two should tie).
 
-    python benchmarks/fused_grad_read.py                       # ~3 minutes on 2 cores
+    python benchmarks/fused_grad_read.py                       # ~1-2 minutes on 2 cores
     python benchmarks/fused_grad_read.py --only lion --workloads one-big --rounds 5
 """
 
@@ -22,6 +22,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from datetime import datetime, timezone
 
 import torch
 from step_speed import transformer_shapes
@@ -111,7 +112,8 @@ def main() -> None:
     bad = [w for w in workloads if w not in WORKLOADS]
     if bad:
         ap.error(f"unknown workload(s) {bad}; choose from {sorted(WORKLOADS)}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32; "
+    print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, float32; "
           f"READ_IN_PLACE = {fused_module.READ_IN_PLACE}")
     for workload in workloads:
         run(workload, names, args.rounds, args.steps)
