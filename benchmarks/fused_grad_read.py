@@ -2,18 +2,19 @@
 
 The generated kernel runs on flat buffers. The gradients of small tensors are copied into a
 flat one each step; those of tensors of ``optforge.fused.READ_IN_PLACE`` entries and more
-(2^18 on CPU) are read where they are, in a kernel call per tensor. This times both on
+(2^20 on CPU) are read where they are, in a kernel call per tensor. This times both on
 separate optimizers in one process, rounds interleaved (median step time), with torch's fused
 AdamW as the common reference:
 
 - one-big: one (4096, 8192) float32 tensor (33.5M entries);
 - lm: the parameter shapes of a 6-block, 768-wide transformer with a 16,384-token embedding
-  (55M entries in 75 tensors, 25 of them large);
+  (55M entries in 75 tensors, 19 of them large);
 - many-small: step_speed.py's 25 blocks 128 wide, 300 tensors, 4.96M entries, none large
   (the two should tie).
 
     python benchmarks/fused_grad_read.py                       # ~1-2 minutes on 2 cores
     python benchmarks/fused_grad_read.py --only lion --workloads one-big --rounds 5
+    python benchmarks/fused_grad_read.py --only lion,adan --workloads many-small --sweep
 """
 
 from __future__ import annotations
@@ -95,6 +96,35 @@ def run(workload: str, names: list[str], rounds: int, steps: int) -> None:
     del entries
 
 
+def sweep(names: list[str], rounds: int, steps: int) -> None:
+    """In place against copied for equal tensors of 2^17 to 2^21 entries (2^24 in all): where
+    the kernel call per tensor starts to beat the copy."""
+    print(f"\n== threshold sweep: equal tensors, 16.8M entries in all; in place / copied, median of "
+          f"{rounds} rounds of {steps} steps ==")
+    print(f"{'optimizer':22s}" + "".join(f"{'2^' + str(e):>9s}" for e in range(17, 22)))
+    saved = dict(fused_module.READ_IN_PLACE)
+    for name in names:
+        cells = []
+        for e in range(17, 22):
+            torch.manual_seed(0)
+            start = [torch.randn(2**e) for _ in range(2 ** (24 - e))]
+            grads = [torch.randn(2**e) for _ in range(2 ** (24 - e))]
+            fused_module.READ_IN_PLACE["cpu"] = 1       # every tensor read in place
+            try:
+                in_place = make(lambda ps, c=OPTIMIZERS[name]: c(ps, fused=True), start, grads, True)
+            finally:
+                fused_module.READ_IN_PLACE.clear()
+                fused_module.READ_IN_PLACE.update(saved)
+            copied = make(lambda ps, c=OPTIMIZERS[name]: c(ps, fused=True), start, grads, False)
+            a, b = [], []
+            for _ in range(rounds):
+                a.append(timed(in_place, steps))
+                b.append(timed(copied, steps))
+            cells.append(statistics.median(a) / statistics.median(b))
+            del in_place, copied
+        print(f"{name:22s}" + "".join(f"{c:9.2f}" for c in cells))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default=",".join(OPTIMIZERS), help="comma-separated: " + ", ".join(OPTIMIZERS))
@@ -102,6 +132,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=3, help="steps per round")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sweep", action="store_true", help="also time equal tensors of 2^17 to 2^21 entries")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     names = args.only.split(",")
@@ -117,6 +148,8 @@ def main() -> None:
           f"READ_IN_PLACE = {fused_module.READ_IN_PLACE}")
     for workload in workloads:
         run(workload, names, args.rounds, args.steps)
+    if args.sweep:
+        sweep(names, args.rounds, args.steps)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ elementwise ``kernel`` (TensorList methods only) gets ``fused=True`` for free:
 - the bucket's parameters and state live in one flat buffer each; ``p.data`` and the state
   entries become views into them (so ``state_dict``, checkpoints and the model see the same
   tensors); each step copies the small tensors' gradients into a flat buffer, and reads
-  large ones in place (``p.grad`` is left alone either way);
+  large ones in place (:data:`READ_IN_PLACE`) (``p.grad`` is left alone either way);
 - the kernel runs on :class:`FlatList` s (a single flat tensor: all the small tensors, or one
   large one) with the per-step scalars as
   0-d tensors, under ``torch.compile``, which fuses every line of the kernel, ``maximize`` and
@@ -162,10 +162,11 @@ class FlatList(TensorList):
 
 #: Parameters of at least this many entries (per device type) keep their gradient where it is:
 #: the kernel runs on each of them in a call of its own, reading ``p.grad`` in place, instead of
-#: on a copy in the flat gradient. On CPU a copy of 2^18 float32 entries (2 MiB read, 2 written)
-#: takes about twice a compiled call's own cost (~40 us); on a large model it was a whole extra
-#: pass over the gradients. Other devices copy every gradient (not measured there).
-READ_IN_PLACE = {"cpu": 1 << 18}
+#: on a copy in the flat gradient. On CPU a compiled call costs 45-90 us of its own (more with
+#: more state), about the time of copying 2^18-2^19 float32 entries; from 2^20 entries the call
+#: won in every measurement (``benchmarks/fused_grad_read.py --sweep``). Other devices copy
+#: every gradient (not measured there).
+READ_IN_PLACE = {"cpu": 1 << 20}
 
 
 class FlatBucket:
