@@ -221,6 +221,28 @@ def test_gradients_of_interleaved_shapes_reach_their_params(in_place, monkeypatc
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
+def test_large_gradient_that_is_not_contiguous_is_read_in_order(monkeypatch):
+    """A gradient read in place that is not contiguous (here: transposed strides, as a user
+    may assign) is read in its logical order, as the eager path reads it."""
+    monkeypatch.setitem(fused_module.READ_IN_PLACE, "cpu", 10)
+    torch.manual_seed(0)
+    start = [torch.randn(4, 6, dtype=torch.float64), torch.randn(3, dtype=torch.float64)]
+    runs = []
+    for fused in (False, True):
+        ps = [torch.nn.Parameter(x.clone()) for x in start]
+        opt = of.AdaBelief(ps, lr=0.1, fused=fused)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            ps[0].grad = torch.randn(6, 4, dtype=torch.float64, generator=g).t()
+            ps[1].grad = torch.randn(3, dtype=torch.float64, generator=g)
+            assert not ps[0].grad.is_contiguous()
+            opt.step()
+        runs.append(ps)
+    assert len(next(iter(opt._flat_buckets.values())).pieces) == 2      # the matrix on its own
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
 def test_generated_kernel_is_parallel_whatever_size_it_was_first_compiled_for():
     """Inductor chooses a serial CPU loop for the sizes a kernel is first compiled for when
     they are small, and its caches (in memory and on disk) then hand that kernel to every
