@@ -85,7 +85,10 @@ def main() -> None:
     from torch.utils.cpp_extension import load_inline
 
     start = time.perf_counter()
-    ext = load_inline("optforge_metadata_floor", cpp_sources=CHECKS, functions=["current", "current_holding"])
+    try:
+        ext = load_inline("optforge_metadata_floor", cpp_sources=CHECKS, functions=["current", "current_holding"])
+    except (RuntimeError, OSError) as e:
+        raise SystemExit(f"could not build the C++ checks (this needs a C++ compiler and ninja): {e}") from e
     print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; extension ready in {time.perf_counter() - start:.1f} s")
     params = [torch.nn.Parameter(torch.randn(args.numel)) for _ in range(args.tensors)]
