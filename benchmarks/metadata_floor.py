@@ -86,7 +86,8 @@ def main() -> None:
 
     start = time.perf_counter()
     try:
-        ext = load_inline("optforge_metadata_floor", cpp_sources=CHECKS, functions=["current", "current_holding"])
+        ext = load_inline("optforge_metadata_floor", cpp_sources=CHECKS,
+                          functions=["current", "current_holding"])
     except (RuntimeError, OSError) as e:
         raise SystemExit(f"could not build the C++ checks (this needs a C++ compiler and ninja): {e}") from e
     print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
