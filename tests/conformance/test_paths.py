@@ -18,6 +18,7 @@ from conformance_cases import (
 
 import optforge as of
 from helpers import batch, two_groups
+from optforge import fused as fused_module
 
 DTYPES = [pytest.param(torch.float64, id="f64"), pytest.param(torch.float32, id="f32")]
 
@@ -95,10 +96,16 @@ def test_bucketed_equals_one_tensor_at_a_time(info, fused, dtype):
     assert sorted(set(steps)) == [15, 16]        # the gaps did happen
 
 
+@pytest.mark.parametrize("read_in_place", [None, 4], ids=["grads-copied", "grads-in-place"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("info", fused_optimizers())
-def test_fused_equals_foreach(info, dtype):
-    """Two param groups with other lr and weight decay."""
+def test_fused_equals_foreach(info, dtype, read_in_place, monkeypatch):
+    """Two param groups with other lr and weight decay; the generated kernel copies the
+    gradients into its flat buffer (these tensors are small), or reads those of 4 entries and
+    more in place (all but two biases, which stay in a flat piece of 4 entries), and never
+    writes into them."""
+    if read_in_place is not None:
+        monkeypatch.setitem(fused_module.READ_IN_PLACE, "cpu", read_in_place)
     lr = optimizer_kwargs(info.name)["lr"]
 
     def groups(model):
@@ -112,6 +119,11 @@ def test_fused_equals_foreach(info, dtype):
     assert_close_paths(a, b, reference(info, dtype, groups, gaps=False))
     if not fused.native_fused(fused.param_groups[0]):         # the flat kernel really ran
         assert fused._flat_buckets
+    params = list(model_b.parameters())
+    grads = [(p.grad, p.grad._version, p.grad.clone()) for p in params]
+    fused.step()
+    for p, (g, version, values) in zip(params, grads):
+        assert p.grad is g and g._version == version and torch.equal(g, values)
 
 
 def test_a_sweep_of_fused_configurations_does_not_exhaust_recompiles():
