@@ -71,13 +71,21 @@ def test_fused_refused_without_a_kernel():
         OnlyUpdate(params, fused=True)
 
 
-def test_generated_params_become_views_and_state_dict_resumes_exactly():
+def test_generated_params_become_views_and_state_dict_resumes_exactly(read_in_place):
+    """Small params become views into the flat buffer; large ones (read in place) keep their
+    own memory and state tensors. Either way a checkpoint resumes bit for bit."""
     model_a = make_model()
+    ptrs = [p.data_ptr() for p in model_a.parameters()]
     opt_a = of.Compass(model_a.parameters(), lr=1e-3, fused=True)
-    trajectory(model_a, opt_a, steps=5)
+    trajectory(model_a, opt_a, steps=1)
+    states = [dict(opt_a.state[p]) for p in model_a.parameters()]
+    trajectory(model_a, opt_a, steps=4)
     flat = next(iter(opt_a._flat_buckets.values())).flat_param
-    assert all(p.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
-               for p in model_a.parameters())
+    for p, ptr, st in zip(model_a.parameters(), ptrs, states):
+        if read_in_place and p.numel() >= read_in_place:
+            assert p.data_ptr() == ptr and all(opt_a.state[p][k] is st[k] for k in st if k != "step")
+        else:
+            assert p.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
     saved_model, saved_opt = copy.deepcopy(model_a.state_dict()), copy.deepcopy(opt_a.state_dict())
     assert all(float(s["step"]) == 5 for s in saved_opt["state"].values())
     expected = trajectory(model_a, opt_a, steps=5)
@@ -241,6 +249,29 @@ def test_large_gradient_that_is_not_contiguous_is_read_in_order(monkeypatch):
     assert len(next(iter(opt._flat_buckets.values())).pieces) == 2      # the matrix on its own
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
+def test_large_param_state_not_laid_out_as_the_param_is_read_as_the_eager_path_reads_it(monkeypatch):
+    """A large param's state entry of another layout (here: transposed strides, set by hand)
+    is made contiguous for the kernel: the same trajectory as eager."""
+    monkeypatch.setitem(fused_module.READ_IN_PLACE, "cpu", 10)
+    torch.manual_seed(0)
+    start, grads = torch.randn(4, 6, dtype=torch.float64), torch.randn(5, 4, 6, dtype=torch.float64)
+    runs = []
+    for fused in (False, True):
+        p = torch.nn.Parameter(start.clone())
+        opt = of.AdaBelief([p], lr=0.1, fused=fused)
+        p.grad = grads[0]
+        opt.step()
+        opt.state[p]["exp_avg"] = opt.state[p]["exp_avg"].t().contiguous().t()
+        assert not opt.state[p]["exp_avg"].is_contiguous()
+        for g in grads[1:]:
+            p.grad = g
+            opt.step()
+        runs.append((p, opt.state[p]["exp_avg"]))
+    (pa, ma), (pb, mb) = runs
+    torch.testing.assert_close(pa, pb, rtol=1e-12, atol=0)
+    torch.testing.assert_close(ma, mb, rtol=1e-12, atol=0)
 
 
 def test_generated_kernel_is_parallel_whatever_size_it_was_first_compiled_for():

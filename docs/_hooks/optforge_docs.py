@@ -172,7 +172,8 @@ def paths_text(info: Any) -> str:
                      "else one generated (`torch.compile`) kernel over flat buffers.")
     elif fusable:
         lines.append("- `fused=True`: one generated (`torch.compile`) kernel over flat buffers, "
-                     "compiled at the first step; the parameters become views into them.")
+                     "compiled at the first step; the parameters become views into them (on CPU, those of "
+                     "2^20 entries or more keep their memory and get a kernel call each).")
     else:
         reason = getattr(cls, "no_fused_reason", None) or "the update is not elementwise"
         lines.append(f"- `fused=True`: refused with a `ValueError`: {reason}.")

@@ -3,10 +3,11 @@
 An optimizer that writes its update as ``scalars`` (Python math on the step count) plus an
 elementwise ``kernel`` (TensorList methods only) gets ``fused=True`` for free:
 
-- the bucket's parameters and state live in one flat buffer each; ``p.data`` and the state
-  entries become views into them (so ``state_dict``, checkpoints and the model see the same
-  tensors); each step copies the small tensors' gradients into a flat buffer, and reads
-  large ones in place (:data:`READ_IN_PLACE`) (``p.grad`` is left alone either way);
+- the bucket's small parameters and their state live in one flat buffer each; ``p.data`` and
+  the state entries become views into them (so ``state_dict``, checkpoints and the model see
+  the same tensors), and each step copies their gradients into a flat buffer. Large tensors
+  (:data:`READ_IN_PLACE`, CPU) stay where they are, their gradients read in place. ``p.grad``
+  is left alone either way;
 - the kernel runs on :class:`FlatList` s (a single flat tensor: all the small tensors, or one
   large one) with the per-step scalars as
   0-d tensors, under ``torch.compile``, which fuses every line of the kernel, ``maximize`` and
@@ -160,23 +161,26 @@ class FlatList(TensorList):
         raise TypeError("a fused kernel cannot select tensors: express the choice in scalars()")
 
 
-#: Parameters of at least this many entries (per device type) keep their gradient where it is:
-#: the kernel runs on each of them in a call of its own, reading ``p.grad`` in place, instead of
-#: on a copy in the flat gradient. On CPU a compiled call costs 45-90 us of its own (more with
-#: more state), about the time of copying 2^18-2^19 float32 entries; from 2^20 entries the call
-#: won in every measurement (``benchmarks/fused_grad_read.py --sweep``). Other devices copy
-#: every gradient (not measured there).
+#: Parameters of at least this many entries (per device type) stay out of the flat buffers, as
+#: do their state and gradient: the kernel runs on each of them in a call of its own, reading
+#: ``p.grad`` in place, instead of on a copy in the flat gradient. On CPU a compiled call costs
+#: 45-90 us of its own (more with more state), about the time of copying 2^18-2^19 float32
+#: entries; from 2^20 entries the call won in every measurement
+#: (``benchmarks/fused_grad_read.py --sweep``). Other devices copy every gradient (not
+#: measured there).
 READ_IN_PLACE = {"cpu": 1 << 20}
 
 
 class FlatBucket:
-    """Params, state and a gradient buffer of one bucket, each in one flat tensor.
+    """Params, state and a gradient buffer of one bucket's small tensors, each in one flat
+    tensor; its large tensors (:data:`READ_IN_PLACE`) stay where they are.
 
-    Small tensors come first, those of one shape next to each other (in the bucket's order
-    within a shape), so that each step copies their gradients in with one ``torch.stack`` per
-    shape: one C++ loop over the tensors, several times faster on small tensors than a
-    ``copy_`` each. Large ones (:data:`READ_IN_PLACE`) follow, one kernel call each on their
-    own gradient. ``pieces`` are the (param, state) flat views each kernel call runs on."""
+    Small tensors lie in the flat buffers those of one shape next to each other (in the
+    bucket's order within a shape), so that each step copies their gradients in with one
+    ``torch.stack`` per shape: one C++ loop over the tensors, several times faster on small
+    tensors than a ``copy_`` each. Each large tensor gets a kernel call of its own, on its own
+    parameter, state and gradient. ``pieces`` are the (param, state) flat tensors each kernel
+    call runs on."""
 
     def __init__(self, params: Sequence[Tensor], states: Sequence[dict[str, Any]],
                  names: Sequence[str]) -> None:
@@ -190,16 +194,16 @@ class FlatBucket:
         for i, p in enumerate(params):
             if i not in large:
                 by_shape.setdefault(p.shape, []).append(i)
-        self.order = [i for members in by_shape.values() for i in members] + self.large
-        self.offsets = [0] * len(params)        # where each param (in the bucket's order) starts
+        self.order = [i for members in by_shape.values() for i in members]
+        self.offsets: dict[int, int] = {}       # where each small param starts in the flat buffers
         total = 0
         for i in self.order:
             self.offsets[i] = total
             total += params[i].numel()
-        small = total - sum(params[i].numel() for i in self.large)
+        small = [params[i] for i in self.order]
         with torch.no_grad():
             self.flat_param = self._flatten(params, total, p0)
-            for p, view in zip(params, self._views(self.flat_param, params)):
+            for p, view in zip(small, self._views(self.flat_param, params)):
                 p.data = view
             self.param_ptrs = list(map(Tensor.data_ptr, params))
             self.flat_state = {}
@@ -207,19 +211,20 @@ class FlatBucket:
             for name in names:
                 flat = self._flatten([st[name] for st in states], total, p0)
                 self.flat_state[name] = flat
-                self.state_views[name] = self._views(flat, params)
-                for st, view in zip(states, self.state_views[name]):
-                    st[name] = view
+                for i, view in zip(self.order, self._views(flat, params)):
+                    states[i][name] = view
+                for i in self.large:
+                    states[i][name] = _kernel_ready(states[i][name], params[i])
+                self.state_views[name] = [st[name] for st in states]
             steps = torch.stack([st["step"] for st in states])
             self.flat_step = steps.clone()
             self.state_views["step"] = list(self.flat_step.unbind())
             for st, view in zip(states, self.state_views["step"]):
                 st["step"] = view
-        spans = ([(0, small)] if small else []) + [
-            (self.offsets[i], self.offsets[i] + params[i].numel()) for i in self.large]
-        self.pieces = [(self.flat_param[a:b], {n: f[a:b] for n, f in self.flat_state.items()})
-                       for a, b in spans]
-        self.flat_grad = torch.zeros(small, dtype=p0.dtype, device=p0.device)
+        self.pieces = [(self.flat_param, self.flat_state)] if total else []
+        self.pieces += [(params[i].detach().view(-1), {n: states[i][n].view(-1) for n in names})
+                        for i in self.large]
+        self.flat_grad = torch.zeros(total, dtype=p0.dtype, device=p0.device)
         self._grad_blocks = []                  # (grads -> those of one shape, their block of flat_grad)
         for shape, members in by_shape.items():
             start = self.offsets[members[0]]
@@ -249,11 +254,14 @@ class FlatBucket:
 
     def _flatten(self, tensors: Sequence[Tensor], total: int, like: Tensor) -> Tensor:
         flat = torch.empty(total, dtype=like.dtype, device=like.device)
-        torch.cat([tensors[i].reshape(-1) for i in self.order], out=flat)
+        if self.order:
+            torch.cat([tensors[i].reshape(-1) for i in self.order], out=flat)
         return flat
 
     def _views(self, flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
-        return [flat[o:o + p.numel()].view(p.shape) for o, p in zip(self.offsets, like)]
+        """Views of ``flat`` shaped as the small params, in ``order``."""
+        return [flat[self.offsets[i]:self.offsets[i] + like[i].numel()].view(like[i].shape)
+                for i in self.order]
 
     def is_current(self, bucket: Any) -> bool:
         """True while the bucket's params and their state still live in this bucket's buffers:
@@ -289,6 +297,14 @@ class FlatBucket:
         out = [self.flat_grad] if self.flat_grad.numel() else []
         out.extend(grads[i].reshape(-1) for i in self.large)
         return out
+
+
+def _kernel_ready(x: Tensor, p: Tensor) -> Tensor:
+    """State entry ``x`` as the kernel reads it for ``p``: ``p``'s dtype and shape, contiguous
+    (``x`` itself when it already is, as every entry the optimizer made is)."""
+    y = x if x.dtype == p.dtype else x.to(p.dtype)
+    y = y if y.shape == p.shape else y.reshape(p.shape)
+    return y if y.is_contiguous() else y.contiguous()
 
 
 def _picker(positions: list[int]) -> Callable[[Sequence[Tensor]], Sequence[Tensor]]:
