@@ -206,27 +206,38 @@ def test_step_counts_that_diverge_and_meet_again_resume_the_fused_kernel():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+def eager_and_fused(cls, start, set_grads, steps=4):
+    """The params and optimizer of an eager and a fused run from ``start``, where
+    ``set_grads(params, generator)`` gives each step's gradients (the same in both runs)."""
+    runs = []
+    for fused in (False, True):
+        ps = [torch.nn.Parameter(x.clone()) for x in start]
+        opt = cls(ps, lr=0.1, fused=fused)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(steps):
+            set_grads(ps, g)
+            opt.step()
+        runs.append((ps, opt))
+    return runs
+
+
 @pytest.mark.parametrize("in_place", [None, 4, 1], ids=["copied", "mixed", "all-in-place"])
 def test_gradients_of_interleaved_shapes_reach_their_params(in_place, monkeypatch):
-    """The flat buffers group tensors by shape (one gradient copy per shape), and put those
-    whose gradient is read in place after them: with shapes interleaved, each parameter still
-    gets its own gradient, as on the eager path."""
+    """The flat buffers group tensors by shape (one gradient copy per shape), and large ones
+    stay out of them: with shapes interleaved, each parameter still gets its own gradient, as
+    on the eager path."""
     if in_place is not None:
         monkeypatch.setitem(fused_module.READ_IN_PLACE, "cpu", in_place)
     shapes = [(3, 4), (4,), (3, 4), (), (4,), (3, 4), (2, 1, 2)]
     torch.manual_seed(0)
     start = [torch.randn(s, dtype=torch.float64) for s in shapes]
-    runs = []
-    for fused in (False, True):
-        ps = [torch.nn.Parameter(x.clone()) for x in start]
-        opt = of.Lion(ps, lr=0.1, fused=fused)
-        g = torch.Generator().manual_seed(1)
-        for _ in range(4):
-            for p in ps:
-                p.grad = torch.randn(p.shape, dtype=p.dtype, generator=g)
-            opt.step()
-        runs.append(ps)
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+    def set_grads(ps, g):
+        for p in ps:
+            p.grad = torch.randn(p.shape, dtype=p.dtype, generator=g)
+
+    (eager, _), (fused, _) = eager_and_fused(of.Lion, start, set_grads)
+    assert all(torch.equal(a, b) for a, b in zip(eager, fused))
 
 
 def test_large_gradient_that_is_not_contiguous_is_read_in_order(monkeypatch):
@@ -235,19 +246,15 @@ def test_large_gradient_that_is_not_contiguous_is_read_in_order(monkeypatch):
     monkeypatch.setitem(fused_module.READ_IN_PLACE, "cpu", 10)
     torch.manual_seed(0)
     start = [torch.randn(4, 6, dtype=torch.float64), torch.randn(3, dtype=torch.float64)]
-    runs = []
-    for fused in (False, True):
-        ps = [torch.nn.Parameter(x.clone()) for x in start]
-        opt = of.AdaBelief(ps, lr=0.1, fused=fused)
-        g = torch.Generator().manual_seed(1)
-        for _ in range(4):
-            ps[0].grad = torch.randn(6, 4, dtype=torch.float64, generator=g).t()
-            ps[1].grad = torch.randn(3, dtype=torch.float64, generator=g)
-            assert not ps[0].grad.is_contiguous()
-            opt.step()
-        runs.append(ps)
+
+    def set_grads(ps, g):
+        ps[0].grad = torch.randn(6, 4, dtype=torch.float64, generator=g).t()
+        ps[1].grad = torch.randn(3, dtype=torch.float64, generator=g)
+        assert not ps[0].grad.is_contiguous()
+
+    (eager, _), (fused, opt) = eager_and_fused(of.AdaBelief, start, set_grads)
     assert len(next(iter(opt._flat_buckets.values())).pieces) == 2      # the matrix on its own
-    for a, b in zip(*runs):
+    for a, b in zip(eager, fused):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
 
 
