@@ -20,10 +20,12 @@ AdamW as the common reference:
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
+from unittest import mock
 
 import torch
 from step_speed import transformer_shapes
@@ -45,19 +47,17 @@ WORKLOADS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
     "many-small": lambda: transformer_shapes(128, 512)}
 
 
-def make(make_opt: Callable, start: list[torch.Tensor], grads: list[torch.Tensor], in_place: bool):
+def make(make_opt: Callable, start: list[torch.Tensor], grads: list[torch.Tensor],
+         read_in_place: dict[str, int] | None = None):
+    """An optimizer over copies of ``start`` with ``grads``, its first step taken with
+    ``READ_IN_PLACE`` set to ``read_in_place`` (None: as it is; {}: every gradient copied)."""
     params = [torch.nn.Parameter(x.clone()) for x in start]
     for p, g in zip(params, grads):
         p.grad = g                              # read only: the same gradients for every entry
-    saved = dict(fused_module.READ_IN_PLACE)
-    if not in_place:
-        fused_module.READ_IN_PLACE.clear()      # every gradient copied into the flat buffer
-    try:
+    values = fused_module.READ_IN_PLACE if read_in_place is None else read_in_place
+    with mock.patch.dict(fused_module.READ_IN_PLACE, values, clear=True):
         opt = make_opt(params)
         opt.step()                              # builds the flat buffers (and compiles)
-    finally:
-        fused_module.READ_IN_PLACE.clear()
-        fused_module.READ_IN_PLACE.update(saved)
     return opt
 
 
@@ -76,11 +76,11 @@ def run(workload: str, names: list[str], rounds: int, steps: int) -> None:
     large = sum(1 for x in start if x.numel() >= fused_module.READ_IN_PLACE.get("cpu", float("inf")))
     print(f"\n== {workload}: {len(shapes)} tensors, {sum(x.numel() for x in start) / 1e6:.1f}M entries, "
           f"{large} read in place; ms per step, median of {rounds} rounds of {steps} steps ==")
-    entries = {"torch.AdamW[fused]": make(lambda ps: torch.optim.AdamW(ps, fused=True), start, grads, True)}
+    entries = {"torch.AdamW[fused]": make(lambda ps: torch.optim.AdamW(ps, fused=True), start, grads)}
     for name in names:
         cls = OPTIMIZERS[name]
-        entries[f"{name}[copied]"] = make(lambda ps, c=cls: c(ps, fused=True), start, grads, False)
-        entries[f"{name}[in place]"] = make(lambda ps, c=cls: c(ps, fused=True), start, grads, True)
+        entries[f"{name}[copied]"] = make(lambda ps, c=cls: c(ps, fused=True), start, grads, {})
+        entries[f"{name}[in place]"] = make(lambda ps, c=cls: c(ps, fused=True), start, grads)
     samples: dict[str, list[float]] = {k: [] for k in entries}
     for _ in range(rounds):
         for key, opt in entries.items():
@@ -102,20 +102,15 @@ def sweep(names: list[str], rounds: int, steps: int) -> None:
     print(f"\n== threshold sweep: equal tensors, 16.8M entries in all; in place / copied, median of "
           f"{rounds} rounds of {steps} steps ==")
     print(f"{'optimizer':22s}" + "".join(f"{'2^' + str(e):>9s}" for e in range(17, 22)))
-    saved = dict(fused_module.READ_IN_PLACE)
     for name in names:
         cells = []
         for e in range(17, 22):
             torch.manual_seed(0)
             start = [torch.randn(2**e) for _ in range(2 ** (24 - e))]
             grads = [torch.randn(2**e) for _ in range(2 ** (24 - e))]
-            fused_module.READ_IN_PLACE["cpu"] = 1       # every tensor read in place
-            try:
-                in_place = make(lambda ps, c=OPTIMIZERS[name]: c(ps, fused=True), start, grads, True)
-            finally:
-                fused_module.READ_IN_PLACE.clear()
-                fused_module.READ_IN_PLACE.update(saved)
-            copied = make(lambda ps, c=OPTIMIZERS[name]: c(ps, fused=True), start, grads, False)
+            fused = functools.partial(OPTIMIZERS[name], fused=True)
+            in_place = make(fused, start, grads, {"cpu": 1})             # every tensor read in place
+            copied = make(fused, start, grads, {})
             a, b = [], []
             for _ in range(rounds):
                 a.append(timed(in_place, steps))
