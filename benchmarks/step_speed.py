@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Optimizer step speed on three CPU workloads (below).
+"""Optimizer step speed on three workloads (below), on CPU or (``--device cuda``) a GPU.
 
-Times ``opt.step()`` only, float32, CPU, ``torch.set_num_threads(2)``, fixed random grads, on:
+Times ``opt.step()`` only, float32, CPU with ``torch.set_num_threads(2)`` (or the GPU, each
+timed step between two ``torch.cuda.synchronize()``), fixed random grads, on:
 
 - ``many-small``: 25 transformer blocks (d=128, ff=512), 12 tensors each: 300 tensors, 4,956,800 params
 - ``one-big``:    one (4096, 8192) tensor: 33,554,432 params
@@ -18,6 +19,11 @@ the reported time is the median over all timed steps of an entry.
     python benchmarks/step_speed.py --json runs/step_speed.json   # full run, <= ~10 min (--time-budget)
     python benchmarks/step_speed.py --quick                        # smoke run
     python benchmarks/step_speed.py --workloads one-big --filter 'optforge.*,timm.*' --json out.json
+    python benchmarks/step_speed.py --device cuda --json runs/step_speed_cuda.json
+
+On a GPU the memory columns are the CUDA caching allocator's: "peak" is the most it had
+allocated during one step beyond what it held before it, "rss" the bytes allocated by building
+the entry (params, state, buffers).
 
 See benchmarks/README.md for what each column means.
 """
@@ -56,6 +62,7 @@ from optforge.registry import get_optimizer_info, list_optimizers
 
 THREADS = 2
 DTYPE = torch.float32
+DEVICE = torch.device("cpu")  # --device
 BASE_FOREACH = "torch.AdamW[foreach]"
 BASE_FUSED = "torch.AdamW[fused]"
 REF_ADD = "ref.add_[foreach]"
@@ -104,6 +111,12 @@ for _w in WORKLOADS.values():  # the counts DESIGN.md states
     assert sum(math.prod(s) for s in _w.shapes) == _w.n_params, _w.name
 
 
+def sync() -> None:
+    """Wait for the GPU's queued work (a no-op on CPU), so a timer around it times the work."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def interleaved_medians(opts: dict[str, Any], rounds: int, steps_per_round: int,
                         before_step: Callable[[Any], None] = lambda opt: None) -> dict[str, float]:
     """Median seconds of ``opt.step()`` per entry, entries interleaved in rounds (each leads
@@ -114,15 +127,17 @@ def interleaved_medians(opts: dict[str, Any], rounds: int, steps_per_round: int,
         for name in order[r % len(order):] + order[:r % len(order)]:
             for _ in range(steps_per_round):
                 before_step(opts[name])
+                sync()
                 start = time.perf_counter()
                 opts[name].step()
+                sync()
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def make_tensors(w: Workload, seed: int) -> list[Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=gen, dtype=DTYPE) for s in w.shapes]
+    return [torch.randn(s, generator=gen, dtype=DTYPE).to(DEVICE) for s in w.shapes]
 
 
 def unchanged(ts: list[Tensor], refs: list[Tensor]) -> bool:
@@ -196,11 +211,11 @@ def optforge_entries() -> list[Entry]:
 
 
 def _default_is_native(cls: type, kw: dict[str, Any]) -> bool:
-    """Whether the default (fused=None) runs torch's fused kernel on float32 CPU tensors."""
+    """Whether the default (fused=None) runs torch's fused kernel on float32 tensors of DEVICE."""
     from optforge.paths import native_by_default
 
-    opt = cls([torch.zeros(1, requires_grad=True)], **kw)
-    return native_by_default(opt, opt.param_groups[0], (torch.device("cpu"), torch.float32))
+    opt = cls([torch.zeros(1, requires_grad=True, device=DEVICE)], **kw)
+    return native_by_default(opt, opt.param_groups[0], (DEVICE, torch.float32))
 
 
 def pytorch_optimizer_classes() -> dict[str, type]:
@@ -301,6 +316,9 @@ class Result:
 
 
 def rss_bytes() -> int | None:
+    """The process's resident memory, or on a GPU the bytes CUDA's allocator has allocated."""
+    if DEVICE.type == "cuda":
+        return torch.cuda.memory_allocated(DEVICE)
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -309,6 +327,8 @@ def rss_bytes() -> int | None:
 
 
 def mem_available_bytes() -> int | None:
+    if DEVICE.type == "cuda":
+        return torch.cuda.mem_get_info(DEVICE)[0]
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -335,7 +355,15 @@ def quiet_stderr() -> Iterator[None]:
 
 def peak_step_bytes(opt: Any) -> int | None:
     """Peak of the bytes torch's CPU allocator handed out during one ``opt.step()`` (less what
-    it freed), from the profiler's memory events: the step's temporaries, not its state."""
+    it freed), from the profiler's memory events: the step's temporaries, not its state. On a
+    GPU: the caching allocator's peak during the step beyond what was allocated before it."""
+    if DEVICE.type == "cuda":
+        sync()
+        before = torch.cuda.memory_allocated(DEVICE)
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        opt.step()
+        sync()
+        return torch.cuda.max_memory_allocated(DEVICE) - before
     from torch.profiler import ProfilerActivity, profile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -396,8 +424,10 @@ class Bench:
         for p, g in zip(params, self.grads):
             p.grad = g.clone() if r.private_grads else g
         opt = r.entry.factory(params)
+        sync()
         t0 = time.perf_counter()
         opt.step()
+        sync()
         first = time.perf_counter() - t0
         if first > self.args.slow_step:
             raise RuntimeError(f"first step took {first:.1f} s (> --slow-step {self.args.slow_step:g} s): "
@@ -477,8 +507,10 @@ class Bench:
                 gc.collect()
                 _params, opt, _ = self.build(r)
             for _ in range(self.steps):
+                sync()
                 t0 = time.perf_counter()
                 opt.step()
+                sync()
                 r.times.append(time.perf_counter() - t0)
         except Exception as exc:
             r.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
@@ -594,8 +626,8 @@ def print_state_table(summaries: dict[str, dict[str, Any]]) -> None:
     print("\n== memory, bytes per param: state = state tensors in opt.state after warm-up; rss = process "
           "growth from building the entry: its parameter copy, state and private buffers (shown for "
           "one-big only: small tensors reuse freed heap memory); peak = extra allocations during one "
-          "step (torch CPU allocator), plus the scratch buffers optforge holds between steps for "
-          "large CPU temporaries (optforge.scratch) ==")
+          "step (torch CPU allocator; on a GPU, CUDA's, and rss its allocated bytes), plus the scratch "
+          "buffers optforge holds between steps for large CPU temporaries (optforge.scratch) ==")
     head = f"{'entry':38}" + "".join(f" | {w[:10]:>10} state {'rss':>5} {'peak':>5}" for w in wl)
     print(head)
     print("-" * len(head))
@@ -662,6 +694,13 @@ def loadavg() -> float | None:
         return None
 
 
+def device_name() -> str:
+    """What the tensors live on: "cpu", or the GPU's name."""
+    if DEVICE.type == "cuda":
+        return f"{DEVICE} ({torch.cuda.get_device_name(DEVICE)})"
+    return "cpu"
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -701,6 +740,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slow-step", type=float, default=30.0, metavar="SECONDS",
                     help="an entry whose first step takes longer is reported, not timed (matrix "
                          "optimizers on one-big: Newton-Schulz / eigendecompositions of 4096 x 8192)")
+    ap.add_argument("--device", default="cpu", help="where the tensors live: cpu (default) or cuda[:N]")
     ap.add_argument("--list", action="store_true", help="print the entries and exit")
     ap.add_argument("--json", metavar="PATH", help="write every number (and each step's time) here")
     args = ap.parse_args(argv)
@@ -717,6 +757,12 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-cold-")
         os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "0"
 
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type not in ("cpu", "cuda"):
+        ap.error(f"--device {args.device!r}: cpu or cuda[:N]")
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device!r}: torch sees no CUDA device here")
     torch.set_num_threads(THREADS)
     entries = all_entries([p.strip() for p in args.filter.split(",") if p.strip()])
     if args.list:
@@ -729,11 +775,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown workload(s) {unknown}; choose from {', '.join(WORKLOADS)}")
 
     meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), command=sys.argv,
-                cpu=cpu_name(), cores=os.cpu_count(), threads=torch.get_num_threads(), dtype=str(DTYPE),
+                cpu=cpu_name(), device=device_name(), cores=os.cpu_count(), threads=torch.get_num_threads(),
+                dtype=str(DTYPE),
                 versions=versions(), entries=[e.name for e in entries], loadavg_start=loadavg(),
                 inductor_cache=os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default"))
-    print(f"optforge step-speed benchmark  {meta['date']}  {meta['cpu']} ({meta['cores']} cores), "
-          f"{THREADS} threads")
+    print(f"optforge step-speed benchmark  {meta['date']}  {meta['device']}; {meta['cpu']} "
+          f"({meta['cores']} cores), {THREADS} threads")
     print("  " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()))
     print(f"  {len(entries)} entries; times are opt.step() only; ratios are to torch AdamW foreach / "
           "fused from the same run; lower is faster")

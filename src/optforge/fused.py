@@ -380,7 +380,13 @@ def _kernel_scalars(opt: Any, group: dict[str, Any], t: float, like: Tensor) -> 
         lr = opt.decay_lr(group, [t])
         c["_decay"] = 1 - (lr[0] if isinstance(lr, list) else lr) * group["weight_decay"]
     names = list(c)
-    values = torch.tensor([float(c[n]) for n in names], dtype=_scalar_dtype(like.dtype), device=like.device)
+    numbers, dtype = [float(c[n]) for n in names], _scalar_dtype(like.dtype)
+    if like.device.type == "cuda":
+        # from pageable memory the copy would wait for all the device's queued work (the
+        # backward pass); from pinned memory it is queued behind it, and the step returns at once
+        values = torch.tensor(numbers, dtype=dtype, pin_memory=True).to(like.device, non_blocking=True)
+    else:
+        values = torch.tensor(numbers, dtype=dtype, device=like.device)
     return dict(zip(names, values.unbind()))
 
 
