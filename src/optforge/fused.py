@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .distributed import check_same_layout, is_dtensor, local, placed_as
 from .steps import advance_steps
-from .tensorlist import TensorList
+from .tensorlist import TensorList, numbers_on
 
 __all__ = ["FlatBucket", "FlatList", "compiled_step"]
 
@@ -380,13 +380,7 @@ def _kernel_scalars(opt: Any, group: dict[str, Any], t: float, like: Tensor) -> 
         lr = opt.decay_lr(group, [t])
         c["_decay"] = 1 - (lr[0] if isinstance(lr, list) else lr) * group["weight_decay"]
     names = list(c)
-    numbers, dtype = [float(c[n]) for n in names], _scalar_dtype(like.dtype)
-    if like.device.type == "cuda":
-        # from pageable memory the copy would wait for all the device's queued work (the
-        # backward pass); from pinned memory it is queued behind it, and the step returns at once
-        values = torch.tensor(numbers, dtype=dtype, pin_memory=True).to(like.device, non_blocking=True)
-    else:
-        values = torch.tensor(numbers, dtype=dtype, device=like.device)
+    values = numbers_on([float(c[n]) for n in names], _scalar_dtype(like.dtype), like.device)
     return dict(zip(names, values.unbind()))
 
 

@@ -20,7 +20,7 @@ from .distributed import check_same_layout, full_norms, is_dtensor, local
 Scalar = Union[float, int]
 Operand = Union["TensorList", Sequence[Tensor], Scalar, Sequence[Scalar]]
 
-__all__ = ["TensorList"]
+__all__ = ["TensorList", "numbers_on"]
 
 #: From this size on, a tensor's own kernel costs little beside its pass over memory.
 _LARGE_BYTES = 2**20
@@ -60,6 +60,15 @@ def _fits(x: Tensor, operand: Any) -> bool:
     if isinstance(operand, Tensor) and operand.dim() != 0 and operand.shape != x.shape:
         return False
     return torch.result_type(x, operand) == x.dtype
+
+
+def numbers_on(numbers: Sequence[float], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``numbers`` as a 1-d tensor on ``device``. On CUDA the copy starts from pinned memory and
+    is queued behind the device's work: from pageable memory (``torch.tensor(..., device=...)``)
+    it would wait for all of it (the backward pass), every step."""
+    if device.type == "cuda":
+        return torch.tensor(numbers, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+    return torch.tensor(numbers, dtype=dtype, device=device)
 
 
 class TensorList(list):

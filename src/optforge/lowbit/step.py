@@ -20,7 +20,7 @@ from torch import Tensor
 from .. import chunk_threads
 from ..distributed import local, placed_as
 from ..eager_chunks import group_pieces
-from ..fused import _frozen, _fused_entry, compile_entry
+from ..fused import _frozen, _fused_entry, _kernel_scalars, compile_entry
 from ..steps import advance_steps
 from ..tensorlist import TensorList
 from .buffers import ChunkBuffers, decode_into, encode_into, in_place
@@ -243,16 +243,7 @@ def step_fused(opt: Any, group: dict[str, Any], b: Any) -> None:
     s_all = {name: [local(x) for x in xs] for name, xs in b.s.items()}
     index = param_positions(opt)
     consts = opt.kernel_constants(group)
-    p0 = b.params[0]
-    scalar_dtype = torch.float64 if p0.dtype == torch.float64 else torch.float32
-    scalars: dict[float, dict[str, Tensor]] = {}
-    for k in sorted(set(t)):
-        c = opt.scalars(group, k)
-        if group["weight_decay"] != 0 and group["weight_decay_mode"] == "decoupled":
-            lr = opt.decay_lr(group, [k])
-            c["_decay"] = 1 - (lr[0] if isinstance(lr, list) else lr) * group["weight_decay"]
-        values = torch.tensor([float(v) for v in c.values()], dtype=scalar_dtype, device=p0.device)
-        scalars[k] = dict(zip(c, values.unbind()))
+    scalars = {k: _kernel_scalars(opt, group, k, b.params[0]) for k in sorted(set(t))}
     stochastic = any(x.code.stochastic for xs in b.s.values() for x in xs if isinstance(x, LowBitState))
     for chunk in pieces(p_all, s_all, CHUNK if stochastic else FUSED_CHUNK):
         for i, start, stop in chunk:

@@ -22,7 +22,7 @@ from ..constraints import (
 )
 from ..distributed import dim_sums, full_norms, local, on_shards, zeros_reduced
 from ..registry import register
-from ..tensorlist import TensorList
+from ..tensorlist import TensorList, numbers_on
 
 __all__ = ["Adafactor", "FactoredOptimizer", "is_factored"]
 
@@ -42,7 +42,7 @@ def unused_shape(p: Tensor) -> tuple[int, ...]:
 
 def rms_scale(xs: TensorList) -> Tensor:
     """sqrt(numel) of each tensor, as one tensor: RMS(x) = ||x|| / sqrt(numel)."""
-    return torch.tensor([math.sqrt(max(x.numel(), 1)) for x in xs], dtype=xs[0].dtype, device=xs[0].device)
+    return numbers_on([math.sqrt(max(x.numel(), 1)) for x in xs], xs[0].dtype, xs[0].device)
 
 
 def mean_squares(gs: Sequence[Tensor], dims: Sequence[int], keepdim: bool = True) -> list[Tensor]:
@@ -280,7 +280,7 @@ class Adafactor(FactoredOptimizer):
         # max(1, RMS(U_t) / d), per tensor
         clip = (norms[:len(p)] / sqrt_n).div_(group["d"]).clamp_(min=1.0)
         rho = [min(lr, 1 / k**0.5) if group["relative_step"] else lr for k in t]                # rho_t
-        alpha = torch.tensor(rho, dtype=clip.dtype, device=clip.device)
+        alpha = numbers_on(rho, clip.dtype, clip.device)
         if group["scale_parameter"]:
             # RMS(X_{t-1}) before this step's weight decay (the base decayed p already)
             rms_x = norms[len(p):].div_(sqrt_n).div_(self._decay_factor(group, t))

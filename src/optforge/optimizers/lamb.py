@@ -11,6 +11,7 @@ from ..base import Optimizer, ParamsT
 from ..constraints import beta_tuple, boolean, non_negative, positive
 from ..distributed import full_norms
 from ..registry import register
+from ..tensorlist import numbers_on
 
 
 class LAMB(Optimizer):
@@ -80,7 +81,7 @@ class LAMB(Optimizer):
         norms = torch.stack(full_norms([*p, *u]))         # one reduction for DTensors (FSDP2, TP)
         w_norm = norms[:len(p)].clamp_(max=group["clamp_value"])           # phi(||x||)
         u_norm = norms[len(p):]                                            # ||r_t|| / k
-        rho_k = k[0] if len(set(k)) == 1 else torch.tensor(k, dtype=u_norm.dtype, device=u_norm.device)
+        rho_k = k[0] if len(set(k)) == 1 else numbers_on(k, u_norm.dtype, u_norm.device)
         # rho_t k: phi(||x||) / ||u||, or k where rho_t = 1 (a norm is 0); on the device: no host sync
         scale = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, rho_k).mul_(-lr)
         p.addcmul_(u, list(scale.unbind()))                   # x_t = x - lr rho_t r_t
