@@ -156,6 +156,33 @@ def fused_split_table(counts: list[int], numel: int, rounds: int, fresh: bool) -
                   f"(fit through {lo} and {hi} tensors)")
 
 
+def torch_split(opt, params: list, steps: int, fresh: bool) -> dict[str, float]:
+    """Median seconds of a torch.optim.AdamW(fused=True) step, of its ``torch._fused_adamw_``
+    kernel call, and of the rest (its Python)."""
+    kernel, totals, rest = torch._fused_adamw_, [], []
+    spent = [0.0]
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        kernel(*args, **kwargs)
+        spent[0] += time.perf_counter() - start
+
+    torch._fused_adamw_ = timed
+    try:
+        for _ in range(steps):
+            if fresh:
+                new_grads(params)
+            spent[0] = 0.0
+            start = time.perf_counter()
+            opt.step()
+            totals.append(time.perf_counter() - start)
+            rest.append(totals[-1] - spent[0])
+    finally:
+        torch._fused_adamw_ = kernel
+    step, other = statistics.median(totals), statistics.median(rest)
+    return dict(step=step, rest=other, kernel=step - other)
+
+
 def kernel_share(n: int, numel: int, rounds: int, fresh: bool) -> None:
     params, opt = make(n, numel, lambda ps: of.Lion(ps, fused=True))
     r = split_step(opt, params, rounds * 5, fresh)
@@ -164,6 +191,13 @@ def kernel_share(n: int, numel: int, rounds: int, fresh: bool) -> None:
           f"{ms['kernel']:.2f} ms + gradient copy {ms['copy']:.2f} ms + the rest {ms['rest']:.2f} ms; "
           f"outside the kernel {(r['step'] - r['kernel']) / r['kernel']:.2f}x the kernel, of which the "
           f"rest (Python) {r['rest'] / r['kernel']:.2f}x ==")
+    del params, opt
+    params, opt = make(n, numel, lambda ps: torch.optim.AdamW(ps, fused=True))
+    t = torch_split(opt, params, rounds * 5, fresh)
+    print(f"== for reference, torch.optim.AdamW(fused=True) on the same tensors: step "
+          f"{t['step'] * 1e3:.2f} ms = its kernel {t['kernel'] * 1e3:.2f} ms + the rest "
+          f"{t['rest'] * 1e3:.2f} ms "
+          f"({t['rest'] / t['kernel']:.2f}x its kernel, {t['rest'] / r['rest']:.2f}x Lion's rest) ==")
 
 
 def main() -> None:
