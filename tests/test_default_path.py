@@ -10,6 +10,7 @@ import torch
 
 import optforge as of
 from helpers import assert_same_trajectory, make_model, trajectory
+from optforge import paths
 
 KERNELS = {"adam": "_fused_adam_", "adamw": "_fused_adamw_", "sgd": "_fused_sgd_",
            "adagrad": "_fused_adagrad_"}
@@ -157,3 +158,16 @@ def test_the_default_loads_the_state_of_the_foreach_path_and_resumes_alike():
     state["param_groups"][0]["fused"] = None
     opt_b.load_state_dict(state)             # torch's fused kernel resumes the foreach path's state
     assert_same_trajectory(trajectory(model_a, opt_a, steps=10), trajectory(model_b, opt_b, steps=10))
+
+
+@pytest.mark.parametrize("cls,fused,on_accelerator", [
+    (of.AdamW, True, True), (of.AdamW, None, True), (of.AdamW, False, False), (of.SGD, None, True),
+    (of.Lion, True, False), (of.Lion, None, False), (of.NAdam, True, False), (of.Lion, False, False)])
+def test_step_counts_live_where_the_step_reads_them(cls, fused, on_accelerator):
+    """On an accelerator torch's fused kernels read the step counts on the device; a generated
+    kernel and the eager path read them on the host, where reading a device tensor would wait
+    for the device every step. On CPU, fused=True keeps torch's float32 counts."""
+    opt = cls(params(), fused=fused)
+    group = opt.param_groups[0]
+    assert paths.steps_on_device(opt, group, (torch.device("cuda"), torch.float32)) == on_accelerator
+    assert paths.steps_on_device(opt, group, (torch.device("cpu"), torch.float32)) == bool(fused)

@@ -396,6 +396,7 @@ class Optimizer(torch.optim.Optimizer):
             if k in where:
                 p, group = where[k]
                 restore_float32_state(group, p, st, self.state[p])
+                paths.place_loaded_step(self, group, _bucket_key(p), self.state[p])
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         declared = set(state["defaults"] if "defaults" in state else self.defaults)
@@ -583,7 +584,7 @@ class Optimizer(torch.optim.Optimizer):
         if fresh:
             # One tensor holds the new step counts (each state's "step" a 0-d view of it), so
             # advancing a bucket is one add_, not one kernel per parameter. torch's
-            # convention: fused steps live on the parameter's device, in float32.
+            # convention: steps its fused kernels read live on the parameter's device, in float32.
             on_device = paths.steps_on_device(self, group, key)
             flat = (torch.zeros(len(fresh), dtype=torch.float32, device=key[0]) if on_device
                     else torch.zeros(len(fresh), dtype=_step_dtype()))

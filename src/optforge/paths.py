@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["contiguous", "native_applies", "native_by_default", "steps_on_device"]
+__all__ = ["contiguous", "native_applies", "native_by_default", "place_loaded_step", "steps_on_device"]
 
 _DEVICES = frozenset({"cpu", "cuda"})
 _DTYPES = frozenset({torch.float32, torch.float64})
@@ -85,7 +85,26 @@ def contiguous(b: Any) -> bool:
 
 def steps_on_device(opt: Any, group: dict[str, Any], key: tuple) -> bool:
     """Whether new step counts of a bucket live on its device in float32 (torch's fused
-    convention) rather than on the CPU: where a fused kernel on a non-CPU device reads them."""
+    convention) rather than on the CPU: where torch's fused kernel on a non-CPU device reads
+    them. A generated kernel takes its step-dependent numbers from the host, which would have
+    to wait for the device to read counts kept there."""
+    if key[0].type == "cpu":
+        return bool(group.get("fused"))
     if group.get("fused"):
-        return True
-    return key[0].type != "cpu" and native_by_default(opt, group, key)
+        return opt.native_fused(group)
+    return native_by_default(opt, group, key)
+
+
+def place_loaded_step(opt: Any, group: dict[str, Any], key: tuple, state: dict[str, Any]) -> None:
+    """Put the loaded step count of a parameter of a non-CPU bucket ``key`` where this
+    optimizer keeps new ones (:func:`steps_on_device`): torch's ``load_state_dict`` moves the
+    counts of every ``fused=True`` group onto the device and leaves the others where they were
+    saved, which may be either."""
+    step, device = state.get("step"), key[0]
+    if not isinstance(step, Tensor) or device.type == "cpu":
+        return
+    if steps_on_device(opt, group, key):
+        if step.device != device:
+            state["step"] = step.to(device=device, dtype=torch.float32)
+    elif step.device.type != "cpu":
+        state["step"] = step.cpu()
