@@ -22,6 +22,7 @@ from contextlib import ExitStack
 from unittest import mock
 
 import torch
+from step_overhead import make
 
 import optforge as of
 from optforge import base, step_plan
@@ -40,12 +41,7 @@ STAMPED = [
 
 
 def phase_split(n: int, numel: int, steps: int) -> None:
-    params = [torch.nn.Parameter(torch.randn(numel)) for _ in range(n)]
-    for p in params:
-        p.grad = torch.randn(numel)
-    opt = of.Lion(params, fused=True)
-    for _ in range(3):
-        opt.step()
+    _params, opt = make(n, numel, lambda ps: of.Lion(ps, fused=True))
     stamps: list[tuple[str, float]] = []
 
     def stamped(fn, name):

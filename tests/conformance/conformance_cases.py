@@ -76,12 +76,14 @@ def mse(model, x, y):
 
 
 def flat(params) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1).double() for p in params]).clone()
+    return torch.cat([p.detach().reshape(-1).double() for p in params]).cpu().clone()
 
 
 def run(model: nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int = 1) -> list[torch.Tensor]:
-    """Full-batch steps on the helpers' regression batch; the parameters after each."""
-    x, y = batch(seed=seed, dtype=next(model.parameters()).dtype)
+    """Full-batch steps on the helpers' regression batch; the parameters after each (on CPU,
+    wherever the model lives)."""
+    p0 = next(model.parameters())
+    x, y = (t.to(p0.device) for t in batch(seed=seed, dtype=p0.dtype))
     out = []
     for _ in range(steps):
         opt.zero_grad()

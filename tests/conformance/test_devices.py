@@ -6,9 +6,7 @@ import copy
 
 import pytest
 import torch
-from conformance_cases import flat, make, make_model, mse, with_paths
-
-from helpers import batch
+from conformance_cases import batch, make, make_model, mse, run, with_paths
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -20,25 +18,14 @@ def paths(fused_values=(False, None, True)):
     return [p for p in with_paths() if p.values[0].elementwise and p.values[1] in fused_values]
 
 
-def steps_on(device, model, opt, steps, dtype=torch.float64):
-    x, y = (t.to(device) for t in batch(dtype=dtype))
-    out = []
-    for _ in range(steps):
-        opt.zero_grad()
-        mse(model, x, y).backward()
-        opt.step()
-        out.append(flat(model.parameters()).cpu())
-    return out
-
-
 @pytest.mark.parametrize("info,fused", paths())
 def test_trajectory_matches_cpu(info, fused):
     """float64: the device's kernels (torch's fused ones, foreach, the generated one compiled
     for the device) compute what the CPU's do, up to the rounding of another operation order."""
     cpu = make_model()
     dev = copy.deepcopy(cpu).to(DEVICE)
-    a = steps_on("cpu", cpu, make(info, cpu.parameters(), fused=fused), 12)
-    b = steps_on(DEVICE, dev, make(info, dev.parameters(), fused=fused), 12)
+    a = run(cpu, make(info, cpu.parameters(), fused=fused), 12)
+    b = run(dev, make(info, dev.parameters(), fused=fused), 12)
     assert (a[-1] - a[0]).abs().max() > 1e-4
     for step, (x, y) in enumerate(zip(a, b), start=1):
         torch.testing.assert_close(y, x, rtol=1e-9, atol=1e-11, msg=lambda m, step=step: f"step {step}: {m}")
@@ -69,15 +56,15 @@ def test_checkpoint_moves_between_devices(info, fused):
     """A state_dict saved on the device resumes on CPU (and back) where the run left off."""
     dev = make_model().to(DEVICE)
     opt = make(info, dev.parameters(), fused=fused)
-    steps_on(DEVICE, dev, opt, 5)
+    run(dev, opt, 5)
     saved_model, saved_opt = copy.deepcopy(dev.state_dict()), copy.deepcopy(opt.state_dict())
-    straight = steps_on(DEVICE, dev, opt, 5)
+    straight = run(dev, opt, 5)
 
     cpu = make_model()
     cpu.load_state_dict(saved_model)
     cpu_opt = make(info, cpu.parameters(), fused=fused)
     cpu_opt.load_state_dict(saved_opt)
-    moved = steps_on("cpu", cpu, cpu_opt, 5)
+    moved = run(cpu, cpu_opt, 5)
     for step, (x, y) in enumerate(zip(straight, moved), start=1):
         torch.testing.assert_close(y, x, rtol=1e-9, atol=1e-11, msg=lambda m, step=step: f"step {step}: {m}")
 
@@ -89,4 +76,4 @@ def test_checkpoint_moves_between_devices(info, fused):
         for name, value in states.items():
             if torch.is_tensor(value) and value.dim() > 0:
                 assert value.device.type == "cuda", name
-    steps_on(DEVICE, back, back_opt, 2)
+    run(back, back_opt, 2)
