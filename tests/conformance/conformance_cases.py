@@ -46,6 +46,17 @@ def couples_group(info) -> bool:
     return info.cls.step_group is not optforge.Optimizer.step_group
 
 
+def all_full(info) -> bool:
+    """Whether every state of the optimizer is declared "full" (kept in full precision)."""
+    kinds = info.cls.state_kinds
+    return bool(info.cls.state_names) and all(kinds.get(n) == "full" for n in info.cls.state_names)
+
+
+def low_bit_capable(info) -> bool:
+    """Whether ``state_precision`` stores some of the optimizer's state in low bits."""
+    return info.elementwise and info.cls.has_kernel() and not all_full(info)
+
+
 def all_optimizers():
     return [pytest.param(i, id=i.name) for i in INFOS]
 
@@ -128,7 +139,7 @@ def via_torch_save(obj):
     return torch.load(buf, weights_only=True)
 
 
-__all__ = ["INFOS", "all_optimizers", "assert_identical", "assert_same_state", "batch", "couples_group",
-           "default_is_native", "flat", "fused_optimizers", "has_fused", "make", "make_model", "mse",
-           "optimizer_kwargs", "run",
-           "state_snapshot", "via_torch_save", "with_paths"]
+__all__ = ["INFOS", "all_full", "all_optimizers", "assert_identical", "assert_same_state", "batch",
+           "couples_group", "default_is_native", "flat", "fused_optimizers", "has_fused", "low_bit_capable",
+           "make", "make_model", "mse", "optimizer_kwargs", "run", "state_snapshot", "via_torch_save",
+           "with_paths"]

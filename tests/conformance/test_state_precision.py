@@ -9,6 +9,7 @@ import pytest
 import torch
 from conformance_cases import (
     INFOS,
+    all_full,
     assert_identical,
     assert_same_state,
     flat,
@@ -20,13 +21,6 @@ from conformance_cases import (
 )
 
 from optforge.lowbit import PRECISIONS, LowBitState
-
-
-def all_full(info) -> bool:
-    """Whether every state of the optimizer is declared "full" (kept in full precision)."""
-    kinds = info.cls.state_kinds
-    return bool(info.cls.state_names) and all(kinds.get(n) == "full" for n in info.cls.state_names)
-
 
 ELEMENTWISE = [i for i in INFOS if i.elementwise and i.cls.has_kernel()]
 LOW_BIT = [pytest.param(i, id=i.name) for i in ELEMENTWISE if not all_full(i)]

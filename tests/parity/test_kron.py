@@ -128,6 +128,42 @@ def test_balance_keeps_the_product_and_equalizes_the_scales():
     torch.testing.assert_close(tops, tops[:1].expand(3), rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("case", ["defaults", "momentum"])
+def test_choices_made_on_the_device_give_the_same_trajectory(case, monkeypatch):
+    """Off the host the step reads back none of its draws and choices: the balance multiplies
+    each factor by its scale or by 1, and the norm bound selects among candidates computed on
+    the device. Forced on CPU, over runs that balance, that follows the host's trajectory (the
+    bound's vector is read contiguously there, which may change a last bit)."""
+    original = kron.balance
+    on_host, balanced = ours(CASES[case], monkeypatch)
+    monkeypatch.setattr(kron, "HOST_DECIDES", set())
+    beside = []
+    monkeypatch.setattr(kron, "balance", lambda qs, when=None, balance=original: (
+        beside.append(bool(when)), balance(qs, when=when)))
+    model = make_model()
+    opt = of.PSGDKron(model.parameters(), **CASES[case])
+    for step, ((x, y), expected) in enumerate(zip(batches(), on_host), start=1):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        torch.testing.assert_close(flat(model), expected, rtol=1e-13, atol=0,
+                                   msg=lambda m, s=step: f"step {s}: {m}")
+    assert balanced > 0 and sum(beside) == balanced and len(beside) > balanced
+
+
+def test_norm_bound_on_the_device_equals_the_hosts(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    cases = [torch.zeros(4, 4, dtype=torch.float64), torch.full((3, 3), float("nan"), dtype=torch.float64)]
+    for n in (1, 2, 7, 40):
+        for _ in range(10):
+            m = torch.randn(n, n, generator=gen, dtype=torch.float64)
+            cases.append(m @ m.T - torch.rand((), generator=gen, dtype=torch.float64) * n * torch.eye(n))
+    on_host = [kron.norm_lower_bound(a) for a in cases]
+    monkeypatch.setattr(kron, "HOST_DECIDES", set())
+    for a, expected in zip(cases, on_host):
+        torch.testing.assert_close(kron.norm_lower_bound(a), expected, rtol=1e-14, atol=0, equal_nan=True)
+
+
 def run(model, opt, data):
     for x, y in data:
         opt.zero_grad()

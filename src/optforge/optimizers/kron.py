@@ -27,6 +27,7 @@ from ..registry import register
 __all__ = ["PSGDKron"]
 
 BALANCE_PROBABILITY = 0.01     # the authors' rate of rebalancing the factors' scales
+HOST_DECIDES = {"cpu"}         # devices whose step reads its draws and choices on the host (free there)
 
 
 def stream_seed(*keys: Any) -> int:
@@ -92,19 +93,32 @@ def _gram(x: Tensor, i: int, dense: bool) -> Tensor:
 
 def norm_lower_bound(a: Tensor) -> Tensor:
     """The authors' cheap lower bound of the spectral norm of a symmetric matrix: one power step
-    from its largest column (or row), computed on ``a / max|a|`` against under- and overflow."""
+    from its largest column (or row), computed on ``a / max|a|`` against under- and overflow.
+    Off the host (:data:`HOST_DECIDES`) both candidates are computed and one is selected on the
+    device, as is 0 for a zero matrix: a Python ``if`` there would wait for the device."""
     top = a.abs().max()
-    if not top > 0:
+    on_host = a.device.type in HOST_DECIDES
+    if on_host and not top > 0:
         return top
-    a = a / top
+    a = a / (top if on_host else torch.where(top > 0, top, 1.0))
     squares = a * a
     col, i = torch.max(squares.sum(0), 0)
     row, j = torch.max(squares.sum(1), 0)
-    if col > row:
-        x = a[:, i] @ a
-        return top * torch.linalg.vector_norm((x / torch.linalg.vector_norm(x)) @ a.T)
-    x = a @ a[j]
-    return top * torch.linalg.vector_norm(a.T @ (x / torch.linalg.vector_norm(x)))
+    if on_host:
+        return top * (_from_column(a, a[:, i]) if col > row else _from_row(a, a[j]))
+    by_col = _from_column(a, a.index_select(1, i.view(1)).view(-1))
+    by_row = _from_row(a, a.index_select(0, j.view(1)).view(-1))
+    return torch.where(top > 0, top * torch.where(col > row, by_col, by_row), top)
+
+
+def _from_column(a: Tensor, column: Tensor) -> Tensor:
+    x = column @ a
+    return torch.linalg.vector_norm((x / torch.linalg.vector_norm(x)) @ a.T)
+
+
+def _from_row(a: Tensor, row: Tensor) -> Tensor:
+    x = a @ row
+    return torch.linalg.vector_norm(a.T @ (x / torch.linalg.vector_norm(x)))
 
 
 def update_factors(qs: list[Tensor], dense: tuple[bool, ...], v: Tensor, g: Tensor, lr: float,
@@ -133,12 +147,14 @@ def update_factors(qs: list[Tensor], dense: tuple[bool, ...], v: Tensor, g: Tens
             q.sub_(lr / (scale_by.abs().max() + tiny) * (term1 - term2) * q)
 
 
-def balance(qs: list[Tensor]) -> None:
-    """Rescale the factors to a common max-abs (their geometric mean): the product is unchanged."""
+def balance(qs: list[Tensor], when: Tensor | None = None) -> None:
+    """Rescale the factors to a common max-abs (their geometric mean): the product is unchanged.
+    ``when``: a boolean 0-d tensor beside the factors; where it is False each factor is
+    multiplied by 1 instead, so that the decision is never read back to the host."""
     norms = [q.abs().max() for q in qs]
     gmean = torch.stack(norms).prod() ** (1 / len(qs))
     for q, n in zip(qs, norms):
-        q.mul_(gmean / n)
+        q.mul_(gmean / n if when is None else torch.where(when, gmean / n, 1.0))
 
 
 def precondition(qs: list[Tensor], dense: tuple[bool, ...], g: Tensor) -> Tensor:
@@ -289,8 +305,12 @@ class PSGDKron(Optimizer):
         if fit_at[k] or (k == 1 and init_scale is None):
             draws = draw_generator(grad.device, group["seed"], shape, k)
             v = probe(grad, draws)
-            if len(shape) > 1 and torch.rand((), generator=draws, device=grad.device) < BALANCE_PROBABILITY:
-                balance(qs)
+            if len(shape) > 1:
+                coin = torch.rand((), generator=draws, device=grad.device) < BALANCE_PROBABILITY
+                if grad.device.type not in HOST_DECIDES:
+                    balance(qs, when=coin)          # a Python ``if`` would wait for the device
+                elif coin:
+                    balance(qs)
             self._fit(group, qs, factors.dense, v, grad)
         if mu > 0:
             m = st["momentum_buffer"]
