@@ -11,7 +11,8 @@ from conformance_cases import INFOS, batch, default_is_native, low_bit_capable, 
 from optforge.lowbit.state import LowBitState
 
 # Optimizers whose step reads the host by design, and why.
-READS_HOST = {"prodigy": "its D estimate sums over the whole group, read once a step"}
+READS_HOST = {"prodigy": "its D estimate sums over the whole group, read once a step",
+              "lbfgs": "its line search and stopping tests compare losses and norms on the host"}
 
 
 @pytest.fixture(autouse=True)
@@ -85,3 +86,47 @@ def test_a_host_read_fails_here():
         _train_on_meta(lambda ps: make(info, ps).configure(skip_nonfinite=True), steps=1)
     with pytest.raises(RuntimeError, match="device"):
         (torch.empty(3, device="meta") + torch.ones(3)).sum()
+
+
+def _option_inputs():
+    """(info, kwargs) for every input of every record of the torch-style suite (each optimizer's
+    options: torch's own inputs where torch has the optimizer, else each boolean flipped, both
+    weight decay modes, maximize, variants), but for compiled and capturable settings."""
+    try:
+        from torch_optim_infos import OPTIM_INFOS
+    except pytest.skip.Exception as missing:          # torch's records need expecttest
+        return [pytest.param(None, None, marks=pytest.mark.skip(reason=str(missing)))]
+    out = []
+    for info in OPTIM_INFOS:
+        if info.only_supports_sparse_grads:
+            continue                # SparseAdam: torch has no sparse layout on meta
+        reads = READS_HOST.get(info.name)
+        marks = [pytest.mark.xfail(reason=reads, strict=True)] if reads else []
+        for inp in info.optim_inputs_func("cpu"):
+            if not any(inp.kwargs.get(k) for k in ("fused", "capturable", "differentiable")):
+                out.append(pytest.param(info, inp.kwargs, id=f"{info.name}-{inp.desc}", marks=marks))
+    return out
+
+
+@pytest.mark.parametrize("info,kwargs", _option_inputs())
+def test_every_option_stays_on_the_parameters_device(info, kwargs):
+    """Five steps with each option setting: nothing read back, nothing from another device."""
+    with torch.device("meta"):
+        w, b = torch.nn.Parameter(torch.empty(5, 7)), torch.nn.Parameter(torch.empty(5))
+    x = torch.empty(7, device="meta")
+    opt = info.optim_cls([w, b], **kwargs)
+
+    def closure():
+        opt.zero_grad()
+        loss = (w.mv(x) + b).pow(2).sum()
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        closure()
+        if info.step_requires_closure:
+            opt.step(closure)
+        else:
+            opt.step()
+    assert all(v.device.type == "meta" for st in opt.state.values() for v in st.values()
+               if torch.is_tensor(v) and v.dim() > 0)
