@@ -34,7 +34,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from . import eager_chunks, lowbit, paths, step_plan
+from . import amp, eager_chunks, lowbit, paths, step_plan
 from .constraints import Constraint, boolean, non_negative, one_of, tensor_or
 from .distributed import check_supported, is_dtensor, local_shards
 from .distributed_matrix import check_layout
@@ -203,10 +203,18 @@ class Optimizer(torch.optim.Optimizer):
         return False
 
     def fused_update(self, group: dict[str, Any], p: TensorList, g: TensorList,
-                     s: dict[str, TensorList], steps: list[Tensor]) -> None:
+                     s: dict[str, TensorList], steps: list[Tensor], grad_scale: Tensor | None = None,
+                     found_inf: Tensor | None = None) -> None:
         """The hand-written fused step: called after ``steps`` were incremented; handles
-        maximize and weight decay itself."""
+        maximize and weight decay itself, and ``torch.amp.GradScaler``'s scale and inf flag
+        (:mod:`optforge.amp`): the gradients divided by ``grad_scale``, nothing updated where
+        ``found_inf`` is nonzero."""
         raise NotImplementedError
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        # read by torch.amp.GradScaler: it then hands the step its scale and inf flag
+        return amp.supports_scaling(type(self))
 
     def check_group(self, group: dict[str, Any]) -> None:
         """Checks that span several hyperparameters (raise ValueError). Per-value checks go in
@@ -449,6 +457,7 @@ class Optimizer(torch.optim.Optimizer):
             plan = None if plans is None else plans.get(id(group))
             buckets = None if plan is None else plan.buckets(self, group)
             todo.append((group, buckets, self._entries(group) if buckets is None else None))
+        ready = []
         for group, buckets, by_key in todo:
             if buckets is None:
                 if not by_key:
@@ -456,10 +465,22 @@ class Optimizer(torch.optim.Optimizer):
                 buckets = [self._bucket(group, key, entries) for key, entries in by_key.items()]
                 if plans is not None:
                     step_plan.remember(self, group, buckets)
-            with numbers_for_step(group):    # a tensor lr / weight_decay, as a number
-                self.step_group(group, buckets)
-            if plans is not None:
-                step_plan.release(buckets)
+            ready.append((group, buckets))
+        scaling = amp.handed(self)           # from torch.amp.GradScaler (optforge.amp)
+        if scaling is not None and not all(paths.runs_native(self, g, b) for g, bs in ready for b in bs):
+            if amp.standard_path(self, *scaling):
+                return
+            scaling = None
+        if scaling is not None:
+            self._amp_scaling = scaling      # read by _native_step
+        try:
+            for group, buckets in ready:
+                with numbers_for_step(group):    # a tensor lr / weight_decay, as a number
+                    self.step_group(group, buckets)
+                if plans is not None:
+                    step_plan.release(buckets)
+        finally:
+            self.__dict__.pop("_amp_scaling", None)
 
     @classmethod
     def _plannable(cls) -> bool:
@@ -481,11 +502,10 @@ class Optimizer(torch.optim.Optimizer):
         if group.get("state_precision") and lowbit.holds(b):
             lowbit.step(self, group, b)
             return
-        if group.get("fused") and not (b.low_precision or b.sparse) and self._fused_step(group, b):
+        if paths.runs_native(self, group, b):
+            self._native_step(group, b)
             return
-        if group.get("fused") is None and paths.native_applies(self, group, b):
-            advance_steps(b.steps, values=False)
-            self.fused_update(group, b.p, b.g, b.s, b.steps)
+        if group.get("fused") and not (b.low_precision or b.sparse) and self._fused_step(group, b):
             return
         if eager_chunks.applies(self, group, b):   # large CPU buckets: cache-sized chunks
             eager_chunks.step(self, group, b)
@@ -625,15 +645,21 @@ class Optimizer(torch.optim.Optimizer):
         on_shards = self.shard_reductions or self.whole_matrices
         check_supported(name, _registered_elementwise(type(self)) or on_shards, param, on_shards)
 
+    def _native_step(self, group: dict[str, Any], b: Bucket) -> None:
+        """A bucket's step with torch's fused kernel (DTensors: on their local shards)."""
+        advance_steps(b.steps, values=False)
+        scaling = getattr(self, "_amp_scaling", None)
+        if scaling is None:
+            self.fused_update(group, *local_shards(b.p, b.g, b.s), b.steps)
+            return
+        grad_scale, found_inf = amp.to_device(scaling, b.key[0])
+        self.fused_update(group, *local_shards(b.p, b.g, b.s), b.steps, grad_scale=grad_scale,
+                          found_inf=found_inf)
+        torch._foreach_sub_(b.steps, [found_inf] * len(b.steps))   # a skipped update keeps its count
+
     def _fused_step(self, group: dict[str, Any], b: Bucket) -> bool:
-        """Run a bucket's step fused; False where the eager path must run it instead."""
-        if self.native_fused(group):
-            if not paths.contiguous(b):
-                return False
-            advance_steps(b.steps, values=False)
-            self.fused_update(group, *local_shards(b.p, b.g, b.s), b.steps)   # DTensors: elementwise
-            return True
-        if not self.has_kernel() or b.is_complex:
+        """Run a bucket's step with a generated kernel; False where the eager path must run it."""
+        if self.native_fused(group) or not self.has_kernel() or b.is_complex:
             return False
         # Frozen params (requires_grad=False, no grad) stay out of the flat buffers for good;
         # a trainable one without a grad this step would make the flat kernel move them.

@@ -23,7 +23,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["contiguous", "native_applies", "native_by_default", "place_loaded_step", "steps_on_device"]
+from . import lowbit
+
+__all__ = ["contiguous", "native_applies", "native_by_default", "place_loaded_step", "runs_native",
+           "steps_on_device"]
 
 _DEVICES = frozenset({"cpu", "cuda"})
 _DTYPES = frozenset({torch.float32, torch.float64})
@@ -75,6 +78,17 @@ def native_applies(opt: Any, group: dict[str, Any], b: Any) -> bool:
         return False
     device = b.key[0]
     return device.type == "cpu" or all(s.device == device for s in b.steps)
+
+
+def runs_native(opt: Any, group: dict[str, Any], b: Any) -> bool:
+    """Whether ``Optimizer.step_bucket`` steps bucket ``b`` with torch's fused kernel: ``fused=True``
+    where the optimizer has one and the bucket is contiguous, ``fused=None`` by
+    :func:`native_applies`; never for low-bit state."""
+    if group.get("state_precision") and lowbit.holds(b):
+        return False
+    if group.get("fused"):
+        return not (b.low_precision or b.sparse) and opt.native_fused(group) and contiguous(b)
+    return group.get("fused") is None and native_applies(opt, group, b)
 
 
 def contiguous(b: Any) -> bool:

@@ -91,11 +91,11 @@ class Adagrad(Optimizer):
         # torch's fused Adagrad decays the gradient (coupled L2) only
         return group["weight_decay_mode"] == "coupled" or group["weight_decay"] == 0
 
-    def fused_update(self, group, p, g, s, steps):
+    def fused_update(self, group, p, g, s, steps, grad_scale=None, found_inf=None):
         torch._fused_adagrad_(p, g, s["sum"], steps, lr=group["lr"], lr_decay=group["lr_decay"],
                               weight_decay=group["weight_decay"] if group["weight_decay_mode"] == "coupled"
                               else 0.0, eps=group["eps"], maximize=group["maximize"],
-                              grad_scale=None, found_inf=None)
+                              grad_scale=grad_scale, found_inf=found_inf)
 
 
 register(Adagrad, "Adagrad (Duchi et al., 2011); lr_decay, initial accumulator, sparse gradients")

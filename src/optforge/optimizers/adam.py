@@ -81,13 +81,13 @@ class Adam(Optimizer):
         # torch's fused kernels compute exactly this algorithm at a constant lr
         return type(self).lr_at is Adam.lr_at and group["weight_decay_mode"] != "absolute"
 
-    def fused_update(self, group, p, g, s, steps):
+    def fused_update(self, group, p, g, s, steps, grad_scale=None, found_inf=None):
         kernel = torch._fused_adamw_ if group["weight_decay_mode"] == "decoupled" else torch._fused_adam_
         b1, b2 = group["betas"]
         kernel(p, g, s["exp_avg"], s["exp_avg_sq"], s.get("max_exp_avg_sq", []), steps,
                amsgrad=group["amsgrad"], lr=group["lr"], beta1=b1, beta2=b2,
                weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
-               grad_scale=None, found_inf=None)
+               grad_scale=grad_scale, found_inf=found_inf)
 
 
 class AdamW(Adam):

@@ -76,11 +76,11 @@ class SGD(Optimizer):
         # is_first_step=False equals b_1 = g_1 only when there is no dampening
         return group["weight_decay_mode"] == "coupled" and group["dampening"] == 0
 
-    def fused_update(self, group, p, g, s, steps):
+    def fused_update(self, group, p, g, s, steps, grad_scale=None, found_inf=None):
         torch._fused_sgd_(p, g, s.get("momentum_buffer", []), weight_decay=group["weight_decay"],
                           momentum=group["momentum"], lr=group["lr"], dampening=0.0,
                           nesterov=group["nesterov"], maximize=group["maximize"],
-                          is_first_step=False, grad_scale=None, found_inf=None)
+                          is_first_step=False, grad_scale=grad_scale, found_inf=found_inf)
 
 
 class MomentumSGD(Optimizer):
