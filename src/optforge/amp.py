@@ -1,14 +1,15 @@
-"""``torch.amp.GradScaler``'s fast path for optimizers with torch's fused kernels.
+"""``torch.amp.GradScaler``'s fast path for optimizers built with ``fused=True``.
 
 For an optimizer whose ``_step_supports_amp_scaling`` is true, ``GradScaler.step`` does not
 unscale the gradients and read the inf flag on the host (which on a GPU waits for the device);
 it sets ``opt.grad_scale`` (None if the user already called ``unscale_``) and ``opt.found_inf``
 and calls ``opt.step()``. torch's fused kernels (SGD, Adam, AdamW, AMSGrad, Adagrad) take both:
 they divide the gradients by the scale and skip the update on the device where an inf was found.
-optforge's classes with those kernels take the same path wherever every bucket of the step runs
-one (:func:`optforge.paths.runs_native`); where one does not (a non-contiguous or sparse tensor,
-another dtype, an option torch's kernel lacks), the step does what ``GradScaler`` does for any
-other optimizer first: it unscales the gradients and skips the whole step on an inf.
+As torch's optimizers built with ``fused=True`` do, optforge's do the same with those kernels,
+wherever every bucket of the step runs one (:func:`optforge.paths.runs_native`); where one does
+not (a non-contiguous or sparse tensor, another dtype, an option torch's kernel lacks), the step
+first does what ``GradScaler`` does for any other optimizer: it unscales the gradients and skips
+the whole step on an inf.
 """
 
 from __future__ import annotations
@@ -20,13 +21,25 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["handed", "standard_path", "supports_scaling", "to_device"]
+from . import paths
+
+__all__ = ["SKIP", "handed", "resolve", "standard_path", "supports_scaling", "to_device"]
+
+#: :func:`resolve`'s answer for a step that found an inf on the standard path: nothing to do.
+SKIP = object()
+
+
+def supports_scaling(opt: Any) -> bool:
+    """Whether ``opt`` takes the scaler's fast path: as torch's optimizers, where it was built
+    with ``fused=True`` and has torch's fused kernels (and a ``fused_update`` that takes
+    ``grad_scale`` and ``found_inf``, and nothing of its own around the buckets' steps). Not by
+    default: some trainers then refuse to clip gradients (Lightning: "does not allow for
+    gradient clipping because it performs unscaling of gradients internally")."""
+    return opt.defaults.get("fused") is True and _has_fused_kernels(type(opt))
 
 
 @functools.cache
-def supports_scaling(cls: type) -> bool:
-    """Whether ``cls`` steps with torch's fused kernels where they apply, its ``fused_update``
-    takes ``grad_scale`` and ``found_inf``, and nothing of its own runs around the buckets' steps."""
+def _has_fused_kernels(cls: type) -> bool:
     from .base import Optimizer
 
     return (cls.native_fused is not Optimizer.native_fused and cls.step_group is Optimizer.step_group
@@ -38,6 +51,23 @@ def handed(opt: Any) -> tuple[Tensor | None, Tensor] | None:
     """``(grad_scale, found_inf)`` that ``GradScaler.step`` set on ``opt`` for this step, or None."""
     found_inf = getattr(opt, "found_inf", None)
     return None if found_inf is None else (getattr(opt, "grad_scale", None), found_inf)
+
+
+def resolve(opt: Any, ready: list[tuple[dict[str, Any], list[Any]]], scaling: tuple[Tensor | None, Tensor],
+            had_state: set) -> tuple[Tensor | None, Tensor] | object | None:
+    """For a step with ``scaling`` handed and its buckets ``ready``: the scaling itself where
+    every bucket runs torch's fused kernel; else, after the standard path unscaled the
+    gradients, None, or :data:`SKIP` on an inf. If the standard path refuses the gradients, the
+    state this step created (params not in ``had_state``) is dropped: nothing half-done."""
+    if all(paths.runs_native(opt, group, b) for group, buckets in ready for b in buckets):
+        return scaling
+    try:
+        found_inf = standard_path(opt, *scaling)
+    except ValueError:
+        for p in [p for p in opt.state if p not in had_state]:
+            del opt.state[p]
+        raise
+    return SKIP if found_inf else None
 
 
 def to_device(scaling: tuple[Tensor | None, Tensor], device: torch.device) -> tuple[Tensor | None, Tensor]:

@@ -214,7 +214,7 @@ class Optimizer(torch.optim.Optimizer):
     @property
     def _step_supports_amp_scaling(self) -> bool:
         # read by torch.amp.GradScaler: it then hands the step its scale and inf flag
-        return amp.supports_scaling(type(self))
+        return amp.supports_scaling(self)
 
     def check_group(self, group: dict[str, Any]) -> None:
         """Checks that span several hyperparameters (raise ValueError). Per-value checks go in
@@ -452,6 +452,8 @@ class Optimizer(torch.optim.Optimizer):
         # Every check of every group comes first, so a refused step changes nothing at all.
         # A group whose buckets are as last step reuses them (optforge.step_plan).
         plans = step_plan.plan_for(self) if self._plannable() else None
+        scaling = amp.handed(self)           # from torch.amp.GradScaler (optforge.amp)
+        had_state = None if scaling is None else set(self.state)
         todo = []
         for group in self.param_groups:
             plan = None if plans is None else plans.get(id(group))
@@ -466,12 +468,10 @@ class Optimizer(torch.optim.Optimizer):
                 if plans is not None:
                     step_plan.remember(self, group, buckets)
             ready.append((group, buckets))
-        scaling = amp.handed(self)           # from torch.amp.GradScaler (optforge.amp)
-        if scaling is not None and not all(paths.runs_native(self, g, b) for g, bs in ready for b in bs):
-            if amp.standard_path(self, *scaling):
-                return
-            scaling = None
         if scaling is not None:
+            scaling = amp.resolve(self, ready, scaling, had_state)
+            if scaling is amp.SKIP:
+                return
             self._amp_scaling = scaling      # read by _native_step
         try:
             for group, buckets in ready:
@@ -480,7 +480,8 @@ class Optimizer(torch.optim.Optimizer):
                 if plans is not None:
                     step_plan.release(buckets)
         finally:
-            self.__dict__.pop("_amp_scaling", None)
+            if scaling is not None:
+                del self._amp_scaling
 
     @classmethod
     def _plannable(cls) -> bool:
