@@ -6,7 +6,7 @@ for both, for the optimizers the CUDA checks (test_devices.py) do not cover too.
 
 import pytest
 import torch
-from conformance_cases import INFOS, batch, default_is_native, low_bit_capable, make, make_model, mse
+from conformance_cases import INFOS, batch, low_bit_capable, make, make_model, mse
 
 from optforge.lowbit.state import LowBitState
 
@@ -31,13 +31,13 @@ def _draws_without_a_device_generator(monkeypatch):
 
 
 def _paths():
+    """Each optimizer's eager path: on meta (neither CPU nor CUDA) the default path is that too;
+    torch's fused kernels run in the option sweep below."""
     out = []
     for info in INFOS:
         reads = READS_HOST.get(info.name)
         marks = [pytest.mark.xfail(reason=reads, strict=True)] if reads else []
         out.append(pytest.param(info, False, id=f"{info.name}-foreach", marks=marks))
-        if default_is_native(info):
-            out.append(pytest.param(info, None, id=f"{info.name}-default", marks=marks))
     return out
 
 
@@ -54,7 +54,7 @@ def _train_on_meta(opt_factory, steps: int = 7):
 
 @pytest.mark.parametrize("info,fused", _paths())
 def test_step_stays_on_the_parameters_device(info, fused):
-    """Seven steps (past every table optimizer's first preconditioner or root update): the
+    """Seven eager steps (past every table optimizer's first preconditioner or root update): the
     state lives beside its parameter, and nothing read a value back."""
     model, opt = _train_on_meta(lambda ps: make(info, ps, fused=fused))
     for p in model.parameters():
@@ -88,12 +88,17 @@ def test_a_host_read_fails_here():
         (torch.empty(3, device="meta") + torch.ones(3)).sum()
 
 
+# torch's fused kernels without an implementation for meta tensors
+NO_META_KERNEL = {"sgd": "_fused_sgd_", "adagrad": "_fused_adagrad_"}
+
+
 def _option_inputs():
     """(info, kwargs) for every input of every record of the torch-style suite (each optimizer's
     options: torch's own inputs where torch has the optimizer, else each boolean flipped, both
-    weight decay modes, maximize, variants), but for compiled and capturable settings."""
+    weight decay modes, maximize, variants), and each with fused=True where that runs torch's
+    own fused kernel (not a compiled one); no capturable or differentiable settings."""
     try:
-        from torch_optim_infos import OPTIM_INFOS
+        from torch_optim_infos import OPTIM_INFOS, native_fused, runs_native_fused
     except pytest.skip.Exception as missing:          # torch's records need expecttest
         return [pytest.param(None, None, marks=pytest.mark.skip(reason=str(missing)))]
     out = []
@@ -103,8 +108,13 @@ def _option_inputs():
         reads = READS_HOST.get(info.name)
         marks = [pytest.mark.xfail(reason=reads, strict=True)] if reads else []
         for inp in info.optim_inputs_func("cpu"):
-            if not any(inp.kwargs.get(k) for k in ("fused", "capturable", "differentiable")):
-                out.append(pytest.param(info, inp.kwargs, id=f"{info.name}-{inp.desc}", marks=marks))
+            if any(inp.kwargs.get(k) for k in ("fused", "capturable", "differentiable")):
+                continue
+            out.append(pytest.param(info, inp.kwargs, id=f"{info.name}-{inp.desc}", marks=marks))
+            fused = {**inp.kwargs, "fused": True}     # torch's own fused kernel, where it runs
+            if (info.name not in NO_META_KERNEL and native_fused(info.optim_cls)
+                    and runs_native_fused(info, fused)):
+                out.append(pytest.param(info, fused, id=f"{info.name}-{inp.desc}-fused", marks=marks))
     return out
 
 
