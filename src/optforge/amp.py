@@ -54,17 +54,18 @@ def handed(opt: Any) -> tuple[Tensor | None, Tensor] | None:
 
 
 def resolve(opt: Any, ready: list[tuple[dict[str, Any], list[Any]]], scaling: tuple[Tensor | None, Tensor],
-            had_state: set) -> tuple[Tensor | None, Tensor] | object | None:
+            had_state: int) -> tuple[Tensor | None, Tensor] | object | None:
     """For a step with ``scaling`` handed and its buckets ``ready``: the scaling itself where
     every bucket runs torch's fused kernel; else, after the standard path unscaled the
     gradients, None, or :data:`SKIP` on an inf. If the standard path refuses the gradients, the
-    state this step created (params not in ``had_state``) is dropped: nothing half-done."""
+    state this step created (the entries after the first ``had_state``) is dropped: nothing
+    half-done."""
     if all(paths.runs_native(opt, group, b) for group, buckets in ready for b in buckets):
         return scaling
     try:
         found_inf = standard_path(opt, *scaling)
     except ValueError:
-        for p in [p for p in opt.state if p not in had_state]:
+        for p in list(opt.state)[had_state:]:
             del opt.state[p]
         raise
     return SKIP if found_inf else None

@@ -453,7 +453,7 @@ class Optimizer(torch.optim.Optimizer):
         # A group whose buckets are as last step reuses them (optforge.step_plan).
         plans = step_plan.plan_for(self) if self._plannable() else None
         scaling = amp.handed(self)           # from torch.amp.GradScaler (optforge.amp)
-        had_state = None if scaling is None else set(self.state)
+        had_state = len(self.state)          # new state entries come after these
         todo = []
         for group in self.param_groups:
             plan = None if plans is None else plans.get(id(group))
