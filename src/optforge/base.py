@@ -647,15 +647,16 @@ class Optimizer(torch.optim.Optimizer):
         check_supported(name, _registered_elementwise(type(self)) or on_shards, param, on_shards)
 
     def _native_step(self, group: dict[str, Any], b: Bucket) -> None:
-        """A bucket's step with torch's fused kernel (DTensors: on their local shards)."""
+        """A bucket's step with torch's fused kernel (``fused=True`` DTensors: on their local
+        shards; the default path takes plain tensors only)."""
         advance_steps(b.steps, values=False)
+        p, g, s = (b.p, b.g, b.s) if group.get("fused") is None else local_shards(b.p, b.g, b.s)
         scaling = getattr(self, "_amp_scaling", None)
         if scaling is None:
-            self.fused_update(group, *local_shards(b.p, b.g, b.s), b.steps)
+            self.fused_update(group, p, g, s, b.steps)
             return
         grad_scale, found_inf = amp.to_device(scaling, b.key[0])
-        self.fused_update(group, *local_shards(b.p, b.g, b.s), b.steps, grad_scale=grad_scale,
-                          found_inf=found_inf)
+        self.fused_update(group, p, g, s, b.steps, grad_scale=grad_scale, found_inf=found_inf)
         torch._foreach_sub_(b.steps, [found_inf] * len(b.steps))   # a skipped update keeps its count
 
     def _fused_step(self, group: dict[str, Any], b: Bucket) -> bool:
